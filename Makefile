@@ -1,0 +1,81 @@
+# projhost - build, test, run.  `make help` lists the targets.
+
+DEBS      := luajit libluajit-5.1-dev libpq-dev libuv1-dev lua-busted lua-cjson \
+             postgresql pkg-config gcc make util-linux
+PKGS      := luajit libpq libuv
+CC        ?= cc
+OPT       ?= -O2
+PKG_CFLAGS = $(shell pkg-config --cflags $(PKGS) 2>/dev/null)
+PKG_LIBS   = $(shell pkg-config --libs libpq libuv 2>/dev/null)
+LUA_LIBS   = $(shell pkg-config --libs luajit 2>/dev/null)
+CFLAGS    += -std=c11 -D_GNU_SOURCE $(OPT) -g -Wall -Wextra -Werror -fPIC $(PKG_CFLAGS) \
+             -DPH_LUADIR='"$(PREFIX)/share/projhost/lua"'
+PREFIX    ?= /usr/local
+BUILD     ?= build
+BIN       ?= projhost
+
+# The same sources make the binary and the Lua module projhost.core.
+LIB_SRCS  := core/pg.c core/frame.c core/queue.c core/master.c \
+             core/lua_core.c core/lua_pg.c core/lua_master.c core/lua_worker.c
+HDRS      := $(wildcard core/*.h)
+LIB_OBJS  := $(LIB_SRCS:core/%.c=$(BUILD)/obj/%.o)
+
+.PHONY: all deps build asan test test-asan run bench clean help lint
+
+all: build
+
+help:
+	@echo "make deps   install the Debian packages projhost needs (apt-get)"
+	@echo "make        build ./projhost and $(BUILD)/lib/projhost/core.so"
+	@echo "make run    start the embedded PostgreSQL, seed demo events, serve projections/"
+	@echo "make test   run the whole busted suite (unit + integration on a throwaway cluster)"
+	@echo "make asan   build with address+undefined sanitizers and run the suite"
+	@echo "make bench  benchmarks (not part of test)"
+
+# Install only what is missing; dpkg-query is quick when all is there.
+deps:
+	@missing=""; for p in $(DEBS); do \
+		dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q 'install ok installed' || missing="$$missing $$p"; \
+	done; \
+	if [ -n "$$missing" ]; then \
+		echo "installing:$$missing"; \
+		if [ "$$(id -u)" = 0 ]; then SUDO=; else SUDO=sudo; fi; \
+		$$SUDO apt-get update -qq && \
+		DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq --no-install-recommends $$missing >/dev/null || exit 1; \
+	fi
+
+build: $(BIN) $(BUILD)/lib/projhost/core.so
+
+$(BUILD)/obj/%.o: core/%.c $(HDRS) | deps
+	@mkdir -p $(dir $@)
+	$(CC) $(CFLAGS) -c $< -o $@
+
+$(BIN): $(BUILD)/obj/main.o $(LIB_OBJS)
+	$(CC) $(CFLAGS) $(LDFLAGS) -rdynamic -o $@ $^ $(PKG_LIBS) $(LUA_LIBS) -lm -ldl
+
+$(BUILD)/lib/projhost/core.so: $(LIB_OBJS)
+	@mkdir -p $(dir $@)
+	$(CC) $(CFLAGS) $(LDFLAGS) -shared -o $@ $^ $(PKG_LIBS)
+
+asan:
+	$(MAKE) BUILD=build-asan BIN=build-asan/projhost \
+		OPT="-O1 -fno-omit-frame-pointer -fsanitize=address,undefined -fno-sanitize-recover=undefined" \
+		LDFLAGS="-fsanitize=address,undefined" build
+	@echo "built build-asan/projhost with address+undefined sanitizers; running the suite"
+	PROJHOST_BIN=$(CURDIR)/build-asan/projhost PROJHOST_LUADIR=$(CURDIR)/lua \
+		ASAN_OPTIONS=detect_leaks=0 UBSAN_OPTIONS=print_stacktrace=1 build-asan/projhost test
+
+test: build
+	./projhost test
+
+run: build
+	./projhost run --demo projections
+
+bench: build
+	@echo "no benchmark yet (issue 6)"
+
+lint:
+	luarocks lint projhost-scm-1.rockspec
+
+clean:
+	rm -rf build build-asan projhost

@@ -1,0 +1,131 @@
+/*
+ * lua_core.c - projhost.core: small utilities and the module table.
+ */
+#include <errno.h>
+#include <signal.h>
+#include <stdint.h>
+#include <string.h>
+#include <time.h>
+#include <unistd.h>
+#include <sys/types.h>
+#include <sys/wait.h>
+
+#include <lua.h>
+#include <lauxlib.h>
+
+#include "lua_core.h"
+
+static int traceback(lua_State *L)
+{
+	const char *msg = lua_tostring(L, 1);
+
+	if (!msg) {
+		if (luaL_callmeta(L, 1, "__tostring") && lua_type(L, -1) == LUA_TSTRING)
+			msg = lua_tostring(L, -1);
+		else
+			msg = lua_pushfstring(L, "(error object is a %s value)", luaL_typename(L, 1));
+	}
+	lua_getglobal(L, "debug");
+	lua_getfield(L, -1, "traceback");
+	lua_pushstring(L, msg);
+	lua_pushinteger(L, 2);
+	lua_call(L, 2, 1);
+	return 1;
+}
+
+int ph_lua_pcall(lua_State *L, int nargs, int nres)
+{
+	int base = lua_gettop(L) - nargs;
+	int rc;
+
+	lua_pushcfunction(L, traceback);
+	lua_insert(L, base);
+	rc = lua_pcall(L, nargs, nres, base);
+	lua_remove(L, base);
+	return rc;
+}
+
+/* core.monotime() -> seconds from an arbitrary start, monotonic */
+static int ph_l_monotime(lua_State *L)
+{
+	struct timespec ts;
+
+	clock_gettime(CLOCK_MONOTONIC, &ts);
+	lua_pushnumber(L, ts.tv_sec + ts.tv_nsec / 1e9);
+	return 1;
+}
+
+/* core.sleep(seconds) */
+static int ph_l_sleep(lua_State *L)
+{
+	double s = luaL_checknumber(L, 1);
+	struct timespec ts = { .tv_sec = (time_t)s, .tv_nsec = (long)((s - (time_t)s) * 1e9) };
+
+	while (nanosleep(&ts, &ts) == -1 && errno == EINTR)
+		;
+	return 0;
+}
+
+static int ph_l_getpid(lua_State *L)
+{
+	lua_pushinteger(L, getpid());
+	return 1;
+}
+
+/* core.kill(pid, signo) -> true | nil, msg, code */
+static int ph_l_kill(lua_State *L)
+{
+	pid_t pid = (pid_t)luaL_checkinteger(L, 1);
+	int sig = (int)luaL_optinteger(L, 2, SIGTERM);
+
+	if (kill(pid, sig) == 0) {
+		lua_pushboolean(L, 1);
+		return 1;
+	}
+	lua_pushnil(L);
+	lua_pushstring(L, strerror(errno));
+	lua_pushstring(L, errno == ESRCH ? "ESRCH" : errno == EPERM ? "EPERM" : "EINVAL");
+	return 3;
+}
+
+/* core.hash(s) -> 16 hex digits (FNV-1a 64): identifies a script version in
+ * checkpoints and logs; not a security boundary. */
+static int ph_l_hash(lua_State *L)
+{
+	size_t len;
+	const unsigned char *s = (const unsigned char *)luaL_checklstring(L, 1, &len);
+	uint64_t h = 1469598103934665603ULL;
+	char out[17];
+
+	for (size_t i = 0; i < len; i++) {
+		h ^= s[i];
+		h *= 1099511628211ULL;
+	}
+	for (int i = 15; i >= 0; i--, h >>= 4)
+		out[i] = "0123456789abcdef"[h & 15];
+	out[16] = '\0';
+	lua_pushstring(L, out);
+	return 1;
+}
+
+static const luaL_Reg core_funcs[] = {
+	{ "connect", ph_l_connect },
+	{ "monotime", ph_l_monotime },
+	{ "sleep", ph_l_sleep },
+	{ "getpid", ph_l_getpid },
+	{ "kill", ph_l_kill },
+	{ "hash", ph_l_hash },
+	{ "run_master", ph_l_run_master },
+	{ "serve", ph_l_serve },
+	{ NULL, NULL }
+};
+
+int luaopen_projhost_core(lua_State *L)
+{
+	ph_l_pg_open(L);
+	lua_newtable(L);
+	luaL_register(L, NULL, core_funcs);
+	lua_pushstring(L, "0.1.0");
+	lua_setfield(L, -2, "version");
+	return 1;
+}

@@ -1,0 +1,35 @@
+/*
+ * lua_core.h - the Lua module projhost.core: bindings over the C subsystems.
+ */
+#ifndef PH_LUA_CORE_H
+#define PH_LUA_CORE_H
+
+#include <lua.h>
+
+/** luaopen_projhost_core() - open the module (also usable as core.so). */
+int luaopen_projhost_core(lua_State *L);
+
+/** ph_l_connect() - core.connect(dsn) -> conn | nil, msg, code */
+int ph_l_connect(lua_State *L);
+
+/** ph_l_pg_open() - register the connection metatable. */
+void ph_l_pg_open(lua_State *L);
+
+/** ph_l_run_master() - core.run_master(opts) -> exit code (lua_master.c). */
+int ph_l_run_master(lua_State *L);
+
+/** ph_l_serve() - core.serve(fd, handler): the worker's frame loop (lua_worker.c). */
+int ph_l_serve(lua_State *L);
+
+/**
+ * ph_lua_pcall() - the one way C calls into Lua: pcall with a traceback.
+ * @L: state with the function and its @nargs arguments on top
+ * @nargs: number of arguments
+ * @nres: number of results
+ *
+ * Return: 0, or the lua_pcall error code with the message (plus traceback)
+ * left on the stack.
+ */
+int ph_lua_pcall(lua_State *L, int nargs, int nres);
+
+#endif

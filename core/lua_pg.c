@@ -1,0 +1,298 @@
+/*
+ * lua_pg.c - Lua binding of a libpq connection (projhost.core.connect).
+ *
+ * Runtime failures return nil, msg, sqlstate (luv style); only misuse (a
+ * table where a parameter should be, a closed connection) raises.
+ */
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <poll.h>
+
+#include <lua.h>
+#include <lauxlib.h>
+
+#include "pg.h"
+#include "lua_core.h"
+
+#define PH_CONN_MT "projhost.conn"
+#define MAX_PARAMS 256
+
+typedef struct {
+	PGconn *conn;
+} ph_l_conn;
+
+static PGconn *check_conn(lua_State *L)
+{
+	ph_l_conn *c = luaL_checkudata(L, 1, PH_CONN_MT);
+
+	if (!c->conn)
+		luaL_error(L, "connection is closed");
+	return c->conn;
+}
+
+static int push_error(lua_State *L, PGconn *conn, PGresult *res)
+{
+	char buf[1024];
+	const char *detail = res ? PQresultErrorField(res, PG_DIAG_MESSAGE_DETAIL) : NULL;
+
+	lua_pushnil(L);
+	ph_pg_errmsg(conn, res, buf, sizeof(buf));
+	if (detail)
+		lua_pushfstring(L, "%s (%s)", buf, detail);
+	else
+		lua_pushstring(L, buf);
+	lua_pushstring(L, ph_pg_errcode(conn, res));
+	if (res)
+		PQclear(res);
+	return 3;
+}
+
+int ph_l_connect(lua_State *L)
+{
+	const char *dsn = luaL_optstring(L, 1, "");
+	char *err = NULL;
+	PGconn *conn = ph_pg_connect(dsn, &err);
+	ph_l_conn *c;
+
+	if (!conn) {
+		lua_pushnil(L);
+		lua_pushstring(L, err ? err : "cannot connect");
+		lua_pushstring(L, "08001");
+		free(err);
+		return 3;
+	}
+	/* Our notices (e.g. "relation already exists, skipping") are noise in
+	 * logs; errors still come back through results. */
+	PQsetNoticeProcessor(conn, NULL, NULL);
+	c = lua_newuserdata(L, sizeof(*c));
+	c->conn = conn;
+	luaL_getmetatable(L, PH_CONN_MT);
+	lua_setmetatable(L, -2);
+	return 1;
+}
+
+/* Convert Lua arguments [first, top] to text parameters. Numbers that are
+ * integral go out without an exponent so bigint columns accept them. */
+static int collect_params(lua_State *L, int first, const char **vals, char bufs[][32])
+{
+	int n = lua_gettop(L) - first + 1;
+
+	if (n > MAX_PARAMS)
+		luaL_error(L, "too many parameters (%d, max %d)", n, MAX_PARAMS);
+	for (int i = 0; i < n; i++) {
+		int idx = first + i;
+
+		switch (lua_type(L, idx)) {
+		case LUA_TNIL:
+			vals[i] = NULL;
+			break;
+		case LUA_TBOOLEAN:
+			vals[i] = lua_toboolean(L, idx) ? "true" : "false";
+			break;
+		case LUA_TNUMBER: {
+			lua_Number d = lua_tonumber(L, idx);
+
+			if (d == (lua_Number)(long long)d && d < 9.2e18 && d > -9.2e18)
+				snprintf(bufs[i], 32, "%lld", (long long)d);
+			else
+				snprintf(bufs[i], 32, "%.17g", d);
+			vals[i] = bufs[i];
+			break;
+		}
+		case LUA_TSTRING:
+			vals[i] = lua_tostring(L, idx);
+			break;
+		default:
+			luaL_error(L, "parameter $%d: cannot send a %s (encode tables as JSON first)",
+				   i + 1, luaL_typename(L, idx));
+		}
+	}
+	return n > 0 ? n : 0;
+}
+
+static PGresult *run(lua_State *L, PGconn *conn)
+{
+	const char *sql = luaL_checkstring(L, 2);
+	const char *vals[MAX_PARAMS];
+	static char bufs[MAX_PARAMS][32];
+	int n = collect_params(L, 3, vals, bufs);
+
+	return PQexecParams(conn, sql, n, NULL, vals, NULL, NULL, 0);
+}
+
+/* conn:exec(sql, ...) -> affected row count */
+static int ph_l_conn_exec(lua_State *L)
+{
+	PGconn *conn = check_conn(L);
+	PGresult *res = run(L, conn);
+	ExecStatusType st = res ? PQresultStatus(res) : PGRES_FATAL_ERROR;
+	const char *t;
+
+	if (st != PGRES_COMMAND_OK && st != PGRES_TUPLES_OK)
+		return push_error(L, conn, res);
+	t = PQcmdTuples(res);
+	lua_pushnumber(L, t && *t ? strtod(t, NULL) : (st == PGRES_TUPLES_OK ? PQntuples(res) : 0));
+	PQclear(res);
+	return 1;
+}
+
+/* Push the rows of @res as an array of tables keyed by column name. */
+static void push_rows(lua_State *L, PGresult *res)
+{
+	int nr = PQntuples(res), nf = PQnfields(res);
+
+	lua_createtable(L, nr, 0);
+	for (int r = 0; r < nr; r++) {
+		lua_createtable(L, 0, nf);
+		for (int f = 0; f < nf; f++) {
+			if (PQgetisnull(res, r, f))
+				continue;
+			lua_pushlstring(L, PQgetvalue(res, r, f), PQgetlength(res, r, f));
+			lua_setfield(L, -2, PQfname(res, f));
+		}
+		lua_rawseti(L, -2, r + 1);
+	}
+}
+
+/* conn:query(sql, ...) -> rows, count */
+static int ph_l_conn_query(lua_State *L)
+{
+	PGconn *conn = check_conn(L);
+	PGresult *res = run(L, conn);
+	ExecStatusType st = res ? PQresultStatus(res) : PGRES_FATAL_ERROR;
+
+	if (st != PGRES_COMMAND_OK && st != PGRES_TUPLES_OK)
+		return push_error(L, conn, res);
+	push_rows(L, res);
+	lua_pushinteger(L, PQntuples(res));
+	PQclear(res);
+	return 2;
+}
+
+/* conn:copy(sql, data) -> rows copied. Sends @data in one COPY FROM STDIN. */
+static int ph_l_conn_copy(lua_State *L)
+{
+	PGconn *conn = check_conn(L);
+	const char *sql = luaL_checkstring(L, 2);
+	size_t len;
+	const char *data = luaL_checklstring(L, 3, &len);
+	PGresult *res = PQexec(conn, sql);
+	const char *t;
+
+	if (!res || PQresultStatus(res) != PGRES_COPY_IN)
+		return push_error(L, conn, res);
+	PQclear(res);
+	if (PQputCopyData(conn, data, (int)len) != 1 || PQputCopyEnd(conn, NULL) != 1)
+		return push_error(L, conn, NULL);
+	res = PQgetResult(conn);
+	if (!res || PQresultStatus(res) != PGRES_COMMAND_OK)
+		return push_error(L, conn, res);
+	t = PQcmdTuples(res);
+	lua_pushnumber(L, t && *t ? strtod(t, NULL) : 0);
+	PQclear(res);
+	while ((res = PQgetResult(conn)))
+		PQclear(res);
+	return 1;
+}
+
+/* conn:notifies(timeout_s) -> array of {channel=, payload=, pid=} (maybe empty),
+ * or nil, msg, code when the connection broke. */
+static int ph_l_conn_notifies(lua_State *L)
+{
+	PGconn *conn = check_conn(L);
+	double timeout = luaL_optnumber(L, 2, 0);
+	PGnotify *n;
+	int i = 0;
+
+	if (!PQconsumeInput(conn))
+		return push_error(L, conn, NULL);
+	n = PQnotifies(conn);
+	if (!n && timeout > 0) {
+		struct pollfd p = { .fd = PQsocket(conn), .events = POLLIN };
+
+		poll(&p, 1, (int)(timeout * 1000));
+		if (!PQconsumeInput(conn))
+			return push_error(L, conn, NULL);
+		n = PQnotifies(conn);
+	}
+	lua_newtable(L);
+	for (; n; n = PQnotifies(conn)) {
+		lua_createtable(L, 0, 3);
+		lua_pushstring(L, n->relname);
+		lua_setfield(L, -2, "channel");
+		lua_pushstring(L, n->extra);
+		lua_setfield(L, -2, "payload");
+		lua_pushinteger(L, n->be_pid);
+		lua_setfield(L, -2, "pid");
+		lua_rawseti(L, -2, ++i);
+		PQfreemem(n);
+	}
+	return 1;
+}
+
+static int ph_l_conn_ok(lua_State *L)
+{
+	ph_l_conn *c = luaL_checkudata(L, 1, PH_CONN_MT);
+
+	lua_pushboolean(L, c->conn && PQstatus(c->conn) == CONNECTION_OK);
+	return 1;
+}
+
+static int ph_l_conn_pid(lua_State *L)
+{
+	lua_pushinteger(L, PQbackendPID(check_conn(L)));
+	return 1;
+}
+
+/* conn:where() -> "host:port" or "socket /dir/.s.PGSQL.port" */
+static int ph_l_conn_where(lua_State *L)
+{
+	char buf[512];
+
+	lua_pushstring(L, ph_pg_where(check_conn(L), buf, sizeof(buf)));
+	return 1;
+}
+
+/* conn:in_transaction() -> true while a transaction block is open (or failed) */
+static int ph_l_conn_in_tx(lua_State *L)
+{
+	PGTransactionStatusType s = PQtransactionStatus(check_conn(L));
+
+	lua_pushboolean(L, s == PQTRANS_INTRANS || s == PQTRANS_INERROR);
+	return 1;
+}
+
+static int ph_l_conn_close(lua_State *L)
+{
+	ph_l_conn *c = luaL_checkudata(L, 1, PH_CONN_MT);
+
+	if (c->conn)
+		PQfinish(c->conn);
+	c->conn = NULL;
+	return 0;
+}
+
+static const luaL_Reg conn_methods[] = {
+	{ "exec", ph_l_conn_exec },
+	{ "query", ph_l_conn_query },
+	{ "copy", ph_l_conn_copy },
+	{ "notifies", ph_l_conn_notifies },
+	{ "ok", ph_l_conn_ok },
+	{ "pid", ph_l_conn_pid },
+	{ "where", ph_l_conn_where },
+	{ "in_transaction", ph_l_conn_in_tx },
+	{ "close", ph_l_conn_close },
+	{ NULL, NULL }
+};
+
+void ph_l_pg_open(lua_State *L)
+{
+	luaL_newmetatable(L, PH_CONN_MT);
+	lua_pushvalue(L, -1);
+	lua_setfield(L, -2, "__index");
+	lua_pushcfunction(L, ph_l_conn_close);
+	lua_setfield(L, -2, "__gc");
+	luaL_register(L, NULL, conn_methods);
+	lua_pop(L, 1);
+}
