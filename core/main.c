@@ -35,7 +35,7 @@ static int file_exists(const char *path)
 static void find_luadir(char *out, size_t len)
 {
 	const char *env = getenv("PROJHOST_LUADIR");
-	char exe[PATH_MAX], probe[PATH_MAX + 64];
+	char exe[PATH_MAX - 16], probe[PATH_MAX + 64];
 	ssize_t n;
 
 	if (env && *env) {
