@@ -13,6 +13,7 @@
 #include <lua.h>
 #include <lauxlib.h>
 
+#include "log.h"
 #include "lua_core.h"
 
 static int traceback(lua_State *L)
@@ -108,7 +109,19 @@ static int ph_l_hash(lua_State *L)
 	return 1;
 }
 
+/* core.log(level, who, msg): level is "debug", "info", "warn" or "error".
+ * One formatter for C and Lua, so every line of the host looks the same. */
+static int ph_l_log(lua_State *L)
+{
+	static const char *const levels[] = { "debug", "info", "warn", "error", NULL };
+	int level = luaL_checkoption(L, 1, "info", levels);
+
+	ph_log((enum ph_level)level, luaL_optstring(L, 2, "host"), "%s", luaL_checkstring(L, 3));
+	return 0;
+}
+
 static const luaL_Reg core_funcs[] = {
+	{ "log", ph_l_log },
 	{ "connect", ph_l_connect },
 	{ "monotime", ph_l_monotime },
 	{ "sleep", ph_l_sleep },

@@ -1,0 +1,742 @@
+/*
+ * master.c - libuv loop: LISTEN connection, work queue, worker processes,
+ * signals and the fallback poll.
+ *
+ * Worker protocol (frames of tab-separated text, see frame.h):
+ *   master -> worker  "init\t<dsn>\t<path>..."   load projections, connect
+ *                     "job\t<projection>\t<partition>"  run one batch
+ *                     "quit"                     exit after this
+ *   worker -> master  "ready\n" preceded by lines "proj\t<name>\t<kind>\t<value>\t<partitioned>"
+ *                     (kind: all|stream|category) and "error\t<message>"
+ *                     "done\t<projection>\t<partition>\t<status>\t<count>\t<delay>"
+ * Statuses: more (batch was full), idle (caught up), held (events waiting
+ * behind the xmin horizon), locked (another worker or instance has it),
+ * retry (handler asked for a delay), dberror, failed, stopped, paused.
+ */
+#include <errno.h>
+#include <signal.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include <uv.h>
+
+#include "frame.h"
+#include "log.h"
+#include "master.h"
+#include "pg.h"
+#include "queue.h"
+
+struct master;
+
+struct worker {
+	struct master *m;
+	uv_process_t proc;
+	uv_pipe_t pipe;
+	struct ph_framebuf fb;
+	int slot;
+	int ready;		/* answered init */
+	int quitting;		/* quit sent or to be sent after the job */
+	int open_handles;
+	struct ph_qentry *job;	/* in flight */
+};
+
+struct proj {
+	char *name;
+	char kind;		/* 'a'll, 's'tream, 'c'ategory */
+	char *value;
+	int partitioned;
+	int settled;		/* last batch found nothing more to do (for --once) */
+};
+
+struct master {
+	uv_loop_t *loop;
+	const struct ph_master_cfg *cfg;
+	int rc;
+	int stopping;
+
+	/* LISTEN connection; its poll handle is heap-allocated because a new
+	 * one is needed per connection while the old one is still closing */
+	PGconn *lconn;
+	uv_poll_t *lpoll;
+	uv_timer_t reconnect;
+	unsigned lfailures;
+
+	uv_timer_t fallback, due;
+	uv_signal_t sigint, sigterm, sighup;
+
+	struct worker **workers;
+	int nworkers, alive;
+	unsigned crashes;
+	uv_timer_t respawn;
+
+	struct ph_queue q;
+	struct proj *projs;
+	int nprojs;
+	int have_projs;		/* projs came from a worker's init answer */
+	int load_errors;
+
+	char *init_msg;
+	size_t init_len;
+};
+
+static void dispatch(struct master *m);
+static void spawn_worker(struct master *m, int slot);
+static void listen_connect(struct master *m);
+
+/* ---- helpers ---- */
+
+static uint64_t now_ms(struct master *m)
+{
+	uv_update_time(m->loop);
+	return uv_now(m->loop);
+}
+
+static struct proj *find_proj(struct master *m, const char *name)
+{
+	for (int i = 0; i < m->nprojs; i++)
+		if (strcmp(m->projs[i].name, name) == 0)
+			return &m->projs[i];
+	return NULL;
+}
+
+static void free_projs(struct master *m)
+{
+	for (int i = 0; i < m->nprojs; i++) {
+		free(m->projs[i].name);
+		free(m->projs[i].value);
+	}
+	free(m->projs);
+	m->projs = NULL;
+	m->nprojs = 0;
+}
+
+/* Split @s in place at tabs into at most @max fields. */
+static int split_tabs(char *s, char **f, int max)
+{
+	int n = 0;
+
+	while (n < max) {
+		f[n++] = s;
+		s = strchr(s, '\t');
+		if (!s)
+			break;
+		*s++ = '\0';
+	}
+	return n;
+}
+
+static void wake(struct master *m, struct proj *p, const char *part, uint64_t at)
+{
+	p->settled = 0;
+	if (ph_queue_wake(&m->q, p->name, part, at, 0) != 0)
+		ph_log(PH_ERROR, p->name, "cannot queue a wake-up: out of memory");
+}
+
+/* Unpartitioned projections have one entry (partition ""); partitioned
+ * ones are woken per stream, and "" means "find what is behind". */
+static void wake_all(struct master *m)
+{
+	uint64_t now = now_ms(m);
+
+	for (int i = 0; i < m->nprojs; i++)
+		wake(m, &m->projs[i], "", now);
+	dispatch(m);
+}
+
+static int stream_matches(const struct proj *p, const char *stream)
+{
+	size_t n;
+
+	switch (p->kind) {
+	case 'a':
+		return 1;
+	case 's':
+		return strcmp(p->value, stream) == 0;
+	case 'c':
+		n = strcspn(stream, "-");
+		return strlen(p->value) == n && strncmp(p->value, stream, n) == 0;
+	}
+	return 0;
+}
+
+/* ---- worker I/O ---- */
+
+struct wreq {
+	uv_write_t req;
+	char *buf;
+};
+
+static void on_written(uv_write_t *req, int status)
+{
+	struct wreq *r = (struct wreq *)req;
+
+	(void)status;	/* a dead worker is noticed by its exit callback */
+	free(r->buf);
+	free(r);
+}
+
+static int send_frame(struct worker *w, const char *s, size_t n)
+{
+	struct wreq *r = calloc(1, sizeof(*r));
+	uv_buf_t b;
+
+	if (!r || !(r->buf = ph_frame_encode(s, n))) {
+		free(r);
+		return -1;
+	}
+	b = uv_buf_init(r->buf, (unsigned)(n + 4));
+	if (uv_write(&r->req, (uv_stream_t *)&w->pipe, &b, 1, on_written) != 0) {
+		free(r->buf);
+		free(r);
+		return -1;
+	}
+	return 0;
+}
+
+static void send_quit(struct worker *w)
+{
+	w->quitting = 1;
+	send_frame(w, "quit", 4);
+}
+
+static void on_handle_closed(uv_handle_t *h)
+{
+	struct worker *w = h->data;
+
+	if (--w->open_handles == 0) {
+		ph_frame_free(&w->fb);
+		free(w);
+	}
+}
+
+static void check_done(struct master *m);
+
+/* The init answer: which projections loaded, which files failed. */
+static void handle_ready(struct worker *w, char *msg)
+{
+	struct master *m = w->m;
+	int adopt = !m->have_projs;
+	char *line, *save = NULL;
+
+	if (adopt) {
+		free_projs(m);
+		m->load_errors = 0;
+	}
+	for (line = strtok_r(msg, "\n", &save); line; line = strtok_r(NULL, "\n", &save)) {
+		char *f[6];
+		int n = split_tabs(line, f, 6);
+
+		if (!adopt)
+			continue;
+		if (strcmp(f[0], "proj") == 0 && n >= 5) {
+			struct proj *np = realloc(m->projs, sizeof(*np) * (size_t)(m->nprojs + 1));
+
+			if (!np)
+				continue;
+			m->projs = np;
+			np = &m->projs[m->nprojs++];
+			memset(np, 0, sizeof(*np));
+			np->name = strdup(f[1]);
+			np->kind = f[2][0];
+			np->value = strdup(f[3]);
+			np->partitioned = atoi(f[4]);
+		} else if (strcmp(f[0], "error") == 0) {
+			m->load_errors++;
+		}
+	}
+	w->ready = 1;
+	if (adopt) {
+		m->have_projs = 1;
+		ph_log(PH_INFO, "host", "serving %d projection%s%s", m->nprojs,
+		       m->nprojs == 1 ? "" : "s",
+		       m->load_errors ? " (some files failed to load, see above)" : "");
+		if (m->nprojs == 0 && m->cfg->once) {
+			m->rc = 1;
+			check_done(m);
+			return;
+		}
+		wake_all(m);
+	}
+	dispatch(m);
+}
+
+static void handle_done(struct worker *w, char *msg)
+{
+	struct master *m = w->m;
+	struct ph_qentry *e = w->job;
+	char *f[7];
+	int n = split_tabs(msg, f, 7);
+	uint64_t now = now_ms(m), at = UINT64_MAX;
+	int hard = 0, settled = 0;
+	double delay;
+	struct proj *p;
+
+	if (!e || n < 6) {
+		ph_log(PH_ERROR, "host", "worker %d: unexpected answer '%s'", w->slot, msg);
+		return;
+	}
+	w->job = NULL;
+	delay = atof(f[5]);
+	if (strcmp(f[3], "more") == 0) {
+		at = now;
+		e->attempts = e->holds = 0;
+	} else if (strcmp(f[3], "idle") == 0) {
+		settled = 1;
+		e->attempts = e->holds = 0;
+	} else if (strcmp(f[3], "held") == 0) {
+		/* Something below the horizon is still running; it may never
+		 * NOTIFY (an unrelated transaction), so look again soon,
+		 * backing off from a few ms to a second. */
+		unsigned h = e->holds < 8 ? e->holds : 8;
+
+		e->holds++;
+		at = now + (2u << h);
+		if (at > now + 1000)
+			at = now + 1000;
+	} else if (strcmp(f[3], "locked") == 0) {
+		/* Another worker or instance holds it; when it commits we
+		 * must look again or that wake-up is lost. */
+		at = now + 500;
+		hard = 1;
+	} else if (strcmp(f[3], "retry") == 0 || strcmp(f[3], "dberror") == 0) {
+		e->attempts++;
+		at = now + (uint64_t)(delay * 1000);
+		hard = 1;
+	} else {
+		/* failed, stopped, paused: wait for an operator's wake-up */
+		settled = 1;
+	}
+	p = find_proj(m, f[1]);
+	if (p)
+		p->settled = settled;
+	ph_queue_done(&m->q, e, at, hard);
+	if (w->quitting || m->stopping)
+		send_quit(w);
+	check_done(m);
+	dispatch(m);
+}
+
+static void on_worker_read(uv_stream_t *s, ssize_t nread, const uv_buf_t *buf)
+{
+	struct worker *w = s->data;
+	char *msg;
+	size_t len;
+	int rc;
+
+	if (nread > 0 && ph_frame_push(&w->fb, buf->base, (size_t)nread) != 0)
+		ph_log(PH_ERROR, "host", "worker %d: out of memory reading its answer", w->slot);
+	free(buf->base);
+	if (nread < 0) {
+		uv_read_stop(s);	/* EOF: its exit callback follows */
+		return;
+	}
+	while ((rc = ph_frame_next(&w->fb, &msg, &len)) == 1) {
+		if (strncmp(msg, "done\t", 5) == 0)
+			handle_done(w, msg);
+		else if (strncmp(msg, "ready", 5) == 0 || strncmp(msg, "proj\t", 5) == 0 ||
+			 strncmp(msg, "error\t", 6) == 0)
+			handle_ready(w, msg);
+		else
+			ph_log(PH_ERROR, "host", "worker %d: unknown message '%.60s'", w->slot, msg);
+		free(msg);
+	}
+	if (rc < 0) {
+		ph_log(PH_ERROR, "host", "worker %d: corrupt frame; killing it", w->slot);
+		uv_process_kill(&w->proc, SIGKILL);
+	}
+}
+
+static void alloc_buf(uv_handle_t *h, size_t suggested, uv_buf_t *buf)
+{
+	(void)h;
+	buf->base = malloc(suggested);
+	buf->len = buf->base ? suggested : 0;
+}
+
+static void on_respawn(uv_timer_t *t)
+{
+	struct master *m = t->data;
+
+	for (int i = 0; i < m->nworkers; i++)
+		if (!m->workers[i])
+			spawn_worker(m, i);
+}
+
+static void on_worker_exit(uv_process_t *proc, int64_t status, int sig)
+{
+	struct worker *w = proc->data;
+	struct master *m = w->m;
+
+	m->workers[w->slot] = NULL;
+	m->alive--;
+	if (w->job) {
+		/* Its transaction died with its connection: nothing of the
+		 * batch committed. Run it again after a pause that grows
+		 * with repeated crashes. */
+		w->job->attempts++;
+		ph_log(PH_WARN, ph_queue_entry_proj(w->job),
+		       "worker %d died during a batch (%s %d); the batch rolled back and will be redone",
+		       w->slot, sig ? "signal" : "exit", sig ? sig : (int)status);
+		ph_queue_done(&m->q, w->job, now_ms(m) + 100u * (w->job->attempts < 50 ? w->job->attempts : 50), 1);
+		w->job = NULL;
+	} else if (!w->quitting) {
+		ph_log(PH_WARN, "host", "worker %d exited unexpectedly (%s %d)", w->slot,
+		       sig ? "signal" : "exit", sig ? sig : (int)status);
+	}
+	if (!w->quitting)
+		m->crashes++;
+	uv_close((uv_handle_t *)&w->proc, on_handle_closed);
+	uv_close((uv_handle_t *)&w->pipe, on_handle_closed);
+	if (m->stopping) {
+		check_done(m);
+		return;
+	}
+	/* respawn; a crash loop backs off so it cannot spin */
+	if (!w->quitting && m->crashes > 3)
+		uv_timer_start(&m->respawn, on_respawn, 1000, 0);
+	else
+		spawn_worker(m, w->slot);
+}
+
+static void spawn_worker(struct master *m, int slot)
+{
+	struct worker *w = calloc(1, sizeof(*w));
+	uv_process_options_t o;
+	uv_stdio_container_t stdio[4];
+	char *args[3];
+	int r;
+
+	if (!w) {
+		ph_log(PH_ERROR, "host", "cannot start a worker: out of memory");
+		return;
+	}
+	w->m = m;
+	w->slot = slot;
+	uv_pipe_init(m->loop, &w->pipe, 0);
+	w->pipe.data = w;
+	w->proc.data = w;
+	memset(&o, 0, sizeof(o));
+	memset(stdio, 0, sizeof(stdio));
+	stdio[0].flags = UV_IGNORE;
+	stdio[1].flags = UV_INHERIT_FD;
+	stdio[1].data.fd = 1;
+	stdio[2].flags = UV_INHERIT_FD;
+	stdio[2].data.fd = 2;
+	stdio[3].flags = UV_CREATE_PIPE | UV_READABLE | UV_WRITABLE;
+	stdio[3].data.stream = (uv_stream_t *)&w->pipe;
+	args[0] = (char *)m->cfg->bin;
+	args[1] = "__worker";
+	args[2] = NULL;
+	o.file = m->cfg->bin;
+	o.args = args;
+	o.exit_cb = on_worker_exit;
+	o.stdio = stdio;
+	o.stdio_count = 4;
+	r = uv_spawn(m->loop, &w->proc, &o);
+	if (r != 0) {
+		ph_log(PH_ERROR, "host", "cannot start worker %s: %s", m->cfg->bin, uv_strerror(r));
+		w->open_handles = 1;
+		uv_close((uv_handle_t *)&w->pipe, on_handle_closed);
+		uv_timer_start(&m->respawn, on_respawn, 1000, 0);
+		return;
+	}
+	w->open_handles = 2;
+	m->workers[slot] = w;
+	m->alive++;
+	ph_log(PH_DEBUG, "host", "worker %d started (pid %d)", slot, w->proc.pid);
+	uv_read_start((uv_stream_t *)&w->pipe, alloc_buf, on_worker_read);
+	send_frame(w, m->init_msg, m->init_len);
+}
+
+/* ---- dispatch ---- */
+
+static void on_due(uv_timer_t *t)
+{
+	dispatch(t->data);
+}
+
+static void dispatch(struct master *m)
+{
+	uint64_t now = now_ms(m), next;
+
+	if (m->stopping)
+		return;
+	for (int i = 0; i < m->nworkers; i++) {
+		struct worker *w = m->workers[i];
+		struct ph_qentry *e;
+		char buf[1200];
+		int n;
+
+		if (!w || !w->ready || w->job || w->quitting)
+			continue;
+		e = ph_queue_pop(&m->q, now);
+		if (!e)
+			break;
+		n = snprintf(buf, sizeof(buf), "job\t%s\t%s", ph_queue_entry_proj(e), ph_queue_entry_part(e));
+		w->job = e;
+		if (send_frame(w, buf, (size_t)n) != 0)
+			ph_log(PH_ERROR, "host", "worker %d: cannot send a job", w->slot);
+	}
+	next = ph_queue_next_due(&m->q);
+	if (next != UINT64_MAX)
+		uv_timer_start(&m->due, on_due, next > now ? next - now : 1, 0);
+}
+
+/* --once: done when every projection settled and nothing is queued. */
+static void check_done(struct master *m)
+{
+	if (m->stopping) {
+		if (m->alive == 0)
+			uv_stop(m->loop);
+		return;
+	}
+	if (!m->cfg->once || !m->have_projs || m->q.count)
+		return;
+	for (int i = 0; i < m->nprojs; i++)
+		if (!m->projs[i].settled)
+			return;
+	ph_log(PH_INFO, "host", "--once: every projection is caught up; exiting");
+	if (m->load_errors)
+		m->rc = 1;
+	m->stopping = 1;
+	for (int i = 0; i < m->nworkers; i++)
+		if (m->workers[i])
+			send_quit(m->workers[i]);
+	if (m->alive == 0)
+		uv_stop(m->loop);
+}
+
+/* ---- LISTEN ---- */
+
+static void on_poll_closed(uv_handle_t *h)
+{
+	free(h);
+}
+
+static void listen_lost(struct master *m, const char *why)
+{
+	ph_log(PH_ERROR, "host", "lost the LISTEN connection (%s); reconnecting with backoff", why);
+	if (m->lpoll) {
+		uv_poll_stop(m->lpoll);
+		uv_close((uv_handle_t *)m->lpoll, on_poll_closed);
+		m->lpoll = NULL;
+	}
+	PQfinish(m->lconn);
+	m->lconn = NULL;
+	m->lfailures = 1;
+	uv_timer_start(&m->reconnect, (uv_timer_cb)listen_connect, 500, 0);
+}
+
+static void on_listen_readable(uv_poll_t *h, int status, int events)
+{
+	struct master *m = h->data;
+	PGnotify *n;
+	int all = 0;
+	uint64_t now;
+
+	(void)events;
+	if (status < 0 || !PQconsumeInput(m->lconn)) {
+		char buf[512];
+
+		listen_lost(m, ph_pg_errmsg(m->lconn, NULL, buf, sizeof(buf)));
+		return;
+	}
+	now = now_ms(m);
+	while ((n = PQnotifies(m->lconn))) {
+		/* payload: "<position> <stream>", stream "*" = many */
+		const char *sp = strchr(n->extra, ' ');
+		const char *stream = sp ? sp + 1 : "*";
+
+		if (strcmp(stream, "*") == 0)
+			all = 1;
+		for (int i = 0; !all && i < m->nprojs; i++) {
+			struct proj *p = &m->projs[i];
+
+			if (stream_matches(p, stream))
+				wake(m, p, p->partitioned ? stream : "", now);
+		}
+		PQfreemem(n);
+	}
+	if (all)
+		wake_all(m);
+	else
+		dispatch(m);
+}
+
+static void listen_connect(struct master *m)
+{
+	char *err = NULL, where[512];
+	PGconn *c;
+	PGresult *r;
+
+	if (m->stopping)
+		return;
+	c = ph_pg_connect(m->cfg->dsn, &err);
+	if (c) {
+		r = PQexec(c, "LISTEN projhost");
+		if (PQresultStatus(r) != PGRES_COMMAND_OK) {
+			char buf[512];
+
+			err = strdup(ph_pg_errmsg(c, r, buf, sizeof(buf)));
+			PQfinish(c);
+			c = NULL;
+		}
+		PQclear(r);
+	}
+	if (!c) {
+		/* Log once per outage, not per attempt. */
+		unsigned ms = 500u << (m->lfailures < 6 ? m->lfailures : 6);
+
+		if (ms > 30000)
+			ms = 30000;
+		if (m->lfailures++ == 0)
+			ph_log(PH_ERROR, "host", "database unreachable: %s; retrying with backoff", err);
+		free(err);
+		uv_timer_start(&m->reconnect, (uv_timer_cb)listen_connect, ms, 0);
+		return;
+	}
+	PQsetnonblocking(c, 1);
+	if (m->lfailures)
+		ph_log(PH_INFO, "host", "database reachable again (%s); listening",
+		       ph_pg_where(c, where, sizeof(where)));
+	else
+		ph_log(PH_INFO, "host", "listening for appends on %s", ph_pg_where(c, where, sizeof(where)));
+	m->lfailures = 0;
+	m->lconn = c;
+	m->lpoll = calloc(1, sizeof(*m->lpoll));
+	uv_poll_init(m->loop, m->lpoll, PQsocket(c));
+	m->lpoll->data = m;
+	uv_poll_start(m->lpoll, UV_READABLE, on_listen_readable);
+	/* Anything appended while we were not listening: catch up. */
+	if (m->have_projs)
+		wake_all(m);
+}
+
+/* ---- signals, timers ---- */
+
+static void on_fallback(uv_timer_t *t)
+{
+	wake_all(t->data);
+}
+
+static void on_signal(uv_signal_t *h, int sig)
+{
+	struct master *m = h->data;
+
+	if (sig == SIGHUP) {
+		/* Roll the workers: each finishes its batch, exits, and is
+		 * replaced by one that loads the files afresh. */
+		ph_log(PH_INFO, "host", "SIGHUP: reloading projections");
+		m->have_projs = 0;
+		for (int i = 0; i < m->nworkers; i++) {
+			struct worker *w = m->workers[i];
+
+			if (w && !w->quitting) {
+				w->quitting = 1;
+				if (!w->job)
+					send_quit(w);
+			}
+		}
+		return;
+	}
+	if (m->stopping) {
+		ph_log(PH_WARN, "host", "second signal: killing workers (their batches roll back)");
+		for (int i = 0; i < m->nworkers; i++)
+			if (m->workers[i])
+				uv_process_kill(&m->workers[i]->proc, SIGKILL);
+		return;
+	}
+	ph_log(PH_INFO, "host", "%s: stopping after the batches in flight",
+	       sig == SIGINT ? "SIGINT" : "SIGTERM");
+	m->stopping = 1;
+	for (int i = 0; i < m->nworkers; i++) {
+		struct worker *w = m->workers[i];
+
+		if (w && !w->job)
+			send_quit(w);
+		else if (w)
+			w->quitting = 1;
+	}
+	check_done(m);
+}
+
+static void close_walk(uv_handle_t *h, void *arg)
+{
+	(void)arg;
+	if (!uv_is_closing(h))
+		uv_close(h, NULL);
+}
+
+static int build_init(struct master *m)
+{
+	size_t len = strlen("init\t") + strlen(m->cfg->dsn) + 1;
+	char *p;
+
+	for (int i = 0; i < m->cfg->npaths; i++)
+		len += strlen(m->cfg->paths[i]) + 1;
+	m->init_msg = p = malloc(len + 1);
+	if (!p)
+		return -1;
+	p += sprintf(p, "init\t%s", m->cfg->dsn);
+	for (int i = 0; i < m->cfg->npaths; i++)
+		p += sprintf(p, "\t%s", m->cfg->paths[i]);
+	m->init_len = (size_t)(p - m->init_msg);
+	return 0;
+}
+
+int ph_master_run(const struct ph_master_cfg *cfg)
+{
+	struct master m;
+	uv_loop_t loop;
+
+	memset(&m, 0, sizeof(m));
+	m.cfg = cfg;
+	if (uv_loop_init(&loop) != 0 || ph_queue_init(&m.q) != 0 || build_init(&m) != 0) {
+		ph_log(PH_ERROR, "host", "cannot start: out of memory");
+		return 1;
+	}
+	m.loop = &loop;
+	signal(SIGPIPE, SIG_IGN);
+	m.nworkers = cfg->workers > 0 ? cfg->workers : 1;
+	m.workers = calloc((size_t)m.nworkers, sizeof(*m.workers));
+
+	uv_timer_init(&loop, &m.reconnect);
+	uv_timer_init(&loop, &m.fallback);
+	uv_timer_init(&loop, &m.due);
+	uv_timer_init(&loop, &m.respawn);
+	m.reconnect.data = m.fallback.data = m.due.data = m.respawn.data = &m;
+	uv_signal_init(&loop, &m.sigint);
+	uv_signal_init(&loop, &m.sigterm);
+	uv_signal_init(&loop, &m.sighup);
+	m.sigint.data = m.sigterm.data = m.sighup.data = &m;
+	uv_signal_start(&m.sigint, on_signal, SIGINT);
+	uv_signal_start(&m.sigterm, on_signal, SIGTERM);
+	uv_signal_start(&m.sighup, on_signal, SIGHUP);
+
+	for (int i = 0; i < m.nworkers; i++)
+		spawn_worker(&m, i);
+	if (!cfg->once) {
+		uint64_t ms = (uint64_t)((cfg->poll_interval > 0 ? cfg->poll_interval : 5.0) * 1000);
+
+		listen_connect(&m);
+		uv_timer_start(&m.fallback, on_fallback, ms, ms);
+	}
+	uv_run(&loop, UV_RUN_DEFAULT);
+
+	/* stopped: close what is left and let the callbacks run */
+	if (m.lpoll)
+		uv_close((uv_handle_t *)m.lpoll, on_poll_closed);
+	if (m.lconn)
+		PQfinish(m.lconn);
+	m.lconn = NULL;
+	uv_walk(&loop, close_walk, NULL);
+	uv_run(&loop, UV_RUN_DEFAULT);
+	uv_loop_close(&loop);
+	ph_queue_free(&m.q);
+	free_projs(&m);
+	free(m.workers);
+	free(m.init_msg);
+	return m.rc;
+}
