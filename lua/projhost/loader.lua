@@ -1,0 +1,576 @@
+-- projhost.loader: read projection files, run them in a sandbox, validate
+-- and normalize the table they return (design.md §3).
+--
+-- Every failure a user can cause (bad path, syntax error, wrong shape, a
+-- script touching something the sandbox denies) comes back as
+-- `nil, "file:line: reason"`; only misuse of this module raises.  One bad
+-- file never stops the others from loading: the host keeps serving what is
+-- valid and reports the rest (hot reload relies on that).
+
+local cjson = require "cjson"
+
+-- LuaJIT is the target; these keep the module usable under a plain Lua
+-- 5.2+ busted too.
+local unpack = unpack or table.unpack
+local setfenv = setfenv
+
+local M = {}
+
+-- Where sandboxed `print` goes.  Looked up at call time so the host (or the
+-- testing module) can redirect it after scripts are loaded.
+function M.log_fn(level, msg)
+	io.stderr:write("projhost: [", level, "] ", msg, "\n")
+end
+
+local FIELDS = {
+	name = true, version = true, from = true, partition = true, setup = true,
+	reset = true, init = true, when = true, on_error = true, caught_up = true,
+	options = true,
+}
+
+local FROM_FIELDS = { all = true, stream = true, category = true, types = true }
+
+-- Names a script asks for by habit; they get a hint instead of a bare
+-- "unknown global" so the author knows it is deliberate.
+local DENIED = {
+	io = true, dofile = true, loadfile = true, load = true, loadstring = true,
+	require = true, debug = true, package = true, module = true,
+	setfenv = true, getfenv = true, collectgarbage = true, _G = true,
+}
+
+local function copy(t)
+	local c = {}
+	for k, v in pairs(t) do c[k] = v end
+	return c
+end
+
+local function basename(path)
+	return (path:match("([^/]*)$"))
+end
+
+---------------------------------------------------------------------------
+-- Hash: identifies a script version in checkpoints and logs.  Prefer the C
+-- implementation; the fallback computes the same function so a def loaded
+-- in plain LuaJIT gets the same hash as in the host.  NOTE: core.hash's
+-- offset basis is 1469598103934665603 (0x14650fb0739d0383), one digit short
+-- of FNV-1a's 14695981039346656037; we mirror what core computes, so change
+-- both together if core is corrected.
+
+local hash_fn
+do
+	local ok, core = pcall(require, "projhost.core")
+	if ok and type(core) == "table" and core.hash then
+		hash_fn = core.hash
+	else
+		local has_ffi, ffi = pcall(require, "ffi")
+		if has_ffi then
+			local bit = require "bit"
+			-- Built from halves: a ULL literal would not parse outside LuaJIT.
+			local OFFSET = ffi.new("uint64_t", 0x14650fb0) * 4294967296 + 0x739d0383
+			local PRIME = 1099511628211 -- 2^40 + 0x1b3, exact as a double
+			hash_fn = function(s)
+				local h = OFFSET
+				for i = 1, #s do
+					h = bit.bxor(h, s:byte(i)) * PRIME
+				end
+				return bit.tohex(h, 16)
+			end
+		else
+			-- Not LuaJIT: two independent 32-bit rolling hashes, 16 hex digits.
+			hash_fn = function(s)
+				local a, b = 5381, 2166136261
+				for i = 1, #s do
+					local c = s:byte(i)
+					a = (a * 33 + c) % 4294967296
+					b = (b * 31 + c) % 4294967296
+				end
+				return string.format("%08x%08x", a, b)
+			end
+		end
+	end
+end
+M.hash = hash_fn
+
+---------------------------------------------------------------------------
+-- Directory listing without a shell: LuaJIT ffi opendir/readdir.  The
+-- struct layout below is Linux's 64-bit dirent (glibc and musl); elsewhere
+-- we fall back to `ls`.  Symbols are redirected with asm() to private names
+-- so we cannot clash with another module's cdef of opendir, and each cdef is
+-- pcalled because busted re-runs this file per spec (redefinition errors).
+
+local list_dir -- list_dir(path) -> names | nil, reason
+
+local function lower_first(s)
+	return (s:gsub("^%u", string.lower))
+end
+
+do
+	local has_ffi, ffi = pcall(require, "ffi")
+	if has_ffi and ffi.os == "Linux" and ffi.abi("64bit") then
+		for _, decl in ipairs({
+			"typedef struct projhost_DIR projhost_DIR;",
+			[[struct projhost_dirent { uint64_t d_ino; int64_t d_off;
+				unsigned short d_reclen; unsigned char d_type; char d_name[256]; };]],
+			"projhost_DIR *projhost_opendir(const char *) __asm__(\"opendir\");",
+			"struct projhost_dirent *projhost_readdir(projhost_DIR *) __asm__(\"readdir\");",
+			"int projhost_closedir(projhost_DIR *) __asm__(\"closedir\");",
+			"char *projhost_strerror(int) __asm__(\"strerror\");",
+		}) do
+			pcall(ffi.cdef, decl)
+		end
+		local C = ffi.C
+		local ENOTDIR = 20
+		local DT_DIR = 4
+
+		-- Returns names, or nil, reason, is_not_a_dir.
+		list_dir = function(path)
+			local dir = C.projhost_opendir(path)
+			if dir == nil then
+				local errno = ffi.errno()
+				return nil, lower_first(ffi.string(C.projhost_strerror(errno))),
+					errno == ENOTDIR
+			end
+			local names = {}
+			while true do
+				local ent = C.projhost_readdir(dir)
+				if ent == nil then break end
+				if ent.d_type ~= DT_DIR then
+					names[#names + 1] = ffi.string(ent.d_name)
+				end
+			end
+			C.projhost_closedir(dir)
+			return names
+		end
+	else
+		local function quote(s)
+			return "'" .. s:gsub("'", "'\\''") .. "'"
+		end
+		list_dir = function(path)
+			local f, err = io.open(path, "rb")
+			if not f then
+				return nil, lower_first(err:gsub("^.-: ", "")), false
+			end
+			local _, rerr = f:read(0)
+			f:close()
+			if not (rerr and rerr:lower():match("is a directory")) then
+				return nil, "not a directory", true
+			end
+			local p = io.popen("ls -1a " .. quote(path) .. " 2>/dev/null")
+			local names = {}
+			for line in p:lines() do names[#names + 1] = line end
+			p:close()
+			return names
+		end
+	end
+end
+
+---------------------------------------------------------------------------
+-- Locating lines for error messages.  Runtime values carry no source
+-- position, so we look for the field's assignment in the text.
+
+local function escape(s)
+	return (s:gsub("[%^%$%(%)%%%.%[%]%*%+%-%?]", "%%%0"))
+end
+
+local function lines_of(source)
+	local lines = {}
+	for line in (source .. "\n"):gmatch("([^\n]*)\n") do
+		lines[#lines + 1] = line
+	end
+	return lines
+end
+
+-- Line of `field = ...` (or `["field"] = ...`), else of the last `return`,
+-- else 1.  A function value knows its own line.
+local function line_of(src_lines, field, value)
+	if type(value) == "function" then
+		local info = debug.getinfo(value, "S")
+		if info and info.linedefined and info.linedefined > 0 then
+			return info.linedefined
+		end
+	end
+	if field then
+		local f = escape(tostring(field))
+		local pats = {
+			"^%s*" .. f .. "%s*=[^=]", "^%s*" .. f .. "%s*=$",
+			"[{,;]%s*" .. f .. "%s*=[^=]", "[{,;]%s*" .. f .. "%s*=$",
+			"%[%s*[\"']" .. f .. "[\"']%s*%]%s*=",
+		}
+		for i, line in ipairs(src_lines) do
+			for _, p in ipairs(pats) do
+				if line:match(p) then return i end
+			end
+		end
+	end
+	for i = #src_lines, 1, -1 do
+		if src_lines[i]:match("^%s*return%f[%W]") then return i end
+	end
+	return 1
+end
+
+---------------------------------------------------------------------------
+-- Sandbox
+
+local function sandbox(path)
+	local env = {
+		assert = assert, error = error, ipairs = ipairs, next = next,
+		pairs = pairs, pcall = pcall, select = select, tonumber = tonumber,
+		tostring = tostring, type = type, unpack = unpack, xpcall = xpcall,
+		rawget = rawget, rawset = rawset, rawequal = rawequal, rawlen = rawlen,
+		setmetatable = setmetatable,
+		string = copy(string), table = copy(table), math = copy(math),
+		json = { encode = cjson.encode, decode = cjson.decode, null = cjson.null },
+	}
+	-- No bytecode round trips: loading is denied anyway, dumping has no use.
+	env.string.dump = nil
+	-- The string metatable is shared by the whole VM; handing it out would
+	-- let one script change string methods for every other script.
+	env.getmetatable = function(v)
+		if type(v) == "string" then return nil end
+		return getmetatable(v)
+	end
+	env.os = setmetatable({ time = os.time, clock = os.clock, date = os.date }, {
+		__index = function(_, k)
+			error("os." .. tostring(k) .. " is not available in the projection sandbox", 2)
+		end,
+	})
+	env.print = function(...)
+		local parts = {}
+		for i = 1, select("#", ...) do parts[i] = tostring((select(i, ...))) end
+		M.log_fn("info", path .. ": " .. table.concat(parts, " "))
+	end
+	return setmetatable(env, {
+		__index = function(_, k)
+			if DENIED[k] then
+				error("unknown global '" .. tostring(k)
+					.. "' (not available in the projection sandbox)", 2)
+			end
+			error("unknown global '" .. tostring(k) .. "'", 2)
+		end,
+		__newindex = function(_, k)
+			error("assignment to undeclared global '" .. tostring(k)
+				.. "' (declare it local)", 2)
+		end,
+	})
+end
+
+---------------------------------------------------------------------------
+-- Validation.  Each check returns a reason; the caller adds file:line.
+
+local function is_array_of_strings(t, allow_empty_strings)
+	if type(t) ~= "table" then return false end
+	local n = #t
+	for k, v in pairs(t) do
+		if type(k) ~= "number" or k < 1 or k > n or k % 1 ~= 0 then return false end
+		if type(v) ~= "string" or (not allow_empty_strings and v == "") then
+			return false
+		end
+	end
+	return true
+end
+
+local function sorted_keys(t)
+	local keys = {}
+	for k in pairs(t) do keys[#keys + 1] = k end
+	table.sort(keys, function(a, b) return tostring(a) < tostring(b) end)
+	return keys
+end
+
+-- Returns the normalized def, or nil, line, reason.
+local function validate(t, path, src_lines)
+	local function fail(field, value, reason)
+		return nil, line_of(src_lines, field, value), reason
+	end
+
+	for _, k in ipairs(sorted_keys(t)) do
+		if not FIELDS[k] then
+			return fail(k, t[k], "unknown field '" .. tostring(k) .. "'")
+		end
+	end
+
+	local def = {}
+
+	local name = t.name
+	if name == nil then
+		name = basename(path):gsub("%.lua$", "")
+		if not name:match("^[%w_%-%.]+$") then
+			return fail(nil, nil, "the file name '" .. name .. "' is not a valid projection "
+				.. "name (letters, digits, _ - .); set 'name'")
+		end
+	elseif type(name) ~= "string" or not name:match("^[%w_%-%.]+$") then
+		return fail("name", name, "'name' must be a string of letters, digits, _ - . (got "
+			.. (type(name) == "string" and ("'" .. name .. "'") or type(name)) .. ")")
+	end
+	def.name = name
+
+	local version = t.version
+	if version == nil then
+		version = 1
+	elseif type(version) ~= "number" or version < 1 or version % 1 ~= 0
+		or version ~= version or version == math.huge then
+		return fail("version", version, "'version' must be a positive integer (got "
+			.. tostring(version) .. ")")
+	end
+	def.version = version
+
+	local from = t.from
+	if from == nil then
+		return fail(nil, nil, "missing 'from' (e.g. from = { category = \"account\" })")
+	elseif type(from) ~= "table" then
+		return fail("from", from, "'from' must be a table (got " .. type(from) .. ")")
+	end
+	for _, k in ipairs(sorted_keys(from)) do
+		if not FROM_FIELDS[k] then
+			return fail(k, from[k], "unknown field 'from." .. tostring(k) .. "'")
+		end
+	end
+	local kinds = {}
+	if from.all ~= nil then kinds[#kinds + 1] = "all" end
+	if from.stream ~= nil then kinds[#kinds + 1] = "stream" end
+	if from.category ~= nil then kinds[#kinds + 1] = "category" end
+	if #kinds ~= 1 then
+		return fail("from", from, "'from' needs exactly one of all = true, stream = \"...\", "
+			.. "category = \"...\" (got " .. (#kinds == 0 and "none" or table.concat(kinds, ", ")) .. ")")
+	end
+	local kind = kinds[1]
+	if kind == "all" then
+		if from.all ~= true then
+			return fail("all", from.all, "'from.all' must be true")
+		end
+		def.from = { all = true }
+	else
+		local v = from[kind]
+		if type(v) ~= "string" or v == "" then
+			return fail(kind, v, "'from." .. kind .. "' must be a non-empty string")
+		end
+		-- A category is what precedes the first '-', so one containing '-'
+		-- could never match any stream.
+		if kind == "category" and v:find("-", 1, true) then
+			return fail(kind, v, "'from.category' must not contain '-' (the category of "
+				.. "'account-42' is 'account')")
+		end
+		def.from = { [kind] = v }
+	end
+	if from.types ~= nil then
+		if not is_array_of_strings(from.types) or #from.types == 0 then
+			return fail("types", from.types, "'from.types' must be a non-empty array of "
+				.. "non-empty event type strings")
+		end
+		def.types = copy(from.types)
+	end
+
+	local partition = t.partition
+	if partition ~= nil and partition ~= "stream" then
+		return fail("partition", partition, "'partition' must be \"stream\" or omitted (got "
+			.. tostring(partition) .. ")")
+	end
+	def.partition = partition
+
+	for _, field in ipairs({ "setup", "reset" }) do
+		local v = t[field]
+		if v == nil then
+			def[field] = {}
+		elseif type(v) == "string" then
+			def[field] = { v }
+		elseif is_array_of_strings(v, true) then
+			def[field] = copy(v)
+		else
+			return fail(field, v, "'" .. field .. "' must be a SQL string or an array of "
+				.. "SQL strings")
+		end
+	end
+
+	if t.init ~= nil and type(t.init) ~= "function" then
+		return fail("init", t.init, "'init' must be a function returning the initial state")
+	end
+	def.init = t.init or function() return {} end
+
+	local when = t.when
+	if when == nil then
+		return fail(nil, nil, "missing 'when' (a table of event type = handler function)")
+	elseif type(when) ~= "table" or next(when) == nil then
+		return fail("when", when, "'when' must be a non-empty table of event type = "
+			.. "handler function")
+	end
+	for _, k in ipairs(sorted_keys(when)) do
+		local h = when[k]
+		if type(k) ~= "string" or k == "" then
+			return fail("when", when, "'when' keys must be event type strings or \"*\" (got "
+				.. tostring(k) .. ")")
+		end
+		if type(h) ~= "function" then
+			return fail(k, h, "handler for '" .. k .. "' must be a function (got "
+				.. type(h) .. ")")
+		end
+	end
+	def.when = copy(when)
+
+	for _, field in ipairs({ "on_error", "caught_up" }) do
+		local v = t[field]
+		if v ~= nil and type(v) ~= "function" then
+			return fail(field, v, "'" .. field .. "' must be a function")
+		end
+		def[field] = v
+	end
+
+	if t.options ~= nil and type(t.options) ~= "table" then
+		return fail("options", t.options, "'options' must be a table")
+	end
+	def.options = t.options or {}
+
+	-- The types this projection can see, for the worker's SQL filter.
+	local filter
+	if when["*"] then
+		filter = def.types and copy(def.types)
+	else
+		local allowed
+		if def.types then
+			allowed = {}
+			for _, ty in ipairs(def.types) do allowed[ty] = true end
+		end
+		filter = {}
+		for ty, h in pairs(when) do
+			if allowed and not allowed[ty] then
+				-- Would never run: almost certainly a typo in one of the lists.
+				return fail(ty, h, "handler for '" .. ty .. "' can never run: '" .. ty
+					.. "' is not in from.types")
+			end
+			filter[#filter + 1] = ty
+		end
+	end
+	if filter then
+		-- Deduplicate (from.types may repeat) and sort.
+		local seen, out = {}, {}
+		for _, ty in ipairs(filter) do
+			if not seen[ty] then seen[ty] = true; out[#out + 1] = ty end
+		end
+		table.sort(out)
+		filter = out
+	end
+	def.type_filter = filter
+
+	return def
+end
+
+---------------------------------------------------------------------------
+-- Public API
+
+-- Load a projection from source text; `path` names it in messages.
+function M.load_source(source, path)
+	assert(type(source) == "string", "load_source: source must be a string")
+	assert(type(path) == "string", "load_source: path must be a string")
+	-- loadstring does not skip a "#!" line the way loadfile does; comment it
+	-- out so line numbers stay right.
+	local text = source
+	if text:sub(1, 1) == "#" then text = "--" .. text end
+	local env = sandbox(path)
+	local chunk, err
+	if setfenv then
+		chunk, err = loadstring(text, "@" .. path)
+		if chunk then setfenv(chunk, env) end
+	else
+		chunk, err = load(text, "@" .. path, "t", env)
+	end
+	if not chunk then return nil, err end
+
+	local ok, t = pcall(chunk)
+	if not ok then
+		local msg = tostring(t)
+		if msg:sub(1, #path + 1) ~= path .. ":" then msg = path .. ": " .. msg end
+		return nil, msg
+	end
+	local src_lines = lines_of(source)
+	if type(t) ~= "table" then
+		return nil, ("%s:%d: the file must return a projection table (got %s)")
+			:format(path, line_of(src_lines), type(t))
+	end
+
+	local def, line, reason = validate(t, path, src_lines)
+	if not def then
+		return nil, ("%s:%d: %s"):format(path, line, reason)
+	end
+
+	-- Run init once now so a broken one is reported at load, not on the
+	-- first event.
+	local iok, state = pcall(def.init)
+	if not iok then
+		local msg = tostring(state)
+		if msg:sub(1, #path + 1) ~= path .. ":" then
+			msg = ("%s:%d: init failed: %s"):format(path, line_of(src_lines, "init", t.init), msg)
+		end
+		return nil, msg
+	elseif type(state) ~= "table" then
+		return nil, ("%s:%d: init must return a table (got %s)")
+			:format(path, line_of(src_lines, "init", t.init), type(state))
+	end
+
+	def.file = path
+	def.source = source
+	def.hash = hash_fn(source)
+	return def
+end
+
+function M.load_file(path)
+	assert(type(path) == "string", "load_file: path must be a string")
+	local f, err = io.open(path, "rb")
+	if not f then
+		return nil, path .. ": " .. lower_first((err:gsub("^.-: ", "")))
+	end
+	local source, rerr = f:read("*a")
+	f:close()
+	if not source then
+		return nil, path .. ": " .. lower_first(tostring(rerr))
+	end
+	return M.load_source(source, path)
+end
+
+local function wanted(name)
+	return name:match("%.lua$") and not name:match("^[%._]")
+		and not name:match("_spec%.lua$")
+end
+
+-- Load every projection under `paths` (files and/or directories).  Returns
+-- the defs sorted by name and an array of error strings (possibly empty).
+function M.load_paths(paths)
+	assert(type(paths) == "table", "load_paths: paths must be an array")
+	local files, errors, seen = {}, {}, {}
+	local function add(file)
+		if not seen[file] then
+			seen[file] = true
+			files[#files + 1] = file
+		end
+	end
+	for _, path in ipairs(paths) do
+		local names, reason, not_dir = list_dir(path)
+		if names then
+			table.sort(names)
+			local prefix = path:sub(-1) == "/" and path or path .. "/"
+			for _, n in ipairs(names) do
+				if wanted(n) then add(prefix .. n) end
+			end
+		elseif not_dir then
+			add(path)
+		else
+			errors[#errors + 1] = path .. ": " .. reason
+		end
+	end
+
+	local defs, by_name = {}, {}
+	for _, file in ipairs(files) do
+		local def, err = M.load_file(file)
+		if not def then
+			errors[#errors + 1] = err
+		elseif by_name[def.name] then
+			errors[#errors + 1] = ("%s:%d: duplicate projection name '%s' (also defined in %s)")
+				:format(file, line_of(lines_of(def.source), "name"), def.name,
+					by_name[def.name].file)
+		else
+			by_name[def.name] = def
+			defs[#defs + 1] = def
+		end
+	end
+	table.sort(defs, function(a, b) return a.name < b.name end)
+	return defs, errors
+end
+
+return M

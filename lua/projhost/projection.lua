@@ -1,0 +1,187 @@
+-- projhost.projection: the run-time semantics of a loaded projection, shared
+-- by the worker (backend = PostgreSQL) and projhost.testing (backend =
+-- recorder), so a spec exercises exactly what production runs.
+--
+-- Error policy of ctx: when the backend reports a failure (nil, msg, code),
+-- ctx:exec/query/emit RAISE "ctx:<method>: <msg> [<code>]" at the handler's
+-- line instead of returning nil, msg.  A failed statement aborts the batch
+-- transaction in PostgreSQL, so nothing the handler does afterwards could
+-- commit anyway; raising stops it at once and hands the error to the
+-- worker, which rolls back to before the event and applies on_error.  A
+-- handler that wants to survive a failing statement can still pcall it.
+-- Misuse (wrong argument types) raises too: it is a bug in the script.
+
+local cjson = require "cjson"
+local unpack = unpack or table.unpack
+
+local M = {}
+
+-- One JSON configuration for everything that crosses into the database
+-- (table parameters, emitted data, state), matching what the worker stores:
+-- 14 significant digits (integers up to 1e14 stay exact) and sparse arrays
+-- encoded as objects instead of raising.  A private instance, so nobody
+-- else's cjson settings change.
+local json = cjson.new()
+json.encode_number_precision(14)
+json.encode_sparse_array(true)
+M.json = json
+
+-- State as stored (jsonb text); nil, msg if the state cannot be stored.
+function M.encode_state(state)
+	local ok, s = pcall(json.encode, state)
+	if not ok then return nil, "state cannot be stored as JSON: " .. tostring(s) end
+	return s
+end
+
+function M.decode_state(text)
+	return json.decode(text)
+end
+
+-- The handler for an event type: the exact one, else the "*" catch-all.
+function M.handler(def, event_type)
+	return def.when[event_type] or def.when["*"]
+end
+
+function M.init_state(def)
+	local s = def.init and def.init()
+	if s == nil then return {} end
+	if type(s) ~= "table" then
+		error(("%s: init returned a %s, expected a table"):format(def.name, type(s)), 2)
+	end
+	return s
+end
+
+-- Apply one event.  The handler mutates `state` in place or returns a new
+-- table; returning anything else is a bug we report with the handler's
+-- definition line.  Errors propagate: the caller decides (pcall + rollback).
+function M.apply(def, state, e, ctx)
+	local h = M.handler(def, e.type)
+	if not h then return state end
+	if ctx then ctx.event = e end
+	local r = h(state, e, ctx)
+	if r == nil then return state end
+	if type(r) ~= "table" then
+		local info = debug.getinfo(h, "S")
+		local where = ""
+		if info and info.short_src and info.linedefined and info.linedefined > 0 then
+			where = info.short_src .. ":" .. info.linedefined .. ": "
+		end
+		error(("%shandler for '%s' returned a %s, expected a table or nothing")
+			:format(where, tostring(e.type), type(r)), 0)
+	end
+	return r
+end
+
+-- Tables become JSON text (for jsonb columns); scalars pass through.  nils
+-- in the middle are kept: the count comes from select('#').
+local function encode_params(method, ...)
+	local n = select("#", ...)
+	local args = { ... }
+	for i = 1, n do
+		local v = args[i]
+		local tv = type(v)
+		if tv == "table" then
+			local ok, s = pcall(json.encode, v)
+			if not ok then
+				error(("ctx:%s: parameter %d cannot be encoded as JSON: %s")
+					:format(method, i, tostring(s)), 3)
+			end
+			args[i] = s
+		elseif not (tv == "nil" or tv == "number" or tv == "string" or tv == "boolean"
+			or v == cjson.null) then
+			error(("ctx:%s: parameter %d is a %s (expected nil, boolean, number, string or table)")
+				:format(method, i, tv), 3)
+		end
+	end
+	return args, n
+end
+
+local function failure(method, msg, code)
+	local s = "ctx:" .. method .. ": " .. tostring(msg or "failed")
+	if code ~= nil then s = s .. " [" .. tostring(code) .. "]" end
+	return s
+end
+
+local function check_json(method, what, v)
+	if v == nil then return end
+	if type(v) ~= "table" then
+		error(("ctx:%s: %s must be a table or nil (got %s)"):format(method, what, type(v)), 3)
+	end
+	local ok, err = pcall(json.encode, v)
+	if not ok then
+		error(("ctx:%s: %s cannot be encoded as JSON: %s"):format(method, what, tostring(err)), 3)
+	end
+end
+
+-- backend: { exec = fn(sql, ...) -> count | nil, msg, code,
+--            query = fn(sql, ...) -> rows | nil, msg, code,
+--            emit = fn(stream, type, data, metadata) -> version | nil, msg, code,
+--            log = fn(level, msg) }
+function M.new_ctx(def, backend)
+	assert(type(def) == "table", "new_ctx: def must be a table")
+	assert(type(backend) == "table", "new_ctx: backend must be a table")
+	for _, f in ipairs({ "exec", "query", "emit", "log" }) do
+		assert(type(backend[f]) == "function", "new_ctx: backend." .. f .. " must be a function")
+	end
+
+	local ctx = { projection = def.name }
+
+	local function check_self(self, method)
+		if self ~= ctx then
+			error("ctx:" .. method .. ": call it with a colon (ctx:" .. method .. "(...))", 3)
+		end
+	end
+
+	function ctx.exec(self, sql, ...)
+		check_self(self, "exec")
+		if type(sql) ~= "string" or sql == "" then
+			error("ctx:exec: sql must be a non-empty string (got " .. type(sql) .. ")", 2)
+		end
+		local args, n = encode_params("exec", ...)
+		local count, msg, code = backend.exec(sql, unpack(args, 1, n))
+		if count == nil then error(failure("exec", msg, code), 2) end
+		return count
+	end
+
+	function ctx.query(self, sql, ...)
+		check_self(self, "query")
+		if type(sql) ~= "string" or sql == "" then
+			error("ctx:query: sql must be a non-empty string (got " .. type(sql) .. ")", 2)
+		end
+		local args, n = encode_params("query", ...)
+		local rows, msg, code = backend.query(sql, unpack(args, 1, n))
+		if rows == nil then error(failure("query", msg, code), 2) end
+		return rows
+	end
+
+	function ctx.emit(self, stream, etype, data, metadata)
+		check_self(self, "emit")
+		if type(stream) ~= "string" or stream == "" then
+			error("ctx:emit: stream must be a non-empty string (got " .. type(stream) .. ")", 2)
+		end
+		if type(etype) ~= "string" or etype == "" then
+			error("ctx:emit: type must be a non-empty string (got " .. type(etype) .. ")", 2)
+		end
+		-- Checked here, not only in the backend, so a spec fails the same
+		-- way production would.
+		check_json("emit", "data", data)
+		check_json("emit", "metadata", metadata)
+		local version, msg, code = backend.emit(stream, etype, data, metadata)
+		if version == nil then error(failure("emit", msg, code), 2) end
+		return version
+	end
+
+	-- Both ctx.log("x") and ctx:log("x") work: log lines are written in a
+	-- hurry, and a wrong dot must not turn into a crash.
+	function ctx.log(...)
+		local n, first = select("#", ...), 1
+		if n > 0 and (select(1, ...)) == ctx then first = 2 end
+		local parts = {}
+		for i = first, n do parts[#parts + 1] = tostring((select(i, ...))) end
+		backend.log("info", table.concat(parts, " "))
+	end
+
+	return ctx
+end
+
+return M

@@ -1,0 +1,377 @@
+local loader = require "projhost.loader"
+
+local FIX = "spec/fixtures/projections/"
+local BAD = FIX .. "bad/"
+
+-- Load a bad fixture and return its error, failing if it loaded.
+local function load_error(name)
+	local def, err = loader.load_file(BAD .. name .. ".lua")
+	assert.is_nil(def)
+	assert.is_string(err)
+	return err
+end
+
+-- Plain-text prefix check (paths contain pattern characters).
+local function starts_with(prefix, s)
+	assert.equal(prefix, s:sub(1, #prefix), "expected '" .. s .. "' to start with '" .. prefix .. "'")
+end
+
+local function tmpdir()
+	local dir = os.tmpname()
+	os.remove(dir)
+	local rc = os.execute("mkdir -p '" .. dir .. "'")
+	assert(rc == 0 or rc == true, "mkdir failed")
+	return dir
+end
+
+local function write(path, text)
+	local f = assert(io.open(path, "w"))
+	f:write(text)
+	f:close()
+end
+
+describe("projhost.loader", function()
+	describe("load_file on a good file", function()
+		local def = assert(loader.load_file(FIX .. "alpha.lua"))
+
+		it("keeps the declared fields", function()
+			assert.equal("alpha", def.name)
+			assert.equal(3, def.version)
+			assert.equal(FIX .. "alpha.lua", def.file)
+			assert.same({ category = "account" }, def.from)
+			assert.same({ "Opened", "Deposited", "Closed" }, def.types)
+			assert.equal("stream", def.partition)
+			assert.same({ batch_size = 50 }, def.options)
+			assert.is_function(def.on_error)
+			assert.is_function(def.caught_up)
+		end)
+
+		it("normalizes setup and reset to arrays of SQL strings", function()
+			assert.same({ "CREATE TABLE a(x int)", "CREATE INDEX ON a(x)" }, def.setup)
+			assert.same({ "TRUNCATE a" }, def.reset)
+		end)
+
+		it("keeps source and a 16-hex-digit hash of it", function()
+			local f = assert(io.open(FIX .. "alpha.lua"))
+			local text = f:read("*a")
+			f:close()
+			assert.equal(text, def.source)
+			assert.matches("^%x+$", def.hash)
+			assert.equal(16, #def.hash)
+			assert.equal(loader.hash(text), def.hash)
+			assert.not_equal(loader.hash(text .. " "), def.hash)
+		end)
+
+		it("computes type_filter from the handlers, sorted", function()
+			-- when has Deposited and Opened; Closed is in from.types only.
+			assert.same({ "Deposited", "Opened" }, def.type_filter)
+		end)
+
+		it("runs handlers and init inside the sandbox with the allowed globals", function()
+			local s = def.init()
+			assert.same({ n = 0, at = true }, s)
+			def.when.Deposited(s, { data = { amount = 5 } })
+			assert.equal(5, s.n)
+		end)
+	end)
+
+	describe("defaults", function()
+		local def = assert(loader.load_file(FIX .. "beta.lua"))
+
+		it("names the projection after its file", function()
+			assert.equal("beta", def.name)
+		end)
+
+		it("fills version, init, setup, reset, options", function()
+			assert.equal(1, def.version)
+			assert.same({}, def.init())
+			assert.same({}, def.setup)
+			assert.same({}, def.reset)
+			assert.same({}, def.options)
+			assert.is_nil(def.partition)
+			assert.is_nil(def.on_error)
+		end)
+
+		it("has no type_filter with a catch-all and no from.types", function()
+			assert.is_nil(def.type_filter)
+		end)
+	end)
+
+	describe("type_filter with a catch-all", function()
+		it("is from.types", function()
+			local def = assert(loader.load_source([[
+				return { from = { category = "a", types = { "Y", "X" } },
+					when = { ["*"] = function() end, X = function() end } }
+			]], "inline.lua"))
+			assert.same({ "X", "Y" }, def.type_filter)
+		end)
+	end)
+
+	describe("rejects", function()
+		it("a syntax error, with file:line", function()
+			starts_with(BAD .. "syntax.lua:5: ", load_error("syntax"))
+		end)
+
+		it("a runtime error while loading, with file:line", function()
+			local err = load_error("runtime_error")
+			starts_with(BAD .. "runtime_error.lua:2: ", err)
+			assert.matches("attempt to get length", err)
+		end)
+
+		it("a file not returning a table", function()
+			assert.equal(BAD .. "not_table.lua:2: the file must return a projection table (got string)",
+				load_error("not_table"))
+		end)
+
+		it("an unknown field (a typo must not be silent)", function()
+			assert.equal(BAD .. "unknown_field.lua:3: unknown field 'whne'", load_error("unknown_field"))
+		end)
+
+		it("a missing when", function()
+			local err = load_error("missing_when")
+			starts_with(BAD .. "missing_when.lua:2: ", err)
+			assert.matches("missing 'when'", err)
+		end)
+
+		it("a when value that is not a function, at its line", function()
+			assert.equal(BAD .. "when_not_function.lua:5: handler for 'B' must be a function (got string)",
+				load_error("when_not_function"))
+		end)
+
+		it("a missing from", function()
+			local err = load_error("from_none")
+			starts_with(BAD .. "from_none.lua:1: ", err)
+			assert.matches("missing 'from'", err)
+		end)
+
+		it("a from with no kind", function()
+			local err = load_error("from_empty")
+			starts_with(BAD .. "from_empty.lua:3: ", err)
+			assert.matches("exactly one of", err)
+			assert.matches("got none", err)
+		end)
+
+		it("a from with two kinds", function()
+			local err = load_error("from_two")
+			starts_with(BAD .. "from_two.lua:3: ", err)
+			assert.matches("got stream, category", err)
+		end)
+
+		it("from.types that are not strings, at the types line", function()
+			local err = load_error("from_bad_types")
+			starts_with(BAD .. "from_bad_types.lua:4: ", err)
+			assert.matches("'from.types' must be", err)
+		end)
+
+		it("a category containing '-' (it could never match)", function()
+			starts_with(BAD .. "from_category_dash.lua:2: 'from.category' must not contain '-'",
+				load_error("from_category_dash"))
+		end)
+
+		it("a handler for a type outside from.types (it could never run)", function()
+			assert.equal(BAD .. "dead_handler.lua:5: handler for 'Withdrawn' can never run: "
+				.. "'Withdrawn' is not in from.types", load_error("dead_handler"))
+		end)
+
+		it("a version that is not a positive integer", function()
+			assert.equal(BAD .. "bad_version.lua:3: 'version' must be a positive integer (got 1.5)",
+				load_error("bad_version"))
+			for _, v in ipairs({ "0", "-1", "'1'" }) do
+				local def, err = loader.load_source("return { version = " .. v
+					.. ", from = { all = true }, when = { A = function() end } }", "v.lua")
+				assert.is_nil(def)
+				assert.matches("^v%.lua:1: 'version' must be a positive integer", err)
+			end
+		end)
+
+		it("a bad name", function()
+			starts_with(BAD .. "bad_name.lua:3: 'name' must be", load_error("bad_name"))
+		end)
+
+		it("a partition other than \"stream\"", function()
+			starts_with(BAD .. "bad_partition.lua:3: 'partition' must be \"stream\"",
+				load_error("bad_partition"))
+		end)
+
+		it("a setup that is not SQL strings", function()
+			starts_with(BAD .. "bad_setup.lua:3: 'setup' must be", load_error("bad_setup"))
+		end)
+
+		it("an init that fails, with its line", function()
+			local err = load_error("init_error")
+			starts_with(BAD .. "init_error.lua:4: ", err)
+			assert.matches("arithmetic", err)
+		end)
+
+		it("an init that returns no table", function()
+			assert.equal(BAD .. "init_not_table.lua:4: init must return a table (got number)",
+				load_error("init_not_table"))
+		end)
+	end)
+
+	describe("sandbox", function()
+		it("denies os.execute", function()
+			assert.equal(BAD .. "os_execute.lua:2: os.execute is not available in the projection sandbox",
+				load_error("os_execute"))
+			assert.is_nil(io.open("/tmp/projhost-sandbox-breach"))
+		end)
+
+		it("denies io", function()
+			assert.equal(BAD .. "io_open.lua:2: unknown global 'io' (not available in the projection sandbox)",
+				load_error("io_open"))
+		end)
+
+		it("denies require", function()
+			assert.equal(BAD .. "require.lua:3: unknown global 'require' (not available in the projection sandbox)",
+				load_error("require"))
+		end)
+
+		it("raises on reading an unknown global", function()
+			assert.equal(BAD .. "unknown_global.lua:1: unknown global 'LIMIT'", load_error("unknown_global"))
+		end)
+
+		it("raises on assigning a global", function()
+			assert.equal(BAD .. "global_assign.lua:2: assignment to undeclared global 'helper' (declare it local)",
+				load_error("global_assign"))
+		end)
+
+		it("denies the other escape hatches", function()
+			for _, name in ipairs({ "dofile", "loadfile", "load", "loadstring", "debug",
+				"package", "module", "setfenv", "getfenv", "collectgarbage", "_G" }) do
+				local def, err = loader.load_source("local x = " .. name .. "\nreturn {}", "s.lua")
+				assert.is_nil(def)
+				assert.equal("s.lua:1: unknown global '" .. name
+					.. "' (not available in the projection sandbox)", err)
+			end
+		end)
+
+		it("gives each file its own copies of string, table and math", function()
+			local def = assert(loader.load_source([[
+				string.upper = function() return "hacked" end
+				table.insert = nil
+				math.pi = 3
+				return { from = { all = true }, when = { A = function() end } }
+			]], "mutate.lua"))
+			assert.truthy(def)
+			assert.equal("ABC", string.upper("abc"))
+			assert.is_function(table.insert)
+			assert.is_true(math.pi > 3.14)
+		end)
+
+		it("allows only os.time, os.clock and os.date", function()
+			local def, err = loader.load_source([[
+				local t, c, d = os.time(), os.clock(), os.date("!%Y")
+				assert(type(t) == "number" and type(c) == "number" and type(d) == "string")
+				local x = os.getenv("HOME")
+			]], "os.lua")
+			assert.is_nil(def)
+			assert.equal("os.lua:3: os.getenv is not available in the projection sandbox", err)
+		end)
+
+		it("provides json", function()
+			local def = assert(loader.load_source([[
+				local t = json.decode(json.encode({ a = 1 }))
+				return { from = { all = true }, when = { A = function() end },
+					options = { a = t.a } }
+			]], "json.lua"))
+			assert.same({ a = 1 }, def.options)
+		end)
+
+		it("routes print to loader.log_fn", function()
+			local got = {}
+			local saved = loader.log_fn
+			loader.log_fn = function(level, msg) got[#got + 1] = { level, msg } end
+			local def = loader.load_source([[
+				print("hello", 42, nil)
+				return { from = { all = true }, when = { A = function() end } }
+			]], "print.lua")
+			loader.log_fn = saved
+			assert.truthy(def)
+			assert.same({ { "info", "print.lua: hello 42 nil" } }, got)
+		end)
+
+		it("keeps the sandbox for handlers at run time", function()
+			local def = assert(loader.load_source([[
+				return { from = { all = true }, when = {
+					A = function() return io.open("/etc/passwd") end,
+				} }
+			]], "late.lua"))
+			local ok, err = pcall(def.when.A, {}, {})
+			assert.is_false(ok)
+			assert.equal("late.lua:2: unknown global 'io' (not available in the projection sandbox)", err)
+		end)
+	end)
+
+	describe("load_paths", function()
+		it("loads a directory's *.lua files sorted by name, skipping _ and . files", function()
+			local defs, errors = loader.load_paths({ FIX })
+			assert.same({}, errors)
+			local names = {}
+			for i, d in ipairs(defs) do names[i] = d.name end
+			-- _helper.lua, .hidden.lua (both invalid) and notes.txt are skipped,
+			-- and the sub-folders are not entered.
+			assert.same({ "alpha", "beta" }, names)
+		end)
+
+		it("skips *_spec.lua files in directories", function()
+			local dir = tmpdir()
+			write(dir .. "/x.lua", "return { from = { all = true }, when = { A = function() end } }")
+			write(dir .. "/x_spec.lua", "describe('not a projection', function() end)")
+			local defs, errors = loader.load_paths({ dir })
+			os.execute("rm -rf '" .. dir .. "'")
+			assert.same({}, errors)
+			assert.equal(1, #defs)
+			assert.equal("x", defs[1].name)
+		end)
+
+		it("takes files as given, and sorts the result by name", function()
+			local defs, errors = loader.load_paths({ FIX .. "beta.lua", FIX .. "alpha.lua" })
+			assert.same({}, errors)
+			assert.equal("alpha", defs[1].name)
+			assert.equal("beta", defs[2].name)
+		end)
+
+		it("loads the good files of a directory with a bad one", function()
+			local defs, errors = loader.load_paths({ FIX .. "mixed" })
+			assert.equal(2, #defs)
+			assert.equal("one", defs[1].name)
+			assert.equal("three", defs[2].name)
+			assert.equal(1, #errors)
+			starts_with(FIX .. "mixed/two.lua:4: ", errors[1])
+		end)
+
+		it("reports one error per bad file", function()
+			local defs, errors = loader.load_paths({ BAD })
+			assert.same({}, defs)
+			local n = 0
+			local p = io.popen("ls -1 " .. BAD .. " | grep -c '\\.lua$'")
+			n = tonumber(p:read("*l"))
+			p:close()
+			assert.equal(n, #errors)
+			for _, e in ipairs(errors) do
+				assert.matches("^spec/fixtures/projections/bad/[%w_]+%.lua:%d+: ", e)
+			end
+		end)
+
+		it("reports a duplicate name on the second file", function()
+			local defs, errors = loader.load_paths({ FIX .. "dup" })
+			assert.equal(1, #defs)
+			assert.equal(FIX .. "dup/a.lua", defs[1].file)
+			assert.same({ FIX .. "dup/b.lua:3: duplicate projection name 'same' (also defined in "
+				.. FIX .. "dup/a.lua)" }, errors)
+		end)
+
+		it("reports a missing path and still loads the rest", function()
+			local defs, errors = loader.load_paths({ "no/such/dir", FIX .. "beta.lua" })
+			assert.same({ "no/such/dir: no such file or directory" }, errors)
+			assert.equal(1, #defs)
+			assert.equal("beta", defs[1].name)
+		end)
+
+		it("reports a missing file from load_file", function()
+			local def, err = loader.load_file("no/such/file.lua")
+			assert.is_nil(def)
+			assert.equal("no/such/file.lua: no such file or directory", err)
+		end)
+	end)
+end)

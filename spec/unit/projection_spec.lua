@@ -1,0 +1,221 @@
+local P = require "projhost.projection"
+local loader = require "projhost.loader"
+
+local function def_of(source)
+	return assert(loader.load_source(source, "p.lua"))
+end
+
+-- A backend that records calls and answers from `replies`.
+local function recorder(replies)
+	replies = replies or {}
+	local b = { calls = {}, logs = {} }
+	local function reply(name, ...)
+		b.calls[#b.calls + 1] = { name, n = select("#", ...), ... }
+		local r = replies[name]
+		if r then return r(...) end
+	end
+	function b.exec(...) return reply("exec", ...) end
+	function b.query(...) return reply("query", ...) end
+	function b.emit(...) return reply("emit", ...) end
+	function b.log(level, msg) b.logs[#b.logs + 1] = { level, msg } end
+	return b
+end
+
+describe("projhost.projection", function()
+	local def = def_of([[
+		return {
+			name = "p",
+			from = { all = true },
+			init = function() return { n = 0 } end,
+			when = {
+				A = function(s) s.n = s.n + 1 end,
+				R = function(s) return { n = 100 } end,
+				Bad = function(s) return 42 end,
+				Boom = function(s) error("boom") end,
+				["*"] = function(s) s.other = true end,
+			},
+		}
+	]])
+
+	describe("handler", function()
+		it("finds the exact handler, else the catch-all", function()
+			assert.equal(def.when.A, P.handler(def, "A"))
+			assert.equal(def.when["*"], P.handler(def, "Z"))
+		end)
+
+		it("returns nil without a catch-all", function()
+			local d = def_of("return { from = { all = true }, when = { A = function() end } }")
+			assert.is_nil(P.handler(d, "Z"))
+		end)
+	end)
+
+	describe("init_state", function()
+		it("calls init", function()
+			assert.same({ n = 0 }, P.init_state(def))
+		end)
+
+		it("gives a fresh table each time", function()
+			assert.not_equal(P.init_state(def), P.init_state(def))
+		end)
+	end)
+
+	describe("apply", function()
+		it("lets the handler mutate the state in place", function()
+			local s = { n = 1 }
+			local r = P.apply(def, s, { type = "A" })
+			assert.equal(s, r)
+			assert.same({ n = 2 }, r)
+		end)
+
+		it("replaces the state with a returned table", function()
+			assert.same({ n = 100 }, P.apply(def, { n = 1 }, { type = "R" }))
+		end)
+
+		it("leaves the state alone without a handler", function()
+			local d = def_of("return { from = { all = true }, when = { A = function(s) s.x = 1 end } }")
+			local s = { n = 1 }
+			assert.equal(s, P.apply(d, s, { type = "Z" }))
+			assert.same({ n = 1 }, s)
+		end)
+
+		it("uses the catch-all", function()
+			assert.same({ n = 0, other = true }, P.apply(def, { n = 0 }, { type = "Z" }))
+		end)
+
+		it("raises when a handler returns something other than a table", function()
+			local ok, err = pcall(P.apply, def, {}, { type = "Bad" })
+			assert.is_false(ok)
+			assert.equal("p.lua:8: handler for 'Bad' returned a number, expected a table or nothing", err)
+		end)
+
+		it("lets handler errors propagate with the handler's line", function()
+			local ok, err = pcall(P.apply, def, {}, { type = "Boom" })
+			assert.is_false(ok)
+			assert.equal("p.lua:9: boom", err)
+		end)
+
+		it("sets ctx.event", function()
+			local ctx = P.new_ctx(def, recorder())
+			local e = { type = "A" }
+			P.apply(def, { n = 0 }, e, ctx)
+			assert.equal(e, ctx.event)
+		end)
+	end)
+
+	describe("state encoding", function()
+		it("round-trips a state", function()
+			local text = assert(P.encode_state({ total = 2, by = { A = 2 } }))
+			assert.same({ total = 2, by = { A = 2 } }, P.decode_state(text))
+		end)
+
+		it("reports a state that cannot be stored", function()
+			local text, err = P.encode_state({ f = function() end })
+			assert.is_nil(text)
+			assert.matches("^state cannot be stored as JSON: ", err)
+		end)
+	end)
+
+	describe("ctx", function()
+		it("names the projection", function()
+			assert.equal("p", P.new_ctx(def, recorder()).projection)
+		end)
+
+		it("passes exec through and returns the count", function()
+			local b = recorder({ exec = function() return 3 end })
+			local ctx = P.new_ctx(def, b)
+			assert.equal(3, ctx:exec("UPDATE t SET x = $1", 5))
+			assert.same({ { "exec", "UPDATE t SET x = $1", 5, n = 2 } }, b.calls)
+		end)
+
+		it("keeps nils in the middle of the parameters", function()
+			local b = recorder({ exec = function() return 1 end })
+			local ctx = P.new_ctx(def, b)
+			ctx:exec("INSERT INTO t VALUES ($1, $2, $3, $4)", "a", nil, false, nil)
+			local call = b.calls[1]
+			assert.equal(5, call.n)
+			assert.equal("a", call[3])
+			assert.is_nil(call[4])
+			assert.is_false(call[5])
+			assert.is_nil(call[6])
+		end)
+
+		it("JSON-encodes table parameters", function()
+			local b = recorder({ query = function() return {} end })
+			local ctx = P.new_ctx(def, b)
+			ctx:query("SELECT $1::jsonb", { a = 1 })
+			assert.same({ a = 1 }, require("cjson").decode(b.calls[1][3]))
+			assert.is_string(b.calls[1][3])
+		end)
+
+		it("returns query rows", function()
+			local rows = { { id = "x", amount = 1 } }
+			local ctx = P.new_ctx(def, recorder({ query = function() return rows end }))
+			assert.equal(rows, ctx:query("SELECT 1"))
+		end)
+
+		it("raises a backend failure at the caller's line, with the code", function()
+			local ctx = P.new_ctx(def, recorder({
+				exec = function() return nil, "relation \"t\" does not exist", "42P01" end,
+			}))
+			local ok, err = pcall(function()
+				ctx:exec("INSERT INTO t VALUES (1)") -- this line is in the message
+			end)
+			assert.is_false(ok)
+			assert.matches("projection_spec%.lua:%d+: ctx:exec: relation \"t\" does not exist %[42P01%]$", err)
+			local line = tonumber(err:match("projection_spec%.lua:(%d+):"))
+			local src = {}
+			for l in io.lines("spec/unit/projection_spec.lua") do src[#src + 1] = l end
+			assert.matches("this line is in the message", src[line])
+		end)
+
+		it("raises query and emit failures too", function()
+			local ctx = P.new_ctx(def, recorder({
+				query = function() return nil, "timeout" end,
+				emit = function() return nil, "wrong expected version", "P0001" end,
+			}))
+			assert.has_error(function() ctx:query("SELECT 1") end)
+			local _, qerr = pcall(ctx.query, ctx, "SELECT 1")
+			assert.matches("ctx:query: timeout$", qerr)
+			local _, eerr = pcall(ctx.emit, ctx, "s-1", "T", {})
+			assert.matches("ctx:emit: wrong expected version %[P0001%]$", eerr)
+		end)
+
+		it("passes emit through and returns the version", function()
+			local b = recorder({ emit = function() return 7 end })
+			local ctx = P.new_ctx(def, b)
+			assert.equal(7, ctx:emit("alerts-1", "Alert", { x = 1 }, { m = true }))
+			assert.same({ "emit", "alerts-1", "Alert", { x = 1 }, { m = true }, n = 4 }, b.calls[1])
+		end)
+
+		it("rejects misuse", function()
+			local ctx = P.new_ctx(def, recorder({ exec = function() return 1 end,
+				emit = function() return 1 end }))
+			local cases = {
+				{ function() ctx:exec(42) end, "ctx:exec: sql must be a non%-empty string" },
+				{ function() ctx:query(nil) end, "ctx:query: sql must be a non%-empty string" },
+				{ function() ctx.exec("SELECT 1") end, "call it with a colon" },
+				{ function() ctx:exec("SELECT $1", print) end, "parameter 1 is a function" },
+				{ function() ctx:emit("", "T") end, "ctx:emit: stream must be a non%-empty string" },
+				{ function() ctx:emit("s-1", nil) end, "ctx:emit: type must be a non%-empty string" },
+				{ function() ctx:emit("s-1", "T", "data") end, "ctx:emit: data must be a table or nil" },
+				{ function() ctx:emit("s-1", "T", {}, 5) end, "ctx:emit: metadata must be a table or nil" },
+				{ function() ctx:emit("s-1", "T", { f = print }) end, "data cannot be encoded as JSON" },
+			}
+			for i, c in ipairs(cases) do
+				local ok, err = pcall(c[1])
+				assert.is_false(ok, "case " .. i)
+				assert.matches(c[2], err)
+				-- level 2: the message points at this spec, not at projection.lua
+				assert.matches("projection_spec%.lua:%d+:", err)
+			end
+		end)
+
+		it("logs with a dot or a colon", function()
+			local b = recorder()
+			local ctx = P.new_ctx(def, b)
+			ctx.log("a", 1, nil, true)
+			ctx:log("b", { 1 } == nil)
+			assert.same({ { "info", "a 1 nil true" }, { "info", "b false" } }, b.logs)
+		end)
+	end)
+end)
