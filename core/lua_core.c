@@ -95,7 +95,7 @@ static int ph_l_hash(lua_State *L)
 {
 	size_t len;
 	const unsigned char *s = (const unsigned char *)luaL_checklstring(L, 1, &len);
-	uint64_t h = 1469598103934665603ULL;
+	uint64_t h = 14695981039346656037ULL;
 	char out[17];
 
 	for (size_t i = 0; i < len; i++) {

@@ -48,6 +48,12 @@ static int push_error(lua_State *L, PGconn *conn, PGresult *res)
 	return 3;
 }
 
+static void quiet_notices(void *arg, const char *msg)
+{
+	(void)arg;
+	(void)msg;
+}
+
 int ph_l_connect(lua_State *L)
 {
 	const char *dsn = luaL_optstring(L, 1, "");
@@ -64,7 +70,7 @@ int ph_l_connect(lua_State *L)
 	}
 	/* Our notices (e.g. "relation already exists, skipping") are noise in
 	 * logs; errors still come back through results. */
-	PQsetNoticeProcessor(conn, NULL, NULL);
+	PQsetNoticeProcessor(conn, quiet_notices, NULL);
 	c = lua_newuserdata(L, sizeof(*c));
 	c->conn = conn;
 	luaL_getmetatable(L, PH_CONN_MT);

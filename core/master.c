@@ -3,12 +3,17 @@
  * signals and the fallback poll.
  *
  * Worker protocol (frames of tab-separated text, see frame.h):
- *   master -> worker  "init\t<dsn>\t<path>..."   load projections, connect
- *                     "job\t<projection>\t<partition>"  run one batch
- *                     "quit"                     exit after this
- *   worker -> master  "ready\n" preceded by lines "proj\t<name>\t<kind>\t<value>\t<partitioned>"
- *                     (kind: all|stream|category) and "error\t<message>"
- *                     "done\t<projection>\t<partition>\t<status>\t<count>\t<delay>"
+ *   master -> worker  "init\t<dsn>\t<path>..."      load projections, connect
+ *                     "job\t<projection>\t<partition>..."  one batch; unpartitioned
+ *                                                  projections have partition ""
+ *                     "find\t<projection>\t<cursor>"  list partitions that are behind
+ *                     "quit"                        exit after this
+ *   worker -> master  "proj\t<name>\t<kind>\t<value>\t<partitioned>" and
+ *                     "error\t<message>" lines, then "ready"
+ *                     "done\t<projection>\t<count>" then a line
+ *                     "<partition>\t<status>\t<delay>" per partition of the job
+ *                     "found\t<projection>\t<more|idle>\t<cursor>" then one
+ *                     partition per line
  * Statuses: more (batch was full), idle (caught up), held (events waiting
  * behind the xmin horizon), locked (another worker or instance has it),
  * retry (handler asked for a delay), dberror, failed, stopped, paused.
@@ -30,6 +35,13 @@
 
 struct master;
 
+/* Partitions of one projection handed to a worker as one batch (one
+ * transaction): catching up many small streams is not one BEGIN/COMMIT each. */
+#define PH_GROUP 64
+/* Queue entries above which discovery of more partitions waits: memory
+ * stays bounded when millions of partitions are behind. */
+#define PH_HIGH_WATER 50000
+
 struct worker {
 	struct master *m;
 	uv_process_t proc;
@@ -39,7 +51,8 @@ struct worker {
 	int ready;		/* answered init */
 	int quitting;		/* quit sent or to be sent after the job */
 	int open_handles;
-	struct ph_qentry *job;	/* in flight */
+	struct ph_qentry *jobs[PH_GROUP];	/* in flight */
+	int njobs;
 };
 
 struct proj {
@@ -48,6 +61,7 @@ struct proj {
 	char *value;
 	int partitioned;
 	int settled;		/* last batch found nothing more to do (for --once) */
+	char *cursor;		/* partition discovery resumes after this stream */
 };
 
 struct master {
@@ -69,12 +83,14 @@ struct master {
 	struct worker **workers;
 	int nworkers, alive;
 	unsigned crashes;
+	unsigned startup_failures;	/* consecutive workers that died before ready */
 	uv_timer_t respawn;
 
 	struct ph_queue q;
 	struct proj *projs;
 	int nprojs;
 	int have_projs;		/* projs came from a worker's init answer */
+	unsigned long round_work;	/* --once: events applied since the last full round */
 	int load_errors;
 
 	char *init_msg;
@@ -106,6 +122,7 @@ static void free_projs(struct master *m)
 	for (int i = 0; i < m->nprojs; i++) {
 		free(m->projs[i].name);
 		free(m->projs[i].value);
+		free(m->projs[i].cursor);
 	}
 	free(m->projs);
 	m->projs = NULL;
@@ -129,7 +146,8 @@ static int split_tabs(char *s, char **f, int max)
 
 static void wake(struct master *m, struct proj *p, const char *part, uint64_t at)
 {
-	p->settled = 0;
+	if (!*part)
+		p->settled = 0;
 	if (ph_queue_wake(&m->q, p->name, part, at, 0) != 0)
 		ph_log(PH_ERROR, p->name, "cannot queue a wake-up: out of memory");
 }
@@ -247,6 +265,7 @@ static void handle_ready(struct worker *w, char *msg)
 		}
 	}
 	w->ready = 1;
+	m->startup_failures = 0;
 	if (adopt) {
 		m->have_projs = 1;
 		ph_log(PH_INFO, "host", "serving %d projection%s%s", m->nprojs,
@@ -262,45 +281,33 @@ static void handle_ready(struct worker *w, char *msg)
 	dispatch(m);
 }
 
-static void handle_done(struct worker *w, char *msg)
+/* Put a finished entry back according to its status. */
+static void entry_done(struct master *m, struct ph_qentry *e, const char *status, double delay)
 {
-	struct master *m = w->m;
-	struct ph_qentry *e = w->job;
-	char *f[7];
-	int n = split_tabs(msg, f, 7);
 	uint64_t now = now_ms(m), at = UINT64_MAX;
 	int hard = 0, settled = 0;
-	double delay;
 	struct proj *p;
 
-	if (!e || n < 6) {
-		ph_log(PH_ERROR, "host", "worker %d: unexpected answer '%s'", w->slot, msg);
-		return;
-	}
-	w->job = NULL;
-	delay = atof(f[5]);
-	if (strcmp(f[3], "more") == 0) {
+	if (strcmp(status, "more") == 0) {
 		at = now;
 		e->attempts = e->holds = 0;
-	} else if (strcmp(f[3], "idle") == 0) {
+	} else if (strcmp(status, "idle") == 0) {
 		settled = 1;
 		e->attempts = e->holds = 0;
-	} else if (strcmp(f[3], "held") == 0) {
+	} else if (strcmp(status, "held") == 0) {
 		/* Something below the horizon is still running; it may never
 		 * NOTIFY (an unrelated transaction), so look again soon,
 		 * backing off from a few ms to a second. */
-		unsigned h = e->holds < 8 ? e->holds : 8;
+		unsigned h = e->holds < 9 ? e->holds : 9;
 
 		e->holds++;
 		at = now + (2u << h);
-		if (at > now + 1000)
-			at = now + 1000;
-	} else if (strcmp(f[3], "locked") == 0) {
+	} else if (strcmp(status, "locked") == 0) {
 		/* Another worker or instance holds it; when it commits we
 		 * must look again or that wake-up is lost. */
 		at = now + 500;
 		hard = 1;
-	} else if (strcmp(f[3], "retry") == 0 || strcmp(f[3], "dberror") == 0) {
+	} else if (strcmp(status, "retry") == 0 || strcmp(status, "dberror") == 0) {
 		e->attempts++;
 		at = now + (uint64_t)(delay * 1000);
 		hard = 1;
@@ -308,10 +315,87 @@ static void handle_done(struct worker *w, char *msg)
 		/* failed, stopped, paused: wait for an operator's wake-up */
 		settled = 1;
 	}
-	p = find_proj(m, f[1]);
-	if (p)
+	p = find_proj(m, ph_queue_entry_proj(e));
+	if (p && !*ph_queue_entry_part(e))
 		p->settled = settled;
 	ph_queue_done(&m->q, e, at, hard);
+}
+
+static struct ph_qentry *take_job(struct worker *w, const char *part)
+{
+	for (int i = 0; i < w->njobs; i++) {
+		struct ph_qentry *e = w->jobs[i];
+
+		if (e && strcmp(ph_queue_entry_part(e), part) == 0) {
+			w->jobs[i] = NULL;
+			return e;
+		}
+	}
+	return NULL;
+}
+
+/* "done" and "found" answers: every entry of the job goes back to the queue. */
+static void handle_done(struct worker *w, char *msg)
+{
+	struct master *m = w->m;
+	char *line, *save = NULL, *f[4];
+	int found = strncmp(msg, "found\t", 6) == 0;
+	struct proj *p = NULL;
+	int first = 1;
+	unsigned long nfound = 0;
+	char find_status[16] = "idle";
+	uint64_t now = now_ms(m);
+
+	for (line = strtok_r(msg, "\n", &save); line; line = strtok_r(NULL, "\n", &save)) {
+		if (first) {
+			int n = split_tabs(line, f, 4);
+
+			first = 0;
+			p = n >= 2 ? find_proj(m, f[1]) : NULL;
+			if (!found && n >= 3)
+				m->round_work += strtoul(f[2], NULL, 10);
+			if (found && n >= 4) {
+				snprintf(find_status, sizeof(find_status), "%s", f[2]);
+				if (p) {
+					free(p->cursor);
+					p->cursor = strcmp(f[2], "more") == 0 ? strdup(f[3]) : NULL;
+				}
+			}
+			continue;
+		}
+		if (found) {
+			if (p)
+				wake(m, p, line, now);
+			nfound++;
+			continue;
+		}
+		if (split_tabs(line, f, 3) == 3) {
+			struct ph_qentry *e = take_job(w, f[0]);
+
+			if (e)
+				entry_done(m, e, f[1], atof(f[2]));
+			else if (p)	/* the worker asks for more work, e.g. after a reset */
+				wake(m, p, f[0], now);
+		}
+	}
+	if (found) {
+		struct ph_qentry *e = take_job(w, "");
+
+		m->round_work += nfound;
+		if (e && strcmp(find_status, "more") == 0 && m->q.count > PH_HIGH_WATER)
+			ph_queue_done(&m->q, e, now + 200, 1);	/* back-pressure */
+		else if (e && nfound)
+			/* look again once these are done: the projection has
+			 * caught up when a look finds nothing behind */
+			entry_done(m, e, "more", 0);
+		else if (e)
+			entry_done(m, e, find_status, 0);
+	}
+	/* anything the worker did not mention runs again */
+	for (int i = 0; i < w->njobs; i++)
+		if (w->jobs[i])
+			entry_done(m, w->jobs[i], "more", 0);
+	w->njobs = 0;
 	if (w->quitting || m->stopping)
 		send_quit(w);
 	check_done(m);
@@ -333,7 +417,7 @@ static void on_worker_read(uv_stream_t *s, ssize_t nread, const uv_buf_t *buf)
 		return;
 	}
 	while ((rc = ph_frame_next(&w->fb, &msg, &len)) == 1) {
-		if (strncmp(msg, "done\t", 5) == 0)
+		if (strncmp(msg, "done\t", 5) == 0 || strncmp(msg, "found\t", 6) == 0)
 			handle_done(w, msg);
 		else if (strncmp(msg, "ready", 5) == 0 || strncmp(msg, "proj\t", 5) == 0 ||
 			 strncmp(msg, "error\t", 6) == 0)
@@ -371,22 +455,35 @@ static void on_worker_exit(uv_process_t *proc, int64_t status, int sig)
 
 	m->workers[w->slot] = NULL;
 	m->alive--;
-	if (w->job) {
+	if (w->njobs) {
 		/* Its transaction died with its connection: nothing of the
 		 * batch committed. Run it again after a pause that grows
 		 * with repeated crashes. */
-		w->job->attempts++;
-		ph_log(PH_WARN, ph_queue_entry_proj(w->job),
+		ph_log(PH_WARN, ph_queue_entry_proj(w->jobs[0]),
 		       "worker %d died during a batch (%s %d); the batch rolled back and will be redone",
 		       w->slot, sig ? "signal" : "exit", sig ? sig : (int)status);
-		ph_queue_done(&m->q, w->job, now_ms(m) + 100u * (w->job->attempts < 50 ? w->job->attempts : 50), 1);
-		w->job = NULL;
+		for (int i = 0; i < w->njobs; i++) {
+			struct ph_qentry *e = w->jobs[i];
+
+			if (!e)
+				continue;
+			e->attempts++;
+			ph_queue_done(&m->q, e, now_ms(m) + 100u * (e->attempts < 50 ? e->attempts : 50), 1);
+		}
+		w->njobs = 0;
 	} else if (!w->quitting) {
 		ph_log(PH_WARN, "host", "worker %d exited unexpectedly (%s %d)", w->slot,
 		       sig ? "signal" : "exit", sig ? sig : (int)status);
 	}
 	if (!w->quitting)
 		m->crashes++;
+	if (!w->ready && !m->stopping && ++m->startup_failures >= 5) {
+		/* A worker that cannot even start (broken install, bad
+		 * library path) will not start next time either. */
+		ph_log(PH_ERROR, "host", "workers keep dying before they are ready; giving up");
+		m->rc = 1;
+		m->stopping = 1;
+	}
 	uv_close((uv_handle_t *)&w->proc, on_handle_closed);
 	uv_close((uv_handle_t *)&w->pipe, on_handle_closed);
 	if (m->stopping) {
@@ -424,7 +521,7 @@ static void spawn_worker(struct master *m, int slot)
 	stdio[1].data.fd = 1;
 	stdio[2].flags = UV_INHERIT_FD;
 	stdio[2].data.fd = 2;
-	stdio[3].flags = UV_CREATE_PIPE | UV_READABLE | UV_WRITABLE;
+	stdio[3].flags = UV_CREATE_PIPE | UV_READABLE_PIPE | UV_WRITABLE_PIPE;
 	stdio[3].data.stream = (uv_stream_t *)&w->pipe;
 	args[0] = (char *)m->cfg->bin;
 	args[1] = "__worker";
@@ -457,6 +554,79 @@ static void on_due(uv_timer_t *t)
 	dispatch(t->data);
 }
 
+/* A message under construction: fields joined by tabs. */
+struct msgbuf {
+	char *buf;
+	size_t len, cap;
+	int failed;
+};
+
+static void msg_add(struct msgbuf *mb, const char *s)
+{
+	size_t n = strlen(s);
+
+	if (mb->failed)
+		return;
+	if (mb->len + n + 2 > mb->cap) {
+		size_t c = mb->cap ? mb->cap * 2 : 256;
+		char *b;
+
+		while (c < mb->len + n + 2)
+			c *= 2;
+		b = realloc(mb->buf, c);
+		if (!b) {
+			mb->failed = 1;
+			return;
+		}
+		mb->buf = b;
+		mb->cap = c;
+	}
+	if (mb->len)
+		mb->buf[mb->len++] = '\t';
+	memcpy(mb->buf + mb->len, s, n + 1);
+	mb->len += n;
+}
+
+/* Give @w the next due work: a discovery, an unpartitioned batch, or up to
+ * PH_GROUP partitions of one projection. Return: 1 if something was taken. */
+static int give_work(struct master *m, struct worker *w, uint64_t now)
+{
+	struct ph_qentry *e = ph_queue_pop(&m->q, now), *n;
+	struct msgbuf mb = { 0 };
+	struct proj *p;
+
+	if (!e)
+		return 0;
+	p = find_proj(m, ph_queue_entry_proj(e));
+	if (!p) {
+		/* its file was removed or broke on reload */
+		ph_queue_done(&m->q, e, UINT64_MAX, 0);
+		return 1;
+	}
+	w->jobs[0] = e;
+	w->njobs = 1;
+	if (p->partitioned && !*ph_queue_entry_part(e)) {
+		msg_add(&mb, "find");
+		msg_add(&mb, p->name);
+		msg_add(&mb, p->cursor ? p->cursor : "");
+	} else {
+		while (p->partitioned && w->njobs < PH_GROUP && (n = ph_queue_peek(&m->q, now)) &&
+		       *ph_queue_entry_part(n) && strcmp(ph_queue_entry_proj(n), p->name) == 0)
+			w->jobs[w->njobs++] = ph_queue_pop(&m->q, now);
+		msg_add(&mb, "job");
+		msg_add(&mb, p->name);
+		for (int i = 0; i < w->njobs; i++)
+			msg_add(&mb, ph_queue_entry_part(w->jobs[i]));
+	}
+	if (mb.failed || send_frame(w, mb.buf, mb.len) != 0) {
+		/* its entries come back through the exit callback */
+		ph_log(PH_ERROR, "host", "worker %d: cannot send a job (out of memory?); replacing it", w->slot);
+		uv_process_kill(&w->proc, SIGKILL);
+	}
+	free(mb.buf);
+	return 1;
+}
+
 static void dispatch(struct master *m)
 {
 	uint64_t now = now_ms(m), next;
@@ -465,19 +635,13 @@ static void dispatch(struct master *m)
 		return;
 	for (int i = 0; i < m->nworkers; i++) {
 		struct worker *w = m->workers[i];
-		struct ph_qentry *e;
-		char buf[1200];
-		int n;
 
-		if (!w || !w->ready || w->job || w->quitting)
+		if (!w || !w->ready || w->njobs || w->quitting)
 			continue;
-		e = ph_queue_pop(&m->q, now);
-		if (!e)
+		while (!w->njobs && give_work(m, w, now))
+			;
+		if (!w->njobs)
 			break;
-		n = snprintf(buf, sizeof(buf), "job\t%s\t%s", ph_queue_entry_proj(e), ph_queue_entry_part(e));
-		w->job = e;
-		if (send_frame(w, buf, (size_t)n) != 0)
-			ph_log(PH_ERROR, "host", "worker %d: cannot send a job", w->slot);
 	}
 	next = ph_queue_next_due(&m->q);
 	if (next != UINT64_MAX)
@@ -497,6 +661,13 @@ static void check_done(struct master *m)
 	for (int i = 0; i < m->nprojs; i++)
 		if (!m->projs[i].settled)
 			return;
+	if (m->round_work) {
+		/* Events emitted during this round may feed projections that
+		 * already settled: go round again until a round finds nothing. */
+		m->round_work = 0;
+		wake_all(m);
+		return;
+	}
 	ph_log(PH_INFO, "host", "--once: every projection is caught up; exiting");
 	if (m->load_errors)
 		m->rc = 1;
@@ -635,7 +806,7 @@ static void on_signal(uv_signal_t *h, int sig)
 
 			if (w && !w->quitting) {
 				w->quitting = 1;
-				if (!w->job)
+				if (!w->njobs)
 					send_quit(w);
 			}
 		}
@@ -654,7 +825,7 @@ static void on_signal(uv_signal_t *h, int sig)
 	for (int i = 0; i < m->nworkers; i++) {
 		struct worker *w = m->workers[i];
 
-		if (w && !w->job)
+		if (w && !w->njobs)
 			send_quit(w);
 		else if (w)
 			w->quitting = 1;

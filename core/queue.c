@@ -9,7 +9,7 @@
 
 static uint64_t hash_key(const char *k, size_t n)
 {
-	uint64_t h = 1469598103934665603ULL;
+	uint64_t h = 14695981039346656037ULL;
 
 	for (size_t i = 0; i < n; i++) {
 		h ^= (unsigned char)k[i];
@@ -237,6 +237,11 @@ int ph_queue_wake(struct ph_queue *q, const char *proj, const char *part,
 	q->buckets[b] = e;
 	q->count++;
 	return 0;
+}
+
+struct ph_qentry *ph_queue_peek(struct ph_queue *q, uint64_t now)
+{
+	return q->heap_len && q->heap[0]->valid_after <= now ? q->heap[0] : NULL;
 }
 
 struct ph_qentry *ph_queue_pop(struct ph_queue *q, uint64_t now)

@@ -66,6 +66,11 @@ int ph_queue_wake(struct ph_queue *q, const char *proj, const char *part,
 struct ph_qentry *ph_queue_pop(struct ph_queue *q, uint64_t now);
 
 /**
+ * ph_queue_peek() - the first due entry without taking it, or NULL.
+ */
+struct ph_qentry *ph_queue_peek(struct ph_queue *q, uint64_t now);
+
+/**
  * ph_queue_done() - the worker finished @e.
  * @requeue_at: when to run it again, or UINT64_MAX for "only if woken"
  * @hard: as for ph_queue_wake()

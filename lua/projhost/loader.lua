@@ -52,9 +52,8 @@ end
 -- Hash: identifies a script version in checkpoints and logs.  Prefer the C
 -- implementation; the fallback computes the same function so a def loaded
 -- in plain LuaJIT gets the same hash as in the host.  NOTE: core.hash's
--- offset basis is 1469598103934665603 (0x14650fb0739d0383), one digit short
--- of FNV-1a's 14695981039346656037; we mirror what core computes, so change
--- both together if core is corrected.
+-- FNV-1a 64, offset basis 14695981039346656037 (0xcbf29ce484222325), the
+-- same as core.hash so a script has one hash with or without the host.
 
 local hash_fn
 do
@@ -66,7 +65,7 @@ do
 		if has_ffi then
 			local bit = require "bit"
 			-- Built from halves: a ULL literal would not parse outside LuaJIT.
-			local OFFSET = ffi.new("uint64_t", 0x14650fb0) * 4294967296 + 0x739d0383
+			local OFFSET = ffi.new("uint64_t", 0xcbf29ce4) * 4294967296 + 0x84222325
 			local PRIME = 1099511628211 -- 2^40 + 0x1b3, exact as a double
 			hash_fn = function(s)
 				local h = OFFSET

@@ -10,18 +10,17 @@
 -- So effects, emitted events, state and checkpoint commit together or not
 -- at all, and a crash anywhere (SIGKILL included) rolls the batch back.
 local core = require "projhost.core"
-local cjson_mod = require "cjson"
 local loader = require "projhost.loader"
 local P = require "projhost.projection"
 
-local json = cjson_mod.new()
--- state is ours to round-trip exactly: keep 17 digits, allow sparse arrays
-json.encode_number_precision(17)
-json.encode_sparse_array(true)
+local json = P.json
 
 local M = {}
 
+-- events per batch (unpartitioned) and per partition (partitioned)
 local BATCH = tonumber(os.getenv("PROJHOST_BATCH_SIZE")) or 500
+-- partitions listed per discovery query
+local FIND_PAGE = 1000
 -- default error action: retry with exponential backoff, then fail
 local DEFAULT_RETRIES = 3
 
@@ -249,7 +248,7 @@ local function decide(def, err, e, attempt)
 end
 
 -- ---------------------------------------------------------------------
--- one batch
+-- checkpoints, setup, reset
 
 local function lock_checkpoint(def, part)
 	local rows, err, code = q([[SELECT version, state::text AS state, last_tx::text AS last_tx,
@@ -259,14 +258,13 @@ local function lock_checkpoint(def, part)
 	return rows[1] or false
 end
 
-local function store_checkpoint(def, part, state, last_tx, last_pos)
-	return x([[UPDATE projhost.checkpoints SET state = $3::jsonb, last_tx = $4::xid8,
-		last_pos = $5, script_hash = $6, updated_at = now()
-		WHERE projection = $1 AND partition = $2]],
-		def.name, part, json.encode(state), last_tx, last_pos, def.hash)
+local function encode_state(def, state)
+	local s, err = P.encode_state(state)
+	if not s then error(def.name .. ": " .. err, 0) end
+	return s
 end
 
--- setup SQL and the checkpoint row, once per connection
+-- setup SQL and the projection's own checkpoint row, once per connection
 local function ensure_setup(def)
 	if setup_done[def.name] then return true end
 	local ok, err, code = x([[INSERT INTO projhost.checkpoints (projection, partition, version)
@@ -297,29 +295,129 @@ end
 
 local db_failures = 0
 
+local function backoff()
+	db_failures = db_failures + 1
+	return math.min(0.25 * 2 ^ (db_failures - 1), 30)
+end
+
 -- Our own statement failed (connection lost, deadlock, server restart):
 -- the batch rolled back; the master runs it again after a growing delay.
 local function dberror(def, err, code)
 	rollback()
 	if conn and not conn:ok() then drop_conn() end
-	db_failures = db_failures + 1
-	if db_failures == 1 or not db_down then
+	if db_failures == 0 or not db_down then
 		log("warn", def.name, "batch rolled back: " .. tostring(err) .. (code and (" [" .. code .. "]") or ""))
 	end
-	return "dberror", 0, math.min(0.25 * 2 ^ (db_failures - 1), 30)
+	return backoff()
 end
 
-local run_batch
-
--- A handler failed on events[i]: nothing of the batch committed. Commit
--- the events before it, then apply the error action to it.
-local function handle_failure(def, part, events, i, err)
-	rollback()
-	local e = events[i]
-	if i > 1 then
-		local status = run_batch(def, part, i - 1)
-		if status ~= "more" and status ~= "idle" then return status, 0, 1 end
+-- Version changed (or `projhost reset` set it to 0): run the reset SQL,
+-- forget every state and checkpoint of the projection, start over. Runs
+-- in its own transaction under the projection's exclusive advisory lock,
+-- which batches of partitioned projections hold shared.
+local function reset_projection(def)
+	local ok, err, code = x("BEGIN")
+	if ok then ok, err, code = x("SELECT pg_advisory_xact_lock(hashtext('projhost:' || $1))", def.name) end
+	local rows
+	if ok then
+		rows, err, code = q([[SELECT version FROM projhost.checkpoints
+			WHERE projection = $1 AND partition = '' FOR UPDATE]], def.name)
+		ok = rows
 	end
+	if not ok then return nil, err, code end
+	local old = rows[1] and tonumber(rows[1].version)
+	if old == def.version then return x("COMMIT") end -- another worker did it
+	for i, sql in ipairs(def.reset) do
+		ok, err, code = x(sql)
+		if not ok then
+			rollback()
+			return nil, "reset statement " .. i .. " failed: " .. err, code, true
+		end
+	end
+	ok, err, code = x("DELETE FROM projhost.checkpoints WHERE projection = $1 AND partition <> ''", def.name)
+	if ok then
+		ok, err, code = x([[UPDATE projhost.checkpoints SET version = $2, state = NULL, last_tx = '0',
+			last_pos = 0, status = 'running', error = NULL, updated_at = now()
+			WHERE projection = $1 AND partition = '']], def.name, def.version)
+	end
+	if ok then ok, err, code = x("COMMIT") end
+	if not ok then return nil, err, code end
+	for k in pairs(caught) do
+		if k:sub(1, #def.name + 1) == def.name .. "\t" then caught[k] = nil end
+	end
+	log("info", def.name, string.format("version %s -> %d: reset, rebuilding from the start",
+		tostring(old), def.version))
+	return true
+end
+
+-- Connect, run setup, check the projection's own row: the part every
+-- job starts with. Returns true, or status, delay for the whole job.
+local function prepare(def)
+	if not ensure_conn() then return "dberror", backoff() end
+	local ok, err, code, is_setup = ensure_setup(def)
+	if not ok then
+		if is_setup then
+			log("error", def.name, def.file .. ": " .. err)
+			set_status(def, "", "failed", err)
+			return "failed", 0
+		end
+		return "dberror", dberror(def, err, code)
+	end
+	local rows
+	rows, err, code = q([[SELECT version, status FROM projhost.checkpoints
+		WHERE projection = $1 AND partition = '']], def.name)
+	if not rows then return "dberror", dberror(def, err, code) end
+	local row = rows[1]
+	if not row then setup_done[def.name] = nil; return "more", 0 end
+	if tonumber(row.version) ~= def.version then
+		ok, err, code, is_setup = reset_projection(def)
+		if not ok then
+			if is_setup then
+				log("error", def.name, def.file .. ": " .. err)
+				set_status(def, "", "failed", err)
+				return "failed", 0
+			end
+			return "dberror", dberror(def, err, code)
+		end
+		return true, "reset"
+	end
+	if row.status ~= "running" then return row.status, 0 end
+	return true
+end
+
+-- ---------------------------------------------------------------------
+-- running handlers
+
+local function traceback(err)
+	return debug.traceback(err, 2)
+end
+
+-- Apply one event; returns ok, new state or error text.
+local function apply(def, state, e, ctx)
+	ctx.event = e
+	failed_sql = nil
+	local ok, res = xpcall(P.apply, traceback, def, state, e, ctx)
+	if ok and failed_sql then
+		-- the handler caught a failed statement and went on, but the
+		-- transaction is aborted: the event failed
+		ok, res = false, "SQL error (caught by the handler): " .. failed_sql
+	end
+	ctx.event = nil
+	return ok, res
+end
+
+local function visible(def, etype)
+	if not def.type_filter then return true end
+	if not def._types then
+		def._types = {}
+		for _, t in ipairs(def.type_filter) do def._types[t] = true end
+	end
+	return def._types[etype] == true
+end
+
+-- The error action for event e of partition part, after everything before
+-- it has been committed. Returns status, delay.
+local function error_action(def, part, e, err)
 	local key = def.name .. "\t" .. part .. "\t" .. e.position
 	local attempt = (attempts[key] or 0) + 1
 	attempts[key] = attempt
@@ -327,133 +425,117 @@ local function handle_failure(def, part, events, i, err)
 	local action, delay = decide(def, err, e, attempt)
 	log("error", def.name, string.format("%s failed (attempt %d): %s -> %s%s", where, attempt,
 		first_line(err), action, action == "retry" and string.format(" in %.2fs", delay) or ""))
-	if action == "retry" then return "retry", 0, delay end
+	if action == "retry" then return "retry", delay end
 	attempts[key] = nil
 
-	x("BEGIN")
-	local row, lerr, lcode = lock_checkpoint(def, part)
-	if row == nil then return dberror(def, lerr, lcode) end
-	if row == false then rollback(); return "locked", 0, 0 end
-	local ok, xerr, xcode
+	local ok, xerr, xcode = x("BEGIN")
+	local row
+	if ok then
+		row, xerr, xcode = lock_checkpoint(def, part)
+		ok = row
+	end
+	if ok == nil then return "dberror", dberror(def, xerr, xcode) end
+	if row == false then rollback(); return "locked", 0 end
+	local status = "more"
 	if action == "skip" or action == "park" then
-		ok, xerr, xcode = x([[UPDATE projhost.checkpoints SET last_tx = $3::xid8, last_pos = $4,
-			updated_at = now() WHERE projection = $1 AND partition = $2]], def.name, part, e.tx, e.position)
+		-- move past the event; unpartitioned checkpoints are (tx, position),
+		-- partitioned ones the stream version
+		if part == "" then
+			ok, xerr, xcode = x([[UPDATE projhost.checkpoints SET last_tx = $3::xid8, last_pos = $4,
+				updated_at = now() WHERE projection = $1 AND partition = $2]], def.name, part, e.tx, e.position)
+		else
+			ok, xerr, xcode = x([[UPDATE projhost.checkpoints SET last_pos = $3,
+				updated_at = now() WHERE projection = $1 AND partition = $2]], def.name, part, e.version)
+		end
 		if ok and action == "park" then
 			ok, xerr, xcode = x([[INSERT INTO projhost.parked (projection, partition, global_position,
 				event_id, stream_id, stream_version, event_type, error, attempts)
 				VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)]], def.name, part, e.position, e.id,
 				e.stream, e.version, e.type, first_line(err), attempt)
 		end
+	elseif action == "fail" then
+		status = "failed"
+		ok, xerr, xcode = x([[UPDATE projhost.checkpoints SET status = 'failed', error = $3, updated_at = now()
+			WHERE projection = $1 AND partition = $2]], def.name, part, where .. ": " .. first_line(err))
 	else
-		ok, xerr, xcode = x([[UPDATE projhost.checkpoints SET status = $3, error = $4, updated_at = now()
-			WHERE projection = $1 AND partition = $2]], def.name, part,
-			action == "fail" and "failed" or "stopped", where .. ": " .. first_line(err))
+		-- stop: the whole projection, whatever the partition
+		status = "stopped"
+		ok, xerr, xcode = x([[UPDATE projhost.checkpoints SET status = 'stopped', error = $2, updated_at = now()
+			WHERE projection = $1 AND partition = '']], def.name, where .. ": " .. first_line(err))
 	end
 	if ok then ok, xerr, xcode = x("COMMIT") end
-	if not ok then return dberror(def, xerr, xcode) end
-	if action == "skip" or action == "park" then return "more", 1, 0 end
-	return action == "fail" and "failed" or "stopped", 0, 0
+	if not ok then return "dberror", dberror(def, xerr, xcode) end
+	return status, 0
 end
 
-local function traceback(err)
-	return debug.traceback(err, 2)
-end
+-- ---------------------------------------------------------------------
+-- one batch of an unpartitioned projection: read in (transaction_id,
+-- global_position) order below the xmin horizon (design §2)
 
--- Returns status, count, delay (see core/master.c for the statuses).
-function run_batch(def, part, limit)
-	local ok, err, code = ensure_conn()
-	if not ok then
-		db_failures = db_failures + 1
-		return "dberror", 0, math.min(0.25 * 2 ^ (db_failures - 1), 30)
-	end
-	local isset
-	ok, err, code, isset = ensure_setup(def)
-	if not ok then
-		if isset then
-			log("error", def.name, def.file .. ": " .. err)
-			set_status(def, part, "failed", err)
-			return "failed", 0, 0
-		end
-		return dberror(def, err, code)
-	end
+local run_batch, caught_up_partitioned
 
-	ok, err, code = x("BEGIN")
-	if not ok then return dberror(def, err, code) end
+-- Returns status, count, delay (statuses: see core/master.c).
+function run_batch(def, limit)
+	local ready, why = prepare(def)
+	if ready ~= true then return ready, 0, why end
+	if why == "reset" then limit = nil end
+
+	local ok, err, code = x("BEGIN")
+	if not ok then return "dberror", 0, dberror(def, err, code) end
 	local row
-	row, err, code = lock_checkpoint(def, part)
-	if row == nil then return dberror(def, err, code) end
+	row, err, code = lock_checkpoint(def, "")
+	if row == nil then return "dberror", 0, dberror(def, err, code) end
 	if row == false then rollback(); return "locked", 0, 0 end
 	if row.status ~= "running" then rollback(); return row.status, 0, 0 end
+	if tonumber(row.version) ~= def.version then rollback(); return "more", 0, 0 end
 
-	local last_tx, last_pos = row.last_tx, tonumber(row.last_pos)
-	local state
-	if tonumber(row.version) ~= def.version then
-		-- new version (or `projhost reset`): reset SQL, then rebuild from the start
-		for _, sql in ipairs(def.reset) do
-			ok, err, code = x(sql)
-			if not ok then
-				rollback()
-				log("error", def.name, def.file .. ": reset statement failed: " .. err)
-				set_status(def, part, "failed", "reset failed: " .. err)
-				return "failed", 0, 0
-			end
-		end
-		ok, err, code = x([[UPDATE projhost.checkpoints SET version = $3, state = NULL, last_tx = '0',
-			last_pos = 0, error = NULL, updated_at = now() WHERE projection = $1 AND partition = $2]],
-			def.name, part, def.version)
-		if not ok then return dberror(def, err, code) end
-		log("info", def.name, string.format("version %s -> %d: reset, rebuilding from the start",
-			row.version, def.version))
-		last_tx, last_pos = "0", 0
-		caught[def.name .. "\t" .. part] = nil
-	else
-		state = row.state and json.decode(row.state)
-	end
+	local state = row.state and json.decode(row.state)
 	if state == nil then state = P.init_state(def) end
 
 	local rows
-	rows, err, code = read_events(def, last_tx, last_pos, limit or BATCH)
-	if not rows then return dberror(def, err, code) end
+	rows, err, code = read_events(def, row.last_tx, tonumber(row.last_pos), limit or BATCH)
+	if not rows then return "dberror", 0, dberror(def, err, code) end
 
 	local ctx = ctx_for(def)
 	local events = {}
 	for i, r in ipairs(rows) do
 		local e = to_event(r)
 		events[i] = e
-		ctx.event = e
-		failed_sql = nil
-		local okh, res = xpcall(P.apply, traceback, def, state, e, ctx)
-		if okh and failed_sql then
-			-- the handler caught a failed statement and went on, but the
-			-- transaction is aborted: treat the event as failed
-			okh, res = false, "SQL error (caught by the handler): " .. failed_sql
-		end
-		if not okh then
-			ctx.event = nil
-			return handle_failure(def, part, events, i, res)
+		local res
+		ok, res = apply(def, state, e, ctx)
+		if not ok then
+			-- nothing of this batch committed: commit the events before
+			-- the failing one, then apply the error action to it
+			rollback()
+			if i > 1 then
+				local st, n, d = run_batch(def, i - 1)
+				if st ~= "more" then return st, n, d end
+			end
+			local status, delay = error_action(def, "", e, res)
+			return status, i - 1, delay
 		end
 		state = res
 	end
-	ctx.event = nil
 
-	local n = #events
+	local n, last_pos = #events, tonumber(row.last_pos)
 	if n > 0 then
 		local last = events[n]
-		ok, err, code = store_checkpoint(def, part, state, last.tx, last.position)
-		if not ok then return dberror(def, err, code) end
+		ok, err, code = x([[UPDATE projhost.checkpoints SET state = $2::jsonb, last_tx = $3::xid8,
+			last_pos = $4, script_hash = $5, updated_at = now()
+			WHERE projection = $1 AND partition = '']],
+			def.name, encode_state(def, state), last.tx, last.position, def.hash)
+		if not ok then return "dberror", 0, dberror(def, err, code) end
 		last_pos = last.position
 	end
 
-	local status = "more"
-	local key = def.name .. "\t" .. part
-	if limit then
-		status = "more"
-	elseif n < BATCH then
+	local status, key = "more", def.name .. "\t"
+	if not limit and n < BATCH then
 		if held_back(def) then
 			status = "held"
 		else
 			status = "idle"
 			if not caught[key] and def.caught_up then
+				failed_sql = nil
 				local okc, cerr = xpcall(def.caught_up, traceback, ctx)
 				if not okc or failed_sql then
 					rollback()
@@ -464,7 +546,7 @@ function run_batch(def, part, limit)
 		end
 	end
 	ok, err, code = x("COMMIT")
-	if not ok then return dberror(def, err, code) end
+	if not ok then return "dberror", 0, dberror(def, err, code) end
 	db_failures = 0
 
 	if status == "idle" and not caught[key] then
@@ -482,7 +564,196 @@ function run_batch(def, part, limit)
 end
 
 -- ---------------------------------------------------------------------
--- protocol
+-- partitioned projections: one state and checkpoint (stream_version) per
+-- stream; many partitions per transaction
+
+local function stream_in_source(def, stream)
+	if def.from.all then return true end
+	if def.from.stream then return stream == def.from.stream end
+	return (stream:match("^[^-]*")) == def.from.category
+end
+
+-- Returns count, results { [part] = { status, delay } }.
+local function run_partitions(def, parts, stop_at)
+	local results = {}
+	local function all(status, delay)
+		for _, p in ipairs(parts) do results[p] = { status, delay or 0 } end
+		return 0, results
+	end
+	local ready, why = prepare(def)
+	if ready ~= true then return all(ready, why) end
+	if why == "reset" then
+		-- every partition starts over; ask the master to rediscover
+		results[""] = { "more", 0 }
+		stop_at = nil
+	end
+
+	local wanted = {}
+	for _, p in ipairs(parts) do
+		if stream_in_source(def, p) then wanted[#wanted + 1] = p else results[p] = { "idle", 0 } end
+	end
+	if #wanted == 0 then return 0, results end
+	table.sort(wanted) -- one order for every worker: inserts below cannot deadlock
+	local arr = pg_text_array(wanted)
+
+	local ok, err, code = x("BEGIN")
+	-- shared: a version reset (exclusive) waits for batches in flight
+	if ok then ok, err, code = x("SELECT pg_advisory_xact_lock_shared(hashtext('projhost:' || $1))", def.name) end
+	if ok then
+		ok, err, code = x([[INSERT INTO projhost.checkpoints (projection, partition, version)
+			SELECT $1, p, $2 FROM unnest($3::text[]) AS p ON CONFLICT DO NOTHING]], def.name, def.version, arr)
+	end
+	local rows
+	if ok then
+		rows, err, code = q([[SELECT partition, state::text AS state, last_pos, status
+			FROM projhost.checkpoints WHERE projection = $1 AND partition = ANY($2::text[])
+			ORDER BY partition FOR UPDATE SKIP LOCKED]], def.name, arr)
+		ok = rows
+	end
+	if not ok then
+		local d = dberror(def, err, code)
+		for _, p in ipairs(wanted) do results[p] = { "dberror", d } end
+		return 0, results
+	end
+
+	local locked, cps, lposs = {}, {}, {}
+	for _, r in ipairs(rows) do
+		if r.status ~= "running" then
+			results[r.partition] = { r.status, 0 }
+		else
+			locked[#locked + 1] = r
+			cps[#cps + 1] = r.partition
+			lposs[#lposs + 1] = r.last_pos
+		end
+	end
+	for _, p in ipairs(wanted) do
+		if not results[p] and not cps[1] then results[p] = { "locked", 0 } end
+	end
+	local is_locked = {}
+	for _, p in ipairs(cps) do is_locked[p] = true end
+	for _, p in ipairs(wanted) do
+		if not results[p] and not is_locked[p] then results[p] = { "locked", 0 } end
+	end
+	if #locked == 0 then rollback(); return 0, results end
+
+	-- per stream, versions after the checkpoint, in order (dense index scan)
+	local evrows
+	evrows, err, code = q([[SELECT c.p AS partition, e.global_position, e.tx, e.event_id, e.stream_id,
+			e.stream_version, e.event_type, e.data, e.metadata, e.created_at
+		FROM unnest($1::text[], $2::bigint[]) AS c(p, pos)
+		CROSS JOIN LATERAL (
+			SELECT ]] .. COLS .. [[ FROM projhost.events ev
+			WHERE ev.stream_id = c.p AND ev.stream_version > c.pos
+			ORDER BY ev.stream_version LIMIT $3) e
+		ORDER BY c.p, e.stream_version]], pg_text_array(cps), "{" .. table.concat(lposs, ",") .. "}", BATCH)
+	if not evrows then
+		local d = dberror(def, err, code)
+		for _, p in ipairs(cps) do results[p] = { "dberror", d } end
+		return 0, results
+	end
+
+	local by_part = {}
+	for _, r in ipairs(evrows) do
+		local l = by_part[r.partition]
+		if not l then l = {}; by_part[r.partition] = l end
+		l[#l + 1] = r
+	end
+
+	local ctx = ctx_for(def)
+	local up_p, up_s, up_v = {}, {}, {}
+	local total = 0
+	for _, cp in ipairs(locked) do
+		local p = cp.partition
+		local list = by_part[p] or {}
+		local state = cp.state and json.decode(cp.state)
+		if state == nil then state = P.init_state(def) end
+		local last = tonumber(cp.last_pos)
+		local status = #list >= BATCH and "more" or "idle"
+		local applied = 0
+		for _, r in ipairs(list) do
+			local e = to_event(r)
+			if e.version ~= last + 1 then
+				-- versions commit in order, so a gap is one still in flight
+				status = "held"
+				break
+			end
+			if stop_at and stop_at[p] and e.version >= stop_at[p] then
+				status = "more"
+				break
+			end
+			if visible(def, e.type) then
+				local okh, res = apply(def, state, e, ctx)
+				if not okh then
+					-- roll everything back, commit all but this event and
+					-- what follows it in its stream, then act on it
+					rollback()
+					local s2 = {}
+					for k, v in pairs(stop_at or {}) do s2[k] = v end
+					s2[p] = e.version
+					local n2, res2 = run_partitions(def, parts, s2)
+					local st, delay = error_action(def, p, e, res)
+					res2[p] = { st, delay }
+					return n2, res2
+				end
+				state = res
+			end
+			last = e.version
+			applied = applied + 1
+		end
+		if applied > 0 then
+			up_p[#up_p + 1] = p
+			up_s[#up_s + 1] = encode_state(def, state)
+			up_v[#up_v + 1] = last
+			total = total + applied
+		end
+		results[p] = { status, 0 }
+	end
+
+	if #up_p > 0 then
+		ok, err, code = x([[UPDATE projhost.checkpoints c SET state = u.s::jsonb, last_pos = u.v,
+			script_hash = $5, updated_at = now()
+			FROM unnest($2::text[], $3::text[], $4::bigint[]) AS u(p, s, v)
+			WHERE c.projection = $1 AND c.partition = u.p]],
+			def.name, pg_text_array(up_p), pg_text_array(up_s), "{" .. table.concat(up_v, ",") .. "}", def.hash)
+	end
+	if ok then ok, err, code = x("COMMIT") end
+	if not ok then
+		local d = dberror(def, err, code)
+		for _, p in ipairs(cps) do results[p] = { "dberror", d } end
+		return 0, results
+	end
+	db_failures = 0
+	return total, results
+end
+
+-- Partitions of def that are behind: streams of its source whose version
+-- is past their checkpoint (goengine's LoadOutOfSync), a page at a time,
+-- from the streams table (never a scan of the events).
+local function find_partitions(def, cursor)
+	local ready, why = prepare(def)
+	if ready ~= true then return ready, {} end
+	if why == "reset" then cursor = "" end
+	local filter, params = "", {}
+	if def.from.stream then
+		filter = " AND s.stream_id = $4"
+		params[1] = def.from.stream
+	elseif def.from.category then
+		filter = " AND split_part(s.stream_id, '-', 1) = $4"
+		params[1] = def.from.category
+	end
+	local rows, err, code = q([[SELECT s.stream_id FROM projhost.streams s
+		LEFT JOIN projhost.checkpoints c ON c.projection = $1 AND c.partition = s.stream_id
+		WHERE s.stream_id > $2 AND s.version > coalesce(c.last_pos, 0)
+		  AND coalesce(c.status, 'running') = 'running']] .. filter .. [[
+		ORDER BY s.stream_id LIMIT $3]], def.name, cursor, FIND_PAGE, unpack(params))
+	if not rows then return "dberror", {}, dberror(def, err, code) end
+	local out = {}
+	for i, r in ipairs(rows) do out[i] = r.stream_id end
+	return #out == FIND_PAGE and "more" or "idle", out
+end
+
+-- ---------------------------------------------------------------------
+-- protocol (see core/master.c)
 
 local function clean(s)
 	return (tostring(s):gsub("[\t\n]", " "))
@@ -500,19 +771,74 @@ local function init(fields)
 	end
 	defs = {}
 	for _, def in ipairs(list) do
-		if def.partition then
-			local e = def.file .. ": partition = '" .. def.partition .. "' is not supported by this host yet"
-			log("error", def.name, e)
-			out[#out + 1] = "error\t" .. clean(e)
-		else
-			compile(def)
-			defs[def.name] = def
-			local kind = def.from.all and "all" or def.from.stream and "stream" or "category"
-			local value = def.from.stream or def.from.category or ""
-			out[#out + 1] = table.concat({ "proj", def.name, kind, clean(value), "0" }, "\t")
-		end
+		compile(def)
+		defs[def.name] = def
+		local kind = def.from.all and "all" or def.from.stream and "stream" or "category"
+		local value = def.from.stream or def.from.category or ""
+		out[#out + 1] = table.concat({ "proj", def.name, kind, clean(value),
+			def.partition and "1" or "0" }, "\t")
 	end
 	out[#out + 1] = "ready"
+	return table.concat(out, "\n")
+end
+
+local function job(name, parts)
+	local def = defs[name]
+	local out = {}
+	if not def then
+		-- the master's list is older than ours (reload): nothing to do
+		out[1] = "done\t" .. name .. "\t0"
+		for _, p in ipairs(parts) do out[#out + 1] = p .. "\tidle\t0" end
+	elseif def.partition then
+		local n, results = run_partitions(def, parts)
+		out[1] = "done\t" .. name .. "\t" .. n
+		for p, r in pairs(results) do
+			out[#out + 1] = string.format("%s\t%s\t%.3f", p, r[1], r[2] or 0)
+		end
+	else
+		local status, n, delay = run_batch(def)
+		out[1] = "done\t" .. name .. "\t" .. (n or 0)
+		out[2] = string.format("\t%s\t%.3f", status, delay or 0)
+	end
+	return table.concat(out, "\n")
+end
+
+-- Nothing behind any more: log it and run the caught_up hook, once per
+-- transition.
+function caught_up_partitioned(def)
+	local key = def.name .. "\t*"
+	if caught[key] then return end
+	if def.caught_up then
+		local ctx = ctx_for(def)
+		x("BEGIN")
+		failed_sql = nil
+		local ok, err = xpcall(def.caught_up, traceback, ctx)
+		if not ok or failed_sql then
+			rollback()
+			log("error", def.name, "caught_up failed: " .. first_line(err or failed_sql))
+			return
+		end
+		if not x("COMMIT") then return end
+	end
+	caught[key] = true
+	log("info", def.name, "caught up (every partition)")
+end
+
+local function find(name, cursor)
+	local def = defs[name]
+	if not def or not def.partition then return "found\t" .. name .. "\tidle\t" end
+	local status, list = find_partitions(def, cursor)
+	if status ~= "more" and status ~= "idle" then
+		-- paused, stopped, failed, dberror: the master waits for a wake-up
+		-- (or the fallback poll) before looking again
+		status = "idle"
+	elseif #list == 0 and cursor == "" then
+		caught_up_partitioned(def)
+	elseif #list > 0 then
+		caught[def.name .. "\t*"] = nil
+	end
+	local out = { table.concat({ "found", name, status, list[#list] or "" }, "\t") }
+	for i, s in ipairs(list) do out[i + 1] = s end
 	return table.concat(out, "\n")
 end
 
@@ -521,15 +847,12 @@ function M.handle(msg)
 	for field in (msg .. "\t"):gmatch("([^\t]*)\t") do f[#f + 1] = field end
 	local verb = f[1]
 	if verb == "job" then
-		local name, part = f[2], f[3] or ""
-		local def = defs[name]
-		local status, n, delay
-		if not def then
-			status, n, delay = "failed", 0, 0
-		else
-			status, n, delay = run_batch(def, part)
-		end
-		return string.format("done\t%s\t%s\t%s\t%d\t%.3f", name, part, status, n or 0, delay or 0)
+		local parts = {}
+		for i = 3, #f do parts[#parts + 1] = f[i] end
+		if #parts == 0 then parts[1] = "" end
+		return job(f[2], parts)
+	elseif verb == "find" then
+		return find(f[2], f[3] or "")
 	elseif verb == "init" then
 		return init(f)
 	elseif verb == "quit" then
