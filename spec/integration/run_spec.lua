@@ -1,0 +1,179 @@
+-- projhost run against a real PostgreSQL: catch-up, live, gap-free order
+-- under out-of-order commits, exactly once across SIGKILLs, bad files.
+local h = require "helpers"
+local core = require "projhost.core"
+
+local function pgbin(name)
+	local p = io.popen("pg_config --bindir 2>/dev/null")
+	local dir = p and p:read("*l")
+	if p then p:close() end
+	if not dir or dir == "" then
+		p = io.popen("ls -d /usr/lib/postgresql/*/bin | sort -V | tail -1")
+		dir = p:read("*l")
+		p:close()
+	end
+	return dir .. "/" .. name
+end
+
+local function scalar(conn, sql, ...)
+	local rows = assert(conn:query(sql, ...))
+	local r = rows[1]
+	if not r then return nil end
+	local _, v = next(r)
+	return v
+end
+
+-- Unpartitioned projection over category `acct`: a per-stream count in a
+-- table, a running total in its state, and one row per applied event in a
+-- table with a unique key, so an event applied twice fails loudly.
+local TALLY = [[
+return {
+	name = "tally",
+	from = { category = "acct" },
+	setup = {
+		"CREATE TABLE IF NOT EXISTS tally (stream text PRIMARY KEY, n bigint NOT NULL)",
+		"CREATE TABLE IF NOT EXISTS tally_applied (position bigint PRIMARY KEY)",
+	},
+	reset = { "TRUNCATE tally", "TRUNCATE tally_applied" },
+	init = function() return { total = 0 } end,
+	when = {
+		["*"] = function(s, e, ctx)
+			s.total = s.total + 1
+			ctx:exec("INSERT INTO tally VALUES ($1, 1) ON CONFLICT (stream) DO UPDATE SET n = tally.n + 1", e.stream)
+			ctx:exec("INSERT INTO tally_applied VALUES ($1)", e.position)
+		end,
+	},
+}
+]]
+
+-- The read model must equal the ground truth exactly.
+local function assert_matches_truth(conn)
+	local truth = assert(conn:query([[SELECT stream_id AS stream, count(*)::text AS n
+		FROM projhost.events WHERE stream_id LIKE 'acct-%' GROUP BY 1 ORDER BY 1]]))
+	local model = assert(conn:query("SELECT stream, n::text AS n FROM tally ORDER BY 1"))
+	assert.same(truth, model)
+	local events = scalar(conn, "SELECT count(*) FROM projhost.events WHERE stream_id LIKE 'acct-%'")
+	assert.equal(events, scalar(conn, "SELECT count(*) FROM tally_applied"))
+	assert.equal(events, scalar(conn, [[SELECT state->>'total' FROM projhost.checkpoints
+		WHERE projection = 'tally' AND partition = '']]))
+end
+
+local function caught_up(conn)
+	return function()
+		local behind = scalar(conn, [[SELECT count(*) FROM projhost.events e
+			WHERE stream_id LIKE 'acct-%' AND NOT EXISTS
+			(SELECT 1 FROM tally_applied a WHERE a.position = e.global_position)]])
+		return behind == "0"
+	end
+end
+
+describe("projhost run", function()
+	local dsn, conn, dir
+
+	before_each(function()
+		dsn = h.fresh_db("run")
+		conn = h.connect(dsn)
+		dir = h.tmpdir()
+		h.write_file(dir .. "/tally.lua", TALLY)
+	end)
+
+	after_each(function()
+		if conn then conn:close() end
+	end)
+
+	it("catches up with --once, exits 0, and commits state, checkpoint and effects together", function()
+		local code, out, err = h.run({ "append", "acct-1", "Inc", "{}", "--db", dsn })
+		assert.equal(0, code, err)
+		h.run({ "append", "acct-2", "Inc", "{}", "--db", dsn })
+		h.run({ "append", "acct-1", "Inc", "{}", "--db", dsn })
+		code, out, err = h.run({ "run", "--once", "--db", dsn, dir })
+		assert.equal(0, code, out .. err)
+		assert.matches("tally pos=3 caught up", err .. out, 1, true)
+		assert_matches_truth(conn)
+		assert.equal("3", scalar(conn, "SELECT last_pos FROM projhost.checkpoints WHERE projection = 'tally'"))
+		-- run again: nothing is applied twice
+		code = h.run({ "run", "--once", "--db", dsn, dir })
+		assert.equal(0, code)
+		assert_matches_truth(conn)
+	end)
+
+	it("stays live on LISTEN/NOTIFY and stops cleanly on SIGTERM", function()
+		local host = h.spawn({ "run", "--db", dsn, dir }, { env = { PROJHOST_POLL_INTERVAL = 600 } })
+		h.wait_until(function() return host:output():find("serving 1 projection", 1, true) end, 20, "start-up")
+		-- the fallback poll is 10 minutes away: only the NOTIFY can wake it
+		assert.equal(0, (h.run({ "append", "acct-9", "Inc", "{}", "--db", dsn })))
+		h.wait_until(caught_up(conn), 10, "the live event to be applied")
+		assert_matches_truth(conn)
+		host:kill(15)
+		assert.equal(0, host:wait(10), host:output())
+		assert.matches("SIGTERM", host:output(), 1, true)
+	end)
+
+	it("reads in gap-free order while concurrent writers commit out of order (two instances)", function()
+		-- create the schema and tables first
+		assert.equal(0, (h.run({ "run", "--once", "--db", dsn, dir })))
+		local a = h.spawn({ "run", "--db", dsn, dir }, { env = { PROJHOST_BATCH_SIZE = 7 } })
+		local b = h.spawn({ "run", "--db", dsn, dir }, { env = { PROJHOST_BATCH_SIZE = 7 } })
+		local script = h.write_file(h.tmpdir() .. "/writer.sql", [[
+\set s random(1, 25)
+BEGIN;
+SELECT projhost.append('acct-' || :s, NULL, '[{"type":"Inc","data":{"n":1}},{"type":"Inc","data":{"n":2}}]');
+SELECT pg_sleep(random() * 0.03);
+COMMIT;
+]])
+		-- 8 writers x 60 transactions; each sleeps a random time between
+		-- taking its positions and committing, so positions commit out of order
+		local cmd = string.format("%s -n -c 8 -j 2 -t 60 -f %s '%s' >/dev/null 2>&1",
+			pgbin("pgbench"), script, dsn)
+		assert.is_true(os.execute(cmd) == 0 or os.execute(cmd) == true)
+		local n = tonumber(scalar(conn, "SELECT count(*) FROM projhost.events WHERE stream_id LIKE 'acct-%'"))
+		assert.is_true(n >= 960, "writers appended " .. n)
+		h.wait_until(caught_up(conn), 30, "both hosts to apply every event")
+		assert_matches_truth(conn)
+		a:kill(15)
+		b:kill(15)
+		assert.equal(0, a:wait(10), a:output())
+		assert.equal(0, b:wait(10), b:output())
+		assert.not_matches("ERROR", a:output() .. b:output())
+	end)
+
+	it("applies every event exactly once across repeated SIGKILLs during catch-up", function()
+		local lines = {}
+		for i = 1, 30000 do
+			lines[i] = string.format('{"stream":"acct-%d","type":"Inc","data":{"i":%d}}', i % 97, i)
+		end
+		local file = h.write_file(h.tmpdir() .. "/events.ndjson", table.concat(lines, "\n") .. "\n")
+		local code, _, err = h.run({ "append", "--file", file, "--db", dsn })
+		assert.equal(0, code, err)
+		local env = { PROJHOST_BATCH_SIZE = 250 }
+		-- a second instance runs throughout and takes over while the first is dead
+		local steady = h.spawn({ "run", "--db", dsn, dir }, { env = env })
+		for k = 1, 4 do
+			local host = h.spawn({ "run", "--db", dsn, dir }, { env = env })
+			local target = k * 5000
+			h.wait_until(function()
+				-- the table appears when a host has run the setup
+				local rows = conn:query("SELECT count(*) AS n FROM tally_applied")
+				return rows and tonumber(rows[1].n) >= target
+			end, 60, target .. " events applied")
+			core.kill(host.pid, 9)
+			host:wait(10)
+		end
+		h.wait_until(caught_up(conn), 60, "every event applied")
+		steady:kill(15)
+		assert.equal(0, steady:wait(10), steady:output())
+		code = h.run({ "run", "--once", "--db", dsn, dir })
+		assert.equal(0, code)
+		assert_matches_truth(conn)
+		assert.equal("30000", scalar(conn, "SELECT count(*) FROM tally_applied"))
+	end)
+
+	it("reports a broken projection with file:line and runs the others", function()
+		h.write_file(dir .. "/broken.lua", "return {\n  name = 'broken',\n  when = {\n}\n")
+		h.run({ "append", "acct-1", "Inc", "{}", "--db", dsn })
+		local code, out, err = h.run({ "run", "--once", "--db", dsn, dir })
+		assert.equal(1, code)
+		assert.matches("broken.lua:%d+:", err .. out)
+		assert_matches_truth(conn)
+	end)
+end)
