@@ -1,0 +1,55 @@
+rockspec_format = "3.0"
+package = "projhost"
+version = "scm-1"
+source = {
+	url = "git+file:///projhost",
+}
+description = {
+	summary = "Projection host for PostgreSQL event stores: C core, Lua projections",
+	detailed = [[
+projhost reads events from a PostgreSQL event store in gap-free order and runs
+projections written in Lua, committing read-model writes, emitted events, state
+and checkpoint in one transaction. This rock provides the Lua library
+(require "projhost") and the C module projhost.core; the `projhost` binary is
+built with `make`.]],
+	license = "MIT",
+}
+dependencies = {
+	"lua >= 5.1",
+	"lua-cjson",
+}
+external_dependencies = {
+	LIBPQ = { header = "postgresql/libpq-fe.h", library = "pq" },
+	LIBUV = { header = "uv.h", library = "uv" },
+}
+build = {
+	type = "builtin",
+	modules = {
+		["projhost.core"] = {
+			sources = {
+				"core/log.c", "core/pg.c", "core/frame.c", "core/queue.c", "core/master.c",
+				"core/lua_core.c", "core/lua_pg.c", "core/lua_master.c", "core/lua_worker.c",
+			},
+			defines = { "_GNU_SOURCE" },
+			incdirs = { "$(LIBPQ_INCDIR)/postgresql", "$(LIBPQ_INCDIR)", "$(LIBUV_INCDIR)" },
+			libdirs = { "$(LIBPQ_LIBDIR)", "$(LIBUV_LIBDIR)" },
+			libraries = { "pq", "uv" },
+		},
+		["projhost"] = "lua/projhost/init.lua",
+		["projhost.cli"] = "lua/projhost/cli.lua",
+		["projhost.embedded"] = "lua/projhost/embedded.lua",
+		["projhost.loader"] = "lua/projhost/loader.lua",
+		["projhost.projection"] = "lua/projhost/projection.lua",
+		["projhost.run"] = "lua/projhost/run.lua",
+		["projhost.schema"] = "lua/projhost/schema.lua",
+		["projhost.test_output"] = "lua/projhost/test_output.lua",
+		["projhost.testing"] = "lua/projhost/testing.lua",
+		["projhost.worker"] = "lua/projhost/worker.lua",
+	},
+}
+test_dependencies = {
+	"busted",
+}
+test = {
+	type = "busted",
+}
