@@ -63,7 +63,7 @@ asan:
 		LDFLAGS="-fsanitize=address,undefined" build
 	@echo "built build-asan/projhost with address+undefined sanitizers; running the suite"
 	PROJHOST_BIN=$(CURDIR)/build-asan/projhost PROJHOST_LUADIR=$(CURDIR)/lua \
-		ASAN_OPTIONS=detect_leaks=0 UBSAN_OPTIONS=print_stacktrace=1 build-asan/projhost test
+		ASAN_OPTIONS=detect_leaks=1 UBSAN_OPTIONS=print_stacktrace=1 build-asan/projhost test
 
 test: build
 	./projhost test

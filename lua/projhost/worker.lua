@@ -31,7 +31,7 @@ local setup_done = {}      -- name -> true once setup ran on this connection
 local db_down = false
 local attempts = {}        -- "name\tpartition\tposition" -> failures so far
 local caught = {}          -- "name\tpartition" -> true while caught up
-local progress_at = {}     -- name -> monotime of the last progress line
+local progress = {}        -- name -> { at = monotime of the last line, n = events since }
 
 local function log(level, who, msg)
 	core.log(level, who, msg)
@@ -388,6 +388,19 @@ end
 -- ---------------------------------------------------------------------
 -- running handlers
 
+-- One progress line per projection per second at most, so a catch-up of
+-- millions of events does not flood the log and a live event still shows.
+local function report(def, n, where, force)
+	local p = progress[def.name]
+	if not p then p = { at = 0, n = 0 }; progress[def.name] = p end
+	p.n = p.n + n
+	local now = core.monotime()
+	if p.n > 0 and (force or now - p.at >= 1) then
+		log("info", def.name, string.format("%sapplied %d event%s", where, p.n, p.n == 1 and "" or "s"))
+		p.at, p.n = now, 0
+	end
+end
+
 local function traceback(err)
 	return debug.traceback(err, 2)
 end
@@ -549,16 +562,11 @@ function run_batch(def, limit)
 	if not ok then return "dberror", 0, dberror(def, err, code) end
 	db_failures = 0
 
+	if n == BATCH then caught[key] = nil end
+	report(def, n, string.format("pos=%d ", last_pos), status == "idle" and not caught[key])
 	if status == "idle" and not caught[key] then
 		caught[key] = true
 		log("info", def.name, string.format("pos=%d caught up", last_pos))
-	elseif n == BATCH then
-		caught[key] = nil
-		local now = core.monotime()
-		if now - (progress_at[def.name] or 0) >= 5 then
-			progress_at[def.name] = now
-			log("info", def.name, string.format("pos=%d catching up", last_pos))
-		end
 	end
 	return status, n, 0
 end
@@ -723,6 +731,7 @@ local function run_partitions(def, parts, stop_at)
 		return 0, results
 	end
 	db_failures = 0
+	report(def, total, "", false)
 	return total, results
 end
 
