@@ -1,3 +1,743 @@
+-- projhost.cli: command-line dispatch and every command but `run`'s loop.
+--
+-- M.main(arg) -> exit code: 0 ok, 1 runtime failure, 2 usage (design §4).
+-- M.parse(words) -> cmd | nil, problem, usage    (pure; spec/unit tests it)
+--
+-- Runtime failures print one line "projhost: <command>: <why>" on stderr;
+-- usage errors print the problem and the command's usage on stderr.
+local cjson = require "cjson"
+
 local M = {}
-function M.main(arg) print("projhost: cli not written yet") return 2 end
+
+local USAGE = {
+	run = "projhost run [--db DSN] [--workers N] [--once] [--demo] [PATH...]",
+	append = "projhost append STREAM TYPE [JSON] [--expected-version N] [--metadata JSON] [--db DSN]\n"
+		.. "       projhost append [STREAM] --file EVENTS.ndjson|- [--db DSN]",
+	status = "projhost status [--json] [--db DSN]",
+	reset = "projhost reset NAME [--db DSN]",
+	pause = "projhost pause NAME [--db DSN]",
+	resume = "projhost resume NAME [--db DSN]",
+	parked = "projhost parked list|retry|skip [NAME] [--db DSN]",
+	db = "projhost db start|stop|url|psql [PSQL-ARGS...]",
+	test = "projhost test [SPEC...] [BUSTED-OPTIONS...]",
+	help = "projhost help [COMMAND]",
+	version = "projhost version",
+}
+
+local ORDER = { "run", "append", "status", "reset", "pause", "resume", "parked", "db", "test", "help", "version" }
+
+local HELP_TAIL = [[
+
+Database: --db DSN, else $PROJHOST_DB, else libpq's variables (PGHOST...) if set,
+else the embedded cluster under $PROJHOST_HOME (default ./.projhost), started on demand.
+Exit codes: 0 ok, 1 runtime failure, 2 usage.]]
+
+-- Flag kinds: "string", "bool", "count" (integer >= 1), "version" (integer >= 0).
+-- min/max bound the positional words; sub lists allowed first words.
+local SPECS = {
+	run = { flags = { db = "string", workers = "count", once = "bool", demo = "bool" }, min = 0, max = math.huge },
+	append = { flags = { db = "string", ["expected-version"] = "version", metadata = "string", file = "string" },
+		min = 0, max = 3 },
+	status = { flags = { db = "string", json = "bool" }, min = 0, max = 0 },
+	reset = { flags = { db = "string" }, min = 1, max = 1 },
+	pause = { flags = { db = "string" }, min = 1, max = 1 },
+	resume = { flags = { db = "string" }, min = 1, max = 1 },
+	parked = { flags = { db = "string" }, min = 1, max = 2, sub = { list = true, retry = true, skip = true } },
+	db = { flags = {}, min = 1, max = 1, sub = { start = true, stop = true, url = true, psql = true },
+		rest_after = "psql" },
+	test = { raw = true },
+	help = { flags = {}, min = 0, max = 1 },
+	version = { flags = {}, min = 0, max = 0 },
+	__worker = { raw = true },
+}
+
+function M.usage(name)
+	if name and USAGE[name] then return "usage: " .. USAGE[name] end
+	local lines = { "usage:" }
+	for _, n in ipairs(ORDER) do lines[#lines + 1] = "  " .. USAGE[n]:gsub("\n       ", "\n  ") end
+	return table.concat(lines, "\n") .. "\n" .. HELP_TAIL
+end
+
+local function parse_number(kind, flag, text)
+	local n = tonumber(text)
+	if not text:match("^%d+$") or not n then
+		return nil, ("--%s needs a whole number, not '%s'"):format(flag, text)
+	end
+	if kind == "count" and n < 1 then return nil, ("--%s must be at least 1"):format(flag) end
+	return n
+end
+
+-- words: array of strings (arg[1..n]). Returns { name=, flags={}, args={}, rest={} }.
+function M.parse(words)
+	local name = words[1]
+	if name == nil then return nil, "no command given", M.usage() end
+	if name == "--help" or name == "-h" then name = "help" end
+	if name == "--version" then name = "version" end
+	local spec = SPECS[name]
+	if not spec then return nil, ("unknown command '%s'"):format(name), M.usage() end
+	local cmd = { name = name, flags = {}, args = {}, rest = {} }
+	if spec.raw then
+		for i = 2, #words do cmd.rest[#cmd.rest + 1] = words[i] end
+		return cmd
+	end
+	local i, only_args = 2, false
+	while i <= #words do
+		local w = words[i]
+		if spec.rest_after and cmd.args[1] == spec.rest_after then
+			-- `db psql ...`: everything after psql belongs to psql
+			cmd.rest[#cmd.rest + 1] = w
+		elseif only_args or w == "-" or w:sub(1, 1) ~= "-" then
+			cmd.args[#cmd.args + 1] = w
+		elseif w == "--" then
+			only_args = true
+		elseif w == "--help" or w == "-h" then
+			return { name = "help", flags = {}, args = { name }, rest = {} }
+		else
+			local flag, value = w:match("^%-%-([%w%-]+)=(.*)$")
+			flag = flag or w:match("^%-%-([%w%-]+)$")
+			local kind = flag and spec.flags[flag]
+			if not kind then return nil, ("unknown flag '%s' for %s"):format(w, name), M.usage(name) end
+			if kind == "bool" then
+				if value then return nil, ("--%s takes no value"):format(flag), M.usage(name) end
+				cmd.flags[flag] = true
+			else
+				if not value then
+					i = i + 1
+					value = words[i]
+					if value == nil then return nil, ("--%s needs a value"):format(flag), M.usage(name) end
+				end
+				if kind == "count" or kind == "version" then
+					local n, problem = parse_number(kind, flag, value)
+					if not n then return nil, problem, M.usage(name) end
+					value = n
+				end
+				cmd.flags[flag] = value
+			end
+		end
+		i = i + 1
+	end
+	local n = #cmd.args
+	if name == "append" then
+		-- with --file: [STREAM]; without: STREAM TYPE [JSON]
+		if cmd.flags.file then
+			if n > 1 then return nil, "append --file takes at most a STREAM before it", M.usage(name) end
+			if cmd.flags["expected-version"] or cmd.flags.metadata then
+				return nil, "--expected-version and --metadata cannot be combined with --file", M.usage(name)
+			end
+		elseif n < 2 then
+			return nil, "append needs STREAM and TYPE (or --file)", M.usage(name)
+		end
+	end
+	if n < spec.min then return nil, ("%s needs more arguments"):format(name), M.usage(name) end
+	if n > spec.max then
+		return nil, ("too many arguments for %s: '%s'"):format(name, cmd.args[spec.max + 1]), M.usage(name)
+	end
+	if spec.sub and not spec.sub[cmd.args[1]] then
+		return nil, ("unknown %s subcommand '%s'"):format(name, cmd.args[1]), M.usage(name)
+	end
+	if name == "help" and n == 1 and not USAGE[cmd.args[1]] then
+		return nil, ("unknown command '%s'"):format(cmd.args[1]), M.usage()
+	end
+	return cmd
+end
+
+---------------------------------------------------------------------------
+-- helpers
+
+local function fail(what, msg)
+	io.stderr:write("projhost: ", what, ": ", tostring(msg):gsub("\n.*", ""), "\n")
+	return 1
+end
+
+local function say(...)
+	io.stdout:write(...)
+	io.stdout:write("\n")
+end
+
+-- Resolve the DSN (design §4), connect, migrate. -> conn, dsn | nil, msg
+local function open_db(cmd)
+	local embedded = require "projhost.embedded"
+	local dsn, err = embedded.resolve{
+		db = cmd.flags.db,
+		on_start = function(_, home)
+			io.stderr:write("projhost: started the embedded PostgreSQL in ", home,
+				" (projhost db stop stops it)\n")
+		end,
+	}
+	if not dsn then return nil, err end
+	local core = require "projhost.core"
+	local conn
+	conn, err = core.connect(dsn)
+	if not conn then return nil, err end
+	local ok
+	ok, err = require("projhost.schema").migrate(conn)
+	if not ok then
+		conn:close()
+		return nil, err
+	end
+	return conn, dsn
+end
+
+-- Returns the JSON text when it decodes to an object (not an array/scalar).
+local function json_object(text)
+	local ok, v = pcall(cjson.decode, text)
+	if not ok then return nil, (tostring(v):gsub("^.-:%d+: ", "")) end
+	-- cjson decodes {} and [] alike, so look at the text itself.
+	if type(v) ~= "table" or not text:match("^%s*{") then
+		return nil, "expected a JSON object, got " .. (type(v) == "table" and "an array" or text)
+	end
+	return v
+end
+
+local function exe_path()
+	local ffi = require "ffi"
+	pcall(ffi.cdef, "long readlink(const char *path, char *buf, size_t size);")
+	local buf = ffi.new("char[4096]")
+	local n = ffi.C.readlink("/proc/self/exe", buf, 4095)
+	if n > 0 then return ffi.string(buf, n) end
+	return arg and arg[0] or "projhost"
+end
+
+-- A table of rows as aligned columns; cols = { {key, title}, ... }.
+local function print_table(rows, cols)
+	local width = {}
+	for c, col in ipairs(cols) do
+		width[c] = #col[2]
+		for _, r in ipairs(rows) do width[c] = math.max(width[c], #tostring(r[col[1]] or "")) end
+	end
+	local function line(get)
+		local parts = {}
+		for c = 1, #cols do
+			local s = tostring(get(c) or "")
+			parts[c] = c == #cols and s or s .. string.rep(" ", width[c] - #s)
+		end
+		say((table.concat(parts, "  "):gsub("%s+$", "")))
+	end
+	line(function(c) return cols[c][2] end)
+	for _, r in ipairs(rows) do line(function(c) return r[cols[c][1]] end) end
+end
+
+---------------------------------------------------------------------------
+-- commands
+
+local commands = {}
+
+-- Deterministic demo data: 20 account streams, deposits and withdrawals,
+-- some withdrawals >= 100 so example projections have something to flag.
+local function seed_demo(conn)
+	local ok, msg = conn:exec("BEGIN")
+	if not ok then return nil, msg end
+	local function abort(m) conn:exec("ROLLBACK") return nil, m end
+	-- Two hosts started with --demo at once must not both seed.
+	ok, msg = conn:exec("SELECT pg_advisory_xact_lock(hashtext('projhost.demo'))")
+	if not ok then return abort(msg) end
+	local rows
+	rows, msg = conn:query("SELECT EXISTS (SELECT 1 FROM projhost.events) AS any")
+	if not rows then return abort(msg) end
+	if rows[1].any == "t" then
+		conn:exec("ROLLBACK")
+		return 0
+	end
+	local seed, events = 12345, {}
+	local function rand(n) -- tiny LCG: the same demo everywhere
+		seed = (seed * 1103515245 + 12345) % 2147483648
+		return math.floor(seed / 65536) % n -- the low bits of an LCG cycle quickly
+	end
+	for i = 1, 2000 do
+		local stream = "account-" .. (rand(20) + 1)
+		local ev
+		if i <= 20 or rand(3) > 0 then
+			ev = { stream = stream, type = "Deposited", data = { amount = 10 + rand(490) } }
+		else
+			ev = { stream = stream, type = "Withdrawn", data = { amount = 5 + rand(150) } }
+		end
+		events[#events + 1] = cjson.encode(ev)
+	end
+	rows, msg = conn:query("SELECT projhost.append_many($1::jsonb) AS n", "[" .. table.concat(events, ",") .. "]")
+	if not rows then return abort(msg) end
+	ok, msg = conn:exec("COMMIT")
+	if not ok then return nil, msg end
+	return tonumber(rows[1].n)
+end
+
+function commands.run(cmd)
+	local conn, dsn = open_db(cmd)
+	if not conn then return fail("run", dsn) end
+	if cmd.flags.demo then
+		local n, err = seed_demo(conn)
+		if not n then
+			conn:close()
+			return fail("run", "seeding demo events: " .. err)
+		end
+		if n > 0 then
+			io.stderr:write(("projhost: run: seeded %d demo events (Deposited/Withdrawn over account-1..account-20)\n")
+				:format(n))
+		end
+	end
+	conn:close()
+	local ok, run = pcall(require, "projhost.run")
+	if not ok then return fail("run", "cannot load projhost.run: " .. tostring(run)) end
+	local paths = #cmd.args > 0 and cmd.args or { "projections" }
+	return run.main{
+		dsn = dsn,
+		workers = cmd.flags.workers or 1,
+		once = cmd.flags.once == true,
+		paths = paths,
+		bin = exe_path(),
+	}
+end
+
+local UUID = "^{?%x%x%x%x%x%x%x%x%-?%x%x%x%x%-?%x%x%x%x%-?%x%x%x%x%-?%x%x%x%x%x%x%x%x%x%x%x%x}?$"
+
+-- Check one decoded NDJSON event like projhost.check_events does, so a bad
+-- line is reported as file:line before anything is sent.
+local function check_event(ev, default_stream)
+	local stream = ev.stream
+	if stream == nil then stream = default_stream end
+	if type(stream) ~= "string" or stream == "" then
+		return nil, default_stream and '"stream" must be a non-empty string' or 'needs a non-empty string "stream"'
+	end
+	if type(ev.type) ~= "string" or ev.type == "" then return nil, 'needs a non-empty string "type"' end
+	for _, k in ipairs({ "data", "metadata" }) do
+		local v = ev[k]
+		if v ~= nil and v ~= cjson.null and type(v) ~= "table" then return nil, '"' .. k .. '" must be an object' end
+	end
+	if ev.id ~= nil and (type(ev.id) ~= "string" or not ev.id:match(UUID)) then
+		return nil, '"id" must be a UUID string'
+	end
+	return true
+end
+
+local CHUNK = 5000
+
+-- NDJSON bulk load: the whole file in one transaction, CHUNK events per
+-- append_many call. Lines are sent as they are (after validation) so the
+-- server parses numbers and empty arrays exactly as written.
+local function append_file(conn, file, default_stream)
+	local name = file == "-" and "stdin" or file
+	local fh, err
+	if file == "-" then
+		fh = io.stdin
+	else
+		fh, err = io.open(file, "rb")
+		if not fh then return nil, "cannot read " .. err end
+	end
+	local ok, msg = conn:exec("BEGIN")
+	if not ok then return nil, msg end
+	local total, lineno, chunk, lines = 0, 0, {}, {}
+	local function abort(m)
+		conn:exec("ROLLBACK")
+		if fh ~= io.stdin then fh:close() end
+		return nil, m
+	end
+	local function flush()
+		if #chunk == 0 then return true end
+		local rows, m = conn:query("SELECT projhost.append_many($1::jsonb) AS n", "[" .. table.concat(chunk, ",") .. "]")
+		if not rows then
+			-- map the server's 0-based element index back to a line
+			local idx, rest = m:match("event at index (%d+): (.*)$")
+			if idx and lines[tonumber(idx) + 1] then
+				return nil, ("%s:%d: %s"):format(name, lines[tonumber(idx) + 1], rest)
+			end
+			return nil, m
+		end
+		total = total + tonumber(rows[1].n)
+		chunk, lines = {}, {}
+		return true
+	end
+	for line in fh:lines() do
+		lineno = lineno + 1
+		if line:match("%S") then
+			local dec, ev = pcall(cjson.decode, line)
+			if not dec then return abort(("%s:%d: invalid JSON: %s"):format(name, lineno, (tostring(ev):gsub("^.-:%d+: ", "")))) end
+			if type(ev) ~= "table" or not line:match("^%s*{") then
+				return abort(("%s:%d: expected a JSON object"):format(name, lineno))
+			end
+			local good, problem = check_event(ev, default_stream)
+			if not good then return abort(("%s:%d: %s"):format(name, lineno, problem)) end
+			if ev.stream == nil then
+				-- the line has other keys (it passed the "type" check), so a comma follows
+				line = line:gsub("^%s*{", function() return '{"stream":' .. cjson.encode(default_stream) .. "," end, 1)
+			end
+			chunk[#chunk + 1] = line
+			lines[#lines + 1] = lineno
+			if #chunk >= CHUNK then
+				local sent, m = flush()
+				if not sent then return abort(m) end
+			end
+		end
+	end
+	local sent, m = flush()
+	if not sent then return abort(m) end
+	if fh ~= io.stdin then fh:close() end
+	ok, msg = conn:exec("COMMIT")
+	if not ok then return nil, msg end
+	return total
+end
+
+function commands.append(cmd)
+	local stream, etype, data = cmd.args[1], cmd.args[2], cmd.args[3]
+	local meta = cmd.flags.metadata
+	if not cmd.flags.file then
+		data = data or "{}"
+		local ok, why = json_object(data)
+		if not ok then return fail("append", "invalid JSON data: " .. why) end
+		if meta then
+			ok, why = json_object(meta)
+			if not ok then return fail("append", "invalid JSON metadata: " .. why) end
+		end
+	end
+	local conn, err = open_db(cmd)
+	if not conn then return fail("append", err) end
+	if cmd.flags.file then
+		local n, msg = append_file(conn, cmd.flags.file, stream)
+		conn:close()
+		if not n then return fail("append", msg) end
+		say(("appended %d events"):format(n))
+		return 0
+	end
+	-- The validated JSON texts are spliced in verbatim: re-encoding decoded
+	-- values would turn [] into {} and round big integers.
+	local events = '[{"type":' .. cjson.encode(etype) .. ',"data":' .. data
+		.. ',"metadata":' .. (meta or "{}") .. "}]"
+	local rows, msg = conn:query("SELECT projhost.append($1, $2, $3::jsonb) AS version",
+		stream, cmd.flags["expected-version"], events)
+	conn:close()
+	if not rows then return fail("append", msg) end
+	say(rows[1].version)
+	return 0
+end
+
+local STATUS_SQL = [[
+SELECT projection, count(*) AS partitions,
+	count(*) FILTER (WHERE status = 'running') AS running,
+	count(*) FILTER (WHERE status = 'paused') AS paused,
+	count(*) FILTER (WHERE status = 'failed') AS failed,
+	count(*) FILTER (WHERE status = 'stopped') AS stopped,
+	count(*) FILTER (WHERE version = 0) AS resetting,
+	max(last_pos) AS position,
+	(array_agg(CASE WHEN partition = '' THEN error ELSE partition || ': ' || error END
+		ORDER BY updated_at DESC) FILTER (WHERE error IS NOT NULL))[1] AS error,
+	to_char(max(updated_at) AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS"Z"') AS updated_at
+FROM projhost.checkpoints
+GROUP BY projection
+ORDER BY projection]]
+
+-- The oldest transaction anywhere in the cluster that holds the xmin
+-- horizon back (design §2: it delays every projection).
+local HORIZON_SQL = [[
+SELECT pid, datname, state, left(query, 60) AS query,
+	round(extract(epoch FROM clock_timestamp() - xact_start)::numeric, 1) AS age_s
+FROM pg_stat_activity
+WHERE (backend_xid IS NOT NULL OR backend_xmin IS NOT NULL)
+	AND pid <> pg_backend_pid() AND xact_start IS NOT NULL
+ORDER BY xact_start
+LIMIT 1]]
+
+local function status_of(r)
+	for _, s in ipairs({ "failed", "stopped", "paused" }) do
+		if r[s] > 0 then return s end
+	end
+	return "running"
+end
+
+function commands.status(cmd)
+	local conn, err = open_db(cmd)
+	if not conn then return fail("status", err) end
+	local rows, msg = conn:query(STATUS_SQL)
+	local hz, top, parked
+	if rows then hz, msg = conn:query(HORIZON_SQL) end
+	if hz then
+		top, msg = conn:query("SELECT coalesce((SELECT max(global_position) FROM projhost.events), 0) AS top, "
+			.. "(SELECT count(*) FROM projhost.parked) AS parked")
+	end
+	conn:close()
+	if not top then return fail("status", msg) end
+	local max_pos = tonumber(top[1].top)
+	parked = tonumber(top[1].parked)
+	local projections = {}
+	for _, r in ipairs(rows) do
+		local p = {
+			name = r.projection,
+			partitions = tonumber(r.partitions),
+			running = tonumber(r.running), paused = tonumber(r.paused),
+			failed = tonumber(r.failed), stopped = tonumber(r.stopped),
+			position = tonumber(r.position),
+			error = r.error,
+			updated_at = r.updated_at,
+			reset_pending = tonumber(r.resetting) > 0,
+		}
+		p.status = status_of(p)
+		p.behind = math.max(0, max_pos - p.position)
+		projections[#projections + 1] = p
+	end
+	local horizon = hz[1] and {
+		pid = tonumber(hz[1].pid), age_s = tonumber(hz[1].age_s), state = hz[1].state,
+		query = hz[1].query, database = hz[1].datname,
+	}
+	if cmd.flags.json then
+		-- cjson 2.1.0 encodes an empty table as {}, so the array is built by hand.
+		local items = {}
+		for i, p in ipairs(projections) do
+			items[i] = cjson.encode{
+				name = p.name, partitions = p.partitions, status = p.status, position = p.position,
+				behind = p.behind, error = p.error or cjson.null, updated_at = p.updated_at,
+				reset_pending = p.reset_pending,
+				statuses = { running = p.running, paused = p.paused, failed = p.failed, stopped = p.stopped },
+			}
+		end
+		say(('{"projections":[%s],"horizon":%s,"parked":%d,"events":%d}'):format(
+			table.concat(items, ","), horizon and cjson.encode(horizon) or "null", parked, max_pos))
+		return 0
+	end
+	if #projections == 0 then
+		say("no projections have run yet")
+	else
+		local shown = {}
+		for i, p in ipairs(projections) do
+			local st = p.status
+			if p.partitions > 1 and p[st] < p.partitions then st = ("%s %d/%d"):format(st, p[st], p.partitions) end
+			if p.reset_pending then st = st .. " (reset pending)" end
+			shown[i] = { name = p.name, partitions = p.partitions, status = st, position = p.position,
+				behind = p.behind, updated = p.updated_at, error = p.error and p.error:sub(1, 80) or "" }
+		end
+		print_table(shown, { { "name", "PROJECTION" }, { "partitions", "PARTITIONS" }, { "status", "STATUS" },
+			{ "position", "POSITION" }, { "behind", "BEHIND(~)" }, { "updated", "UPDATED" }, { "error", "ERROR" } })
+	end
+	say(("events: %d   parked: %d"):format(max_pos, parked))
+	if horizon then
+		say(("horizon: pid %d (%s) has had a transaction open for %.1fs, %s: %s"):format(horizon.pid,
+			horizon.database or "?", horizon.age_s or 0, horizon.state or "?", (horizon.query or ""):gsub("%s+", " ")))
+	else
+		say("horizon: no open transaction holds it back")
+	end
+	return 0
+end
+
+-- Names known to the checkpoints table, for "no projection named X".
+local function known_names(conn)
+	local rows = conn:query("SELECT DISTINCT projection FROM projhost.checkpoints ORDER BY 1") or {}
+	local names = {}
+	for i, r in ipairs(rows) do names[i] = r.projection end
+	return names
+end
+
+-- Run sql (params: name) and NOTIFY in one transaction, after checking
+-- that the projection exists. -> affected rows | nil, msg
+local function change_projection(conn, name, sql)
+	local names = known_names(conn)
+	local found = false
+	for _, n in ipairs(names) do found = found or n == name end
+	if not found then
+		return nil, ("no projection named %s (known: %s)"):format(name, #names > 0 and table.concat(names, ", ") or "none")
+	end
+	local ok, msg = conn:exec("BEGIN")
+	if not ok then return nil, msg end
+	local rows
+	rows, msg = conn:query(sql, name)
+	-- '0 *': position 0, any stream; running hosts re-read their checkpoints.
+	if rows then ok, msg = conn:exec("SELECT pg_notify('projhost', '0 *')") end
+	if not rows or not ok then
+		conn:exec("ROLLBACK")
+		return nil, msg
+	end
+	ok, msg = conn:exec("COMMIT")
+	if not ok then return nil, msg end
+	return rows
+end
+
+function commands.reset(cmd)
+	local name = cmd.args[1]
+	local conn, err = open_db(cmd)
+	if not conn then return fail("reset", err) end
+	-- version 0 never matches a definition: the worker runs the reset SQL
+	-- and rebuilds from the start at its next batch.
+	local rows, msg = change_projection(conn, name, [[
+		UPDATE projhost.checkpoints SET version = 0, status = 'running', error = NULL, updated_at = now()
+		WHERE projection = $1 RETURNING partition]])
+	conn:close()
+	if not rows then return fail("reset", msg) end
+	say(("reset %s (%d partition%s): running hosts run its reset SQL and rebuild it from the start at their next batch")
+		:format(name, #rows, #rows == 1 and "" or "s"))
+	return 0
+end
+
+function commands.pause(cmd)
+	local name = cmd.args[1]
+	local conn, err = open_db(cmd)
+	if not conn then return fail("pause", err) end
+	-- Failed and stopped partitions are not running either; they keep
+	-- their status and error so `status` still shows why.
+	local rows, msg = change_projection(conn, name, [[
+		UPDATE projhost.checkpoints SET status = 'paused', updated_at = now()
+		WHERE projection = $1 AND status = 'running' RETURNING partition]])
+	conn:close()
+	if not rows then return fail("pause", msg) end
+	if #rows == 0 then
+		say(("%s: nothing to pause (no running partitions)"):format(name))
+	else
+		say(("paused %s (%d partition%s)"):format(name, #rows, #rows == 1 and "" or "s"))
+	end
+	return 0
+end
+
+function commands.resume(cmd)
+	local name = cmd.args[1]
+	local conn, err = open_db(cmd)
+	if not conn then return fail("resume", err) end
+	local rows, msg = change_projection(conn, name, [[
+		WITH old AS (
+			SELECT partition, status FROM projhost.checkpoints
+			WHERE projection = $1 AND status <> 'running' FOR UPDATE
+		)
+		UPDATE projhost.checkpoints c SET status = 'running', error = NULL, updated_at = now()
+		FROM old WHERE c.projection = $1 AND c.partition = old.partition
+		RETURNING old.status]])
+	conn:close()
+	if not rows then return fail("resume", msg) end
+	if #rows == 0 then
+		say(("%s: already running"):format(name))
+		return 0
+	end
+	local counts, parts = {}, {}
+	for _, r in ipairs(rows) do counts[r.status] = (counts[r.status] or 0) + 1 end
+	for _, s in ipairs({ "paused", "failed", "stopped" }) do
+		if counts[s] then parts[#parts + 1] = counts[s] .. " " .. s end
+	end
+	say(("resumed %s (%s)"):format(name, table.concat(parts, ", ")))
+	return 0
+end
+
+function commands.parked(cmd)
+	local sub, name = cmd.args[1], cmd.args[2]
+	local what = "parked " .. sub
+	if sub == "retry" then
+		return fail(what, "not implemented yet: running hosts do not re-queue parked events; "
+			.. "'projhost parked skip' drops them")
+	end
+	local conn, err = open_db(cmd)
+	if not conn then return fail(what, err) end
+	if sub == "skip" then
+		local n, msg = conn:exec("DELETE FROM projhost.parked WHERE $1::text IS NULL OR projection = $1", name)
+		conn:close()
+		if not n then return fail(what, msg) end
+		say(("skipped %d parked event%s%s"):format(n, n == 1 and "" or "s", name and " of " .. name or ""))
+		return 0
+	end
+	local rows, msg = conn:query([[
+		SELECT id, projection, partition, global_position, stream_id, stream_version, event_type, attempts,
+			to_char(parked_at AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS"Z"') AS parked_at, error
+		FROM projhost.parked WHERE $1::text IS NULL OR projection = $1 ORDER BY id]], name)
+	conn:close()
+	if not rows then return fail(what, msg) end
+	if #rows == 0 then
+		say(name and ("no parked events for " .. name) or "no parked events")
+		return 0
+	end
+	for _, r in ipairs(rows) do
+		r.event = ("%s@%s %s"):format(r.stream_id or "?", r.stream_version or "?", r.event_type or "?")
+		r.error = r.error:gsub("%s+", " "):sub(1, 100)
+		if r.partition == "" then r.partition = "-" end
+	end
+	print_table(rows, { { "id", "ID" }, { "projection", "PROJECTION" }, { "partition", "PARTITION" },
+		{ "global_position", "POSITION" }, { "event", "EVENT" }, { "attempts", "ATTEMPTS" },
+		{ "parked_at", "PARKED" }, { "error", "ERROR" } })
+	return 0
+end
+
+local function exec_psql(dsn, extra)
+	local embedded = require "projhost.embedded"
+	local ffi = require "ffi"
+	pcall(ffi.cdef, "int execv(const char *path, char *const argv[]);")
+	local path = embedded.psql_path()
+	local args = { "psql", dsn }
+	for _, a in ipairs(extra) do args[#args + 1] = a end
+	local argv = ffi.new("char *[?]", #args + 1)
+	local keep = {}
+	for i, a in ipairs(args) do
+		keep[i] = ffi.new("char[?]", #a + 1, a)
+		argv[i - 1] = keep[i]
+	end
+	argv[#args] = nil
+	io.stdout:flush()
+	io.stderr:flush()
+	ffi.C.execv(path, argv)
+	return fail("db psql", "cannot run " .. path .. ": " .. ffi.string(ffi.C.strerror(ffi.errno())))
+end
+
+function commands.db(cmd)
+	local embedded = require "projhost.embedded"
+	local sub = cmd.args[1]
+	local what = "db " .. sub
+	if sub == "url" then
+		say(embedded.dsn())
+		return 0
+	elseif sub == "start" then
+		local dsn, started = embedded.start()
+		if not dsn then return fail(what, started) end
+		say(started and ("started the embedded PostgreSQL in %s"):format(embedded.home())
+			or ("the embedded PostgreSQL in %s is already running"):format(embedded.home()))
+		return 0
+	elseif sub == "stop" then
+		local ok, was = embedded.stop()
+		if not ok then return fail(what, was) end
+		say(was and ("stopped the embedded PostgreSQL in %s"):format(embedded.home())
+			or ("the embedded PostgreSQL in %s is not running"):format(embedded.home()))
+		return 0
+	else -- psql
+		local dsn, err = embedded.start()
+		if not dsn then return fail(what, err) end
+		pcall(require("ffi").cdef, "char *strerror(int errnum);")
+		return exec_psql(dsn, cmd.rest)
+	end
+end
+
+-- busted inside the host runtime. busted's runner raises (error() with no
+-- message) when tests failed and it was not started as a standalone script,
+-- so the pcall below is how failures come back.
+function commands.test(cmd)
+	local out = require "projhost.test_output"
+	local words = { [0] = "projhost test", "--output=projhost.test_output" }
+	for _, w in ipairs(cmd.rest) do words[#words + 1] = w end
+	_G.arg = words
+	-- The runner names itself after the chunk that calls it ("@projhost").
+	local chunk = assert(loadstring(
+		"local runner = ... local rc = runner({ standalone = false }) return rc", "@projhost"))
+	local ok, err = pcall(chunk, require "busted.runner")
+	if not ok and err ~= nil then io.stderr:write("projhost: test: ", tostring(err), "\n") end
+	local failed = out.failed()
+	if not ok and failed == 0 then
+		-- busted stopped before counting anything (bad option, broken helper)
+		out.summary_failed = 1
+		failed = 1
+	end
+	if not out.printed then say(out.summary()) end
+	return (failed > 0 or not ok) and 1 or 0
+end
+
+function commands.help(cmd)
+	if cmd.args[1] then say(M.usage(cmd.args[1])) else say(M.usage()) end
+	return 0
+end
+
+function commands.version()
+	say("projhost " .. require("projhost.core").version)
+	return 0
+end
+
+function commands.__worker()
+	return require("projhost.worker").main()
+end
+
+function M.main(argv)
+	local words = {}
+	for i = 1, #(argv or {}) do words[i] = argv[i] end
+	local cmd, problem, usage = M.parse(words)
+	if not cmd then
+		io.stderr:write("projhost: ", problem, "\n", usage, "\n")
+		return 2
+	end
+	return commands[cmd.name](cmd)
+end
+
 return M

@@ -1,0 +1,379 @@
+-- spec/helpers.lua: shared helpers of the integration specs.
+--
+--   local h = require "helpers"
+--   h.root, h.bin           repository root; binary under test ($PROJHOST_BIN
+--                           or <root>/projhost; `make asan` sets the former)
+--   h.pg()                  the throwaway cluster of this test process:
+--                           { dsn =, home = }, started on first use
+--   h.fresh_db(name?)       CREATE DATABASE in it (dropped first); its dsn
+--   h.connect(dsn)          core.connect or raise
+--   h.run(args, opts)       run the binary: code, stdout, stderr
+--   h.spawn(args, opts)     run it in the background: p.pid, p:alive(),
+--                           p:kill(sig), p:wait(timeout) -> code|nil, p:output()
+--   h.wait_until(fn, timeout_s, what)
+--   h.tmpdir(), h.write_file(path, text), h.read_file(path)
+--
+-- opts: env (name -> string, or false to unset), stdin (string), cwd,
+-- timeout (h.run only; default 120 s, then the child is killed and we raise).
+-- Exit codes are the child's, or 128 + signal when a signal ended it.
+--
+-- Children are started with posix_spawn through LuaJIT's FFI instead of a
+-- shell: we are their parent, so waitpid gives real exit codes, and none of
+-- them inherits the SIGINT-ignored disposition a shell gives `cmd &`
+-- (specs send SIGINT to `projhost run`).
+--
+-- Cleanup: busted publishes { "exit" } after the suite (we subscribe once),
+-- and a __gc sentinel runs again when the host closes the Lua state (also
+-- after os.exit(code, true)); whichever runs first kills leftover children,
+-- stops the cluster and removes the temp dirs. A SIGKILLed test process
+-- leaves /tmp/projhost-spec.* behind.
+--
+-- State lives in the Lua registry because busted insulates every spec file
+-- (package.loaded is restored), which would otherwise reload this module
+-- and start one cluster per file.
+local ffi = require "ffi"
+local core = require "projhost.core"
+
+local h = {}
+
+local REG_KEY = "projhost.spec.helpers"
+local reg = debug.getregistry()
+local state = reg[REG_KEY]
+if not state then
+	state = { tmpdirs = {}, procs = {}, seq = 0, dbs = {} }
+	reg[REG_KEY] = state
+end
+
+if not state.ffi then
+	ffi.cdef [[
+	typedef struct { long _opaque[64]; } ph_spawn_actions_t;
+	typedef struct { long _opaque[128]; } ph_spawnattr_t;
+	typedef struct { unsigned long val[16]; } ph_sigset_t;
+	int posix_spawn_file_actions_init(ph_spawn_actions_t *fa);
+	int posix_spawn_file_actions_destroy(ph_spawn_actions_t *fa);
+	int posix_spawn_file_actions_addopen(ph_spawn_actions_t *fa, int fd, const char *path, int oflag, unsigned int mode);
+	int posix_spawn_file_actions_adddup2(ph_spawn_actions_t *fa, int fd, int newfd);
+	int posix_spawn_file_actions_addchdir_np(ph_spawn_actions_t *fa, const char *path);
+	int posix_spawnattr_init(ph_spawnattr_t *a);
+	int posix_spawnattr_destroy(ph_spawnattr_t *a);
+	int posix_spawnattr_setflags(ph_spawnattr_t *a, short flags);
+	int posix_spawnattr_setsigdefault(ph_spawnattr_t *a, const ph_sigset_t *s);
+	int posix_spawnattr_setsigmask(ph_spawnattr_t *a, const ph_sigset_t *s);
+	int sigemptyset(ph_sigset_t *s);
+	int sigfillset(ph_sigset_t *s);
+	int posix_spawn(int *pid, const char *path, const ph_spawn_actions_t *fa, const ph_spawnattr_t *a,
+		char *const argv[], char *const envp[]);
+	int waitpid(int pid, int *status, int options);
+	char *mkdtemp(char *template);
+	int chmod(const char *path, unsigned int mode);
+	char *strerror(int errnum);
+	extern char **environ;
+	]]
+	state.ffi = true
+end
+
+local C = ffi.C
+local O_RDONLY, O_WRONLY, O_CREAT, O_TRUNC = 0, 1, 64, 512
+local POSIX_SPAWN_SETSIGDEF, POSIX_SPAWN_SETSIGMASK = 4, 8
+local WNOHANG = 1
+
+local function script_dir()
+	local src = debug.getinfo(1, "S").source:gsub("^@", "")
+	local dir = src:match("^(.*)/[^/]*$") or "."
+	if dir:sub(1, 1) ~= "/" then dir = require("lfs").currentdir() .. "/" .. dir end
+	return dir
+end
+
+h.root = (script_dir():gsub("/%./", "/"):gsub("/spec$", ""))
+h.bin = os.getenv("PROJHOST_BIN")
+if not h.bin or h.bin == "" then h.bin = h.root .. "/projhost" end
+
+function h.read_file(path)
+	local f, err = io.open(path, "rb")
+	if not f then error(err, 2) end
+	local s = f:read("*a")
+	f:close()
+	return s
+end
+
+function h.write_file(path, text)
+	local f, err = io.open(path, "wb")
+	if not f then error(err, 2) end
+	f:write(text)
+	f:close()
+	return path
+end
+
+-- A fresh directory under /tmp, mode 0755 so `nobody` (who runs the
+-- cluster when we are root) can reach it; removed at exit.
+function h.tmpdir()
+	local buf = ffi.new("char[?]", 64, "/tmp/projhost-spec.XXXXXX")
+	if C.mkdtemp(buf) == nil then error("mkdtemp: " .. ffi.string(C.strerror(ffi.errno())), 2) end
+	local dir = ffi.string(buf)
+	C.chmod(dir, tonumber("755", 8))
+	state.tmpdirs[#state.tmpdirs + 1] = dir
+	return dir
+end
+
+local function scratch()
+	if not state.scratch then state.scratch = h.tmpdir() end
+	state.seq = state.seq + 1
+	return state.scratch .. "/" .. state.seq
+end
+
+-- The environment of a child: ours, minus anything that could point it at
+-- a developer's real database, plus opts.env (false unsets).
+local CLEARED = { "PROJHOST_DB", "PGHOST", "PGHOSTADDR", "PGPORT", "PGDATABASE", "PGUSER", "PGSERVICE",
+	"PGPASSWORD", "PGOPTIONS" }
+
+local function child_env(extra)
+	local env, order = {}, {}
+	local i = 0
+	while C.environ[i] ~= nil do
+		local kv = ffi.string(C.environ[i])
+		local k = kv:match("^([^=]*)=")
+		if k and not env[k] then
+			order[#order + 1] = k
+			env[k] = kv:sub(#k + 2)
+		end
+		i = i + 1
+	end
+	for _, k in ipairs(CLEARED) do env[k] = nil end
+	-- A spec that forgets --db lands in the throwaway cluster, never in ./.projhost.
+	env.PROJHOST_HOME = state.pg and state.pg.home or (state.scratch or "/tmp") .. "/no-embedded-cluster"
+	order[#order + 1] = "PROJHOST_HOME"
+	for k, v in pairs(extra or {}) do
+		if v == false then env[k] = nil else env[k] = tostring(v) end
+		order[#order + 1] = k
+	end
+	local list, seen = {}, {}
+	for _, k in ipairs(order) do
+		if env[k] and not seen[k] then
+			seen[k] = true
+			list[#list + 1] = k .. "=" .. env[k]
+		end
+	end
+	return list
+end
+
+local function cstrings(list)
+	local arr = ffi.new("char *[?]", #list + 1)
+	local keep = {}
+	for i, s in ipairs(list) do
+		keep[i] = ffi.new("char[?]", #s + 1, s)
+		arr[i - 1] = keep[i]
+	end
+	arr[#list] = nil
+	return arr, keep
+end
+
+-- posix_spawn the binary; returns pid. files: stdin, stdout, stderr paths.
+local function spawn(args, opts, files)
+	local argv_list = { h.bin }
+	for _, a in ipairs(args) do argv_list[#argv_list + 1] = tostring(a) end
+	local argv, keep_a = cstrings(argv_list)
+	local envp, keep_e = cstrings(child_env(opts.env))
+	local fa = ffi.new("ph_spawn_actions_t")
+	local attr = ffi.new("ph_spawnattr_t")
+	C.posix_spawn_file_actions_init(fa)
+	C.posix_spawn_file_actions_addopen(fa, 0, files.stdin or "/dev/null", O_RDONLY, 0)
+	C.posix_spawn_file_actions_addopen(fa, 1, files.stdout, O_WRONLY + O_CREAT + O_TRUNC, tonumber("644", 8))
+	if files.stderr == files.stdout then
+		C.posix_spawn_file_actions_adddup2(fa, 1, 2)
+	else
+		C.posix_spawn_file_actions_addopen(fa, 2, files.stderr, O_WRONLY + O_CREAT + O_TRUNC, tonumber("644", 8))
+	end
+	if opts.cwd then C.posix_spawn_file_actions_addchdir_np(fa, opts.cwd) end
+	C.posix_spawnattr_init(attr)
+	local all, none = ffi.new("ph_sigset_t"), ffi.new("ph_sigset_t")
+	C.sigfillset(all)
+	C.sigemptyset(none)
+	C.posix_spawnattr_setsigdefault(attr, all)
+	C.posix_spawnattr_setsigmask(attr, none)
+	C.posix_spawnattr_setflags(attr, POSIX_SPAWN_SETSIGDEF + POSIX_SPAWN_SETSIGMASK)
+	local pid = ffi.new("int[1]")
+	local rc = C.posix_spawn(pid, h.bin, fa, attr, argv, envp)
+	C.posix_spawn_file_actions_destroy(fa)
+	C.posix_spawnattr_destroy(attr)
+	local _ = { keep_a, keep_e }
+	if rc ~= 0 then error("cannot start " .. h.bin .. ": " .. ffi.string(C.strerror(rc)), 3) end
+	return pid[0]
+end
+
+-- waitpid(WNOHANG): nil while running, else the exit code (128+sig if signalled).
+local function reap(pid)
+	local st = ffi.new("int[1]")
+	local r = C.waitpid(pid, st, WNOHANG)
+	if r == 0 then return nil end
+	if r < 0 then return -1 end
+	local s = st[0]
+	if bit.band(s, 0x7f) == 0 then return bit.band(bit.rshift(s, 8), 0xff) end
+	return 128 + bit.band(s, 0x7f)
+end
+
+local function wait_code(pid, timeout)
+	local deadline = core.monotime() + timeout
+	local nap = 0.002
+	while true do
+		local code = reap(pid)
+		if code then return code end
+		if core.monotime() >= deadline then return nil end
+		core.sleep(nap)
+		nap = math.min(nap * 2, 0.05)
+	end
+end
+
+function h.run(args, opts)
+	opts = opts or {}
+	local base = scratch()
+	local files = { stdout = base .. ".out", stderr = base .. ".err" }
+	if opts.stdin then files.stdin = h.write_file(base .. ".in", opts.stdin) end
+	local pid = spawn(args, opts, files)
+	local timeout = opts.timeout or 120
+	local code = wait_code(pid, timeout)
+	if not code then
+		core.kill(pid, 9)
+		wait_code(pid, 5)
+		error(("timed out after %ds: projhost %s"):format(timeout, table.concat(args, " ")), 2)
+	end
+	local out, err = h.read_file(files.stdout), h.read_file(files.stderr)
+	os.remove(files.stdout)
+	os.remove(files.stderr)
+	if files.stdin then os.remove(files.stdin) end
+	return code, out, err
+end
+
+local Proc = {}
+Proc.__index = Proc
+
+function Proc:alive()
+	if self.code then return false end
+	self.code = reap(self.pid)
+	return self.code == nil
+end
+
+function Proc:kill(sig)
+	if self:alive() then core.kill(self.pid, sig or 15) end
+end
+
+function Proc:wait(timeout)
+	if self.code then return self.code end
+	self.code = wait_code(self.pid, timeout or 30)
+	return self.code
+end
+
+function Proc:output()
+	local f = io.open(self.log, "rb")
+	if not f then return "" end
+	local s = f:read("*a")
+	f:close()
+	return s
+end
+
+function h.spawn(args, opts)
+	opts = opts or {}
+	local log = scratch() .. ".log"
+	-- stdout and stderr share one file description (dup2), like 2>&1
+	local files = { stdout = log, stderr = log }
+	if opts.stdin then files.stdin = h.write_file(log .. ".in", opts.stdin) end
+	local p = setmetatable({ log = log, args = args }, Proc)
+	p.pid = spawn(args, opts, files)
+	state.procs[#state.procs + 1] = p
+	return p
+end
+
+function h.wait_until(fn, timeout, what)
+	timeout = timeout or 10
+	local deadline = core.monotime() + timeout
+	while true do
+		local v = fn()
+		if v then return v end
+		if core.monotime() >= deadline then
+			error(("timed out after %gs waiting for %s"):format(timeout, what or "a condition"), 2)
+		end
+		core.sleep(0.05)
+	end
+end
+
+function h.connect(dsn)
+	local conn, msg = core.connect(dsn)
+	if not conn then error(msg, 2) end
+	return conn
+end
+
+local function cleanup()
+	if state.cleaned then return end
+	state.cleaned = true
+	for _, p in ipairs(state.procs) do
+		if p:alive() then
+			p:kill(15)
+			if not p:wait(5) then
+				core.kill(p.pid, 9)
+				p:wait(5)
+			end
+		end
+	end
+	if state.pg then
+		local code, _, err = h.run({ "db", "stop" }, { env = { PROJHOST_HOME = state.pg.home } })
+		if code ~= 0 then io.stderr:write("spec/helpers: stopping the test cluster: ", err) end
+	end
+	for _, d in ipairs(state.tmpdirs) do
+		if d:match("^/tmp/projhost%-spec%.") then os.execute("rm -rf '" .. d .. "'") end
+	end
+end
+
+local function arm_cleanup()
+	if state.armed then return end
+	state.armed = true
+	local ok, busted = pcall(require, "busted")
+	if ok and type(busted) == "table" and busted.subscribe then
+		busted.subscribe({ "exit" }, function()
+			cleanup()
+			return nil, true
+		end)
+	end
+	local sentinel = newproxy(true)
+	getmetatable(sentinel).__gc = cleanup
+	state.sentinel = sentinel
+end
+
+local PG_OPTS = "-c fsync=off -c synchronous_commit=off -c full_page_writes=off"
+
+function h.pg()
+	if state.pg then return state.pg end
+	arm_cleanup()
+	local home = h.tmpdir()
+	local env = { PROJHOST_HOME = home, PROJHOST_PG_OPTS = PG_OPTS }
+	local code, _, err = h.run({ "db", "start" }, { env = env })
+	if code ~= 0 then error("starting the test cluster in " .. home .. " failed: " .. err, 2) end
+	state.pg = { home = home }
+	local out
+	code, out, err = h.run({ "db", "url" }, { env = env })
+	if code ~= 0 then error("projhost db url failed: " .. err, 2) end
+	state.pg.dsn = out:match("^%s*(.-)%s*$")
+	return state.pg
+end
+
+local function default_db_name()
+	-- named after the calling spec file, e.g. append_spec.lua -> append
+	for level = 3, 6 do
+		local info = debug.getinfo(level, "S")
+		local base = info and info.source:match("([%w_]+)_spec%.lua$")
+		if base then return base:lower() end
+	end
+	return "spec"
+end
+
+function h.fresh_db(name)
+	local pg = h.pg()
+	name = name or default_db_name()
+	if not name:match("^[a-z_][a-z0-9_]*$") then error("fresh_db: not a plain lower-case name: " .. name, 2) end
+	local conn = h.connect(pg.dsn)
+	-- identifiers cannot be parameters; the name was checked above
+	assert(conn:exec("DROP DATABASE IF EXISTS " .. name .. " WITH (FORCE)"))
+	assert(conn:exec("CREATE DATABASE " .. name))
+	conn:close()
+	return (pg.dsn:gsub("dbname=%S+", "dbname=" .. name))
+end
+
+return h

@@ -1,0 +1,77 @@
+-- projhost.cli.parse: the command line grammar of design §4, without a database.
+local cli = require "projhost.cli"
+
+local function parse(...)
+	return cli.parse({ ... })
+end
+
+describe("cli.parse", function()
+	it("reads flags in both --flag value and --flag=value forms", function()
+		local cmd = assert(parse("run", "--db", "dbname=x", "--workers=4", "--once", "a", "b"))
+		assert.equal("run", cmd.name)
+		assert.same({ db = "dbname=x", workers = 4, once = true }, cmd.flags)
+		assert.same({ "a", "b" }, cmd.args)
+	end)
+
+	it("accepts flags anywhere and words after -- as arguments", function()
+		local cmd = assert(parse("append", "s-1", "--expected-version", "0", "T", "--", "--not-a-flag"))
+		assert.same({ "s-1", "T", "--not-a-flag" }, cmd.args)
+		assert.equal(0, cmd.flags["expected-version"])
+	end)
+
+	it("takes - as an argument (stdin) and as a flag value", function()
+		local cmd = assert(parse("append", "--file", "-"))
+		assert.equal("-", cmd.flags.file)
+		assert.same({}, cmd.args)
+		cmd = assert(parse("append", "s-1", "--file=-"))
+		assert.same({ "s-1" }, cmd.args)
+	end)
+
+	it("rejects unknown commands and flags, naming them, with usage", function()
+		local cmd, problem, usage = parse("nope")
+		assert.is_nil(cmd)
+		assert.equal("unknown command 'nope'", problem)
+		assert.matches("^usage:\n", usage)
+		cmd, problem, usage = parse("reset", "x", "--force")
+		assert.is_nil(cmd)
+		assert.equal("unknown flag '--force' for reset", problem)
+		assert.equal("usage: projhost reset NAME [--db DSN]", usage)
+		assert.equal("no command given", select(2, parse()))
+	end)
+
+	it("rejects bad numbers and values given to switches", function()
+		assert.equal("--workers needs a whole number, not '1.5'", select(2, parse("run", "--workers", "1.5")))
+		assert.equal("--workers must be at least 1", select(2, parse("run", "--workers", "0")))
+		assert.equal("--expected-version needs a whole number, not 'x'",
+			select(2, parse("append", "s", "T", "--expected-version=x")))
+		assert.equal("--once takes no value", select(2, parse("run", "--once=yes")))
+		assert.equal("--db needs a value", select(2, parse("status", "--db")))
+	end)
+
+	it("checks argument counts and subcommands", function()
+		assert.equal("append needs STREAM and TYPE (or --file)", select(2, parse("append", "s")))
+		assert.equal("too many arguments for append: 'extra'", select(2, parse("append", "s", "T", "{}", "extra")))
+		assert.equal("append --file takes at most a STREAM before it", select(2, parse("append", "s", "T", "--file", "f")))
+		assert.equal("--expected-version and --metadata cannot be combined with --file",
+			select(2, parse("append", "--file", "f", "--metadata", "{}")))
+		assert.equal("unknown db subcommand 'restart'", select(2, parse("db", "restart")))
+		assert.equal("too many arguments for status: 'x'", select(2, parse("status", "x")))
+		assert.truthy(parse("parked", "list"))
+		assert.truthy(parse("parked", "skip", "bal"))
+	end)
+
+	it("passes everything after db psql and test through untouched", function()
+		local cmd = assert(parse("db", "psql", "-c", "select 1", "--db", "x"))
+		assert.same({ "psql" }, cmd.args)
+		assert.same({ "-c", "select 1", "--db", "x" }, cmd.rest)
+		cmd = assert(parse("test", "spec/unit", "--verbose"))
+		assert.same({ "spec/unit", "--verbose" }, cmd.rest)
+	end)
+
+	it("maps --help/-h to help for the command", function()
+		assert.same({ "status" }, assert(parse("status", "--help")).args)
+		assert.equal("help", assert(parse("-h")).name)
+		assert.equal("version", assert(parse("--version")).name)
+		assert.equal("unknown command 'bogus'", select(2, parse("help", "bogus")))
+	end)
+end)
