@@ -1,7 +1,7 @@
 # projhost - build, test, run.  `make help` lists the targets.
 
 DEBS      := luajit libluajit-5.1-dev libpq-dev libuv1-dev lua-busted lua-cjson \
-             postgresql pkg-config gcc make util-linux luarocks
+             postgresql pkg-config gcc make util-linux luarocks lua-filesystem
 PKGS      := luajit libpq libuv
 CC        ?= cc
 OPT       ?= -O2

@@ -166,14 +166,14 @@ local function open_db(cmd)
 	}
 	if not dsn then return nil, err end
 	local core = require "projhost.core"
-	local conn
-	conn, err = core.connect(dsn)
-	if not conn then return nil, err end
+	local conn, code
+	conn, err, code = core.connect(dsn)
+	if not conn then return nil, err, code end
 	local ok
-	ok, err = require("projhost.schema").migrate(conn)
+	ok, err, code = require("projhost.schema").migrate(conn)
 	if not ok then
 		conn:close()
-		return nil, err
+		return nil, err, code
 	end
 	return conn, dsn
 end
@@ -260,8 +260,32 @@ local function seed_demo(conn)
 	return tonumber(rows[1].n)
 end
 
+-- `run` waits for its database: an unreachable server is one log line,
+-- then retries with backoff until it answers (or the operator stops us).
+local function open_db_waiting(cmd)
+	local core = require "projhost.core"
+	local delay, logged = 0.5, false
+	while true do
+		local conn, dsn, code = open_db(cmd)
+		if conn then
+			if logged then core.log("info", "host", "database reachable again") end
+			return conn, dsn
+		end
+		-- only connection failures are worth waiting for (SQLSTATE class
+		-- 08), and --once is a batch job: it reports and exits instead
+		if cmd.flags.once or not (code and code:match("^08")) then return nil, dsn end
+		if not logged then
+			core.log("error", "host", "database unreachable: " .. tostring(dsn):gsub("\n.*", "")
+				.. "; retrying with backoff")
+			logged = true
+		end
+		core.sleep(delay)
+		delay = math.min(delay * 2, 30)
+	end
+end
+
 function commands.run(cmd)
-	local conn, dsn = open_db(cmd)
+	local conn, dsn = open_db_waiting(cmd)
 	if not conn then return fail("run", dsn) end
 	if cmd.flags.demo then
 		local n, err = seed_demo(conn)

@@ -234,7 +234,9 @@ function start(p)
 		local opts = "-c listen_addresses='' -k " .. quote(p.run) .. " -p " .. M.PORT
 		local extra = os.getenv("PROJHOST_PG_OPTS")
 		if extra and extra ~= "" then opts = opts .. " " .. extra end
-		local rc, out = sh(as .. quote(bin .. "/pg_ctl") .. " -D " .. quote(p.data) .. " -l " .. quote(p.log)
+		-- setsid: the server leaves our session and process group, so a
+		-- Ctrl-C meant for `projhost run` does not shut the cluster down.
+		local rc, out = sh(as .. "setsid -w " .. quote(bin .. "/pg_ctl") .. " -D " .. quote(p.data) .. " -l " .. quote(p.log)
 			.. " -w -t 60 -o " .. quote(opts) .. " start")
 		if rc ~= 0 then
 			-- Lost a race with another start: running is all we wanted.

@@ -168,6 +168,24 @@ COMMIT;
 		assert.equal("30000", scalar(conn, "SELECT count(*) FROM tally_applied"))
 	end)
 
+	it("waits for an unreachable database with one clear line, retrying with backoff", function()
+		local host = h.spawn({ "run", "--db", "host=127.0.0.1 port=1 connect_timeout=2", dir })
+		h.wait_until(function() return host:output():find("unreachable", 1, true) end, 10, "the error line")
+		core.sleep(2)
+		assert.is_true(host:alive(), host:output())
+		local out = host:output()
+		local _, lines = out:gsub("unreachable", "")
+		assert.equal(1, lines, out) -- once per outage, not per attempt
+		assert.matches("127%.0%.0%.1", out)
+		assert.matches("port 1", out, 1, true)
+		host:kill(15)
+		host:wait(10)
+		-- --once does not wait: it reports and exits 1
+		local code, _, err = h.run({ "run", "--once", "--db", "host=127.0.0.1 port=1", dir })
+		assert.equal(1, code)
+		assert.matches("127%.0%.0%.1", err)
+	end)
+
 	it("reports a broken projection with file:line and runs the others", function()
 		h.write_file(dir .. "/broken.lua", "return {\n  name = 'broken',\n  when = {\n}\n")
 		h.run({ "append", "acct-1", "Inc", "{}", "--db", dsn })
