@@ -634,9 +634,6 @@ local function run_partitions(def, parts, stop_at)
 			lposs[#lposs + 1] = r.last_pos
 		end
 	end
-	for _, p in ipairs(wanted) do
-		if not results[p] and not cps[1] then results[p] = { "locked", 0 } end
-	end
 	local is_locked = {}
 	for _, p in ipairs(cps) do is_locked[p] = true end
 	for _, p in ipairs(wanted) do

@@ -60,10 +60,11 @@ end
 
 local function caught_up(conn)
 	return function()
-		local behind = scalar(conn, [[SELECT count(*) FROM projhost.events e
+		-- tally_applied appears once a host has run the setup
+		local rows = conn:query([[SELECT count(*) AS n FROM projhost.events e
 			WHERE stream_id LIKE 'acct-%' AND NOT EXISTS
 			(SELECT 1 FROM tally_applied a WHERE a.position = e.global_position)]])
-		return behind == "0"
+		return rows and rows[1].n == "0"
 	end
 end
 
@@ -109,6 +110,24 @@ describe("projhost run", function()
 		assert.matches("SIGTERM", host:output(), 1, true)
 	end)
 
+	it("finishes the batch in flight on SIGINT and loads changed files on SIGHUP", function()
+		h.run({ "append", "acct-1", "Inc", "{}", "--db", dsn })
+		local host = h.spawn({ "run", "--db", dsn, dir })
+		h.wait_until(caught_up(conn), 20, "the first event")
+		-- a new handler: counts by 10 from now on
+		h.write_file(dir .. "/tally.lua", (TALLY:gsub("s.total = s.total %+ 1", "s.total = s.total + 10")))
+		core.kill(host.pid, 1)
+		h.wait_until(function() return host:output():find("SIGHUP", 1, true) end, 10, "the reload")
+		h.wait_until(function() return select(2, host:output():gsub("serving 1 projection", "")) >= 2 end,
+			10, "the new workers")
+		h.run({ "append", "acct-1", "Inc", "{}", "--db", dsn })
+		h.wait_until(caught_up(conn), 20, "the second event")
+		assert.equal("11", scalar(conn, "SELECT state->>'total' FROM projhost.checkpoints WHERE projection = 'tally'"))
+		core.kill(host.pid, 2)
+		assert.equal(0, host:wait(10), host:output())
+		assert.matches("SIGINT: stopping", host:output(), 1, true)
+	end)
+
 	it("reads in gap-free order while concurrent writers commit out of order (two instances)", function()
 		-- create the schema and tables first
 		assert.equal(0, (h.run({ "run", "--once", "--db", dsn, dir })))
@@ -128,7 +147,7 @@ COMMIT;
 		assert.is_true(os.execute(cmd) == 0 or os.execute(cmd) == true)
 		local n = tonumber(scalar(conn, "SELECT count(*) FROM projhost.events WHERE stream_id LIKE 'acct-%'"))
 		assert.is_true(n >= 960, "writers appended " .. n)
-		h.wait_until(caught_up(conn), 30, "both hosts to apply every event")
+		h.wait_until(caught_up(conn), 60, "both hosts to apply every event")
 		assert_matches_truth(conn)
 		a:kill(15)
 		b:kill(15)
