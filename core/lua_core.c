@@ -130,6 +130,7 @@ static const luaL_Reg core_funcs[] = {
 	{ "hash", ph_l_hash },
 	{ "run_master", ph_l_run_master },
 	{ "serve", ph_l_serve },
+	{ "beat", ph_l_beat },
 	{ NULL, NULL }
 };
 

@@ -18,8 +18,15 @@ void ph_l_pg_open(lua_State *L);
 /** ph_l_run_master() - core.run_master(opts) -> exit code (lua_master.c). */
 int ph_l_run_master(lua_State *L);
 
-/** ph_l_serve() - core.serve(fd, handler): the worker's frame loop (lua_worker.c). */
+/**
+ * ph_l_serve() - core.serve(fd, handler[, beat_fd]): the worker's frame loop
+ * (lua_worker.c). handler(msg) returns the reply (nil: stop) and optionally
+ * true to stop after sending it.
+ */
 int ph_l_serve(lua_State *L);
+
+/** ph_l_beat() - core.beat([position]): stamp the heartbeat page. */
+int ph_l_beat(lua_State *L);
 
 /**
  * ph_lua_pcall() - the one way C calls into Lua: pcall with a traceback.

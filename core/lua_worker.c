@@ -12,17 +12,59 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/prctl.h>
+#include <sys/resource.h>
 
 #include <lua.h>
 #include <lauxlib.h>
 
+#include "beat.h"
 #include "frame.h"
 #include "log.h"
 #include "lua_core.h"
 
+#if defined(__SANITIZE_ADDRESS__)
+#define PH_ASAN 1
+#else
+#define PH_ASAN 0
+#endif
+
+/* The heartbeat page the master watches (fd 4), when there is one. */
+static struct ph_beat *beat;
+
+/* core.beat(position) before a handler runs, core.beat() after it. */
+int ph_l_beat(lua_State *L)
+{
+	if (!beat)
+		return 0;
+	if (lua_isnoneornil(L, 1))
+		ph_beat_clear(beat);
+	else
+		ph_beat_set(beat, (int64_t)luaL_checknumber(L, 1));
+	return 0;
+}
+
+/* A projection that allocates without bound must hit a wall in its own
+ * process (Lua raises "not enough memory", the worker is rebuilt), not
+ * push the machine into the OOM killer. LuaJIT allocates with mmap, which
+ * RLIMIT_DATA covers. ASan reserves terabytes of shadow memory, so
+ * sanitizer builds go without. */
+static void limit_memory(void)
+{
+	const char *env = getenv("PROJHOST_WORKER_MEMORY_MB");
+	long mb = env && *env ? strtol(env, NULL, 10) : 1024;
+	struct rlimit rl;
+
+	if (PH_ASAN || mb <= 0)
+		return;
+	rl.rlim_cur = rl.rlim_max = (rlim_t)mb << 20;
+	if (setrlimit(RLIMIT_DATA, &rl) != 0)
+		ph_log(PH_WARN, "worker", "cannot limit memory to %ld MB: %s", mb, strerror(errno));
+}
+
 int ph_l_serve(lua_State *L)
 {
 	int fd = (int)luaL_checkinteger(L, 1);
+	int beat_fd = (int)luaL_optinteger(L, 3, -1);
 
 	luaL_checktype(L, 2, LUA_TFUNCTION);
 	/* Die with the master: if it is SIGKILLed our transaction must end
@@ -32,6 +74,9 @@ int ph_l_serve(lua_State *L)
 	 * stop (finish the batch, then quit). */
 	signal(SIGINT, SIG_IGN);
 	signal(SIGPIPE, SIG_IGN);
+	if (beat_fd >= 0)
+		beat = ph_beat_attach(beat_fd);
+	limit_memory();
 	for (;;) {
 		char *msg = NULL;
 		size_t len = 0;
@@ -47,26 +92,30 @@ int ph_l_serve(lua_State *L)
 		lua_pushvalue(L, 2);
 		lua_pushlstring(L, msg, len);
 		free(msg);
-		if (ph_lua_pcall(L, 1, 1) != 0) {
+		if (ph_lua_pcall(L, 1, 2) != 0) {
 			ph_log(PH_ERROR, "worker", "internal error: %s", lua_tostring(L, -1));
 			lua_pushinteger(L, 1);
 			return 1;
 		}
-		if (lua_isnil(L, -1)) {
-			lua_pop(L, 1);
+		/* handler returns reply[, exit_after] */
+		if (lua_isnil(L, -2)) {
+			lua_pop(L, 2);
 			break;
 		}
 		{
 			size_t n;
-			const char *out = luaL_checklstring(L, -1, &n);
+			const char *out = luaL_checklstring(L, -2, &n);
+			int exit_after = lua_toboolean(L, -1);
 
 			if (ph_frame_write_fd(fd, out, n) != 0) {
 				ph_log(PH_ERROR, "worker", "writing to the master: %s", strerror(errno));
 				lua_pushinteger(L, 1);
 				return 1;
 			}
+			lua_pop(L, 2);
+			if (exit_after)
+				break;
 		}
-		lua_pop(L, 1);
 	}
 	lua_pushinteger(L, 0);
 	return 1;

@@ -4,11 +4,14 @@
  *
  * Worker protocol (frames of tab-separated text, see frame.h):
  *   master -> worker  "init\t<dsn>\t<path>..."      load projections, connect
- *                     "job\t<projection>\t<partition>..."  one batch; unpartitioned
- *                                                  projections have partition ""
+ *                     "job\t<projection>\t<overrun>\t<partition>..."  one batch;
+ *                                                  unpartitioned projections have
+ *                                                  partition ""; overrun is "" or
+ *                                                  "<position>:<budget>", an event
+ *                                                  whose handler was killed
  *                     "find\t<projection>\t<cursor>"  list partitions that are behind
  *                     "quit"                        exit after this
- *   worker -> master  "proj\t<name>\t<kind>\t<value>\t<partitioned>" and
+ *   worker -> master  "proj\t<name>\t<kind>\t<value>\t<partitioned>\t<budget>" and
  *                     "error\t<message>" lines, then "ready"
  *                     "done\t<projection>\t<count>" then a line
  *                     "<partition>\t<status>\t<delay>" per partition of the job
@@ -24,9 +27,11 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <unistd.h>
 
 #include <uv.h>
 
+#include "beat.h"
 #include "frame.h"
 #include "log.h"
 #include "master.h"
@@ -53,6 +58,10 @@ struct worker {
 	int open_handles;
 	struct ph_qentry *jobs[PH_GROUP];	/* in flight */
 	int njobs;
+	struct ph_beat *beat;	/* shared heartbeat page (see beat.h) */
+	int killed_pos_valid;
+	int64_t killed_pos;	/* the watchdog killed it on this event */
+	double killed_budget;
 };
 
 struct proj {
@@ -62,6 +71,7 @@ struct proj {
 	int partitioned;
 	int settled;		/* last batch found nothing more to do (for --once) */
 	char *cursor;		/* partition discovery resumes after this stream */
+	double budget;		/* seconds a handler may run before its worker is killed */
 };
 
 struct master {
@@ -77,7 +87,7 @@ struct master {
 	uv_timer_t reconnect;
 	unsigned lfailures;
 
-	uv_timer_t fallback, due;
+	uv_timer_t fallback, due, watchdog;
 	uv_signal_t sigint, sigterm, sighup;
 
 	struct worker **workers;
@@ -243,8 +253,8 @@ static void handle_ready(struct worker *w, char *msg)
 		m->load_errors = 0;
 	}
 	for (line = strtok_r(msg, "\n", &save); line; line = strtok_r(NULL, "\n", &save)) {
-		char *f[6];
-		int n = split_tabs(line, f, 6);
+		char *f[7];
+		int n = split_tabs(line, f, 7);
 
 		if (!adopt)
 			continue;
@@ -260,6 +270,7 @@ static void handle_ready(struct worker *w, char *msg)
 			np->kind = f[2][0];
 			np->value = strdup(f[3]);
 			np->partitioned = atoi(f[4]);
+			np->budget = n >= 6 ? atof(f[5]) : 0;
 		} else if (strcmp(f[0], "error") == 0) {
 			m->load_errors++;
 		}
@@ -467,6 +478,12 @@ static void on_worker_exit(uv_process_t *proc, int64_t status, int sig)
 
 			if (!e)
 				continue;
+			if (w->killed_pos_valid) {
+				/* the next batch counts it as a failure of
+				 * that event instead of running it again */
+				e->overrun_pos = w->killed_pos;
+				e->overrun_budget = w->killed_budget;
+			}
 			e->attempts++;
 			ph_queue_done(&m->q, e, now_ms(m) + 100u * (e->attempts < 50 ? e->attempts : 50), 1);
 		}
@@ -484,6 +501,8 @@ static void on_worker_exit(uv_process_t *proc, int64_t status, int sig)
 		m->rc = 1;
 		m->stopping = 1;
 	}
+	ph_beat_release(w->beat);
+	w->beat = NULL;
 	uv_close((uv_handle_t *)&w->proc, on_handle_closed);
 	uv_close((uv_handle_t *)&w->pipe, on_handle_closed);
 	if (m->stopping) {
@@ -501,9 +520,9 @@ static void spawn_worker(struct master *m, int slot)
 {
 	struct worker *w = calloc(1, sizeof(*w));
 	uv_process_options_t o;
-	uv_stdio_container_t stdio[4];
+	uv_stdio_container_t stdio[5];
 	char *args[3];
-	int r;
+	int r, beat_fd = -1;
 
 	if (!w) {
 		ph_log(PH_ERROR, "host", "cannot start a worker: out of memory");
@@ -523,6 +542,12 @@ static void spawn_worker(struct master *m, int slot)
 	stdio[2].data.fd = 2;
 	stdio[3].flags = UV_CREATE_PIPE | UV_READABLE_PIPE | UV_WRITABLE_PIPE;
 	stdio[3].data.stream = (uv_stream_t *)&w->pipe;
+	w->beat = ph_beat_create(&beat_fd);
+	if (!w->beat)
+		ph_log(PH_WARN, "host", "worker %d: no heartbeat page (%s); handler budgets are not enforced",
+		       slot, strerror(errno));
+	stdio[4].flags = w->beat ? UV_INHERIT_FD : UV_IGNORE;
+	stdio[4].data.fd = beat_fd;
 	args[0] = (char *)m->cfg->bin;
 	args[1] = "__worker";
 	args[2] = NULL;
@@ -530,10 +555,13 @@ static void spawn_worker(struct master *m, int slot)
 	o.args = args;
 	o.exit_cb = on_worker_exit;
 	o.stdio = stdio;
-	o.stdio_count = 4;
+	o.stdio_count = 5;
 	r = uv_spawn(m->loop, &w->proc, &o);
+	if (beat_fd >= 0)
+		close(beat_fd);	/* the mapping stays */
 	if (r != 0) {
 		ph_log(PH_ERROR, "host", "cannot start worker %s: %s", m->cfg->bin, uv_strerror(r));
+		ph_beat_release(w->beat);
 		w->open_handles = 1;
 		uv_close((uv_handle_t *)&w->pipe, on_handle_closed);
 		uv_timer_start(&m->respawn, on_respawn, 1000, 0);
@@ -613,8 +641,20 @@ static int give_work(struct master *m, struct worker *w, uint64_t now)
 		while (p->partitioned && w->njobs < PH_GROUP && (n = ph_queue_peek(&m->q, now)) &&
 		       *ph_queue_entry_part(n) && strcmp(ph_queue_entry_proj(n), p->name) == 0)
 			w->jobs[w->njobs++] = ph_queue_pop(&m->q, now);
+		char overrun[64] = "";
+
+		for (int i = 0; i < w->njobs; i++) {
+			struct ph_qentry *j = w->jobs[i];
+
+			if (j->overrun_pos) {
+				snprintf(overrun, sizeof(overrun), "%lld:%g",
+					 (long long)j->overrun_pos, j->overrun_budget);
+				j->overrun_pos = 0;
+			}
+		}
 		msg_add(&mb, "job");
 		msg_add(&mb, p->name);
+		msg_add(&mb, overrun);
 		for (int i = 0; i < w->njobs; i++)
 			msg_add(&mb, ph_queue_entry_part(w->jobs[i]));
 	}
@@ -787,6 +827,35 @@ static void listen_connect(struct master *m)
 
 /* ---- signals, timers ---- */
 
+/* A handler that runs past its projection's budget (an endless loop, also a
+ * JIT-compiled one that no hook interrupts) gets its worker SIGKILLed: the
+ * transaction dies with the connection, and the event is counted as failed. */
+static void on_watchdog(uv_timer_t *t)
+{
+	struct master *m = t->data;
+
+	for (int i = 0; i < m->nworkers; i++) {
+		struct worker *w = m->workers[i];
+		struct proj *p;
+		int64_t pos, ms;
+
+		if (!w || !w->beat || !w->njobs || w->killed_pos_valid || !w->jobs[0])
+			continue;
+		p = find_proj(m, ph_queue_entry_proj(w->jobs[0]));
+		if (!p || p->budget <= 0)
+			continue;
+		ms = ph_beat_read(w->beat, &pos);
+		if (ms < 0 || ms < (int64_t)(p->budget * 1000))
+			continue;
+		ph_log(PH_ERROR, p->name, "pos=%lld handler overran its budget of %gs; killing worker %d",
+		       (long long)pos, p->budget, w->slot);
+		w->killed_pos_valid = 1;
+		w->killed_pos = pos;
+		w->killed_budget = p->budget;
+		uv_process_kill(&w->proc, SIGKILL);
+	}
+}
+
 static void on_fallback(uv_timer_t *t)
 {
 	wake_all(t->data);
@@ -877,7 +946,9 @@ int ph_master_run(const struct ph_master_cfg *cfg)
 	uv_timer_init(&loop, &m.fallback);
 	uv_timer_init(&loop, &m.due);
 	uv_timer_init(&loop, &m.respawn);
-	m.reconnect.data = m.fallback.data = m.due.data = m.respawn.data = &m;
+	uv_timer_init(&loop, &m.watchdog);
+	m.reconnect.data = m.fallback.data = m.due.data = m.respawn.data = m.watchdog.data = &m;
+	uv_timer_start(&m.watchdog, on_watchdog, 100, 100);
 	uv_signal_init(&loop, &m.sigint);
 	uv_signal_init(&loop, &m.sigterm);
 	uv_signal_init(&loop, &m.sighup);

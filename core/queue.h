@@ -29,6 +29,8 @@ struct ph_qentry {
 	size_t heap_idx;
 	unsigned attempts;	/* consecutive failures, for backoff */
 	unsigned holds;		/* consecutive horizon hold-backs */
+	int64_t overrun_pos;	/* a handler overran its budget on this event (0: none) */
+	double overrun_budget;	/* that budget, seconds */
 	struct ph_qentry *next;	/* hash chain */
 };
 

@@ -635,12 +635,30 @@ end
 function commands.parked(cmd)
 	local sub, name = cmd.args[1], cmd.args[2]
 	local what = "parked " .. sub
-	if sub == "retry" then
-		return fail(what, "not implemented yet: running hosts do not re-queue parked events; "
-			.. "'projhost parked skip' drops them")
-	end
 	local conn, err = open_db(cmd)
 	if not conn then return fail(what, err) end
+	if sub == "retry" then
+		-- Running hosts pick flagged events up at the partition's next batch
+		-- (woken by the NOTIFY) and run them before newer ones; an event
+		-- that fails again is parked again.
+		local ok, msg = conn:exec("BEGIN")
+		local rows
+		if ok then
+			rows, msg = conn:query([[UPDATE projhost.parked SET retry_requested = true
+				WHERE ($1::text IS NULL OR projection = $1) AND NOT retry_requested
+				RETURNING projection, partition]], name)
+			ok = rows
+		end
+		if ok then ok, msg = conn:exec("SELECT pg_notify('projhost', '0 *')") end
+		if ok then ok, msg = conn:exec("COMMIT") end
+		conn:close()
+		if not ok then return fail(what, msg) end
+		local n = #rows
+		say(("retrying %d parked event%s%s: running hosts apply %s at the next batch "
+			.. "(an event that fails again is parked again)"):format(n, n == 1 and "" or "s",
+			name and " of " .. name or "", n == 1 and "it" or "them"))
+		return 0
+	end
 	if sub == "skip" then
 		local n, msg = conn:exec("DELETE FROM projhost.parked WHERE $1::text IS NULL OR projection = $1", name)
 		conn:close()

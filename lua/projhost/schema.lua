@@ -198,6 +198,10 @@ M.steps = {
 			error text,
 			script_hash text,
 			updated_at timestamptz NOT NULL DEFAULT now(),
+			-- failures of the event at retry_pos so far (survives worker
+			-- restarts, shared by every worker and instance)
+			retry_pos bigint,
+			attempts int NOT NULL DEFAULT 0,
 			PRIMARY KEY (projection, partition)
 		)]],
 		[[CREATE TABLE projhost.parked (
@@ -211,8 +215,12 @@ M.steps = {
 			event_type text,
 			error text NOT NULL,
 			attempts int NOT NULL DEFAULT 1,
-			parked_at timestamptz NOT NULL DEFAULT now()
+			parked_at timestamptz NOT NULL DEFAULT now(),
+			-- `projhost parked retry` sets it; the next batch of the partition
+			-- runs the event again before new ones
+			retry_requested boolean NOT NULL DEFAULT false
 		)]],
+		[[CREATE INDEX ON projhost.parked (projection, partition) WHERE retry_requested]],
 		CHECK_EVENTS,
 		APPEND,
 		APPEND_MANY,

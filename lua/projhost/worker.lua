@@ -21,6 +21,11 @@ local M = {}
 local BATCH = tonumber(os.getenv("PROJHOST_BATCH_SIZE")) or 500
 -- partitions listed per discovery query
 local FIND_PAGE = 1000
+-- seconds a handler may run before the master kills its worker
+-- (options.budget overrides it per projection; 0 = no limit)
+local BUDGET = tonumber(os.getenv("PROJHOST_BUDGET")) or 30
+-- runaway SQL (libpq syntax: "30s", "2min", or ms)
+local STATEMENT_TIMEOUT = os.getenv("PROJHOST_STATEMENT_TIMEOUT") or "60s"
 -- default error action: retry with exponential backoff, then fail
 local DEFAULT_RETRIES = 3
 
@@ -29,7 +34,6 @@ local conn
 local defs = {}            -- name -> def
 local setup_done = {}      -- name -> true once setup ran on this connection
 local db_down = false
-local attempts = {}        -- "name\tpartition\tposition" -> failures so far
 local caught = {}          -- "name\tpartition" -> true while caught up
 local progress = {}        -- name -> { at = monotime of the last line, n = events since }
 
@@ -62,6 +66,8 @@ local function ensure_conn()
 	db_down = false
 	conn = c
 	conn:exec("SET application_name = 'projhost worker'")
+	local ok, err = conn:exec("SELECT set_config('statement_timeout', $1, false)", STATEMENT_TIMEOUT)
+	if not ok then log("warn", "worker", "PROJHOST_STATEMENT_TIMEOUT=" .. STATEMENT_TIMEOUT .. ": " .. err) end
 	return true
 end
 
@@ -350,6 +356,8 @@ local function reset_projection(def)
 	return true
 end
 
+local retry_parked
+
 -- Connect, run setup, check the projection's own row: the part every
 -- job starts with. Returns true, or status, delay for the whole job.
 local function prepare(def)
@@ -382,6 +390,7 @@ local function prepare(def)
 		return true, "reset"
 	end
 	if row.status ~= "running" then return row.status, 0 end
+	retry_parked(def)
 	return true
 end
 
@@ -405,17 +414,34 @@ local function traceback(err)
 	return debug.traceback(err, 2)
 end
 
--- Apply one event; returns ok, new state or error text.
+-- Events whose handler overran its budget in a worker the master killed:
+-- projection name -> { [position] = budget seconds }. Meeting one counts as
+-- a failure of that event without running the handler again.
+local overrun = {}
+local out_of_memory = false
+
+-- Apply one event; returns ok, new state or error text. core.beat tells the
+-- master's watchdog which event is running since when.
 local function apply(def, state, e, ctx)
+	local o = overrun[def.name]
+	if o and o[e.position] then
+		local budget = o[e.position]
+		o[e.position] = nil
+		return false, string.format("%s: handler for '%s' overran its budget of %gs and was killed",
+			def.file, e.type, budget)
+	end
 	ctx.event = e
 	failed_sql = nil
+	core.beat(e.position)
 	local ok, res = xpcall(P.apply, traceback, def, state, e, ctx)
+	core.beat()
 	if ok and failed_sql then
 		-- the handler caught a failed statement and went on, but the
 		-- transaction is aborted: the event failed
 		ok, res = false, "SQL error (caught by the handler): " .. failed_sql
 	end
 	ctx.event = nil
+	if not ok and tostring(res):find("not enough memory", 1, true) then out_of_memory = true end
 	return ok, res
 end
 
@@ -429,18 +455,11 @@ local function visible(def, etype)
 end
 
 -- The error action for event e of partition part, after everything before
--- it has been committed. Returns status, delay.
+-- it has been committed. The attempt count lives in the checkpoint row, so
+-- it survives worker restarts and is shared by every worker and instance.
+-- Returns status, delay.
 local function error_action(def, part, e, err)
-	local key = def.name .. "\t" .. part .. "\t" .. e.position
-	local attempt = (attempts[key] or 0) + 1
-	attempts[key] = attempt
 	local where = string.format("pos=%d event %s@%d (%s)", e.position, e.stream, e.version, e.type)
-	local action, delay = decide(def, err, e, attempt)
-	log("error", def.name, string.format("%s failed (attempt %d): %s -> %s%s", where, attempt,
-		first_line(err), action, action == "retry" and string.format(" in %.2fs", delay) or ""))
-	if action == "retry" then return "retry", delay end
-	attempts[key] = nil
-
 	local ok, xerr, xcode = x("BEGIN")
 	local row
 	if ok then
@@ -449,8 +468,22 @@ local function error_action(def, part, e, err)
 	end
 	if ok == nil then return "dberror", dberror(def, xerr, xcode) end
 	if row == false then rollback(); return "locked", 0 end
+	local rows
+	rows, xerr, xcode = q([[UPDATE projhost.checkpoints
+		SET attempts = CASE WHEN retry_pos = $3 THEN attempts + 1 ELSE 1 END,
+			retry_pos = $3, error = $4, updated_at = now()
+		WHERE projection = $1 AND partition = $2 RETURNING attempts]],
+		def.name, part, e.position, where .. ": " .. first_line(err))
+	if not rows then return "dberror", dberror(def, xerr, xcode) end
+	local attempt = tonumber(rows[1].attempts)
+	local action, delay = decide(def, err, e, attempt)
+	log("error", def.name, string.format("%s failed (attempt %d): %s -> %s%s", where, attempt,
+		first_line(err), action, action == "retry" and string.format(" in %.2fs", delay) or ""))
 	local status = "more"
-	if action == "skip" or action == "park" then
+	ok = true
+	if action == "retry" then
+		status = "retry"
+	elseif action == "skip" or action == "park" then
 		-- move past the event; unpartitioned checkpoints are (tx, position),
 		-- partitioned ones the stream version
 		if part == "" then
@@ -468,8 +501,8 @@ local function error_action(def, part, e, err)
 		end
 	elseif action == "fail" then
 		status = "failed"
-		ok, xerr, xcode = x([[UPDATE projhost.checkpoints SET status = 'failed', error = $3, updated_at = now()
-			WHERE projection = $1 AND partition = $2]], def.name, part, where .. ": " .. first_line(err))
+		ok, xerr, xcode = x([[UPDATE projhost.checkpoints SET status = 'failed', updated_at = now()
+			WHERE projection = $1 AND partition = $2]], def.name, part)
 	else
 		-- stop: the whole projection, whatever the partition
 		status = "stopped"
@@ -478,7 +511,62 @@ local function error_action(def, part, e, err)
 	end
 	if ok then ok, xerr, xcode = x("COMMIT") end
 	if not ok then return "dberror", dberror(def, xerr, xcode) end
-	return status, 0
+	return status, delay or 0
+end
+
+local function load_event(position)
+	local rows, err, code = q("SELECT " .. COLS .. " FROM projhost.events WHERE global_position = $1", position)
+	if not rows then return nil, err, code end
+	return rows[1] and to_event(rows[1]) or false
+end
+
+local function partition_of(def, e)
+	return def.partition and e.stream or ""
+end
+
+-- `projhost parked retry` flagged parked events of def: run each again, in
+-- its own transaction under its partition's lock, against the partition's
+-- current state. Success removes it from the dead letters; failure parks it
+-- again with the new error. Checked at most once a second per projection.
+local parked_checked = {}
+
+function retry_parked(def)
+	local now = core.monotime()
+	if now - (parked_checked[def.name] or 0) < 1 then return end
+	parked_checked[def.name] = now
+	local list = q([[SELECT id, partition, global_position FROM projhost.parked
+		WHERE projection = $1 AND retry_requested ORDER BY global_position LIMIT 100]], def.name)
+	if not list or #list == 0 then return end
+	local ctx = ctx_for(def)
+	for _, p in ipairs(list) do
+		local ok = x("BEGIN")
+		local row = ok and lock_checkpoint(def, p.partition)
+		local claimed = row and q([[DELETE FROM projhost.parked WHERE id = $1 AND retry_requested
+			RETURNING id]], p.id)
+		local e = claimed and #claimed == 1 and load_event(p.global_position)
+		if not e then
+			rollback() -- partition busy, claimed by another worker, or the event is gone
+		else
+			local state = row.state and json.decode(row.state)
+			if state == nil then state = P.init_state(def) end
+			local okh, res = apply(def, state, e, ctx)
+			if okh then
+				ok = x([[UPDATE projhost.checkpoints SET state = $3::jsonb, updated_at = now()
+					WHERE projection = $1 AND partition = $2]], def.name, p.partition, encode_state(def, res))
+				if ok and x("COMMIT") then
+					log("info", def.name, string.format("pos=%d parked event applied on retry", e.position))
+				else
+					rollback()
+				end
+			else
+				rollback()
+				log("error", def.name, string.format("pos=%d parked event failed again: %s", e.position,
+					first_line(res)))
+				x([[UPDATE projhost.parked SET retry_requested = false, attempts = attempts + 1,
+					error = $2, parked_at = now() WHERE id = $1]], p.id, first_line(res))
+			end
+		end
+	end
 end
 
 -- ---------------------------------------------------------------------
@@ -781,8 +869,9 @@ local function init(fields)
 		defs[def.name] = def
 		local kind = def.from.all and "all" or def.from.stream and "stream" or "category"
 		local value = def.from.stream or def.from.category or ""
+		local budget = tonumber(def.options.budget) or BUDGET
 		out[#out + 1] = table.concat({ "proj", def.name, kind, clean(value),
-			def.partition and "1" or "0" }, "\t")
+			def.partition and "1" or "0", tostring(budget) }, "\t")
 	end
 	out[#out + 1] = "ready"
 	return table.concat(out, "\n")
@@ -854,9 +943,17 @@ function M.handle(msg)
 	local verb = f[1]
 	if verb == "job" then
 		local parts = {}
-		for i = 3, #f do parts[#parts + 1] = f[i] end
+		for i = 4, #f do parts[#parts + 1] = f[i] end
 		if #parts == 0 then parts[1] = "" end
-		return job(f[2], parts)
+		local pos, budget = (f[3] or ""):match("^(%d+):(.*)$")
+		if pos then
+			overrun[f[2]] = overrun[f[2]] or {}
+			overrun[f[2]][tonumber(pos)] = tonumber(budget) or 0
+		end
+		local reply = job(f[2], parts)
+		-- after "not enough memory" this state cannot be trusted: answer,
+		-- then exit so the master starts a fresh worker
+		return reply, out_of_memory
 	elseif verb == "find" then
 		return find(f[2], f[3] or "")
 	elseif verb == "init" then
@@ -869,7 +966,7 @@ function M.handle(msg)
 end
 
 function M.main()
-	return core.serve(3, M.handle)
+	return core.serve(3, M.handle, 4)
 end
 
 return M
