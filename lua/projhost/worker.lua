@@ -488,10 +488,12 @@ local function error_action(def, part, e, err)
 		-- partitioned ones the stream version
 		if part == "" then
 			ok, xerr, xcode = x([[UPDATE projhost.checkpoints SET last_tx = $3::xid8, last_pos = $4,
-				updated_at = now() WHERE projection = $1 AND partition = $2]], def.name, part, e.tx, e.position)
+				error = NULL, updated_at = now() WHERE projection = $1 AND partition = $2]],
+				def.name, part, e.tx, e.position)
 		else
 			ok, xerr, xcode = x([[UPDATE projhost.checkpoints SET last_pos = $3,
-				updated_at = now() WHERE projection = $1 AND partition = $2]], def.name, part, e.version)
+				error = NULL, updated_at = now() WHERE projection = $1 AND partition = $2]],
+				def.name, part, e.version)
 		end
 		if ok and action == "park" then
 			ok, xerr, xcode = x([[INSERT INTO projhost.parked (projection, partition, global_position,
@@ -622,7 +624,7 @@ function run_batch(def, limit)
 	if n > 0 then
 		local last = events[n]
 		ok, err, code = x([[UPDATE projhost.checkpoints SET state = $2::jsonb, last_tx = $3::xid8,
-			last_pos = $4, script_hash = $5, updated_at = now()
+			last_pos = $4, script_hash = $5, error = NULL, updated_at = now()
 			WHERE projection = $1 AND partition = '']],
 			def.name, encode_state(def, state), last.tx, last.position, def.hash)
 		if not ok then return "dberror", 0, dberror(def, err, code) end
@@ -804,7 +806,7 @@ local function run_partitions(def, parts, stop_at)
 
 	if #up_p > 0 then
 		ok, err, code = x([[UPDATE projhost.checkpoints c SET state = u.s::jsonb, last_pos = u.v,
-			script_hash = $5, updated_at = now()
+			script_hash = $5, error = NULL, updated_at = now()
 			FROM unnest($2::text[], $3::text[], $4::bigint[]) AS u(p, s, v)
 			WHERE c.projection = $1 AND c.partition = u.p]],
 			def.name, pg_text_array(up_p), pg_text_array(up_s), "{" .. table.concat(up_v, ",") .. "}", def.hash)
