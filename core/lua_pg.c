@@ -48,12 +48,6 @@ static int push_error(lua_State *L, PGconn *conn, PGresult *res)
 	return 3;
 }
 
-static void quiet_notices(void *arg, const char *msg)
-{
-	(void)arg;
-	(void)msg;
-}
-
 int ph_l_connect(lua_State *L)
 {
 	const char *dsn = luaL_optstring(L, 1, "");
@@ -68,9 +62,6 @@ int ph_l_connect(lua_State *L)
 		free(err);
 		return 3;
 	}
-	/* Our notices (e.g. "relation already exists, skipping") are noise in
-	 * logs; errors still come back through results. */
-	PQsetNoticeProcessor(conn, quiet_notices, NULL);
 	c = lua_newuserdata(L, sizeof(*c));
 	c->conn = conn;
 	luaL_getmetatable(L, PH_CONN_MT);

@@ -10,13 +10,16 @@
  *                                                  "<position>:<budget>", an event
  *                                                  whose handler was killed
  *                     "find\t<projection>\t<cursor>"  list partitions that are behind
+ *                     "reload"                      load the files again (between jobs)
  *                     "quit"                        exit after this
- *   worker -> master  "proj\t<name>\t<kind>\t<value>\t<partitioned>\t<budget>" and
- *                     "error\t<message>" lines, then "ready"
+ *   worker -> master  "proj\t<name>\t<kind>\t<value>\t<partitioned>\t<budget>\t<hash>"
+ *                     and "error\t<message>\t<kept projection>" lines, then "ready"
  *                     "done\t<projection>\t<count>" then a line
  *                     "<partition>\t<status>\t<delay>" per partition of the job
  *                     "found\t<projection>\t<more|idle>\t<cursor>" then one
  *                     partition per line
+ * A "\t!relist" line in any answer asks for a reload of every worker (a
+ * shadow rebuild switched over).
  * Statuses: more (batch was full), idle (caught up), held (events waiting
  * behind the xmin horizon), locked (another worker or instance has it),
  * retry (handler asked for a delay), dberror, failed, stopped, paused.
@@ -28,6 +31,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <unistd.h>
+#include <sys/stat.h>
 
 #include <uv.h>
 
@@ -59,6 +63,8 @@ struct worker {
 	struct ph_qentry *jobs[PH_GROUP];	/* in flight */
 	int njobs;
 	struct ph_beat *beat;	/* shared heartbeat page (see beat.h) */
+	unsigned gen;		/* load generation of its last init/reload */
+	int reload_pending;	/* reload once its job is done */
 	int killed_pos_valid;
 	int64_t killed_pos;	/* the watchdog killed it on this event */
 	double killed_budget;
@@ -72,6 +78,7 @@ struct proj {
 	int settled;		/* last batch found nothing more to do (for --once) */
 	char *cursor;		/* partition discovery resumes after this stream */
 	double budget;		/* seconds a handler may run before its worker is killed */
+	char hash[24];		/* of the script, for "reloaded NAME (hash a->b)" */
 };
 
 struct master {
@@ -100,6 +107,12 @@ struct master {
 	struct proj *projs;
 	int nprojs;
 	int have_projs;		/* projs came from a worker's init answer */
+	unsigned gen;		/* load generation: bumped by each reload request */
+	unsigned adopted_gen;	/* generation whose answer projs come from */
+	uint64_t signature;	/* of the adopted (name, hash) set */
+	uv_fs_event_t *watchers;
+	int nwatchers;
+	uv_timer_t debounce;
 	unsigned long round_work;	/* --once: events applied since the last full round */
 	int load_errors;
 
@@ -110,6 +123,7 @@ struct master {
 static void dispatch(struct master *m);
 static void spawn_worker(struct master *m, int slot);
 static void listen_connect(struct master *m);
+static void on_reconnect(uv_timer_t *t);
 
 /* ---- helpers ---- */
 
@@ -241,26 +255,48 @@ static void on_handle_closed(uv_handle_t *h)
 
 static void check_done(struct master *m);
 
-/* The init answer: which projections loaded, which files failed. */
+static uint64_t fnv(const char *s, uint64_t h)
+{
+	for (; *s; s++) {
+		h ^= (unsigned char)*s;
+		h *= 1099511628211ULL;
+	}
+	return h;
+}
+
+static void request_reload(struct master *m, const char *why);
+static void send_reload(struct worker *w);
+
+/* An init or reload answer: which projections loaded, which files failed.
+ * The first answer of a load generation becomes the master's list (and is
+ * what gets logged); later ones of the same generation are only compared,
+ * and a difference (a file changed between two workers' reads) asks for
+ * another round. */
 static void handle_ready(struct worker *w, char *msg)
 {
 	struct master *m = w->m;
-	int adopt = !m->have_projs;
+	int adopt = !m->have_projs || w->gen != m->adopted_gen;
+	struct proj *old = m->projs, *np;
+	int nold = m->nprojs, initial = !m->have_projs;
+	uint64_t sig = 0;
 	char *line, *save = NULL;
 
+	if (w->gen != m->gen)
+		adopt = 0;	/* an answer to an older request: a newer one is on its way */
 	if (adopt) {
-		free_projs(m);
+		m->projs = NULL;
+		m->nprojs = 0;
 		m->load_errors = 0;
 	}
 	for (line = strtok_r(msg, "\n", &save); line; line = strtok_r(NULL, "\n", &save)) {
-		char *f[7];
-		int n = split_tabs(line, f, 7);
+		char *f[8];
+		int n = split_tabs(line, f, 8);
 
-		if (!adopt)
-			continue;
 		if (strcmp(f[0], "proj") == 0 && n >= 5) {
-			struct proj *np = realloc(m->projs, sizeof(*np) * (size_t)(m->nprojs + 1));
-
+			sig ^= fnv(n >= 7 ? f[6] : "", fnv(f[1], 1469598103934665603ULL));
+			if (!adopt)
+				continue;
+			np = realloc(m->projs, sizeof(*np) * (size_t)(m->nprojs + 1));
 			if (!np)
 				continue;
 			m->projs = np;
@@ -271,25 +307,91 @@ static void handle_ready(struct worker *w, char *msg)
 			np->value = strdup(f[3]);
 			np->partitioned = atoi(f[4]);
 			np->budget = n >= 6 ? atof(f[5]) : 0;
-		} else if (strcmp(f[0], "error") == 0) {
+			snprintf(np->hash, sizeof(np->hash), "%s", n >= 7 ? f[6] : "");
+		} else if (strcmp(f[0], "error") == 0 && adopt) {
 			m->load_errors++;
+			if (n >= 3 && *f[2])
+				ph_log(PH_ERROR, "host", "%s; keeping the previous version of %s", f[1], f[2]);
+			else
+				ph_log(PH_ERROR, "host", "projection not loaded: %s", n >= 2 ? f[1] : "?");
 		}
 	}
 	w->ready = 1;
 	m->startup_failures = 0;
-	if (adopt) {
-		m->have_projs = 1;
+	if (w->reload_pending)
+		send_reload(w);	/* asked again while it was loading */
+	if (!adopt) {
+		if (m->have_projs && w->gen == m->adopted_gen && sig != m->signature)
+			request_reload(m, "workers read different versions of the files");
+		dispatch(m);
+		return;
+	}
+	m->have_projs = 1;
+	m->adopted_gen = w->gen;
+	m->signature = sig;
+	/* say what changed */
+	for (int i = 0; !initial && i < m->nprojs; i++) {
+		struct proj *p = &m->projs[i];
+		struct proj *o = NULL;
+
+		for (int j = 0; j < nold; j++)
+			if (strcmp(old[j].name, p->name) == 0)
+				o = &old[j];
+		if (!o)
+			ph_log(PH_INFO, p->name, "loaded (hash %s)", p->hash);
+		else if (strcmp(o->hash, p->hash) != 0)
+			ph_log(PH_INFO, p->name, "reloaded (hash %s -> %s)", o->hash, p->hash);
+		if (o && o->cursor)
+			p->cursor = strdup(o->cursor);
+	}
+	for (int j = 0; !initial && j < nold; j++) {
+		if (!find_proj(m, old[j].name) && !strchr(old[j].name, '@'))
+			ph_log(PH_INFO, old[j].name, "stopped: its file is gone (state and checkpoints kept)");
+	}
+	for (int j = 0; j < nold; j++) {
+		free(old[j].name);
+		free(old[j].value);
+		free(old[j].cursor);
+	}
+	free(old);
+	if (initial)
 		ph_log(PH_INFO, "host", "serving %d projection%s%s", m->nprojs,
 		       m->nprojs == 1 ? "" : "s",
 		       m->load_errors ? " (some files failed to load, see above)" : "");
-		if (m->nprojs == 0 && m->cfg->once) {
-			m->rc = 1;
-			check_done(m);
-			return;
-		}
-		wake_all(m);
+	if (m->nprojs == 0 && m->cfg->once) {
+		m->rc = 1;
+		check_done(m);
+		return;
 	}
-	dispatch(m);
+	wake_all(m);
+}
+
+static void send_reload(struct worker *w)
+{
+	w->reload_pending = 0;
+	w->ready = 0;		/* no jobs until it answers */
+	w->gen = w->m->gen;
+	send_frame(w, "reload", 6);
+}
+
+/* Reload every worker between batches: idle ones now, busy ones when
+ * their batch is done. Never inside a batch. */
+static void request_reload(struct master *m, const char *why)
+{
+	if (m->stopping)
+		return;
+	m->gen++;
+	ph_log(PH_INFO, "host", "%s: reloading projections", why);
+	for (int i = 0; i < m->nworkers; i++) {
+		struct worker *w = m->workers[i];
+
+		if (!w || w->quitting)
+			continue;
+		if (w->ready && !w->njobs)
+			send_reload(w);
+		else
+			w->reload_pending = 1;
+	}
 }
 
 /* Put a finished entry back according to its status. */
@@ -357,7 +459,13 @@ static void handle_done(struct worker *w, char *msg)
 	char find_status[16] = "idle";
 	uint64_t now = now_ms(m);
 
+	int relist = 0;
+
 	for (line = strtok_r(msg, "\n", &save); line; line = strtok_r(NULL, "\n", &save)) {
+		if (strcmp(line, "\t!relist") == 0) {
+			relist = 1;
+			continue;
+		}
 		if (first) {
 			int n = split_tabs(line, f, 4);
 
@@ -407,8 +515,12 @@ static void handle_done(struct worker *w, char *msg)
 		if (w->jobs[i])
 			entry_done(m, w->jobs[i], "more", 0);
 	w->njobs = 0;
+	if (relist)
+		request_reload(m, "the projection list changed (a shadow rebuild)");
 	if (w->quitting || m->stopping)
 		send_quit(w);
+	else if (w->reload_pending)
+		send_reload(w);
 	check_done(m);
 	dispatch(m);
 }
@@ -568,6 +680,7 @@ static void spawn_worker(struct master *m, int slot)
 		return;
 	}
 	w->open_handles = 2;
+	w->gen = m->gen;
 	m->workers[slot] = w;
 	m->alive++;
 	ph_log(PH_DEBUG, "host", "worker %d started (pid %d)", slot, w->proc.pid);
@@ -737,7 +850,7 @@ static void listen_lost(struct master *m, const char *why)
 	PQfinish(m->lconn);
 	m->lconn = NULL;
 	m->lfailures = 1;
-	uv_timer_start(&m->reconnect, (uv_timer_cb)listen_connect, 500, 0);
+	uv_timer_start(&m->reconnect, on_reconnect, 500, 0);
 }
 
 static void on_listen_readable(uv_poll_t *h, int status, int events)
@@ -805,7 +918,7 @@ static void listen_connect(struct master *m)
 		if (m->lfailures++ == 0)
 			ph_log(PH_ERROR, "host", "database unreachable: %s; retrying with backoff", err);
 		free(err);
-		uv_timer_start(&m->reconnect, (uv_timer_cb)listen_connect, ms, 0);
+		uv_timer_start(&m->reconnect, on_reconnect, ms, 0);
 		return;
 	}
 	PQsetnonblocking(c, 1);
@@ -823,6 +936,11 @@ static void listen_connect(struct master *m)
 	/* Anything appended while we were not listening: catch up. */
 	if (m->have_projs)
 		wake_all(m);
+}
+
+static void on_reconnect(uv_timer_t *t)
+{
+	listen_connect(t->data);
 }
 
 /* ---- signals, timers ---- */
@@ -866,19 +984,7 @@ static void on_signal(uv_signal_t *h, int sig)
 	struct master *m = h->data;
 
 	if (sig == SIGHUP) {
-		/* Roll the workers: each finishes its batch, exits, and is
-		 * replaced by one that loads the files afresh. */
-		ph_log(PH_INFO, "host", "SIGHUP: reloading projections");
-		m->have_projs = 0;
-		for (int i = 0; i < m->nworkers; i++) {
-			struct worker *w = m->workers[i];
-
-			if (w && !w->quitting) {
-				w->quitting = 1;
-				if (!w->njobs)
-					send_quit(w);
-			}
-		}
+		request_reload(m, "SIGHUP");
 		return;
 	}
 	if (m->stopping) {
@@ -900,6 +1006,68 @@ static void on_signal(uv_signal_t *h, int sig)
 			w->quitting = 1;
 	}
 	check_done(m);
+}
+
+/* ---- watching the projection files ---- */
+
+static void on_debounced(uv_timer_t *t)
+{
+	request_reload(t->data, "files changed");
+}
+
+/* An editor's save is often several events (write a temp file, rename it
+ * over, chmod): wait for a quiet moment, then reload once. */
+static void on_fs_event(uv_fs_event_t *h, const char *filename, int events, int status)
+{
+	struct master *m = h->loop->data;
+	const char *only = h->data;	/* a watched file: its basename */
+	size_t n = filename ? strlen(filename) : 0;
+
+	(void)events;
+	if (status < 0)
+		return;
+	if (filename && only && strcmp(filename, only) != 0)
+		return;
+	if (filename && !only && (n < 4 || strcmp(filename + n - 4, ".lua") != 0 || filename[0] == '.'))
+		return;
+	uv_timer_start(&m->debounce, on_debounced, 150, 0);
+}
+
+/* Watch each served path: a directory itself, a file through its
+ * directory (editors replace files by renaming, which ends a watch on the
+ * file's inode). */
+static void start_watchers(struct master *m)
+{
+	m->watchers = calloc((size_t)m->cfg->npaths, sizeof(*m->watchers));
+	if (!m->watchers)
+		return;
+	for (int i = 0; i < m->cfg->npaths; i++) {
+		const char *path = m->cfg->paths[i];
+		uv_fs_event_t *h = &m->watchers[i];
+		uv_fs_t req;
+		char dir[4096];
+		const char *watch = path;
+		int r;
+
+		h->data = NULL;
+		r = uv_fs_stat(m->loop, &req, path, NULL);
+		if (r == 0 && !(req.statbuf.st_mode & S_IFDIR)) {
+			const char *slash = strrchr(path, '/');
+
+			snprintf(dir, sizeof(dir), "%.*s", slash ? (int)(slash - path) : 1, slash ? path : ".");
+			watch = dir;
+			h->data = (void *)(slash ? slash + 1 : path);
+		}
+		uv_fs_req_cleanup(&req);
+		uv_fs_event_init(m->loop, h);
+		r = uv_fs_event_start(h, on_fs_event, watch, 0);
+		if (r != 0) {
+			ph_log(PH_WARN, "host", "cannot watch %s (%s): reload with SIGHUP", watch, uv_strerror(r));
+			uv_close((uv_handle_t *)h, NULL);
+			continue;
+		}
+		m->nwatchers++;
+	}
 }
 
 static void close_walk(uv_handle_t *h, void *arg)
@@ -947,6 +1115,9 @@ int ph_master_run(const struct ph_master_cfg *cfg)
 	uv_timer_init(&loop, &m.due);
 	uv_timer_init(&loop, &m.respawn);
 	uv_timer_init(&loop, &m.watchdog);
+	uv_timer_init(&loop, &m.debounce);
+	m.debounce.data = &m;
+	loop.data = &m;
 	m.reconnect.data = m.fallback.data = m.due.data = m.respawn.data = m.watchdog.data = &m;
 	uv_timer_start(&m.watchdog, on_watchdog, 100, 100);
 	uv_signal_init(&loop, &m.sigint);
@@ -964,6 +1135,7 @@ int ph_master_run(const struct ph_master_cfg *cfg)
 
 		listen_connect(&m);
 		uv_timer_start(&m.fallback, on_fallback, ms, ms);
+		start_watchers(&m);
 	}
 	uv_run(&loop, UV_RUN_DEFAULT);
 
@@ -979,6 +1151,7 @@ int ph_master_run(const struct ph_master_cfg *cfg)
 	ph_queue_free(&m.q);
 	free_projs(&m);
 	free(m.workers);
+	free(m.watchers);
 	free(m.init_msg);
 	return m.rc;
 }

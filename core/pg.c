@@ -33,14 +33,25 @@ static void one_line(char *s)
 		s[n - 1] = '\0';
 }
 
+/* Server notices ("relation already exists, skipping", "terminating
+ * connection due to administrator command") would go to stderr raw,
+ * without time or level; what matters comes back as errors anyway. */
+static void quiet_notices(void *arg, const char *msg)
+{
+	(void)arg;
+	(void)msg;
+}
+
 PGconn *ph_pg_connect(const char *dsn, char **err)
 {
 	PGconn *conn = PQconnectdb(dsn ? dsn : "");
 	char where[512], msg[1024];
 
 	*err = NULL;
-	if (conn && PQstatus(conn) == CONNECTION_OK)
+	if (conn && PQstatus(conn) == CONNECTION_OK) {
+		PQsetNoticeProcessor(conn, quiet_notices, NULL);
 		return conn;
+	}
 	snprintf(msg, sizeof(msg), "%s", conn ? PQerrorMessage(conn) : "out of memory");
 	one_line(msg);
 	/* libpq already says "connection to server at ... failed: reason"; only

@@ -301,9 +301,10 @@ function h.connect(dsn)
 	return conn
 end
 
-local function cleanup()
-	if state.cleaned then return end
-	state.cleaned = true
+-- Stop every process h.spawn started (SIGTERM, then SIGKILL after 5 s).
+-- Spec files call it in after_each: a host left over from a failed test
+-- would otherwise process the next test's database of the same name.
+function h.stop_all()
 	for _, p in ipairs(state.procs) do
 		if p:alive() then
 			p:kill(15)
@@ -313,6 +314,13 @@ local function cleanup()
 			end
 		end
 	end
+	state.procs = {}
+end
+
+local function cleanup()
+	if state.cleaned then return end
+	state.cleaned = true
+	h.stop_all()
 	if state.pg then
 		local code, _, err = h.run({ "db", "stop" }, { env = { PROJHOST_HOME = state.pg.home } })
 		if code ~= 0 then io.stderr:write("spec/helpers: stopping the test cluster: ", err) end

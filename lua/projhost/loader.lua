@@ -25,7 +25,7 @@ end
 local FIELDS = {
 	name = true, version = true, from = true, partition = true, setup = true,
 	reset = true, init = true, when = true, on_error = true, caught_up = true,
-	options = true,
+	options = true, rebuild = true,
 }
 
 local FROM_FIELDS = { all = true, stream = true, category = true, types = true }
@@ -416,6 +416,16 @@ local function validate(t, path, src_lines)
 		return fail("options", t.options, "'options' must be a table")
 	end
 	def.options = t.options or {}
+
+	-- How a version change rebuilds: "shadow" (new state and checkpoints
+	-- beside the serving version, switched over once caught up) or
+	-- "in_place" (run `reset`, start over). A projection with `reset` SQL
+	-- clears shared tables, so it rebuilds in place unless it says otherwise.
+	if t.rebuild ~= nil and t.rebuild ~= "shadow" and t.rebuild ~= "in_place" then
+		return fail("rebuild", t.rebuild, "'rebuild' must be \"shadow\" or \"in_place\" (got "
+			.. tostring(t.rebuild) .. ")")
+	end
+	def.rebuild = t.rebuild or (#def.reset > 0 and "in_place" or "shadow")
 
 	-- The types this projection can see, for the worker's SQL filter.
 	local filter

@@ -169,17 +169,30 @@ end
 -- the ctx backend: the batch's own connection, inside its transaction
 
 local failed_sql  -- first SQL error seen while running the current event
+local failed_code -- and its SQLSTATE
+
+-- Did the current event fail because the database went away (connection
+-- lost, server shutting down) rather than because of the event? Then it
+-- is not the event's fault: the batch is redone, nothing counted against it.
+-- (57014, a statement timeout, is the event's own doing.)
+local function db_fault()
+	if not conn or not conn:ok() then return true end
+	return failed_code ~= nil and (failed_code:match("^08") ~= nil or failed_code:match("^57P") ~= nil)
+end
 
 local function backend_for(def)
 	local b = {}
+	local function note(err, code)
+		if not failed_sql then failed_sql, failed_code = err .. " [" .. tostring(code) .. "]", code end
+	end
 	function b.exec(sql, ...)
 		local n, err, code = conn:exec(sql, ...)
-		if not n then failed_sql = failed_sql or (err .. " [" .. tostring(code) .. "]") end
+		if not n then note(err, code) end
 		return n, err, code
 	end
 	function b.query(sql, ...)
 		local rows, err, code = conn:query(sql, ...)
-		if not rows then failed_sql = failed_sql or (err .. " [" .. tostring(code) .. "]") end
+		if not rows then note(err, code) end
 		return rows, err, code
 	end
 	function b.emit(stream, etype, data, metadata)
@@ -193,18 +206,18 @@ local function backend_for(def)
 				md.correlation_id = ev.metadata and ev.metadata.correlation_id or ev.id
 			end
 		end
-		if md.projection == nil then md.projection = def.name end
+		if md.projection == nil then md.projection = def.cp end
 		local body = json.encode({ { type = etype, data = data or {}, metadata = md } })
 		local rows, err, code = conn:query("SELECT projhost.append($1, NULL, $2::jsonb) AS version", stream, body)
 		if not rows then
-			failed_sql = failed_sql or (err .. " [" .. tostring(code) .. "]")
+			note(err, code)
 			return nil, err, code
 		end
 		return tonumber(rows[1].version)
 	end
 	function b.log(level, msg)
 		local ev = b.ctx and b.ctx.event
-		log(level, def.name, ev and ("pos=" .. ev.position .. " " .. msg) or msg)
+		log(level, def.cp, ev and ("pos=" .. ev.position .. " " .. msg) or msg)
 	end
 	return b
 end
@@ -238,11 +251,11 @@ local function decide(def, err, e, attempt)
 	if not def.on_error then return default_action(attempt) end
 	local ok, action, delay = pcall(def.on_error, err, e, attempt)
 	if not ok then
-		log("error", def.name, "on_error itself failed (" .. first_line(action) .. "); using the default action")
+		log("error", def.cp, "on_error itself failed (" .. first_line(action) .. "); using the default action")
 		return default_action(attempt)
 	end
 	if not ACTIONS[action] then
-		log("error", def.name, "on_error returned " .. tostring(action) ..
+		log("error", def.cp, "on_error returned " .. tostring(action) ..
 			", expected retry|skip|park|fail|stop; using the default action")
 		return default_action(attempt)
 	end
@@ -259,22 +272,22 @@ end
 local function lock_checkpoint(def, part)
 	local rows, err, code = q([[SELECT version, state::text AS state, last_tx::text AS last_tx,
 		last_pos, status FROM projhost.checkpoints
-		WHERE projection = $1 AND partition = $2 FOR UPDATE SKIP LOCKED]], def.name, part)
+		WHERE projection = $1 AND partition = $2 FOR UPDATE SKIP LOCKED]], def.cp, part)
 	if not rows then return nil, err, code end
 	return rows[1] or false
 end
 
 local function encode_state(def, state)
 	local s, err = P.encode_state(state)
-	if not s then error(def.name .. ": " .. err, 0) end
+	if not s then error(def.cp .. ": " .. err, 0) end
 	return s
 end
 
 -- setup SQL and the projection's own checkpoint row, once per connection
 local function ensure_setup(def)
-	if setup_done[def.name] then return true end
+	if setup_done[def.cp] then return true end
 	local ok, err, code = x([[INSERT INTO projhost.checkpoints (projection, partition, version)
-		VALUES ($1, '', $2) ON CONFLICT DO NOTHING]], def.name, def.version)
+		VALUES ($1, '', $2) ON CONFLICT DO NOTHING]], def.cp, def.version)
 	if not ok then return nil, err, code end
 	if #def.setup > 0 then
 		x("BEGIN")
@@ -290,13 +303,13 @@ local function ensure_setup(def)
 		ok, err, code = x("COMMIT")
 		if not ok then return nil, err, code end
 	end
-	setup_done[def.name] = true
+	setup_done[def.cp] = true
 	return true
 end
 
 local function set_status(def, part, status, msg)
 	x([[UPDATE projhost.checkpoints SET status = $3, error = $4, updated_at = now()
-		WHERE projection = $1 AND partition = $2]], def.name, part, status, msg)
+		WHERE projection = $1 AND partition = $2]], def.cp, part, status, msg)
 end
 
 local db_failures = 0
@@ -312,7 +325,7 @@ local function dberror(def, err, code)
 	rollback()
 	if conn and not conn:ok() then drop_conn() end
 	if db_failures == 0 or not db_down then
-		log("warn", def.name, "batch rolled back: " .. tostring(err) .. (code and (" [" .. code .. "]") or ""))
+		log("warn", def.cp, "batch rolled back: " .. tostring(err) .. (code and (" [" .. code .. "]") or ""))
 	end
 	return backoff()
 end
@@ -323,11 +336,11 @@ end
 -- which batches of partitioned projections hold shared.
 local function reset_projection(def)
 	local ok, err, code = x("BEGIN")
-	if ok then ok, err, code = x("SELECT pg_advisory_xact_lock(hashtext('projhost:' || $1))", def.name) end
+	if ok then ok, err, code = x("SELECT pg_advisory_xact_lock(hashtext('projhost:' || $1))", def.cp) end
 	local rows
 	if ok then
 		rows, err, code = q([[SELECT version FROM projhost.checkpoints
-			WHERE projection = $1 AND partition = '' FOR UPDATE]], def.name)
+			WHERE projection = $1 AND partition = '' FOR UPDATE]], def.cp)
 		ok = rows
 	end
 	if not ok then return nil, err, code end
@@ -340,48 +353,119 @@ local function reset_projection(def)
 			return nil, "reset statement " .. i .. " failed: " .. err, code, true
 		end
 	end
-	ok, err, code = x("DELETE FROM projhost.checkpoints WHERE projection = $1 AND partition <> ''", def.name)
+	ok, err, code = x("DELETE FROM projhost.checkpoints WHERE projection = $1 AND partition <> ''", def.cp)
 	if ok then
 		ok, err, code = x([[UPDATE projhost.checkpoints SET version = $2, state = NULL, last_tx = '0',
 			last_pos = 0, status = 'running', error = NULL, updated_at = now()
-			WHERE projection = $1 AND partition = '']], def.name, def.version)
+			WHERE projection = $1 AND partition = '']], def.cp, def.version)
 	end
 	if ok then ok, err, code = x("COMMIT") end
 	if not ok then return nil, err, code end
 	for k in pairs(caught) do
-		if k:sub(1, #def.name + 1) == def.name .. "\t" then caught[k] = nil end
+		if k:sub(1, #def.cp + 1) == def.cp .. "\t" then caught[k] = nil end
 	end
-	log("info", def.name, string.format("version %s -> %d: reset, rebuilding from the start",
+	log("info", def.cp, string.format("version %s -> %d: reset, rebuilding from the start",
 		tostring(old), def.version))
 	return true
 end
 
 local retry_parked
 
+-- Set when the master's list of projections is out of date (a shadow was
+-- switched over, a definition must be registered as a shadow): the reply
+-- then carries a "\t!relist" line and the master reloads every worker.
+local relist = false
+
+-- Another worker switched the shadow def over: serve it under its name.
+local function adopt_promoted(def)
+	defs[def.cp] = nil
+	def.cp, def.shadow_of = def.shadow_of, nil
+	defs[def.cp] = def
+	setup_done[def.cp] = true
+	for k in pairs(caught) do
+		if k:sub(1, #def.cp + 1) == def.cp .. "\t" then caught[k] = nil end
+	end
+	relist = true
+end
+
+-- The shadow def caught up: in one transaction, drop the serving
+-- version's state and checkpoints and give the shadow's rows its name.
+-- Batches of the old version in flight finish first (their locks).
+local function promote(def)
+	local name, shadow = def.shadow_of, def.cp
+	local ok, err, code = x("BEGIN")
+	if ok then ok, err, code = x("SELECT pg_advisory_xact_lock(hashtext('projhost:' || $1))", name) end
+	if ok then ok, err, code = x("SELECT pg_advisory_xact_lock(hashtext('projhost:' || $1))", shadow) end
+	if ok then
+		ok, err, code = q([[SELECT 1 FROM projhost.checkpoints WHERE projection = $1 AND partition = ''
+			FOR UPDATE]], name)
+	end
+	if ok then ok, err, code = x("DELETE FROM projhost.checkpoints WHERE projection = $1", name) end
+	if ok then
+		ok, err, code = x("UPDATE projhost.checkpoints SET projection = $1 WHERE projection = $2", name, shadow)
+	end
+	if ok then
+		ok, err, code = x("UPDATE projhost.parked SET projection = $1 WHERE projection = $2", name, shadow)
+	end
+	if ok then ok, err, code = x("COMMIT") end
+	if not ok then return nil, err, code end
+	log("info", name, string.format("version %d caught up in the shadow: switched over", def.version))
+	adopt_promoted(def)
+	return true
+end
+
 -- Connect, run setup, check the projection's own row: the part every
 -- job starts with. Returns true, or status, delay for the whole job.
 local function prepare(def)
 	if not ensure_conn() then return "dberror", backoff() end
-	local ok, err, code, is_setup = ensure_setup(def)
+	local ok, err, code, is_setup
+	local rows
+	if def.shadow_of then
+		-- switched over meanwhile by another worker or instance?
+		rows = q("SELECT version FROM projhost.checkpoints WHERE projection = $1 AND partition = ''",
+			def.shadow_of)
+		if rows and rows[1] and tonumber(rows[1].version) == def.version then
+			adopt_promoted(def)
+			return "idle", 0
+		end
+	end
+	ok, err, code, is_setup = ensure_setup(def)
 	if not ok then
 		if is_setup then
-			log("error", def.name, def.file .. ": " .. err)
+			log("error", def.cp, def.file .. ": " .. err)
 			set_status(def, "", "failed", err)
 			return "failed", 0
 		end
 		return "dberror", dberror(def, err, code)
 	end
-	local rows
 	rows, err, code = q([[SELECT version, status FROM projhost.checkpoints
-		WHERE projection = $1 AND partition = '']], def.name)
+		WHERE projection = $1 AND partition = '']], def.cp)
 	if not rows then return "dberror", dberror(def, err, code) end
 	local row = rows[1]
-	if not row then setup_done[def.name] = nil; return "more", 0 end
-	if tonumber(row.version) ~= def.version then
+	if not row then setup_done[def.cp] = nil; return "more", 0 end
+	local stored = tonumber(row.version)
+	if stored ~= def.version then
+		local newer = defs[def.cp .. "@" .. stored]
+		if newer and newer.shadow_of == def.cp then
+			-- our shadow was switched over elsewhere: serve it
+			adopt_promoted(newer)
+			return "more", 0
+		end
+		if stored ~= 0 and def.rebuild == "shadow" then
+			-- new code that must rebuild in the shadow: re-register
+			relist = true
+			return "retry", 0.2
+		end
+		if stored > def.version then
+			-- another host already runs a newer version: do not reset it back
+			log("warn", def.cp, string.format("stored version %d is newer than %s (version %d); not touching it",
+				stored, def.file, def.version))
+			return "retry", 5
+		end
 		ok, err, code, is_setup = reset_projection(def)
 		if not ok then
 			if is_setup then
-				log("error", def.name, def.file .. ": " .. err)
+				log("error", def.cp, def.file .. ": " .. err)
 				set_status(def, "", "failed", err)
 				return "failed", 0
 			end
@@ -400,12 +484,12 @@ end
 -- One progress line per projection per second at most, so a catch-up of
 -- millions of events does not flood the log and a live event still shows.
 local function report(def, n, where, force)
-	local p = progress[def.name]
-	if not p then p = { at = 0, n = 0 }; progress[def.name] = p end
+	local p = progress[def.cp]
+	if not p then p = { at = 0, n = 0 }; progress[def.cp] = p end
 	p.n = p.n + n
 	local now = core.monotime()
 	if p.n > 0 and (force or now - p.at >= 1) then
-		log("info", def.name, string.format("%sapplied %d event%s", where, p.n, p.n == 1 and "" or "s"))
+		log("info", def.cp, string.format("%sapplied %d event%s", where, p.n, p.n == 1 and "" or "s"))
 		p.at, p.n = now, 0
 	end
 end
@@ -423,7 +507,7 @@ local out_of_memory = false
 -- Apply one event; returns ok, new state or error text. core.beat tells the
 -- master's watchdog which event is running since when.
 local function apply(def, state, e, ctx)
-	local o = overrun[def.name]
+	local o = overrun[def.cp]
 	if o and o[e.position] then
 		local budget = o[e.position]
 		o[e.position] = nil
@@ -431,7 +515,7 @@ local function apply(def, state, e, ctx)
 			def.file, e.type, budget)
 	end
 	ctx.event = e
-	failed_sql = nil
+	failed_sql, failed_code = nil, nil
 	core.beat(e.position)
 	local ok, res = xpcall(P.apply, traceback, def, state, e, ctx)
 	core.beat()
@@ -460,6 +544,7 @@ end
 -- Returns status, delay.
 local function error_action(def, part, e, err)
 	local where = string.format("pos=%d event %s@%d (%s)", e.position, e.stream, e.version, e.type)
+	if not ensure_conn() then return "dberror", backoff() end
 	local ok, xerr, xcode = x("BEGIN")
 	local row
 	if ok then
@@ -473,11 +558,11 @@ local function error_action(def, part, e, err)
 		SET attempts = CASE WHEN retry_pos = $3 THEN attempts + 1 ELSE 1 END,
 			retry_pos = $3, error = $4, updated_at = now()
 		WHERE projection = $1 AND partition = $2 RETURNING attempts]],
-		def.name, part, e.position, where .. ": " .. first_line(err))
+		def.cp, part, e.position, where .. ": " .. first_line(err))
 	if not rows then return "dberror", dberror(def, xerr, xcode) end
 	local attempt = tonumber(rows[1].attempts)
 	local action, delay = decide(def, err, e, attempt)
-	log("error", def.name, string.format("%s failed (attempt %d): %s -> %s%s", where, attempt,
+	log("error", def.cp, string.format("%s failed (attempt %d): %s -> %s%s", where, attempt,
 		first_line(err), action, action == "retry" and string.format(" in %.2fs", delay) or ""))
 	local status = "more"
 	ok = true
@@ -489,27 +574,27 @@ local function error_action(def, part, e, err)
 		if part == "" then
 			ok, xerr, xcode = x([[UPDATE projhost.checkpoints SET last_tx = $3::xid8, last_pos = $4,
 				error = NULL, updated_at = now() WHERE projection = $1 AND partition = $2]],
-				def.name, part, e.tx, e.position)
+				def.cp, part, e.tx, e.position)
 		else
 			ok, xerr, xcode = x([[UPDATE projhost.checkpoints SET last_pos = $3,
 				error = NULL, updated_at = now() WHERE projection = $1 AND partition = $2]],
-				def.name, part, e.version)
+				def.cp, part, e.version)
 		end
 		if ok and action == "park" then
 			ok, xerr, xcode = x([[INSERT INTO projhost.parked (projection, partition, global_position,
 				event_id, stream_id, stream_version, event_type, error, attempts)
-				VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)]], def.name, part, e.position, e.id,
+				VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)]], def.cp, part, e.position, e.id,
 				e.stream, e.version, e.type, first_line(err), attempt)
 		end
 	elseif action == "fail" then
 		status = "failed"
 		ok, xerr, xcode = x([[UPDATE projhost.checkpoints SET status = 'failed', updated_at = now()
-			WHERE projection = $1 AND partition = $2]], def.name, part)
+			WHERE projection = $1 AND partition = $2]], def.cp, part)
 	else
 		-- stop: the whole projection, whatever the partition
 		status = "stopped"
 		ok, xerr, xcode = x([[UPDATE projhost.checkpoints SET status = 'stopped', error = $2, updated_at = now()
-			WHERE projection = $1 AND partition = '']], def.name, where .. ": " .. first_line(err))
+			WHERE projection = $1 AND partition = '']], def.cp, where .. ": " .. first_line(err))
 	end
 	if ok then ok, xerr, xcode = x("COMMIT") end
 	if not ok then return "dberror", dberror(def, xerr, xcode) end
@@ -534,10 +619,10 @@ local parked_checked = {}
 
 function retry_parked(def)
 	local now = core.monotime()
-	if now - (parked_checked[def.name] or 0) < 1 then return end
-	parked_checked[def.name] = now
+	if now - (parked_checked[def.cp] or 0) < 1 then return end
+	parked_checked[def.cp] = now
 	local list = q([[SELECT id, partition, global_position FROM projhost.parked
-		WHERE projection = $1 AND retry_requested ORDER BY global_position LIMIT 100]], def.name)
+		WHERE projection = $1 AND retry_requested ORDER BY global_position LIMIT 100]], def.cp)
 	if not list or #list == 0 then return end
 	local ctx = ctx_for(def)
 	for _, p in ipairs(list) do
@@ -554,15 +639,15 @@ function retry_parked(def)
 			local okh, res = apply(def, state, e, ctx)
 			if okh then
 				ok = x([[UPDATE projhost.checkpoints SET state = $3::jsonb, updated_at = now()
-					WHERE projection = $1 AND partition = $2]], def.name, p.partition, encode_state(def, res))
+					WHERE projection = $1 AND partition = $2]], def.cp, p.partition, encode_state(def, res))
 				if ok and x("COMMIT") then
-					log("info", def.name, string.format("pos=%d parked event applied on retry", e.position))
+					log("info", def.cp, string.format("pos=%d parked event applied on retry", e.position))
 				else
 					rollback()
 				end
 			else
 				rollback()
-				log("error", def.name, string.format("pos=%d parked event failed again: %s", e.position,
+				log("error", def.cp, string.format("pos=%d parked event failed again: %s", e.position,
 					first_line(res)))
 				x([[UPDATE projhost.parked SET retry_requested = false, attempts = attempts + 1,
 					error = $2, parked_at = now() WHERE id = $1]], p.id, first_line(res))
@@ -606,6 +691,7 @@ function run_batch(def, limit)
 		events[i] = e
 		local res
 		ok, res = apply(def, state, e, ctx)
+		if not ok and db_fault() then return "dberror", 0, dberror(def, first_line(res), failed_code) end
 		if not ok then
 			-- nothing of this batch committed: commit the events before
 			-- the failing one, then apply the error action to it
@@ -626,12 +712,12 @@ function run_batch(def, limit)
 		ok, err, code = x([[UPDATE projhost.checkpoints SET state = $2::jsonb, last_tx = $3::xid8,
 			last_pos = $4, script_hash = $5, error = NULL, updated_at = now()
 			WHERE projection = $1 AND partition = '']],
-			def.name, encode_state(def, state), last.tx, last.position, def.hash)
+			def.cp, encode_state(def, state), last.tx, last.position, def.hash)
 		if not ok then return "dberror", 0, dberror(def, err, code) end
 		last_pos = last.position
 	end
 
-	local status, key = "more", def.name .. "\t"
+	local status, key = "more", def.cp .. "\t"
 	if not limit and n < BATCH then
 		if held_back(def) then
 			status = "held"
@@ -642,7 +728,7 @@ function run_batch(def, limit)
 				local okc, cerr = xpcall(def.caught_up, traceback, ctx)
 				if not okc or failed_sql then
 					rollback()
-					log("error", def.name, "caught_up failed: " .. first_line(cerr or failed_sql))
+					log("error", def.cp, "caught_up failed: " .. first_line(cerr or failed_sql))
 					return "retry", 0, 1
 				end
 			end
@@ -654,9 +740,14 @@ function run_batch(def, limit)
 
 	if n == BATCH then caught[key] = nil end
 	report(def, n, string.format("pos=%d ", last_pos), status == "idle" and not caught[key])
+	if status == "idle" and def.shadow_of then
+		ok, err, code = promote(def)
+		if not ok then return "dberror", n, dberror(def, err, code) end
+		return "idle", n, 0
+	end
 	if status == "idle" and not caught[key] then
 		caught[key] = true
-		log("info", def.name, string.format("pos=%d caught up", last_pos))
+		log("info", def.cp, string.format("pos=%d caught up", last_pos))
 	end
 	return status, n, 0
 end
@@ -696,16 +787,16 @@ local function run_partitions(def, parts, stop_at)
 
 	local ok, err, code = x("BEGIN")
 	-- shared: a version reset (exclusive) waits for batches in flight
-	if ok then ok, err, code = x("SELECT pg_advisory_xact_lock_shared(hashtext('projhost:' || $1))", def.name) end
+	if ok then ok, err, code = x("SELECT pg_advisory_xact_lock_shared(hashtext('projhost:' || $1))", def.cp) end
 	if ok then
 		ok, err, code = x([[INSERT INTO projhost.checkpoints (projection, partition, version)
-			SELECT $1, p, $2 FROM unnest($3::text[]) AS p ON CONFLICT DO NOTHING]], def.name, def.version, arr)
+			SELECT $1, p, $2 FROM unnest($3::text[]) AS p ON CONFLICT DO NOTHING]], def.cp, def.version, arr)
 	end
 	local rows
 	if ok then
 		rows, err, code = q([[SELECT partition, state::text AS state, last_pos, status
 			FROM projhost.checkpoints WHERE projection = $1 AND partition = ANY($2::text[])
-			ORDER BY partition FOR UPDATE SKIP LOCKED]], def.name, arr)
+			ORDER BY partition FOR UPDATE SKIP LOCKED]], def.cp, arr)
 		ok = rows
 	end
 	if not ok then
@@ -778,6 +869,11 @@ local function run_partitions(def, parts, stop_at)
 			end
 			if visible(def, e.type) then
 				local okh, res = apply(def, state, e, ctx)
+				if not okh and db_fault() then
+					local d = dberror(def, first_line(res), failed_code)
+					for _, p2 in ipairs(cps) do results[p2] = { "dberror", d } end
+					return 0, results
+				end
 				if not okh then
 					-- roll everything back, commit all but this event and
 					-- what follows it in its stream, then act on it
@@ -809,7 +905,7 @@ local function run_partitions(def, parts, stop_at)
 			script_hash = $5, error = NULL, updated_at = now()
 			FROM unnest($2::text[], $3::text[], $4::bigint[]) AS u(p, s, v)
 			WHERE c.projection = $1 AND c.partition = u.p]],
-			def.name, pg_text_array(up_p), pg_text_array(up_s), "{" .. table.concat(up_v, ",") .. "}", def.hash)
+			def.cp, pg_text_array(up_p), pg_text_array(up_s), "{" .. table.concat(up_v, ",") .. "}", def.hash)
 	end
 	if ok then ok, err, code = x("COMMIT") end
 	if not ok then
@@ -841,7 +937,7 @@ local function find_partitions(def, cursor)
 		LEFT JOIN projhost.checkpoints c ON c.projection = $1 AND c.partition = s.stream_id
 		WHERE s.stream_id > $2 AND s.version > coalesce(c.last_pos, 0)
 		  AND coalesce(c.status, 'running') = 'running']] .. filter .. [[
-		ORDER BY s.stream_id LIMIT $3]], def.name, cursor, FIND_PAGE, unpack(params))
+		ORDER BY s.stream_id LIMIT $3]], def.cp, cursor, FIND_PAGE, unpack(params))
 	if not rows then return "dberror", {}, dberror(def, err, code) end
 	local out = {}
 	for i, r in ipairs(rows) do out[i] = r.stream_id end
@@ -855,28 +951,87 @@ local function clean(s)
 	return (tostring(s):gsub("[\t\n]", " "))
 end
 
-local function init(fields)
-	dsn = fields[2]
-	local paths = {}
-	for i = 3, #fields do paths[#paths + 1] = fields[i] end
-	local list, errors = loader.load_paths(paths)
+-- The paths served, and the definitions as last loaded (by checkpoint name).
+local paths = {}
+
+local function file_exists(path)
+	local f = io.open(path, "r")
+	if f then f:close() end
+	return f ~= nil
+end
+
+-- Stored versions of the projections' own rows, when the database answers:
+-- a definition whose version differs and rebuilds in the shadow runs under
+-- "NAME@VERSION" beside the serving one (see promote()).
+local function stored_versions()
+	if not ensure_conn() then return {} end
+	local rows = q("SELECT projection, version FROM projhost.checkpoints WHERE partition = ''")
 	local out = {}
-	for _, e in ipairs(errors) do
-		log("error", "host", "projection not loaded: " .. e)
-		out[#out + 1] = "error\t" .. clean(e)
-	end
+	for _, r in ipairs(rows or {}) do out[r.projection] = tonumber(r.version) end
+	return out
+end
+
+-- (Re)load every file: new definitions replace old ones between batches; a
+-- file that fails to load keeps its previous definition (the error names
+-- file:line); a file that is gone stops its projection (state kept).
+-- Returns the answer for the master.
+local function load_all()
+	local list, errors = loader.load_paths(paths)
+	local previous = defs
+	local stored = stored_versions()
+	local out = {}
+	local loaded_files = {}
+	for _, def in ipairs(list) do loaded_files[def.file] = true end
 	defs = {}
-	for _, def in ipairs(list) do
+	local by_name = {}
+	for _, def in ipairs(list) do by_name[def.name] = def end
+	-- keep the previous version of files that exist but failed to load
+	for _, old in pairs(previous) do
+		if not loaded_files[old.file] and file_exists(old.file) and not by_name[old.name] then
+			by_name[old.name] = old
+			old._kept = true
+		end
+	end
+	for _, e in ipairs(errors) do
+		local kept = ""
+		for _, old in pairs(previous) do
+			if old._kept and e:sub(1, #old.file + 1) == old.file .. ":" then kept = old.name end
+		end
+		out[#out + 1] = "error\t" .. clean(e) .. "\t" .. kept
+	end
+	for name, def in pairs(by_name) do
+		def._kept = nil
 		compile(def)
-		defs[def.name] = def
+		def.cp, def.shadow_of = name, nil
+		local sv = stored[name]
+		if sv and sv ~= 0 and sv ~= def.version and def.rebuild == "shadow" then
+			-- rebuild in the shadow; the old code keeps serving if we have it
+			def.cp, def.shadow_of = name .. "@" .. def.version, name
+			local old = previous[name]
+			if old and old.version == sv and old ~= def then
+				old.cp = name
+				defs[name] = old
+			end
+		end
+		defs[def.cp] = def
+	end
+	setup_done = {}
+	for cp, def in pairs(defs) do
 		local kind = def.from.all and "all" or def.from.stream and "stream" or "category"
 		local value = def.from.stream or def.from.category or ""
 		local budget = tonumber(def.options.budget) or BUDGET
-		out[#out + 1] = table.concat({ "proj", def.name, kind, clean(value),
-			def.partition and "1" or "0", tostring(budget) }, "\t")
+		out[#out + 1] = table.concat({ "proj", cp, kind, clean(value),
+			def.partition and "1" or "0", tostring(budget), def.hash }, "\t")
 	end
 	out[#out + 1] = "ready"
 	return table.concat(out, "\n")
+end
+
+local function init(fields)
+	dsn = fields[2]
+	paths = {}
+	for i = 3, #fields do paths[#paths + 1] = fields[i] end
+	return load_all()
 end
 
 local function job(name, parts)
@@ -903,7 +1058,7 @@ end
 -- Nothing behind any more: log it and run the caught_up hook, once per
 -- transition.
 function caught_up_partitioned(def)
-	local key = def.name .. "\t*"
+	local key = def.cp .. "\t*"
 	if caught[key] then return end
 	if def.caught_up then
 		local ctx = ctx_for(def)
@@ -912,13 +1067,13 @@ function caught_up_partitioned(def)
 		local ok, err = xpcall(def.caught_up, traceback, ctx)
 		if not ok or failed_sql then
 			rollback()
-			log("error", def.name, "caught_up failed: " .. first_line(err or failed_sql))
+			log("error", def.cp, "caught_up failed: " .. first_line(err or failed_sql))
 			return
 		end
 		if not x("COMMIT") then return end
 	end
 	caught[key] = true
-	log("info", def.name, "caught up (every partition)")
+	log("info", def.cp, "caught up (every partition)")
 end
 
 local function find(name, cursor)
@@ -929,10 +1084,12 @@ local function find(name, cursor)
 		-- paused, stopped, failed, dberror: the master waits for a wake-up
 		-- (or the fallback poll) before looking again
 		status = "idle"
+	elseif #list == 0 and cursor == "" and def.shadow_of then
+		if not promote(def) then status = "more" end
 	elseif #list == 0 and cursor == "" then
 		caught_up_partitioned(def)
 	elseif #list > 0 then
-		caught[def.name .. "\t*"] = nil
+		caught[def.cp .. "\t*"] = nil
 	end
 	local out = { table.concat({ "found", name, status, list[#list] or "" }, "\t") }
 	for i, s in ipairs(list) do out[i + 1] = s end
@@ -953,13 +1110,18 @@ function M.handle(msg)
 			overrun[f[2]][tonumber(pos)] = tonumber(budget) or 0
 		end
 		local reply = job(f[2], parts)
+		if relist then reply, relist = reply .. "\n\t!relist", false end
 		-- after "not enough memory" this state cannot be trusted: answer,
 		-- then exit so the master starts a fresh worker
 		return reply, out_of_memory
 	elseif verb == "find" then
-		return find(f[2], f[3] or "")
+		local reply = find(f[2], f[3] or "")
+		if relist then reply, relist = reply .. "\n\t!relist", false end
+		return reply
 	elseif verb == "init" then
 		return init(f)
+	elseif verb == "reload" then
+		return load_all()
 	elseif verb == "quit" then
 		rollback()
 		return nil

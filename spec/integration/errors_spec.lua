@@ -58,6 +58,7 @@ describe("error actions", function()
 	end)
 
 	after_each(function()
+		h.stop_all()
 		if conn then conn:close() end
 	end)
 

@@ -74,6 +74,7 @@ describe("partitioned projections", function()
 	end)
 
 	after_each(function()
+		h.stop_all()
 		if conn then conn:close() end
 	end)
 

@@ -79,6 +79,7 @@ describe("projhost run", function()
 	end)
 
 	after_each(function()
+		h.stop_all()
 		if conn then conn:close() end
 	end)
 
@@ -117,9 +118,9 @@ describe("projhost run", function()
 		-- a new handler: counts by 10 from now on
 		h.write_file(dir .. "/tally.lua", (TALLY:gsub("s.total = s.total %+ 1", "s.total = s.total + 10")))
 		core.kill(host.pid, 1)
-		h.wait_until(function() return host:output():find("SIGHUP", 1, true) end, 10, "the reload")
-		h.wait_until(function() return select(2, host:output():gsub("serving 1 projection", "")) >= 2 end,
-			10, "the new workers")
+		h.wait_until(function() return host:output():find("SIGHUP: reloading", 1, true) end, 10, "the reload")
+		h.wait_until(function() return host:output():find("tally reloaded (hash ", 1, true) end, 10,
+			"the new code")
 		h.run({ "append", "acct-1", "Inc", "{}", "--db", dsn })
 		h.wait_until(caught_up(conn), 20, "the second event")
 		assert.equal("11", scalar(conn, "SELECT state->>'total' FROM projhost.checkpoints WHERE projection = 'tally'"))
