@@ -375,3 +375,22 @@ describe("projhost.loader", function()
 		end)
 	end)
 end)
+
+describe("loader: rebuild", function()
+	local loader = require "projhost.loader"
+	local function src(extra)
+		return "return { from = { all = true }, when = { X = function() end }, " .. extra .. " }"
+	end
+
+	it("defaults to shadow without reset SQL and to in_place with it", function()
+		assert.equal("shadow", assert(loader.load_source(src(""), "a.lua")).rebuild)
+		assert.equal("in_place", assert(loader.load_source(src('reset = "TRUNCATE t",'), "b.lua")).rebuild)
+	end)
+
+	it("takes an explicit choice and rejects anything else with file:line", function()
+		assert.equal("shadow", assert(loader.load_source(src('reset = "TRUNCATE t", rebuild = "shadow",'), "c.lua")).rebuild)
+		local def, err = loader.load_source(src('rebuild = "later",'), "d.lua")
+		assert.is_nil(def)
+		assert.matches("^d%.lua:1: 'rebuild' must be \"shadow\" or \"in_place\"", err)
+	end)
+end)
