@@ -20,15 +20,21 @@
 
 typedef struct {
 	PGconn *conn;
+	int pending;	/* statements sent in pipeline mode since the last sync */
 } ph_l_conn;
 
-static PGconn *check_conn(lua_State *L)
+static ph_l_conn *check_c(lua_State *L)
 {
 	ph_l_conn *c = luaL_checkudata(L, 1, PH_CONN_MT);
 
 	if (!c->conn)
 		luaL_error(L, "connection is closed");
-	return c->conn;
+	return c;
+}
+
+static PGconn *check_conn(lua_State *L)
+{
+	return check_c(L)->conn;
 }
 
 static int push_error(lua_State *L, PGconn *conn, PGresult *res)
@@ -108,26 +114,52 @@ static int collect_params(lua_State *L, int first, const char **vals, char bufs[
 	return n > 0 ? n : 0;
 }
 
-static PGresult *run(lua_State *L, PGconn *conn)
+static int drain(ph_l_conn *c, PGresult **last, PGresult **err, int *err_index);
+
+/* Run the statement at stack slot 2 with parameters from slot 3 on. In
+ * pipeline mode it joins the queue and the pipeline is synced, so earlier
+ * statements' errors surface here: *@err_index then says which (1-based,
+ * counting from the last sync). */
+static PGresult *run(lua_State *L, ph_l_conn *c, int *err_index)
 {
 	const char *sql = luaL_checkstring(L, 2);
 	const char *vals[MAX_PARAMS];
 	static char bufs[MAX_PARAMS][32];
 	int n = collect_params(L, 3, vals, bufs);
+	PGresult *last = NULL, *err = NULL;
 
-	return PQexecParams(conn, sql, n, NULL, vals, NULL, NULL, 0);
+	*err_index = 0;
+	if (PQpipelineStatus(c->conn) == PQ_PIPELINE_OFF)
+		return PQexecParams(c->conn, sql, n, NULL, vals, NULL, NULL, 0);
+	if (!PQsendQueryParams(c->conn, sql, n, NULL, vals, NULL, NULL, 0))
+		return NULL;
+	c->pending++;
+	if (drain(c, &last, &err, err_index) != 0) {
+		if (last)
+			PQclear(last);
+		return err;
+	}
+	return last;
 }
 
-/* conn:exec(sql, ...) -> affected row count */
+/* conn:exec(sql, ...) -> affected row count | nil, msg, code[, index] */
 static int ph_l_conn_exec(lua_State *L)
 {
-	PGconn *conn = check_conn(L);
-	PGresult *res = run(L, conn);
+	ph_l_conn *c = check_c(L);
+	int idx;
+	PGresult *res = run(L, c, &idx);
 	ExecStatusType st = res ? PQresultStatus(res) : PGRES_FATAL_ERROR;
 	const char *t;
 
-	if (st != PGRES_COMMAND_OK && st != PGRES_TUPLES_OK)
-		return push_error(L, conn, res);
+	if (st != PGRES_COMMAND_OK && st != PGRES_TUPLES_OK) {
+		int n = push_error(L, c->conn, res);
+
+		if (idx) {
+			lua_pushinteger(L, idx);
+			n++;
+		}
+		return n;
+	}
 	t = PQcmdTuples(res);
 	lua_pushnumber(L, t && *t ? strtod(t, NULL) : (st == PGRES_TUPLES_OK ? PQntuples(res) : 0));
 	PQclear(res);
@@ -152,19 +184,131 @@ static void push_rows(lua_State *L, PGresult *res)
 	}
 }
 
-/* conn:query(sql, ...) -> rows, count */
+/* conn:query(sql, ...) -> rows, count | nil, msg, code[, index] */
 static int ph_l_conn_query(lua_State *L)
 {
-	PGconn *conn = check_conn(L);
-	PGresult *res = run(L, conn);
+	ph_l_conn *c = check_c(L);
+	int idx;
+	PGresult *res = run(L, c, &idx);
 	ExecStatusType st = res ? PQresultStatus(res) : PGRES_FATAL_ERROR;
 
-	if (st != PGRES_COMMAND_OK && st != PGRES_TUPLES_OK)
-		return push_error(L, conn, res);
+	if (st != PGRES_COMMAND_OK && st != PGRES_TUPLES_OK) {
+		int n = push_error(L, c->conn, res);
+
+		if (idx) {
+			lua_pushinteger(L, idx);
+			n++;
+		}
+		return n;
+	}
 	push_rows(L, res);
 	lua_pushinteger(L, PQntuples(res));
 	PQclear(res);
 	return 2;
+}
+
+/*
+ * Pipeline mode: per-event statements of a batch are queued without waiting
+ * for each round trip; errors come back at the next sync with the index of
+ * the statement that failed, so the caller can tell which event it was.
+ */
+
+/* Sync and read every pending result. Keeps the last result in *@last and
+ * the first error in *@err (with its 1-based index). Return: 0 ok, -1 error. */
+static int drain(ph_l_conn *c, PGresult **last, PGresult **err, int *err_index)
+{
+	int q = 0, nulls = 0;
+
+	*last = *err = NULL;
+	*err_index = 0;
+	if (!PQpipelineSync(c->conn)) {
+		c->pending = 0;
+		return -1;
+	}
+	for (;;) {
+		PGresult *r = PQgetResult(c->conn);
+		ExecStatusType st;
+
+		if (!r) {
+			/* one NULL ends each statement's results; two in a row
+			 * mean nothing more is coming (the connection broke) */
+			if (++nulls > 1 || PQstatus(c->conn) == CONNECTION_BAD) {
+				c->pending = 0;
+				if (!*err)
+					*err_index = q + 1;
+				return -1;
+			}
+			continue;
+		}
+		nulls = 0;
+		st = PQresultStatus(r);
+		if (st == PGRES_PIPELINE_SYNC) {
+			PQclear(r);
+			break;
+		}
+		q++;
+		if ((st == PGRES_FATAL_ERROR || st == PGRES_NONFATAL_ERROR) && !*err) {
+			*err = r;
+			*err_index = q;
+			continue;
+		}
+		if (*last)
+			PQclear(*last);
+		*last = r;
+	}
+	c->pending = 0;
+	return *err ? -1 : 0;
+}
+
+/* conn:pipeline(on) -> true | nil, msg, code. Leaving needs a synced pipeline. */
+static int ph_l_conn_pipeline(lua_State *L)
+{
+	ph_l_conn *c = check_c(L);
+	int on = lua_toboolean(L, 2);
+	int ok = on ? PQenterPipelineMode(c->conn) : PQexitPipelineMode(c->conn);
+
+	if (!ok)
+		return push_error(L, c->conn, NULL);
+	c->pending = 0;
+	lua_pushboolean(L, 1);
+	return 1;
+}
+
+/* conn:send(sql, ...) -> statements pending | nil, msg, code (pipeline mode) */
+static int ph_l_conn_send(lua_State *L)
+{
+	ph_l_conn *c = check_c(L);
+	const char *sql = luaL_checkstring(L, 2);
+	const char *vals[MAX_PARAMS];
+	static char bufs[MAX_PARAMS][32];
+	int n = collect_params(L, 3, vals, bufs);
+
+	if (PQpipelineStatus(c->conn) == PQ_PIPELINE_OFF)
+		return luaL_error(L, "conn:send needs pipeline mode (conn:pipeline(true))");
+	if (!PQsendQueryParams(c->conn, sql, n, NULL, vals, NULL, NULL, 0))
+		return push_error(L, c->conn, NULL);
+	lua_pushinteger(L, ++c->pending);
+	return 1;
+}
+
+/* conn:sync() -> true | nil, msg, code, index of the failed statement */
+static int ph_l_conn_sync(lua_State *L)
+{
+	ph_l_conn *c = check_c(L);
+	PGresult *last, *err;
+	int idx;
+
+	if (drain(c, &last, &err, &idx) == 0) {
+		if (last)
+			PQclear(last);
+		lua_pushboolean(L, 1);
+		return 1;
+	}
+	if (last)
+		PQclear(last);
+	push_error(L, c->conn, err);
+	lua_pushinteger(L, idx);
+	return 4;
 }
 
 /* conn:copy(sql, data) -> rows copied. Sends @data in one COPY FROM STDIN. */
@@ -274,6 +418,9 @@ static const luaL_Reg conn_methods[] = {
 	{ "exec", ph_l_conn_exec },
 	{ "query", ph_l_conn_query },
 	{ "copy", ph_l_conn_copy },
+	{ "pipeline", ph_l_conn_pipeline },
+	{ "send", ph_l_conn_send },
+	{ "sync", ph_l_conn_sync },
 	{ "notifies", ph_l_conn_notifies },
 	{ "ok", ph_l_conn_ok },
 	{ "pid", ph_l_conn_pid },

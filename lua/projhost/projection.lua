@@ -10,6 +10,12 @@
 -- worker, which rolls back to before the event and applies on_error.  A
 -- handler that wants to survive a failing statement can still pcall it.
 -- Misuse (wrong argument types) raises too: it is a bug in the script.
+--
+-- In the host, ctx:exec is pipelined (the worker's backend queues it and
+-- returns at once), so its error surfaces at the next ctx:query/emit or at
+-- the end of the batch; the worker charges it to the event that issued the
+-- statement all the same. ctx:upsert buffers rows and writes them in sets
+-- (one statement per table per batch).
 
 local cjson = require "cjson"
 local unpack = unpack or table.unpack
@@ -113,6 +119,22 @@ local function check_json(method, what, v)
 	end
 end
 
+-- "name" or "schema.name" as a quoted identifier; anything else is a
+-- programmer error (identifiers cannot be parameters).
+local function quote_ident(method, name, what)
+	if type(name) ~= "string" then
+		error(("ctx:%s: %s must be a string (got %s)"):format(method, what, type(name)), 3)
+	end
+	local parts = {}
+	for part in (name .. "."):gmatch("([^.]*)%.") do
+		if not part:match("^[%a_][%w_]*$") then
+			error(("ctx:%s: %s '%s' is not a plain identifier"):format(method, what, name), 3)
+		end
+		parts[#parts + 1] = '"' .. part .. '"'
+	end
+	return table.concat(parts, ".")
+end
+
 -- backend: { exec = fn(sql, ...) -> count | nil, msg, code,
 --            query = fn(sql, ...) -> rows | nil, msg, code,
 --            emit = fn(stream, type, data, metadata) -> version | nil, msg, code,
@@ -125,6 +147,8 @@ function M.new_ctx(def, backend)
 	end
 
 	local ctx = { projection = def.name }
+	local pending, pending_order -- ctx:upsert's buffer, see below
+	local flush_first
 
 	local function check_self(self, method)
 		if self ~= ctx then
@@ -138,6 +162,7 @@ function M.new_ctx(def, backend)
 			error("ctx:exec: sql must be a non-empty string (got " .. type(sql) .. ")", 2)
 		end
 		local args, n = encode_params("exec", ...)
+		if pending_order[1] then flush_first() end
 		local count, msg, code = backend.exec(sql, unpack(args, 1, n))
 		if count == nil then error(failure("exec", msg, code), 2) end
 		return count
@@ -149,6 +174,7 @@ function M.new_ctx(def, backend)
 			error("ctx:query: sql must be a non-empty string (got " .. type(sql) .. ")", 2)
 		end
 		local args, n = encode_params("query", ...)
+		if pending_order[1] then flush_first() end
 		local rows, msg, code = backend.query(sql, unpack(args, 1, n))
 		if rows == nil then error(failure("query", msg, code), 2) end
 		return rows
@@ -166,9 +192,135 @@ function M.new_ctx(def, backend)
 		-- way production would.
 		check_json("emit", "data", data)
 		check_json("emit", "metadata", metadata)
+		if pending_order[1] then flush_first() end
 		local version, msg, code = backend.emit(stream, etype, data, metadata)
 		if version == nil then error(failure("emit", msg, code), 2) end
 		return version
+	end
+
+	-- ctx:upsert(table, key, row): write a read-model row in sets. Every
+	-- upsert to one key within a batch coalesces (later values win), and
+	-- the batch's rows go out as ONE statement per table when the batch
+	-- ends - or before the next ctx:exec/query/emit, so statements still
+	-- run in the order the handlers issued them:
+	--   INSERT INTO t (cols) SELECT cols FROM jsonb_populate_recordset(NULL::t, $1)
+	--   ON CONFLICT (key) DO UPDATE SET col = EXCLUDED.col, ...
+	-- key is a column name or a list of them; every row for a table in one
+	-- batch must have the same columns.
+	pending, pending_order = {}, {}
+
+	-- identifiers already checked, so the per-event path stays cheap
+	local idents = {}
+	local function ident(name, what)
+		local q = idents[name]
+		if not q then
+			q = quote_ident("upsert", name, what)
+			idents[name] = q
+		end
+		return q
+	end
+
+	function ctx.upsert(self, tbl, key, row)
+		if self ~= ctx then check_self(self, "upsert") end
+		if type(row) ~= "table" then error("ctx:upsert: row must be a table (got " .. type(row) .. ")", 2) end
+		local b = pending[tbl]
+		if not b then
+			local qtbl = ident(tbl, "table")
+			local keys = type(key) == "table" and key or { key }
+			if #keys == 0 then error("ctx:upsert: key must be a column name or a list of them", 2) end
+			local cols, colset = {}, {}
+			for c in pairs(row) do
+				ident(c, "column")
+				cols[#cols + 1] = c
+				colset[c] = true
+			end
+			table.sort(cols)
+			for _, k in ipairs(keys) do
+				ident(k, "key column")
+				if not colset[k] then error(("ctx:upsert: row has no value for key column %s"):format(k), 2) end
+			end
+			b = { qtbl = qtbl, key = key, keys = keys, cols = cols, colset = colset, ncols = #cols,
+				rows = {}, order = {} }
+			pending[tbl] = b
+			pending_order[#pending_order + 1] = tbl
+		elseif key ~= b.key and (type(key) ~= "table" or table.concat(key, ",") ~= table.concat(b.keys, ",")) then
+			error(("ctx:upsert: rows for %s in one batch must use the same key"):format(tbl), 2)
+		end
+		local n, colset = 0, b.colset
+		for c, v in pairs(row) do
+			if not colset[c] then
+				error(("ctx:upsert: rows for %s in one batch must have the same columns (%s is new)")
+					:format(tbl, tostring(c)), 2)
+			end
+			local tv = type(v)
+			if tv == "function" or tv == "thread" or (tv == "userdata" and v ~= cjson.null) then
+				error(("ctx:upsert: column %s is a %s"):format(c, tv), 2)
+			end
+			n = n + 1
+		end
+		if n ~= b.ncols then
+			error(("ctx:upsert: rows for %s in one batch must have the same columns"):format(tbl), 2)
+		end
+		local k
+		local keys = b.keys
+		if #keys == 1 then
+			k = row[keys[1]]
+			if k == nil then error(("ctx:upsert: row has no value for key column %s"):format(keys[1]), 2) end
+		else
+			local kv = {}
+			for i, kc in ipairs(keys) do
+				if row[kc] == nil then error(("ctx:upsert: row has no value for key column %s"):format(kc), 2) end
+				kv[i] = tostring(row[kc])
+			end
+			k = table.concat(kv, "\0")
+		end
+		local rows = b.rows
+		if rows[k] == nil then b.order[#b.order + 1] = k end
+		local copy = {}
+		for c, v in pairs(row) do copy[c] = v end
+		rows[k] = copy
+		return true
+	end
+
+	-- Forget pending upserts (the batch rolled back).
+	function ctx._discard()
+		pending, pending_order = {}, {}
+	end
+
+	-- Write pending upserts through backend.exec, one statement per table.
+	-- Returns true | nil, msg, code.
+	function ctx._flush()
+		if #pending_order == 0 then return true end
+		local order = pending_order
+		local tables = pending
+		pending, pending_order = {}, {}
+		for _, tbl in ipairs(order) do
+			local b = tables[tbl]
+			local rows = {}
+			for i, k in ipairs(b.order) do rows[i] = b.rows[k] end
+			local qcols, sets, iskey = {}, {}, {}
+			for _, k in ipairs(b.keys) do iskey[k] = true end
+			for i, c in ipairs(b.cols) do
+				qcols[i] = '"' .. c .. '"'
+				if not iskey[c] then sets[#sets + 1] = qcols[i] .. " = EXCLUDED." .. qcols[i] end
+			end
+			local qkeys = {}
+			for i, k in ipairs(b.keys) do qkeys[i] = '"' .. k .. '"' end
+			local cl = table.concat(qcols, ", ")
+			local sql = ("INSERT INTO %s (%s) SELECT %s FROM jsonb_populate_recordset(NULL::%s, $1::jsonb) "
+				.. "ON CONFLICT (%s) DO %s"):format(b.qtbl, cl, cl, b.qtbl, table.concat(qkeys, ", "),
+				#sets > 0 and ("UPDATE SET " .. table.concat(sets, ", ")) or "NOTHING")
+			local ok, body = pcall(json.encode, rows)
+			if not ok then return nil, "ctx:upsert: rows cannot be encoded as JSON: " .. tostring(body) end
+			local n, msg, code = backend.exec(sql, body)
+			if n == nil then return nil, failure("upsert", msg, code), code end
+		end
+		return true
+	end
+
+	function flush_first()
+		local ok, msg = ctx._flush()
+		if not ok then error(msg, 3) end
 	end
 
 	-- Both ctx.log("x") and ctx:log("x") work: log lines are written in a

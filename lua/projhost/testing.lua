@@ -229,6 +229,11 @@ function Harness:_apply(e)
 	local ctx = P.new_ctx(def, self:_backend())
 
 	local ok, res = self:_run(P.apply, def, state, e, ctx)
+	if ok then
+		-- ctx:upsert writes at the end of a batch; here every event is one
+		local okf, ferr = ctx._flush()
+		if not okf then ok, res = false, ferr end
+	end
 	local encoded
 	if ok then
 		local s, msg = P.encode_state(res)

@@ -180,19 +180,60 @@ local function db_fault()
 	return failed_code ~= nil and (failed_code:match("^08") ~= nil or failed_code:match("^57P") ~= nil)
 end
 
+-- Pipeline mode for the handlers of a batch (design §5): ctx:exec queues
+-- its statement without waiting for the round trip; the results are read
+-- at the next ctx:query / ctx:emit or at the end of the batch. sent[i] is
+-- the event that issued the i-th statement since the last sync, so an error
+-- is charged to the event that caused it; first is the first error seen
+-- ({ event, msg, code }) - after it the transaction is aborted anyway.
+local pipe = { on = false, sent = {}, first = nil, flushing = false }
+
+local function pipe_begin()
+	pipe.sent, pipe.first = {}, nil
+	pipe.on = conn:pipeline(true) and true or false
+end
+
+local function pipe_note(idx, event, err, code)
+	if pipe.first then return end
+	local culprit = event
+	if idx and idx <= #pipe.sent then culprit = pipe.sent[idx] end
+	pipe.first = { event = culprit or false, err = err .. " [" .. tostring(code) .. "]", code = code }
+end
+
+-- Sync what is queued and leave pipeline mode. Returns the first error of
+-- the batch as { event (false: one of our own statements), err, code }, or nil.
+local function pipe_end()
+	if not pipe.on then return pipe.first end
+	local ok, err, code, idx = conn:sync()
+	if not ok then pipe_note(idx, false, err, code) end
+	pipe.on = false
+	if conn:ok() then conn:pipeline(false) end
+	pipe.sent = {}
+	return pipe.first
+end
+
 local function backend_for(def)
 	local b = {}
-	local function note(err, code)
+	local function note(err, code, idx)
 		if not failed_sql then failed_sql, failed_code = err .. " [" .. tostring(code) .. "]", code end
+		if pipe.on then pipe_note(idx, b.ctx and b.ctx.event, err, code) end
 	end
 	function b.exec(sql, ...)
+		if pipe.on then
+			local n, err, code = conn:send(sql, ...)
+			if not n then note(err, code); return nil, err, code end
+			-- "flush": ctx:upsert's set-based write of the whole batch
+			pipe.sent[n] = pipe.flushing and "flush" or (b.ctx and b.ctx.event or false)
+			return true
+		end
 		local n, err, code = conn:exec(sql, ...)
 		if not n then note(err, code) end
 		return n, err, code
 	end
 	function b.query(sql, ...)
-		local rows, err, code = conn:query(sql, ...)
-		if not rows then note(err, code) end
+		local rows, err, code, idx = conn:query(sql, ...)
+		if not rows then note(err, code, idx) end
+		if pipe.on then pipe.sent = {} end -- query synced the pipeline
 		return rows, err, code
 	end
 	function b.emit(stream, etype, data, metadata)
@@ -208,9 +249,11 @@ local function backend_for(def)
 		end
 		if md.projection == nil then md.projection = def.cp end
 		local body = json.encode({ { type = etype, data = data or {}, metadata = md } })
-		local rows, err, code = conn:query("SELECT projhost.append($1, NULL, $2::jsonb) AS version", stream, body)
+		local rows, err, code, idx = conn:query("SELECT projhost.append($1, NULL, $2::jsonb) AS version",
+			stream, body)
+		if pipe.on then pipe.sent = {} end
 		if not rows then
-			note(err, code)
+			note(err, code, idx)
 			return nil, err, code
 		end
 		return tonumber(rows[1].version)
@@ -636,7 +679,12 @@ function retry_parked(def)
 		else
 			local state = row.state and json.decode(row.state)
 			if state == nil then state = P.init_state(def) end
+			ctx._discard()
 			local okh, res = apply(def, state, e, ctx)
+			if okh then
+				local okf, ferr = ctx._flush()
+				if not okf then okh, res = false, ferr end
+			end
 			if okh then
 				ok = x([[UPDATE projhost.checkpoints SET state = $3::jsonb, updated_at = now()
 					WHERE projection = $1 AND partition = $2]], def.cp, p.partition, encode_state(def, res))
@@ -654,6 +702,32 @@ function retry_parked(def)
 			end
 		end
 	end
+end
+
+-- Which event failed first, and why: a queued statement's error (reported
+-- at the sync) comes before a later handler's Lua error. Returns event,
+-- error text; false, text when one of our own statements failed; "flush",
+-- text when ctx:upsert's write of the batch failed; nil when nothing failed.
+local function failure_of(events, fail_i, fail_err, first)
+	if first then
+		failed_code = first.code
+		if not first.event then return false, first.err end
+		if first.event == "flush" then return "flush", "ctx:upsert: " .. first.err end
+		if fail_i and events[fail_i] == first.event then
+			return first.event, fail_err -- the handler raised on it, with its line
+		end
+		return first.event, "ctx:exec: " .. first.err
+	end
+	if fail_i then return events[fail_i], fail_err end
+	return nil
+end
+
+-- Write the batch's ctx:upsert rows (queued in the pipeline like the rest).
+local function flush_upserts(ctx)
+	pipe.flushing = true
+	local ok, err = ctx._flush()
+	pipe.flushing = false
+	return ok, err
 end
 
 -- ---------------------------------------------------------------------
@@ -685,25 +759,46 @@ function run_batch(def, limit)
 	if not rows then return "dberror", 0, dberror(def, err, code) end
 
 	local ctx = ctx_for(def)
+	ctx._discard()
 	local events = {}
+	if #rows > 0 then pipe_begin() end
+	local fail_i, fail_err
 	for i, r in ipairs(rows) do
 		local e = to_event(r)
+		e.index = i
 		events[i] = e
 		local res
 		ok, res = apply(def, state, e, ctx)
-		if not ok and db_fault() then return "dberror", 0, dberror(def, first_line(res), failed_code) end
 		if not ok then
-			-- nothing of this batch committed: commit the events before
-			-- the failing one, then apply the error action to it
-			rollback()
-			if i > 1 then
-				local st, n, d = run_batch(def, i - 1)
-				if st ~= "more" then return st, n, d end
-			end
-			local status, delay = error_action(def, "", e, res)
-			return status, i - 1, delay
+			fail_i, fail_err = i, res
+			break
 		end
 		state = res
+	end
+	if not fail_i then
+		local okf, ferr0 = flush_upserts(ctx)
+		if not okf then fail_i, fail_err = #events, ferr0 end
+	end
+	local fe, ferr = failure_of(events, fail_i, fail_err, pipe_end())
+	if fe == false or (fe and db_fault()) then return "dberror", 0, dberror(def, first_line(ferr), failed_code) end
+	if fe == "flush" then
+		-- the set-based write of the batch failed: find the event that
+		-- makes it fail by committing halves (one event: that one)
+		rollback()
+		if #events > 1 then return run_batch(def, math.floor(#events / 2)) end
+		fe = events[1]
+	end
+	if fe then
+		ctx._discard()
+		-- nothing of this batch committed: commit the events before
+		-- the failing one, then apply the error action to it
+		rollback()
+		if fe.index > 1 then
+			local st, n, d = run_batch(def, fe.index - 1)
+			if st ~= "more" then return st, n, d end
+		end
+		local status, delay = error_action(def, "", fe, ferr)
+		return status, fe.index - 1, delay
 	end
 
 	local n, last_pos = #events, tonumber(row.last_pos)
@@ -726,6 +821,7 @@ function run_batch(def, limit)
 			if not caught[key] and def.caught_up then
 				failed_sql = nil
 				local okc, cerr = xpcall(def.caught_up, traceback, ctx)
+				if okc then okc, cerr = ctx._flush() end
 				if not okc or failed_sql then
 					rollback()
 					log("error", def.cp, "caught_up failed: " .. first_line(cerr or failed_sql))
@@ -846,8 +942,11 @@ local function run_partitions(def, parts, stop_at)
 	end
 
 	local ctx = ctx_for(def)
+	ctx._discard()
 	local up_p, up_s, up_v = {}, {}, {}
 	local total = 0
+	local seen, fail_i, fail_err = {}, nil, nil
+	pipe_begin()
 	for _, cp in ipairs(locked) do
 		local p = cp.partition
 		local list = by_part[p] or {}
@@ -868,29 +967,19 @@ local function run_partitions(def, parts, stop_at)
 				break
 			end
 			if visible(def, e.type) then
+				seen[#seen + 1] = e
+				e.index, e.partition = #seen, p
 				local okh, res = apply(def, state, e, ctx)
-				if not okh and db_fault() then
-					local d = dberror(def, first_line(res), failed_code)
-					for _, p2 in ipairs(cps) do results[p2] = { "dberror", d } end
-					return 0, results
-				end
 				if not okh then
-					-- roll everything back, commit all but this event and
-					-- what follows it in its stream, then act on it
-					rollback()
-					local s2 = {}
-					for k, v in pairs(stop_at or {}) do s2[k] = v end
-					s2[p] = e.version
-					local n2, res2 = run_partitions(def, parts, s2)
-					local st, delay = error_action(def, p, e, res)
-					res2[p] = { st, delay }
-					return n2, res2
+					fail_i, fail_err = #seen, res
+					break
 				end
 				state = res
 			end
 			last = e.version
 			applied = applied + 1
 		end
+		if fail_i then break end
 		if applied > 0 then
 			up_p[#up_p + 1] = p
 			up_s[#up_s + 1] = encode_state(def, state)
@@ -898,6 +987,32 @@ local function run_partitions(def, parts, stop_at)
 			total = total + applied
 		end
 		results[p] = { status, 0 }
+	end
+	if not fail_i and #seen > 0 then
+		local okf, ferr0 = flush_upserts(ctx)
+		if not okf then fail_i, fail_err = #seen, ferr0 end
+	end
+	local fe, ferr = failure_of(seen, fail_i, fail_err, pipe_end())
+	if fe == false or (fe and db_fault()) then
+		local d = dberror(def, first_line(ferr), failed_code)
+		for _, p2 in ipairs(cps) do results[p2] = { "dberror", d } end
+		return 0, results
+	end
+	-- ctx:upsert's write of the batch failed: charged to the batch's last
+	-- event (partitioned batches do not bisect)
+	if fe == "flush" then fe = seen[#seen] end
+	if fe then
+		ctx._discard()
+		-- roll everything back, commit all but this event and what
+		-- follows it in its stream, then act on it
+		rollback()
+		local s2 = {}
+		for k, v in pairs(stop_at or {}) do s2[k] = v end
+		s2[fe.partition] = fe.version
+		local n2, res2 = run_partitions(def, parts, s2)
+		local st, delay = error_action(def, fe.partition, fe, ferr)
+		res2[fe.partition] = { st, delay }
+		return n2, res2
 	end
 
 	if #up_p > 0 then
@@ -1064,7 +1179,9 @@ function caught_up_partitioned(def)
 		local ctx = ctx_for(def)
 		x("BEGIN")
 		failed_sql = nil
+		ctx._discard()
 		local ok, err = xpcall(def.caught_up, traceback, ctx)
+		if ok then ok, err = ctx._flush() end
 		if not ok or failed_sql then
 			rollback()
 			log("error", def.cp, "caught_up failed: " .. first_line(err or failed_sql))

@@ -219,3 +219,55 @@ describe("projhost.projection", function()
 		end)
 	end)
 end)
+
+describe("ctx:upsert", function()
+	local P = require "projhost.projection"
+	local log, ctx
+	before_each(function()
+		log = {}
+		ctx = P.new_ctx({ name = "t" }, {
+			exec = function(sql, ...) log[#log + 1] = { sql = sql, params = { ... } } return 1 end,
+			query = function(sql) log[#log + 1] = { sql = sql } return {} end,
+			emit = function() return 1 end,
+			log = function() end,
+		})
+	end)
+
+	it("coalesces writes to one key and flushes one set-based statement per table", function()
+		ctx:upsert("balances", "id", { id = "a", amount = 1 })
+		ctx:upsert("balances", "id", { id = "b", amount = 2 })
+		ctx:upsert("balances", "id", { id = "a", amount = 3 })
+		assert.same({}, log)
+		assert.is_true(ctx._flush())
+		assert.equal(1, #log)
+		assert.equal('INSERT INTO "balances" ("amount", "id") SELECT "amount", "id" FROM '
+			.. 'jsonb_populate_recordset(NULL::"balances", $1::jsonb) ON CONFLICT ("id") '
+			.. 'DO UPDATE SET "amount" = EXCLUDED."amount"', log[1].sql)
+		assert.same({ { id = "a", amount = 3 }, { id = "b", amount = 2 } }, P.json.decode(log[1].params[1]))
+		assert.is_true(ctx._flush()) -- nothing left
+		assert.equal(1, #log)
+	end)
+
+	it("writes pending rows before a later ctx:exec or ctx:query, keeping statement order", function()
+		ctx:upsert("s.t", { "a", "b" }, { a = 1, b = 2 })
+		ctx:exec("DELETE FROM x")
+		assert.equal(2, #log)
+		assert.matches('^INSERT INTO "s"%."t" %("a", "b"%).- ON CONFLICT %("a", "b"%) DO NOTHING$', log[1].sql)
+		assert.equal("DELETE FROM x", log[2].sql)
+	end)
+
+	it("rejects bad identifiers, missing keys and changing columns", function()
+		assert.has_error(function() ctx:upsert("bad name", "id", { id = 1 }) end)
+		assert.has_error(function() ctx:upsert("t", "id", { other = 1 }) end)
+		ctx:upsert("t", "id", { id = 1, v = 1 })
+		assert.has_error(function() ctx:upsert("t", "id", { id = 2, w = 1 }) end)
+		assert.has_error(function() ctx:upsert("t", "id", { id = 2 }) end)
+	end)
+
+	it("forgets pending rows on discard", function()
+		ctx:upsert("t", "id", { id = 1 })
+		ctx._discard()
+		assert.is_true(ctx._flush())
+		assert.same({}, log)
+	end)
+end)
