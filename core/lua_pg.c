@@ -311,6 +311,81 @@ static int ph_l_conn_sync(lua_State *L)
 	return 4;
 }
 
+/*
+ * conn:events(sql, ...) -> array of event tables | nil, msg, code
+ *
+ * The worker's read path: one Lua table per row, built here with the field
+ * names handlers use, so a batch of thousands of events costs one table per
+ * event and no second pass in Lua. Columns are renamed: global_position ->
+ * position and stream_version -> version (numbers), event_id -> id,
+ * stream_id -> stream, event_type -> type, data -> _data, metadata ->
+ * _metadata (JSON text, decoded lazily by the worker), created_at -> time;
+ * any other column keeps its name, as text.
+ */
+static const struct {
+	const char *col, *field;
+	int number;
+} event_fields[] = {
+	{ "global_position", "position", 1 },
+	{ "stream_version", "version", 1 },
+	{ "event_id", "id", 0 },
+	{ "stream_id", "stream", 0 },
+	{ "event_type", "type", 0 },
+	{ "data", "_data", 0 },
+	{ "metadata", "_metadata", 0 },
+	{ "created_at", "time", 0 },
+};
+
+static int ph_l_conn_events(lua_State *L)
+{
+	ph_l_conn *c = check_c(L);
+	int idx;
+	PGresult *res = run(L, c, &idx);
+	ExecStatusType st = res ? PQresultStatus(res) : PGRES_FATAL_ERROR;
+	int nr, nf, keys, number[64];
+
+	if (st != PGRES_TUPLES_OK)
+		return push_error(L, c->conn, res);
+	nr = PQntuples(res);
+	nf = PQnfields(res);
+	if (nf > 64) {
+		PQclear(res);
+		return luaL_error(L, "conn:events: too many columns (%d)", nf);
+	}
+	/* field names once, as stack slots */
+	keys = lua_gettop(L) + 1;
+	for (int f = 0; f < nf; f++) {
+		const char *name = PQfname(res, f);
+
+		number[f] = 0;
+		for (size_t k = 0; k < sizeof(event_fields) / sizeof(event_fields[0]); k++) {
+			if (strcmp(name, event_fields[k].col) == 0) {
+				name = event_fields[k].field;
+				number[f] = event_fields[k].number;
+				break;
+			}
+		}
+		lua_pushstring(L, name);
+	}
+	lua_createtable(L, nr, 0);
+	for (int r = 0; r < nr; r++) {
+		lua_createtable(L, 0, nf + 2);
+		for (int f = 0; f < nf; f++) {
+			if (PQgetisnull(res, r, f))
+				continue;
+			lua_pushvalue(L, keys + f);
+			if (number[f])
+				lua_pushnumber(L, strtod(PQgetvalue(res, r, f), NULL));
+			else
+				lua_pushlstring(L, PQgetvalue(res, r, f), PQgetlength(res, r, f));
+			lua_rawset(L, -3);
+		}
+		lua_rawseti(L, -2, r + 1);
+	}
+	PQclear(res);
+	return 1;
+}
+
 /* conn:copy(sql, data) -> rows copied. Sends @data in one COPY FROM STDIN. */
 static int ph_l_conn_copy(lua_State *L)
 {
@@ -418,6 +493,7 @@ static const luaL_Reg conn_methods[] = {
 	{ "exec", ph_l_conn_exec },
 	{ "query", ph_l_conn_query },
 	{ "copy", ph_l_conn_copy },
+	{ "events", ph_l_conn_events },
 	{ "pipeline", ph_l_conn_pipeline },
 	{ "send", ph_l_conn_send },
 	{ "sync", ph_l_conn_sync },

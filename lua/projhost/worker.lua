@@ -18,7 +18,7 @@ local json = P.json
 local M = {}
 
 -- events per batch (unpartitioned) and per partition (partitioned)
-local BATCH = tonumber(os.getenv("PROJHOST_BATCH_SIZE")) or 500
+local BATCH = tonumber(os.getenv("PROJHOST_BATCH_SIZE")) or 1000
 -- partitions listed per discovery query
 local FIND_PAGE = 1000
 -- seconds a handler may run before the master kills its worker
@@ -66,6 +66,9 @@ local function ensure_conn()
 	db_down = false
 	conn = c
 	conn:exec("SET application_name = 'projhost worker'")
+	-- event times in one unambiguous form (see to_event)
+	conn:exec("SET TimeZone = 'UTC'")
+	conn:exec("SET DateStyle = 'ISO'")
 	local ok, err = conn:exec("SELECT set_config('statement_timeout', $1, false)", STATEMENT_TIMEOUT)
 	if not ok then log("warn", "worker", "PROJHOST_STATEMENT_TIMEOUT=" .. STATEMENT_TIMEOUT .. ": " .. err) end
 	return true
@@ -95,9 +98,10 @@ local function pg_text_array(list)
 	return "{" .. table.concat(out, ",") .. "}"
 end
 
+-- created_at comes as the server prints it (UTC, see ensure_conn) and is
+-- turned into ISO 8601 only when a handler reads e.time.
 local COLS = [[global_position, transaction_id::text AS tx, event_id, stream_id,
-	stream_version, event_type, data::text AS data, metadata::text AS metadata,
-	to_char(created_at AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.US"Z"') AS created_at]]
+	stream_version, event_type, data::text AS data, metadata::text AS metadata, created_at]]
 
 -- The filter for def's source and event types, as SQL text plus the
 -- parameters it needs, numbered from `first`.
@@ -142,7 +146,7 @@ end
 
 local function read_events(def, last_tx, last_pos, limit)
 	local p = def._read_params
-	return q(def._read_sql, last_tx, last_pos, limit, unpack(p, 1, #p))
+	return conn:events(def._read_sql, last_tx, last_pos, limit, unpack(p, 1, #p))
 end
 
 local function held_back(def)
@@ -151,18 +155,30 @@ local function held_back(def)
 	return rows and #rows > 0
 end
 
-local function to_event(r)
-	return {
-		id = r.event_id,
-		stream = r.stream_id,
-		version = tonumber(r.stream_version),
-		position = tonumber(r.global_position),
-		type = r.event_type,
-		data = json.decode(r.data),
-		metadata = json.decode(r.metadata),
-		time = r.created_at,
-		tx = r.tx,
-	}
+-- Events come from conn:events (core/lua_pg.c) as tables with the fields
+-- handlers see; data and metadata stay JSON text until first used, so a
+-- projection that only counts events never pays for JSON it does not read.
+local EVENT_MT = {
+	__index = function(e, k)
+		if k == "data" or k == "metadata" then
+			local raw = rawget(e, "_" .. k)
+			local v = raw and json.decode(raw) or {}
+			rawset(e, k, v)
+			return v
+		elseif k == "time" then
+			-- "2026-11-22 22:55:40.123456+00" -> "2026-11-22T22:55:40.123456Z"
+			local t = rawget(e, "_time")
+			if not t then return nil end
+			t = t:gsub(" ", "T", 1):gsub("%+00$", "Z")
+			rawset(e, "time", t)
+			return t
+		end
+	end,
+}
+
+local function to_event(e)
+	e._time, e.time = e.time, nil
+	return setmetatable(e, EVENT_MT)
 end
 
 -- ---------------------------------------------------------------------
@@ -572,6 +588,56 @@ local function apply(def, state, e, ctx)
 	return ok, res
 end
 
+-- The unpartitioned batch: handlers for events[1..n] inside ONE protected
+-- call (a pcall per event costs more than a counting handler itself).
+-- applying says which event was running when an error escaped.
+local applying = 0
+
+local function apply_loop(def, state, events, ctx, n)
+	local papply, beat = P.apply, core.beat
+	for i = 1, n do
+		local e = events[i]
+		applying = i
+		ctx.event = e
+		failed_sql = nil
+		beat(e.position)
+		state = papply(def, state, e, ctx)
+		if failed_sql then
+			-- the handler caught a failed statement and went on, but the
+			-- transaction is aborted: the event failed
+			error("SQL error (caught by the handler): " .. failed_sql, 0)
+		end
+	end
+	beat()
+	ctx.event = nil
+	return state
+end
+
+-- Apply events[1..#events]; returns ok, state | false, index, error.
+local function apply_batch(def, state, events, ctx)
+	local n = #events
+	local o = overrun[def.cp]
+	local overrun_at
+	if o then
+		for i = 1, n do
+			if o[events[i].position] then overrun_at, n = i, i - 1; break end
+		end
+	end
+	local ok, res = xpcall(apply_loop, traceback, def, state, events, ctx, n)
+	if not ok then
+		core.beat()
+		ctx.event = nil
+		if tostring(res):find("not enough memory", 1, true) then out_of_memory = true end
+		return false, applying, res
+	end
+	if overrun_at then
+		-- counted as a failure without running the handler again
+		local _, err = apply(def, res, events[overrun_at], ctx)
+		return false, overrun_at, err
+	end
+	return true, res
+end
+
 local function visible(def, etype)
 	if not def.type_filter then return true end
 	if not def._types then
@@ -645,7 +711,8 @@ local function error_action(def, part, e, err)
 end
 
 local function load_event(position)
-	local rows, err, code = q("SELECT " .. COLS .. " FROM projhost.events WHERE global_position = $1", position)
+	local rows, err, code = conn:events("SELECT " .. COLS .. " FROM projhost.events WHERE global_position = $1",
+		position)
 	if not rows then return nil, err, code end
 	return rows[1] and to_event(rows[1]) or false
 end
@@ -760,21 +827,15 @@ function run_batch(def, limit)
 
 	local ctx = ctx_for(def)
 	ctx._discard()
-	local events = {}
+	local events = rows
+	for i = 1, #events do
+		local e = to_event(events[i])
+		e.index = i
+	end
 	if #rows > 0 then pipe_begin() end
 	local fail_i, fail_err
-	for i, r in ipairs(rows) do
-		local e = to_event(r)
-		e.index = i
-		events[i] = e
-		local res
-		ok, res = apply(def, state, e, ctx)
-		if not ok then
-			fail_i, fail_err = i, res
-			break
-		end
-		state = res
-	end
+	local res1, res2, res3 = apply_batch(def, state, events, ctx)
+	if res1 then state = res2 else fail_i, fail_err = res2, res3 end
 	if not fail_i then
 		local okf, ferr0 = flush_upserts(ctx)
 		if not okf then fail_i, fail_err = #events, ferr0 end
@@ -920,7 +981,7 @@ local function run_partitions(def, parts, stop_at)
 
 	-- per stream, versions after the checkpoint, in order (dense index scan)
 	local evrows
-	evrows, err, code = q([[SELECT c.p AS partition, e.global_position, e.tx, e.event_id, e.stream_id,
+	evrows, err, code = conn:events([[SELECT c.p AS partition, e.global_position, e.tx, e.event_id, e.stream_id,
 			e.stream_version, e.event_type, e.data, e.metadata, e.created_at
 		FROM unnest($1::text[], $2::bigint[]) AS c(p, pos)
 		CROSS JOIN LATERAL (
