@@ -44,7 +44,7 @@ deps:
 		DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq --no-install-recommends $$missing >/dev/null || exit 1; \
 	fi
 
-build: $(BIN) $(BUILD)/lib/projhost/core.so
+build: $(BIN) $(BUILD)/lib/projhost/core.so $(BUILD)/queue_test
 
 $(BUILD)/obj/%.o: core/%.c $(HDRS) | deps
 	@mkdir -p $(dir $@)
@@ -56,6 +56,10 @@ $(BIN): $(BUILD)/obj/main.o $(LIB_OBJS)
 $(BUILD)/lib/projhost/core.so: $(LIB_OBJS)
 	@mkdir -p $(dir $@)
 	$(CC) $(CFLAGS) $(LDFLAGS) -shared -o $@ $^ $(PKG_LIBS)
+
+# C checks of the queue and framing, run by spec/core/queue_spec.lua
+$(BUILD)/queue_test: spec/core/queue_test.c $(BUILD)/obj/queue.o $(BUILD)/obj/frame.o $(HDRS)
+	$(CC) $(CFLAGS) $(LDFLAGS) -o $@ $< $(BUILD)/obj/queue.o $(BUILD)/obj/frame.o
 
 asan:
 	$(MAKE) BUILD=build-asan BIN=build-asan/projhost \
@@ -71,8 +75,14 @@ test: build
 run: build
 	./projhost run --demo projections
 
-bench: build
-	@echo "no benchmark yet (issue 6)"
+# Not part of test: a throwaway cluster, ~1M-event data sets, one table
+# (and bench/results.json) of projhost next to the plain-libpq limit.
+bench: build bench/limit
+	luajit bench/bench.lua
+
+bench/limit: bench/limit.c | deps
+	$(CC) -std=c11 -D_GNU_SOURCE $(OPT) -g -Wall -Wextra -Werror $(shell pkg-config --cflags libpq) \
+		-o $@ $< $(shell pkg-config --libs libpq)
 
 lint:
 	luarocks lint projhost-scm-1.rockspec
