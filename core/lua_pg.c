@@ -116,6 +116,18 @@ static int collect_params(lua_State *L, int first, const char **vals, char bufs[
 
 static int drain(ph_l_conn *c, PGresult **last, PGresult **err, int *err_index);
 
+/* nil, msg, code[, index of the pipelined statement that failed] */
+static int push_error_at(lua_State *L, PGconn *conn, PGresult *res, int idx)
+{
+	int n = push_error(L, conn, res);
+
+	if (idx) {
+		lua_pushinteger(L, idx);
+		n++;
+	}
+	return n;
+}
+
 /* Run the statement at stack slot 2 with parameters from slot 3 on. In
  * pipeline mode it joins the queue and the pipeline is synced, so earlier
  * statements' errors surface here: *@err_index then says which (1-based,
@@ -151,15 +163,8 @@ static int ph_l_conn_exec(lua_State *L)
 	ExecStatusType st = res ? PQresultStatus(res) : PGRES_FATAL_ERROR;
 	const char *t;
 
-	if (st != PGRES_COMMAND_OK && st != PGRES_TUPLES_OK) {
-		int n = push_error(L, c->conn, res);
-
-		if (idx) {
-			lua_pushinteger(L, idx);
-			n++;
-		}
-		return n;
-	}
+	if (st != PGRES_COMMAND_OK && st != PGRES_TUPLES_OK)
+		return push_error_at(L, c->conn, res, idx);
 	t = PQcmdTuples(res);
 	lua_pushnumber(L, t && *t ? strtod(t, NULL) : (st == PGRES_TUPLES_OK ? PQntuples(res) : 0));
 	PQclear(res);
@@ -192,15 +197,8 @@ static int ph_l_conn_query(lua_State *L)
 	PGresult *res = run(L, c, &idx);
 	ExecStatusType st = res ? PQresultStatus(res) : PGRES_FATAL_ERROR;
 
-	if (st != PGRES_COMMAND_OK && st != PGRES_TUPLES_OK) {
-		int n = push_error(L, c->conn, res);
-
-		if (idx) {
-			lua_pushinteger(L, idx);
-			n++;
-		}
-		return n;
-	}
+	if (st != PGRES_COMMAND_OK && st != PGRES_TUPLES_OK)
+		return push_error_at(L, c->conn, res, idx);
 	push_rows(L, res);
 	lua_pushinteger(L, PQntuples(res));
 	PQclear(res);

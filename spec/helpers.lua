@@ -295,6 +295,27 @@ function h.wait_until(fn, timeout, what)
 	end
 end
 
+-- The first column of the first row of a query (text), or nil.
+function h.scalar(conn, sql, ...)
+	local rows, err = conn:query(sql, ...)
+	if not rows then error(err, 2) end
+	local _, v = next(rows[1] or {})
+	return v
+end
+
+-- A PostgreSQL program (pgbench, pg_ctl, ...) from the server's bin dir.
+function h.pgbin(name)
+	local p = io.popen("pg_config --bindir 2>/dev/null")
+	local dir = p and p:read("*l")
+	if p then p:close() end
+	if not dir or dir == "" then
+		p = io.popen("ls -d /usr/lib/postgresql/*/bin | sort -V | tail -1")
+		dir = p:read("*l")
+		p:close()
+	end
+	return dir .. "/" .. name
+end
+
 function h.connect(dsn)
 	local conn, msg = core.connect(dsn)
 	if not conn then error(msg, 2) end

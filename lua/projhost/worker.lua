@@ -473,6 +473,15 @@ local function promote(def)
 	return true
 end
 
+-- setup or reset SQL failed: the projection's own SQL is wrong (it fails
+-- until the file is fixed), unless the database itself was the problem.
+local function script_failed(def, err, code, is_script)
+	if not is_script then return "dberror", dberror(def, err, code) end
+	log("error", def.cp, def.file .. ": " .. err)
+	set_status(def, "", "failed", err)
+	return "failed", 0
+end
+
 -- Connect, run setup, check the projection's own row: the part every
 -- job starts with. Returns true, or status, delay for the whole job.
 local function prepare(def)
@@ -489,14 +498,7 @@ local function prepare(def)
 		end
 	end
 	ok, err, code, is_setup = ensure_setup(def)
-	if not ok then
-		if is_setup then
-			log("error", def.cp, def.file .. ": " .. err)
-			set_status(def, "", "failed", err)
-			return "failed", 0
-		end
-		return "dberror", dberror(def, err, code)
-	end
+	if not ok then return script_failed(def, err, code, is_setup) end
 	rows, err, code = q([[SELECT version, status FROM projhost.checkpoints
 		WHERE projection = $1 AND partition = '']], def.cp)
 	if not rows then return "dberror", dberror(def, err, code) end
@@ -522,14 +524,7 @@ local function prepare(def)
 			return "retry", 5
 		end
 		ok, err, code, is_setup = reset_projection(def)
-		if not ok then
-			if is_setup then
-				log("error", def.cp, def.file .. ": " .. err)
-				set_status(def, "", "failed", err)
-				return "failed", 0
-			end
-			return "dberror", dberror(def, err, code)
-		end
+		if not ok then return script_failed(def, err, code, is_setup) end
 		return true, "reset"
 	end
 	if row.status ~= "running" then return row.status, 0 end

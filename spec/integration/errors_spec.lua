@@ -1,13 +1,8 @@
 -- Error actions, dead letters, operator commands and runaway handlers, on a
 -- real PostgreSQL (design §3, issue 4).
 local h = require "helpers"
+local scalar = h.scalar
 local core = require "projhost.core"
-
-local function scalar(conn, sql, ...)
-	local rows = assert(conn:query(sql, ...))
-	local _, v = next(rows[1] or {})
-	return v
-end
 
 -- A projection over category `err` whose handler writes a row per event
 -- (then fails for `Bad` events, after its write) so a failure that left a

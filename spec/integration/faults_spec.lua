@@ -2,25 +2,8 @@
 -- server restarted under load, the worker's backend terminated mid-batch,
 -- a handler statement cancelled by statement_timeout.
 local h = require "helpers"
+local scalar, pgbin = h.scalar, h.pgbin
 local core = require "projhost.core"
-
-local function pgbin(name)
-	local p = io.popen("pg_config --bindir 2>/dev/null")
-	local dir = p and p:read("*l")
-	if p then p:close() end
-	if not dir or dir == "" then
-		p = io.popen("ls -d /usr/lib/postgresql/*/bin | sort -V | tail -1")
-		dir = p:read("*l")
-		p:close()
-	end
-	return dir .. "/" .. name
-end
-
-local function scalar(conn, sql, ...)
-	local rows = assert(conn:query(sql, ...))
-	local _, v = next(rows[1] or {})
-	return v
-end
 
 local function count_lines(text, pattern)
 	local n = 0

@@ -1,20 +1,8 @@
 -- Partitioned projections (partition = "stream") on several instances with
 -- several workers each, on a real PostgreSQL.
 local h = require "helpers"
+local scalar, pgbin = h.scalar, h.pgbin
 local core = require "projhost.core"
-
-local function pgbench()
-	local p = io.popen("pg_config --bindir 2>/dev/null")
-	local dir = p and p:read("*l")
-	if p then p:close() end
-	return (dir and dir ~= "" and dir or "/usr/lib/postgresql/15/bin") .. "/pgbench"
-end
-
-local function scalar(conn, sql, ...)
-	local rows = assert(conn:query(sql, ...))
-	local _, v = next(rows[1] or {})
-	return v
-end
 
 -- Per stream: a count in a table, the last version in the state (a handler
 -- that sees a version out of order raises, so the spec fails), and one row
@@ -107,7 +95,7 @@ COMMIT;
 		-- 20,000 single-event transactions from 8 writers, concurrent
 		-- appends to the same streams included
 		local writers = io.popen(string.format("%s -n -c 8 -j 2 -t 2500 -f %s '%s' 2>&1",
-			pgbench(), script, dsn))
+			pgbin("pgbench"), script, dsn))
 		h.wait_until(function() return applied(conn) >= 4000 end, 120, "4,000 events applied")
 		core.kill(hosts[1].pid, 9)
 		hosts[1]:wait(10)

@@ -1,13 +1,8 @@
 -- Hot reload: edit a projection file while the host runs; the new code is
 -- live between batches, with no event lost or applied twice.
 local h = require "helpers"
+local scalar = h.scalar
 local core = require "projhost.core"
-
-local function scalar(conn, sql, ...)
-	local rows = assert(conn:query(sql, ...))
-	local _, v = next(rows[1] or {})
-	return v
-end
 
 -- Unpartitioned; each event's effect is a row tagged with the code version
 -- that applied it (position is the key: applying twice fails loudly).

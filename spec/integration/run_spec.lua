@@ -1,27 +1,8 @@
 -- projhost run against a real PostgreSQL: catch-up, live, gap-free order
 -- under out-of-order commits, exactly once across SIGKILLs, bad files.
 local h = require "helpers"
+local scalar, pgbin = h.scalar, h.pgbin
 local core = require "projhost.core"
-
-local function pgbin(name)
-	local p = io.popen("pg_config --bindir 2>/dev/null")
-	local dir = p and p:read("*l")
-	if p then p:close() end
-	if not dir or dir == "" then
-		p = io.popen("ls -d /usr/lib/postgresql/*/bin | sort -V | tail -1")
-		dir = p:read("*l")
-		p:close()
-	end
-	return dir .. "/" .. name
-end
-
-local function scalar(conn, sql, ...)
-	local rows = assert(conn:query(sql, ...))
-	local r = rows[1]
-	if not r then return nil end
-	local _, v = next(r)
-	return v
-end
 
 -- Unpartitioned projection over category `acct`: a per-stream count in a
 -- table, a running total in its state, and one row per applied event in a

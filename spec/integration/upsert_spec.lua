@@ -2,12 +2,7 @@
 -- effects are the same as one statement per event, and a failure is still
 -- charged to the event that caused it.
 local h = require "helpers"
-
-local function scalar(conn, sql, ...)
-	local rows = assert(conn:query(sql, ...))
-	local _, v = next(rows[1] or {})
-	return v
-end
+local scalar = h.scalar
 
 describe("set-based writes", function()
 	local dsn, conn, dir
