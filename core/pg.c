@@ -44,7 +44,12 @@ static void quiet_notices(void *arg, const char *msg)
 
 PGconn *ph_pg_connect(const char *dsn, char **err)
 {
-	PGconn *conn = PQconnectdb(dsn ? dsn : "");
+	/* A default connect_timeout, so an unreachable TCP host cannot stall
+	 * the master's loop for minutes; the DSN's own value, if any, wins
+	 * (expanded after ours). */
+	const char *const keys[] = { "connect_timeout", "dbname", NULL };
+	const char *const vals[] = { "10", dsn ? dsn : "", NULL };
+	PGconn *conn = PQconnectdbParams(keys, vals, 1);
 	char where[512], msg[1024];
 
 	*err = NULL;
