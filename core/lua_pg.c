@@ -20,8 +20,12 @@
 
 typedef struct {
 	PGconn *conn;
-	int pending;	/* statements sent in pipeline mode since the last sync */
+	int pending;		/* statements sent in pipeline mode since the last sync */
+	unsigned char *kinds;	/* per pending statement: how conn:sync(true) returns it */
+	int kcap;
 } ph_l_conn;
+
+enum { KIND_COUNT, KIND_ROWS, KIND_EVENTS };
 
 static ph_l_conn *check_c(lua_State *L)
 {
@@ -69,6 +73,7 @@ int ph_l_connect(lua_State *L)
 		return 3;
 	}
 	c = lua_newuserdata(L, sizeof(*c));
+	memset(c, 0, sizeof(*c));
 	c->conn = conn;
 	luaL_getmetatable(L, PH_CONN_MT);
 	lua_setmetatable(L, -2);
@@ -115,6 +120,8 @@ static int collect_params(lua_State *L, int first, const char **vals, char bufs[
 }
 
 static int drain(ph_l_conn *c, PGresult **last, PGresult **err, int *err_index);
+static void push_events(lua_State *L, PGresult *res);
+static void push_rows(lua_State *L, PGresult *res);
 
 /* nil, msg, code[, index of the pipelined statement that failed] */
 static int push_error_at(lua_State *L, PGconn *conn, PGresult *res, int idx)
@@ -272,8 +279,7 @@ static int ph_l_conn_pipeline(lua_State *L)
 	return 1;
 }
 
-/* conn:send(sql, ...) -> statements pending | nil, msg, code (pipeline mode) */
-static int ph_l_conn_send(lua_State *L)
+static int send_kind(lua_State *L, int kind)
 {
 	ph_l_conn *c = check_c(L);
 	const char *sql = luaL_checkstring(L, 2);
@@ -283,10 +289,102 @@ static int ph_l_conn_send(lua_State *L)
 
 	if (PQpipelineStatus(c->conn) == PQ_PIPELINE_OFF)
 		return luaL_error(L, "conn:send needs pipeline mode (conn:pipeline(true))");
+	if (c->pending >= c->kcap) {
+		int cap = c->kcap ? c->kcap * 2 : 64;
+		unsigned char *k = realloc(c->kinds, (size_t)cap);
+
+		if (!k)
+			return luaL_error(L, "out of memory");
+		c->kinds = k;
+		c->kcap = cap;
+	}
 	if (!PQsendQueryParams(c->conn, sql, n, NULL, vals, NULL, NULL, 0))
 		return push_error(L, c->conn, NULL);
+	c->kinds[c->pending] = (unsigned char)kind;
 	lua_pushinteger(L, ++c->pending);
 	return 1;
+}
+
+/* conn:send(sql, ...) -> statements pending | nil, msg, code (pipeline mode) */
+static int ph_l_conn_send(lua_State *L)
+{
+	return send_kind(L, KIND_COUNT);
+}
+
+/* conn:send_query(sql, ...): like send; conn:sync(true) returns its rows */
+static int ph_l_conn_send_query(lua_State *L)
+{
+	return send_kind(L, KIND_ROWS);
+}
+
+/* conn:send_events(sql, ...): like send; conn:sync(true) returns event tables */
+static int ph_l_conn_send_events(lua_State *L)
+{
+	return send_kind(L, KIND_EVENTS);
+}
+
+/* conn:sync(true): sync and return every statement's result: results[i] is
+ * the affected count, the rows or the events (by how it was sent), or false
+ * for a failed or skipped one. -> true, results | nil, msg, code, index, results */
+static int sync_collect(lua_State *L, ph_l_conn *c)
+{
+	int pending = c->pending, q = 0, nulls = 0, err_index = 0, results;
+	PGresult *err = NULL;
+
+	c->pending = 0;
+	if (!PQpipelineSync(c->conn))
+		return push_error(L, c->conn, NULL);
+	lua_createtable(L, pending, 0);
+	results = lua_gettop(L);
+	for (;;) {
+		PGresult *r = PQgetResult(c->conn);
+		ExecStatusType st;
+
+		if (!r) {
+			if (++nulls > 1 || PQstatus(c->conn) == CONNECTION_BAD) {
+				if (!err_index)
+					err_index = q + 1;
+				break;
+			}
+			continue;
+		}
+		nulls = 0;
+		st = PQresultStatus(r);
+		if (st == PGRES_PIPELINE_SYNC) {
+			PQclear(r);
+			break;
+		}
+		q++;
+		if (st == PGRES_TUPLES_OK && q <= pending && c->kinds[q - 1] != KIND_COUNT) {
+			if (c->kinds[q - 1] == KIND_EVENTS)
+				push_events(L, r);
+			else
+				push_rows(L, r);
+		} else if (st == PGRES_COMMAND_OK || st == PGRES_TUPLES_OK) {
+			const char *t = PQcmdTuples(r);
+
+			lua_pushnumber(L, t && *t ? strtod(t, NULL) : PQntuples(r));
+		} else {
+			lua_pushboolean(L, 0);
+			if ((st == PGRES_FATAL_ERROR || st == PGRES_NONFATAL_ERROR) && !err) {
+				err = r;
+				err_index = q;
+				lua_rawseti(L, results, q);
+				continue;
+			}
+		}
+		lua_rawseti(L, results, q);
+		PQclear(r);
+	}
+	if (!err && !err_index) {
+		lua_pushboolean(L, 1);
+		lua_insert(L, results);
+		return 2;
+	}
+	push_error(L, c->conn, err);
+	lua_pushinteger(L, err_index);
+	lua_pushvalue(L, results);
+	return 5;
 }
 
 /* conn:sync() -> true | nil, msg, code, index of the failed statement */
@@ -296,6 +394,8 @@ static int ph_l_conn_sync(lua_State *L)
 	PGresult *last, *err;
 	int idx;
 
+	if (lua_toboolean(L, 2))
+		return sync_collect(L, c);
 	if (drain(c, &last, &err, &idx) == 0) {
 		if (last)
 			PQclear(last);
@@ -334,22 +434,13 @@ static const struct {
 	{ "created_at", "time", 0 },
 };
 
-static int ph_l_conn_events(lua_State *L)
+/* Push the rows of @res as event tables (see above). Does not clear @res. */
+static void push_events(lua_State *L, PGresult *res)
 {
-	ph_l_conn *c = check_c(L);
-	int idx;
-	PGresult *res = run(L, c, &idx);
-	ExecStatusType st = res ? PQresultStatus(res) : PGRES_FATAL_ERROR;
-	int nr, nf, keys, number[64];
+	int nr = PQntuples(res), nf = PQnfields(res), keys, number[64];
 
-	if (st != PGRES_TUPLES_OK)
-		return push_error(L, c->conn, res);
-	nr = PQntuples(res);
-	nf = PQnfields(res);
-	if (nf > 64) {
-		PQclear(res);
-		return luaL_error(L, "conn:events: too many columns (%d)", nf);
-	}
+	if (nf > 64)
+		nf = 64;	/* our queries have 10 */
 	/* field names once, as stack slots */
 	keys = lua_gettop(L) + 1;
 	for (int f = 0; f < nf; f++) {
@@ -380,6 +471,23 @@ static int ph_l_conn_events(lua_State *L)
 		}
 		lua_rawseti(L, -2, r + 1);
 	}
+	/* drop the key strings below the result */
+	if (nf > 0) {
+		lua_replace(L, keys);
+		lua_settop(L, keys);
+	}
+}
+
+static int ph_l_conn_events(lua_State *L)
+{
+	ph_l_conn *c = check_c(L);
+	int idx;
+	PGresult *res = run(L, c, &idx);
+	ExecStatusType st = res ? PQresultStatus(res) : PGRES_FATAL_ERROR;
+
+	if (st != PGRES_TUPLES_OK)
+		return push_error_at(L, c->conn, res, idx);
+	push_events(L, res);
 	PQclear(res);
 	return 1;
 }
@@ -484,6 +592,9 @@ static int ph_l_conn_close(lua_State *L)
 	if (c->conn)
 		PQfinish(c->conn);
 	c->conn = NULL;
+	free(c->kinds);
+	c->kinds = NULL;
+	c->kcap = c->pending = 0;
 	return 0;
 }
 
@@ -494,6 +605,8 @@ static const luaL_Reg conn_methods[] = {
 	{ "events", ph_l_conn_events },
 	{ "pipeline", ph_l_conn_pipeline },
 	{ "send", ph_l_conn_send },
+	{ "send_query", ph_l_conn_send_query },
+	{ "send_events", ph_l_conn_send_events },
 	{ "sync", ph_l_conn_sync },
 	{ "notifies", ph_l_conn_notifies },
 	{ "ok", ph_l_conn_ok },

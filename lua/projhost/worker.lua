@@ -48,6 +48,7 @@ local function drop_conn()
 	if conn then conn:close() end
 	conn = nil
 	setup_done = {}
+	for _, def in pairs(defs) do def._ok_at = nil end
 end
 
 local function ensure_conn()
@@ -142,17 +143,6 @@ local function compile(def)
 	def._held_sql = [[SELECT 1 AS held FROM projhost.events
 	WHERE transaction_id >= pg_snapshot_xmin(pg_current_snapshot())]] .. hf .. " LIMIT 1"
 	def._held_params = hp
-end
-
-local function read_events(def, last_tx, last_pos, limit)
-	local p = def._read_params
-	return conn:events(def._read_sql, last_tx, last_pos, limit, unpack(p, 1, #p))
-end
-
-local function held_back(def)
-	local p = def._held_params
-	local rows = q(def._held_sql, unpack(p, 1, #p))
-	return rows and #rows > 0
 end
 
 -- Events come from conn:events (core/lua_pg.c) as tables with the fields
@@ -799,26 +789,69 @@ end
 local run_batch, caught_up_partitioned
 
 -- Returns status, count, delay (statuses: see core/master.c).
+-- Two round trips: [BEGIN, lock the checkpoint row, read, held-back check],
+-- then [the handlers' statements, checkpoint, COMMIT].
 function run_batch(def, limit)
-	local ready, why = prepare(def)
-	if ready ~= true then return ready, 0, why end
-	if why == "reset" then limit = nil end
+	-- the full check (setup, version, status, shadows, parked retries) at
+	-- most once a second; the locked row is checked on every batch anyway
+	local now = core.monotime()
+	if def.shadow_of or not def._ok_at or now - def._ok_at > 1 then
+		local ready, why = prepare(def)
+		if ready ~= true then return ready, 0, why end
+		if why == "reset" then limit = nil end
+		def._ok_at = now
+	elseif not ensure_conn() then
+		return "dberror", 0, backoff()
+	end
 
-	local ok, err, code = x("BEGIN")
-	if not ok then return "dberror", 0, dberror(def, err, code) end
-	local row
-	row, err, code = lock_checkpoint(def, "")
-	if row == nil then return "dberror", 0, dberror(def, err, code) end
-	if row == false then rollback(); return "locked", 0, 0 end
-	if row.status ~= "running" then rollback(); return row.status, 0, 0 end
-	if tonumber(row.version) ~= def.version then rollback(); return "more", 0, 0 end
+	pipe_begin()
+	if not pipe.on then return "dberror", 0, dberror(def, "cannot enter pipeline mode") end
+	local rp, hp = def._read_params, def._held_params
+	-- The read goes out with the checkpoint this worker committed last
+	-- (a guess checked against the locked row below): one round trip in
+	-- the common case, with a plan made for the real values.
+	local guess = def._last
+	conn:send("BEGIN")
+	conn:send_query([[SELECT version, state::text AS state, last_tx::text AS last_tx, last_pos, status
+		FROM projhost.checkpoints WHERE projection = $1 AND partition = '' FOR UPDATE SKIP LOCKED]], def.cp)
+	if guess then
+		conn:send_events(def._read_sql, guess.tx, guess.pos, limit or BATCH, unpack(rp, 1, #rp))
+	else
+		conn:send("SELECT 1")
+	end
+	conn:send_query(def._held_sql, unpack(hp, 1, #hp))
+	local ok, res, code = conn:sync(true)
+	if not ok then
+		pipe.on = false
+		if conn:ok() then conn:pipeline(false) end
+		return "dberror", 0, dberror(def, res, code)
+	end
+	local row, rows, held = res[2][1], res[3], #res[4] > 0
+	if row and not (guess and guess.tx == row.last_tx and guess.pos == tonumber(row.last_pos)) then
+		-- another worker or instance moved it, or our first batch
+		local err2
+		rows, err2, code = conn:events(def._read_sql, row.last_tx, tonumber(row.last_pos), limit or BATCH,
+			unpack(rp, 1, #rp))
+		if not rows then
+			pipe_end()
+			return "dberror", 0, dberror(def, err2, code)
+		end
+		pipe.sent = {}
+	end
+	if not row or row.status ~= "running" or tonumber(row.version) ~= def.version then
+		pipe_end()
+		rollback()
+		def._ok_at = nil -- look properly next time (row gone, paused, new version)
+		if not row then
+			setup_done[def.cp] = nil
+			return "locked", 0, 0
+		end
+		if row.status ~= "running" then return row.status, 0, 0 end
+		return "more", 0, 0
+	end
 
 	local state = row.state and json.decode(row.state)
 	if state == nil then state = P.init_state(def) end
-
-	local rows
-	rows, err, code = read_events(def, row.last_tx, tonumber(row.last_pos), limit or BATCH)
-	if not rows then return "dberror", 0, dberror(def, err, code) end
 
 	local ctx = ctx_for(def)
 	ctx._discard()
@@ -827,7 +860,7 @@ function run_batch(def, limit)
 		local e = to_event(events[i])
 		e.index = i
 	end
-	if #rows > 0 then pipe_begin() end
+	pipe.sent = {}
 	local fail_i, fail_err
 	local res1, res2, res3 = apply_batch(def, state, events, ctx)
 	if res1 then state = res2 else fail_i, fail_err = res2, res3 end
@@ -835,8 +868,37 @@ function run_batch(def, limit)
 		local okf, ferr0 = flush_upserts(ctx)
 		if not okf then fail_i, fail_err = #events, ferr0 end
 	end
+
+	local n, last_pos = #events, tonumber(row.last_pos)
+	local status, key = "more", def.cp .. "\t"
+	if not limit and n < BATCH then status = held and "held" or "idle" end
+	if not fail_i and status == "idle" and not caught[key] and def.caught_up then
+		failed_sql = nil
+		local okc, cerr = xpcall(def.caught_up, traceback, ctx)
+		if okc then okc, cerr = ctx._flush() end
+		if not okc or failed_sql then
+			pipe_end()
+			rollback()
+			log("error", def.cp, "caught_up failed: " .. first_line(cerr or failed_sql))
+			return "retry", 0, 1
+		end
+	end
+	if not fail_i then
+		if n > 0 then
+			local last = events[n]
+			conn:send([[UPDATE projhost.checkpoints SET state = $2::jsonb, last_tx = $3::xid8,
+				last_pos = $4, script_hash = $5, error = NULL, updated_at = now()
+				WHERE projection = $1 AND partition = '']],
+				def.cp, encode_state(def, state), last.tx, last.position, def.hash)
+			last_pos = last.position
+		end
+		conn:send("COMMIT")
+	end
+
+	def._last = nil
 	local fe, ferr = failure_of(events, fail_i, fail_err, pipe_end())
 	if fe == false or (fe and db_fault()) then return "dberror", 0, dberror(def, first_line(ferr), failed_code) end
+	if not fe then def._last = { tx = n > 0 and events[n].tx or row.last_tx, pos = last_pos } end
 	if fe == "flush" then
 		-- the set-based write of the batch failed: find the event that
 		-- makes it fail by committing halves (one event: that one)
@@ -850,56 +912,24 @@ function run_batch(def, limit)
 		-- the failing one, then apply the error action to it
 		rollback()
 		if fe.index > 1 then
-			local st, n, d = run_batch(def, fe.index - 1)
-			if st ~= "more" then return st, n, d end
+			local st, cnt, d = run_batch(def, fe.index - 1)
+			if st ~= "more" then return st, cnt, d end
 		end
-		local status, delay = error_action(def, "", fe, ferr)
-		return status, fe.index - 1, delay
+		local st, delay = error_action(def, "", fe, ferr)
+		return st, fe.index - 1, delay
 	end
-
-	local n, last_pos = #events, tonumber(row.last_pos)
-	if n > 0 then
-		local last = events[n]
-		ok, err, code = x([[UPDATE projhost.checkpoints SET state = $2::jsonb, last_tx = $3::xid8,
-			last_pos = $4, script_hash = $5, error = NULL, updated_at = now()
-			WHERE projection = $1 AND partition = '']],
-			def.cp, encode_state(def, state), last.tx, last.position, def.hash)
-		if not ok then return "dberror", 0, dberror(def, err, code) end
-		last_pos = last.position
-	end
-
-	local status, key = "more", def.cp .. "\t"
-	if not limit and n < BATCH then
-		if held_back(def) then
-			status = "held"
-		else
-			status = "idle"
-			if not caught[key] and def.caught_up then
-				failed_sql = nil
-				local okc, cerr = xpcall(def.caught_up, traceback, ctx)
-				if okc then okc, cerr = ctx._flush() end
-				if not okc or failed_sql then
-					rollback()
-					log("error", def.cp, "caught_up failed: " .. first_line(cerr or failed_sql))
-					return "retry", 0, 1
-				end
-			end
-		end
-	end
-	ok, err, code = x("COMMIT")
-	if not ok then return "dberror", 0, dberror(def, err, code) end
 	db_failures = 0
 
 	if n == BATCH then caught[key] = nil end
 	report(def, n, string.format("pos=%d ", last_pos), status == "idle" and not caught[key])
-	if status == "idle" and def.shadow_of then
-		ok, err, code = promote(def)
-		if not ok then return "dberror", n, dberror(def, err, code) end
-		return "idle", n, 0
-	end
 	if status == "idle" and not caught[key] then
 		caught[key] = true
 		log("info", def.cp, string.format("pos=%d caught up", last_pos))
+	end
+	if status == "idle" and def.shadow_of then
+		local okp, err, pcode = promote(def)
+		if not okp then return "dberror", n, dberror(def, err, pcode) end
+		return "idle", n, 0
 	end
 	return status, n, 0
 end
