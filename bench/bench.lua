@@ -1,0 +1,860 @@
+-- bench/bench.lua: `make bench` (issue 6). projhost next to what PostgreSQL
+-- itself delivers, measured in one run on a throwaway cluster.
+--
+--   luajit bench/bench.lua        (from the repository root, after `make
+--                                 build bench/limit`; `make bench` does both)
+--
+-- Prints one table and writes bench/results.json. Every figure is the
+-- median of 3 runs, within a time allowance per row so the whole bench
+-- stays under 10 minutes on 2 cores: a row whose runs are so slow that the
+-- next one would not fit is reported from the runs it had (the table's
+-- "runs" column says how many), and a run that exceeds what is left is
+-- killed: its figure reads "timeout" with the rate it reached until then.
+-- Nothing here is part of `make test`; targets are printed beside the
+-- figures, never asserted.
+--
+-- Environment: BENCH_RUNS (default 3), BENCH_SCALE (default 1; smaller for
+-- a quick check of the harness), BENCH_KEEP=1 keeps the cluster's
+-- directory (and leaves the cluster running) for a look afterwards.
+package.path = "lua/?.lua;lua/?/init.lua;" .. package.path
+package.cpath = "build/lib/?.so;" .. package.cpath
+
+local ffi = require "ffi"
+local core = require "projhost.core"
+local cjson = require "cjson"
+
+local RUNS = tonumber(os.getenv("BENCH_RUNS")) or 3
+-- BENCH_SCALE=0.05 shrinks the data sets and the live run (a quick check
+-- of the harness itself; the figures then mean little)
+local SCALE = tonumber(os.getenv("BENCH_SCALE")) or 1
+local N_STREAMS = 10000           -- rows 1-3: 1,000,000 events over 10,000 streams
+local N_EVENTS = math.floor(1000000 * SCALE / N_STREAMS) * N_STREAMS
+local P_STREAMS = math.floor(100000 * SCALE) -- row 4: 100,000 streams x 10 events
+local P_PER_STREAM = 10
+local LIVE_RATE, LIVE_SECONDS = 500, math.max(2, math.floor(20 * SCALE))
+local NOTIFY_N = 1000
+
+-- Seconds each row may take for all its runs (see the top). Today's slow
+-- rows (per-event SQL) fit one or two runs; once they are fast, all three.
+local ALLOW = {
+	limit_read = 30, state_only = 45,
+	limit_pipeline = 70, read_model_exec = 100, limit_setupsert = 40, read_model_upsert = 90,
+	partitioned_w1 = 55, partitioned_w2 = 55,
+}
+local T_LIMIT = 60 -- any other single run of bench/limit
+
+ffi.cdef [[
+typedef struct { long _opaque[64]; } bench_spawn_actions_t;
+typedef struct { long _opaque[128]; } bench_spawnattr_t;
+typedef struct { unsigned long val[16]; } bench_sigset_t;
+typedef struct { long tv_sec; long tv_usec; } bench_timeval_t;
+typedef struct { long tv_sec; long tv_nsec; } bench_timespec_t;
+typedef struct {
+	bench_timeval_t ru_utime, ru_stime;
+	long ru_maxrss, ru_ixrss, ru_idrss, ru_isrss, ru_minflt, ru_majflt, ru_nswap,
+		ru_inblock, ru_oublock, ru_msgsnd, ru_msgrcv, ru_nsignals, ru_nvcsw, ru_nivcsw;
+} bench_rusage_t;
+int posix_spawn_file_actions_init(bench_spawn_actions_t *fa);
+int posix_spawn_file_actions_destroy(bench_spawn_actions_t *fa);
+int posix_spawn_file_actions_addopen(bench_spawn_actions_t *fa, int fd, const char *path, int oflag, unsigned int mode);
+int posix_spawn_file_actions_adddup2(bench_spawn_actions_t *fa, int fd, int newfd);
+int posix_spawnattr_init(bench_spawnattr_t *a);
+int posix_spawnattr_destroy(bench_spawnattr_t *a);
+int posix_spawnattr_setflags(bench_spawnattr_t *a, short flags);
+int posix_spawnattr_setsigdefault(bench_spawnattr_t *a, const bench_sigset_t *s);
+int posix_spawnattr_setsigmask(bench_spawnattr_t *a, const bench_sigset_t *s);
+int sigemptyset(bench_sigset_t *s);
+int sigfillset(bench_sigset_t *s);
+int posix_spawn(int *pid, const char *path, const bench_spawn_actions_t *fa, const bench_spawnattr_t *a,
+	char *const argv[], char *const envp[]);
+int wait4(int pid, int *status, int options, bench_rusage_t *ru);
+int clock_gettime(int clk, bench_timespec_t *ts);
+char *mkdtemp(char *template);
+int chmod(const char *path, unsigned int mode);
+char *strerror(int errnum);
+extern char **environ;
+]]
+local C = ffi.C
+local O_RDONLY, O_WRONLY, O_CREAT, O_TRUNC = 0, 1, 64, 512
+local POSIX_SPAWN_SETSIGDEF, POSIX_SPAWN_SETSIGMASK = 4, 8
+local WNOHANG = 1
+
+-- ---------------------------------------------------------------------
+-- small helpers
+
+local function say(fmt, ...)
+	io.stderr:write("bench: ", fmt:format(...), "\n")
+	io.stderr:flush()
+end
+
+local function read_file(path)
+	local f = io.open(path, "rb")
+	if not f then return "" end
+	local s = f:read("*a")
+	f:close()
+	return s
+end
+
+local function write_file(path, text)
+	local f = assert(io.open(path, "wb"))
+	f:write(text)
+	f:close()
+end
+
+local function shell_quote(s)
+	return "'" .. tostring(s):gsub("'", "'\\''") .. "'"
+end
+
+local function wallclock()
+	local ts = ffi.new("bench_timespec_t")
+	C.clock_gettime(0, ts) -- CLOCK_REALTIME
+	return tonumber(ts.tv_sec) + tonumber(ts.tv_nsec) / 1e9
+end
+
+local function median(list)
+	if #list == 0 then return nil end
+	local s = {}
+	for i, v in ipairs(list) do s[i] = v end
+	table.sort(s)
+	if #s % 2 == 1 then return s[(#s + 1) / 2] end
+	return (s[#s / 2] + s[#s / 2 + 1]) / 2
+end
+
+local function commas(n)
+	local s = string.format("%.0f", n)
+	local neg = s:sub(1, 1) == "-"
+	if neg then s = s:sub(2) end
+	s = s:reverse():gsub("(%d%d%d)", "%1,"):reverse():gsub("^,", "")
+	return (neg and "-" or "") .. s
+end
+
+-- "key=value key=value" (bench/limit's output) -> table of numbers
+local function kv(line)
+	local t = {}
+	for k, v in line:gmatch("([%w_]+)=(%S+)") do t[k] = tonumber(v) or v end
+	return t
+end
+
+-- ---------------------------------------------------------------------
+-- processes: posix_spawn, reaped with wait4 for exit code and peak RSS
+
+local ROOT
+do
+	local p = io.popen("pwd")
+	ROOT = p:read("*l")
+	p:close()
+end
+local BIN = ROOT .. "/projhost"
+local LIMIT = ROOT .. "/bench/limit"
+
+local TMP            -- the throwaway cluster's home and every scratch file
+local children = {}  -- pid -> true while running
+local env_extra = {} -- added to every child's environment
+
+-- Our environment minus anything that could point a child at another
+-- database, plus env_extra and extra (false unsets).
+local CLEARED = { PROJHOST_DB = true, PGHOST = true, PGHOSTADDR = true, PGPORT = true, PGDATABASE = true,
+	PGUSER = true, PGSERVICE = true, PGPASSWORD = true, PGOPTIONS = true }
+
+local function child_env(extra)
+	local env, order = {}, {}
+	local i = 0
+	while C.environ[i] ~= nil do
+		local kvs = ffi.string(C.environ[i])
+		local k = kvs:match("^([^=]*)=")
+		if k and not env[k] and not CLEARED[k] then
+			order[#order + 1] = k
+			env[k] = kvs:sub(#k + 2)
+		end
+		i = i + 1
+	end
+	for _, src in ipairs({ env_extra, extra or {} }) do
+		for k, v in pairs(src) do
+			if env[k] == nil then order[#order + 1] = k end
+			env[k] = v
+		end
+	end
+	local list = {}
+	for _, k in ipairs(order) do
+		if env[k] then list[#list + 1] = k .. "=" .. tostring(env[k]) end
+	end
+	return list
+end
+
+local function cstrings(list)
+	local arr = ffi.new("char *[?]", #list + 1)
+	local keep = {}
+	for i, s in ipairs(list) do
+		keep[i] = ffi.new("char[?]", #s + 1, s)
+		arr[i - 1] = keep[i]
+	end
+	arr[#list] = nil
+	return arr, keep
+end
+
+-- spawn(path, args, opts) -> pid; stdout and stderr both go to opts.log.
+local function spawn(path, args, opts)
+	opts = opts or {}
+	local argv_list = { path }
+	for _, a in ipairs(args) do argv_list[#argv_list + 1] = tostring(a) end
+	local argv, keep_a = cstrings(argv_list)
+	local envp, keep_e = cstrings(child_env(opts.env))
+	local fa = ffi.new("bench_spawn_actions_t")
+	local attr = ffi.new("bench_spawnattr_t")
+	C.posix_spawn_file_actions_init(fa)
+	C.posix_spawn_file_actions_addopen(fa, 0, "/dev/null", O_RDONLY, 0)
+	C.posix_spawn_file_actions_addopen(fa, 1, opts.log, O_WRONLY + O_CREAT + O_TRUNC, tonumber("644", 8))
+	C.posix_spawn_file_actions_adddup2(fa, 1, 2)
+	C.posix_spawnattr_init(attr)
+	local all, none = ffi.new("bench_sigset_t"), ffi.new("bench_sigset_t")
+	C.sigfillset(all)
+	C.sigemptyset(none)
+	C.posix_spawnattr_setsigdefault(attr, all)
+	C.posix_spawnattr_setsigmask(attr, none)
+	C.posix_spawnattr_setflags(attr, POSIX_SPAWN_SETSIGDEF + POSIX_SPAWN_SETSIGMASK)
+	local pid = ffi.new("int[1]")
+	local rc = C.posix_spawn(pid, path, fa, attr, argv, envp)
+	C.posix_spawn_file_actions_destroy(fa)
+	C.posix_spawnattr_destroy(attr)
+	local _ = { keep_a, keep_e }
+	if rc ~= 0 then error("cannot start " .. path .. ": " .. ffi.string(C.strerror(rc))) end
+	children[pid[0]] = true
+	return pid[0]
+end
+
+-- wait4(WNOHANG) until the child exits or timeout seconds pass. Returns
+-- exit code (128 + signal if signalled) and peak RSS in KB - on Linux the
+-- largest of the child and every descendant it reaped (its workers) - or
+-- nil on timeout.
+local function wait_child(pid, timeout)
+	local deadline = core.monotime() + timeout
+	local st = ffi.new("int[1]")
+	local ru = ffi.new("bench_rusage_t")
+	local nap = 0.0005
+	while true do
+		local r = C.wait4(pid, st, WNOHANG, ru)
+		if r == pid then
+			children[pid] = nil
+			local s = st[0]
+			local code = bit.band(s, 0x7f) == 0 and bit.band(bit.rshift(s, 8), 0xff) or 128 + bit.band(s, 0x7f)
+			return code, tonumber(ru.ru_maxrss)
+		elseif r < 0 then
+			children[pid] = nil
+			return -1, 0
+		end
+		if core.monotime() >= deadline then return nil end
+		core.sleep(nap)
+		nap = math.min(nap * 2, 0.002)
+	end
+end
+
+local function kill_child(pid)
+	if not children[pid] then return end
+	core.kill(pid, 15)
+	if not wait_child(pid, 10) then
+		core.kill(pid, 9)
+		wait_child(pid, 10)
+	end
+end
+
+local seq = 0
+local function scratch(name)
+	seq = seq + 1
+	return ("%s/%02d-%s"):format(TMP, seq, name)
+end
+
+-- Run to completion: { code, seconds, rss_kb, out } or { timeout = true, ... }.
+local function run(path, args, opts)
+	opts = opts or {}
+	local log = scratch((opts.name or "run") .. ".log")
+	local t0 = core.monotime()
+	local pid = spawn(path, args, { log = log, env = opts.env })
+	local code, rss = wait_child(pid, opts.timeout or 120)
+	local dt = core.monotime() - t0
+	if not code then
+		core.kill(pid, 9)
+		wait_child(pid, 10)
+		return { timeout = true, seconds = dt, out = read_file(log), log = log }
+	end
+	return { code = code, seconds = dt, rss_kb = rss, out = read_file(log), log = log }
+end
+
+local function must(r, what)
+	if r.timeout then error(what .. ": timed out\n" .. r.out, 0) end
+	if r.code ~= 0 then error(("%s: exit code %d\n%s"):format(what, r.code, r.out), 0) end
+	return r.out
+end
+
+local function tail(text, n)
+	local lines = {}
+	for l in text:gmatch("[^\n]+") do lines[#lines + 1] = l end
+	return table.concat(lines, "\n", math.max(1, #lines - (n or 5) + 1))
+end
+
+-- ---------------------------------------------------------------------
+-- the cluster
+
+local DSN, admin -- DSN of the main database; a connection to it
+
+local function connect(dsn)
+	local c, err = core.connect(dsn)
+	if not c then error("connect " .. dsn .. ": " .. tostring(err), 0) end
+	return c
+end
+
+local function sql(conn, q, ...)
+	local rows, err = conn:query(q, ...)
+	if not rows then error(("SQL failed: %s\n  %s"):format(err, q), 2) end
+	return rows
+end
+
+local function dsn_for(db)
+	return (DSN:gsub("dbname=%S+", "dbname=" .. db))
+end
+
+local function start_cluster()
+	local buf = ffi.new("char[?]", 64, "/tmp/projhost-bench.XXXXXX")
+	if C.mkdtemp(buf) == nil then error("mkdtemp: " .. ffi.string(C.strerror(ffi.errno())), 0) end
+	TMP = ffi.string(buf)
+	C.chmod(TMP, tonumber("755", 8)) -- the cluster runs as nobody when we are root
+	env_extra.PROJHOST_HOME = TMP .. "/home"
+	local r = run(BIN, { "db", "start" }, { name = "db-start",
+		env = { PROJHOST_PG_OPTS = "-c track_commit_timestamp=on" } })
+	must(r, "projhost db start")
+	DSN = must(run(BIN, { "db", "url" }, { name = "db-url" }), "projhost db url"):match("^%s*(.-)%s*$")
+	admin = connect(DSN)
+end
+
+local function stop_cluster()
+	for pid in pairs(children) do kill_child(pid) end
+	if admin then admin:close(); admin = nil end
+	if not TMP then return end
+	if os.getenv("BENCH_KEEP") == "1" then
+		say("BENCH_KEEP=1: the cluster keeps running in %s (DSN %s)", TMP, tostring(DSN))
+		return
+	end
+	local r = run(BIN, { "db", "stop" }, { name = "db-stop", timeout = 90 })
+	if r.timeout or r.code ~= 0 then say("projhost db stop failed: %s", tail(r.out)) end
+	os.execute("rm -rf " .. shell_quote(TMP))
+	TMP = nil
+end
+
+-- Schema (projhost status creates it), then events and their streams rows
+-- in plain set-based SQL. Stream s of n_streams gets events s, s+n, ...;
+-- every third event is a withdrawal.
+local function load_events(dsn, n_streams, per_stream)
+	must(run(BIN, { "status", "--db", dsn }, { name = "status" }), "projhost status")
+	local c = connect(dsn)
+	local total = n_streams * per_stream
+	local t0 = core.monotime()
+	sql(c, ([[INSERT INTO projhost.events (stream_id, stream_version, event_type, data)
+		SELECT 'account-' || (i %% %d + 1), i / %d + 1,
+			CASE WHEN i %% 3 = 2 THEN 'Withdrawn' ELSE 'Deposited' END,
+			jsonb_build_object('amount', i %% 100 + 1)
+		FROM generate_series(0, %d) AS i]]):format(n_streams, n_streams, total - 1))
+	sql(c, [[INSERT INTO projhost.streams (stream_id, version, last_position)
+		SELECT stream_id, max(stream_version), max(global_position) FROM projhost.events GROUP BY stream_id]])
+	sql(c, "VACUUM ANALYZE")
+	sql(c, "CHECKPOINT")
+	say("loaded %s events over %s streams in %.1f s", commas(total), commas(n_streams), core.monotime() - t0)
+	return c
+end
+
+local function warm(dsn)
+	-- one full read through the same path the limit client measures
+	must(run(LIMIT, { "read", dsn }, { name = "warm", timeout = T_LIMIT }), "warming the cache")
+end
+
+-- ---------------------------------------------------------------------
+-- measurements
+
+local results = { rows = {} }
+
+-- A host catch-up: `projhost run --once` on one projection file.
+-- check(conn) -> true | nil, why: did it really process everything?
+-- progress(conn) -> events applied (committed) so far, for a timeout.
+local function host_catchup(dsn, file, args, timeout, check, conn, progress)
+	local argv = { "run", "--once", "--db", dsn }
+	for _, a in ipairs(args or {}) do argv[#argv + 1] = a end
+	argv[#argv + 1] = ROOT .. "/bench/projections/" .. file
+	local r = run(BIN, argv, { name = file:gsub("%.lua$", ""), timeout = timeout })
+	if r.timeout then
+		local n = progress and progress(conn)
+		return { timeout = true, seconds = r.seconds, partial_events_per_s = n and n / r.seconds }
+	end
+	if r.code ~= 0 then
+		return { failed = ("exit code %d: %s"):format(r.code, tail(r.out, 3)) }
+	end
+	local ok, why = check(conn)
+	if not ok then return { failed = why .. "\n" .. tail(r.out, 3) } end
+	return { seconds = r.seconds, rss_mb = r.rss_kb / 1024 }
+end
+
+-- Run fn(i, timeout) up to RUNS times and take the median of every numeric
+-- field. With an allowance (seconds for all runs of the row), each run's
+-- timeout is what is left of it, and no run starts that would not fit if
+-- it took as long as the slowest so far. Stops at the first timeout or
+-- failure (the figure then says so).
+local function repeated(label, fn, allowance)
+	local runs, out = {}, {}
+	local t0 = core.monotime()
+	local slowest = 0
+	for i = 1, RUNS do
+		local left = allowance and allowance - (core.monotime() - t0)
+		if left and i > 1 and slowest > left then
+			say("%s: %d of %d runs fit in its %d s; reporting those", label, i - 1, RUNS, allowance)
+			out.cut = true
+			break
+		end
+		local t1 = core.monotime()
+		local r = fn(i, left or T_LIMIT)
+		slowest = math.max(slowest, core.monotime() - t1)
+		runs[#runs + 1] = r
+		if r.timeout then
+			say("%s run %d/%d: timeout after %.0f s%s", label, i, RUNS, r.seconds or 0,
+				r.partial_events_per_s and (" (%s ev/s until then)"):format(commas(r.partial_events_per_s)) or "")
+			out.timeout = true
+			out.partial_events_per_s = r.partial_events_per_s
+			break
+		elseif r.failed then
+			say("%s run %d/%d FAILED: %s", label, i, RUNS, r.failed)
+			out.failed = r.failed
+			break
+		end
+		local parts = {}
+		for k, v in pairs(r) do
+			if type(v) == "number" then parts[#parts + 1] = ("%s=%.4g"):format(k, v) end
+		end
+		table.sort(parts)
+		say("%s run %d/%d: %s", label, i, RUNS, table.concat(parts, " "))
+	end
+	out.runs = runs
+	out.nruns = #runs
+	if not out.timeout and not out.failed then
+		local keys = {}
+		for k, v in pairs(runs[1]) do if type(v) == "number" then keys[#keys + 1] = k end end
+		for _, k in ipairs(keys) do
+			local l = {}
+			for _, r in ipairs(runs) do l[#l + 1] = r[k] end
+			out[k] = median(l)
+		end
+	end
+	results.rows[label] = out
+	return out
+end
+
+local function limit_mode(mode, dsn, extra, timeout)
+	local args = { mode, dsn }
+	for _, a in ipairs(extra or {}) do args[#args + 1] = a end
+	local r = run(LIMIT, args, { name = "limit-" .. mode, timeout = timeout or T_LIMIT })
+	if r.timeout then return { timeout = true, seconds = r.seconds } end
+	if r.code ~= 0 then return { failed = tail(r.out, 3) } end
+	return kv(r.out)
+end
+
+-- rows 1-3 ------------------------------------------------------------
+
+local expected_sum -- of all balances, from the data set itself
+
+local function check_count(conn)
+	local rows = sql(conn, [[SELECT (state->>'total')::bigint AS n FROM projhost.checkpoints
+		WHERE projection = 'bench_count' AND partition = '']])
+	local n = rows[1] and tonumber(rows[1].n)
+	if n ~= N_EVENTS then return nil, "bench_count counted " .. tostring(n) .. " events" end
+	return true
+end
+
+local function check_balances(conn)
+	local r = sql(conn, "SELECT count(*) AS n, sum(amount) AS s FROM balances")[1]
+	if tonumber(r.n) ~= N_STREAMS or tonumber(r.s) ~= expected_sum then
+		return nil, ("balances has %s rows summing to %s, expected %d rows summing to %s")
+			:format(r.n, tostring(r.s), N_STREAMS, tostring(expected_sum))
+	end
+	return true
+end
+
+-- events a run of rows 2-3 committed: positions 1..N are all account-*
+local function progress_main(conn)
+	local r = sql(conn, "SELECT max(last_pos) AS p FROM projhost.checkpoints WHERE partition = ''")[1]
+	return tonumber(r.p) or 0
+end
+
+local function reset_main(conn)
+	sql(conn, "DELETE FROM projhost.checkpoints")
+	sql(conn, "TRUNCATE balances")
+end
+
+local function catchup_rows(conn)
+	-- 1. limit-read
+	repeated("limit_read", function(_, timeout)
+		local r = limit_mode("read", DSN, nil, timeout)
+		if r.rows and r.rows ~= N_EVENTS then r = { failed = "read " .. r.rows .. " rows" } end
+		return r.rows_per_s and { rows_per_s = r.rows_per_s, seconds = r.seconds } or r
+	end, ALLOW.limit_read)
+
+	-- 2. state only
+	repeated("state_only", function(_, timeout)
+		reset_main(conn)
+		local r = host_catchup(DSN, "count.lua", nil, timeout, check_count, conn, progress_main)
+		if r.seconds and not r.timeout then r.events_per_s = N_EVENTS / r.seconds end
+		return r
+	end, ALLOW.state_only)
+
+	-- 3. read model: per-event statements vs the pipelined C loop, and
+	-- ctx:upsert vs one set-based upsert per page. Interleaved, so both
+	-- sides of each ratio see the same state of the cluster.
+	local function c_loop(mode)
+		return function(_, timeout)
+			reset_main(conn)
+			local r = limit_mode(mode, DSN, nil, timeout)
+			if r.events and (r.events ~= N_EVENTS or not check_balances(conn)) then
+				local _, why = check_balances(conn)
+				return { failed = "bench/limit " .. mode .. ": " .. tostring(why or r.events .. " events") }
+			end
+			return r.events_per_s and { events_per_s = r.events_per_s, seconds = r.seconds } or r
+		end
+	end
+	local function host(file)
+		return function(_, timeout)
+			reset_main(conn)
+			local r = host_catchup(DSN, file, nil, timeout, check_balances, conn, progress_main)
+			if r.seconds and not r.timeout then r.events_per_s = N_EVENTS / r.seconds end
+			return r
+		end
+	end
+	repeated("limit_pipeline", c_loop("pipeline"), ALLOW.limit_pipeline)
+	repeated("read_model_exec", host("balances_exec.lua"), ALLOW.read_model_exec)
+	repeated("limit_setupsert", c_loop("setupsert"), ALLOW.limit_setupsert)
+	repeated("read_model_upsert", host("balances_upsert.lua"), ALLOW.read_model_upsert)
+	reset_main(conn)
+end
+
+-- row 4 -----------------------------------------------------------------
+
+local function partitioned_rows()
+	local db = "bench_part"
+	sql(admin, "CREATE DATABASE " .. db)
+	local pdsn = dsn_for(db)
+	local conn = load_events(pdsn, P_STREAMS, P_PER_STREAM)
+	warm(pdsn)
+	local function check(c)
+		local r = sql(c, [[SELECT count(*) AS n, sum((state->>'n')::bigint) AS s FROM projhost.checkpoints
+			WHERE projection = 'bench_pcount' AND partition <> '']])[1]
+		if tonumber(r.n) ~= P_STREAMS or tonumber(r.s) ~= P_STREAMS * P_PER_STREAM then
+			return nil, ("bench_pcount: %s partitions, %s events"):format(r.n, tostring(r.s))
+		end
+		return true
+	end
+	local function progress(c)
+		local r = sql(c, [[SELECT sum((state->>'n')::bigint) AS s FROM projhost.checkpoints
+			WHERE projection = 'bench_pcount' AND partition <> '']])[1]
+		return tonumber(r.s) or 0
+	end
+	for _, w in ipairs({ 1, 2 }) do
+		repeated("partitioned_w" .. w, function(_, timeout)
+			sql(conn, "DELETE FROM projhost.checkpoints")
+			local r = host_catchup(pdsn, "pcount.lua", { "--workers", w }, timeout, check, conn, progress)
+			if r.seconds and not r.timeout then r.events_per_s = P_STREAMS * P_PER_STREAM / r.seconds end
+			return r
+		end, ALLOW["partitioned_w" .. w])
+	end
+	conn:close()
+end
+
+-- rows 5 and 7: a live host ------------------------------------------------
+
+-- Start `projhost run` in the background; wait for its log to match.
+local function start_host(dsn, paths, env, ready_pattern)
+	local log = scratch("host.log")
+	local argv = { "run", "--db", dsn }
+	for _, p in ipairs(paths) do argv[#argv + 1] = p end
+	local pid = spawn(BIN, argv, { log = log, env = env })
+	local deadline = core.monotime() + 30
+	while not read_file(log):find(ready_pattern) do
+		if not children[pid] or wait_child(pid, 0) or core.monotime() > deadline then
+			error("the host did not get ready (" .. ready_pattern .. "):\n" .. tail(read_file(log), 10), 0)
+		end
+		core.sleep(0.02)
+	end
+	return pid, log
+end
+
+local function latency_row()
+	local db = "bench_live"
+	sql(admin, "CREATE DATABASE " .. db)
+	local ldsn = dsn_for(db)
+	must(run(BIN, { "status", "--db", ldsn }, { name = "status" }), "projhost status")
+	local conn = connect(ldsn)
+	local pid = start_host(ldsn, { ROOT .. "/bench/projections/latency.lua" }, nil, "bench_latency pos=0 caught up")
+
+	repeated("notify", function()
+		local r = limit_mode("notify", ldsn, { NOTIFY_N })
+		return r.p50_ms and { p50_ms = r.p50_ms, p99_ms = r.p99_ms, max_ms = r.max_ms } or r
+	end)
+	repeated("live", function()
+		local before = tonumber(sql(conn, "SELECT coalesce(max(global_position), 0) AS p FROM projhost.events")[1].p)
+		local w = limit_mode("write", ldsn, { LIVE_RATE, LIVE_SECONDS, "lat" }, LIVE_SECONDS + 30)
+		if not w.events then return w end
+		-- every event applied? (allow a few seconds for a backlog)
+		local deadline = core.monotime() + 30
+		local n
+		repeat
+			n = tonumber(sql(conn, "SELECT count(*) AS n FROM latency WHERE position > $1", before)[1].n)
+			if n >= w.events then break end
+			core.sleep(0.05)
+		until core.monotime() > deadline
+		if n < w.events then return { timeout = true, seconds = 30 } end
+		local r = sql(conn, [[SELECT percentile_disc(0.5) WITHIN GROUP (ORDER BY ms) AS p50,
+				percentile_disc(0.99) WITHIN GROUP (ORDER BY ms) AS p99, max(ms) AS max, count(*) AS n
+			FROM (SELECT extract(epoch FROM pg_xact_commit_timestamp(l.xmin)
+					- pg_xact_commit_timestamp(e.xmin)) * 1000 AS ms
+				FROM latency l JOIN projhost.events e ON e.global_position = l.position
+				WHERE l.position > $1) t]], before)[1]
+		return { p50_ms = tonumber(r.p50), p99_ms = tonumber(r.p99), max_ms = tonumber(r.max),
+			events = tonumber(r.n), writer_events_per_s = w.events_per_s }
+	end)
+	kill_child(pid)
+	conn:close()
+	return ldsn
+end
+
+-- "2026-11-22T22:54:32.883Z" -> seconds since the epoch
+local function iso_to_epoch(y, mo, d, h, mi, s, ms)
+	y, mo = tonumber(y), tonumber(mo)
+	if mo <= 2 then y = y - 1 end
+	local era = math.floor(y / 400)
+	local yoe = y - era * 400
+	local mp = (mo + 9) % 12
+	local doy = math.floor((153 * mp + 2) / 5) + tonumber(d) - 1
+	local doe = yoe * 365 + math.floor(yoe / 4) - math.floor(yoe / 100) + doy
+	local days = era * 146097 + doe - 719468
+	return days * 86400 + tonumber(h) * 3600 + tonumber(mi) * 60 + tonumber(s) + tonumber(ms) / 1000
+end
+
+local RELOAD_SRC = [[
+-- bench/bench.lua rewrites this file to time hot reload (variant %d)
+return {
+	name = "bench_reload",
+	from = { stream = "reload-1" },
+	init = function() return { n = 0 } end,
+	when = {
+		["*"] = function(s)
+			s.n = s.n + %d
+		end,
+	},
+}
+]]
+
+local function reload_row(dsn)
+	local dir = TMP .. "/reload"
+	os.execute("mkdir -p " .. shell_quote(dir))
+	local file = dir .. "/reload.lua"
+	write_file(file, RELOAD_SRC:format(0, 1))
+	local pid, log = start_host(dsn, { dir }, { PROJHOST_POLL_INTERVAL = "600" }, "bench_reload pos=0 caught up")
+	local PAT = "(%d+)-(%d+)-(%d+)T(%d+):(%d+):(%d+)%.(%d+)Z [^\n]*reloaded %(hash"
+	local function count()
+		local n = 0
+		for _ in read_file(log):gmatch("reloaded %(hash") do n = n + 1 end
+		return n
+	end
+	repeated("reload", function(i)
+		core.sleep(0.5) -- let the previous reload settle
+		local seen = count()
+		local tmp = file .. ".tmp"
+		write_file(tmp, RELOAD_SRC:format(i, i + 1))
+		local t0 = wallclock()
+		assert(os.rename(tmp, file))
+		local deadline = core.monotime() + 10
+		while count() <= seen do
+			if core.monotime() > deadline then return { timeout = true, seconds = 10 } end
+			core.sleep(0.002)
+		end
+		local k, ts = 0, nil
+		for y, mo, d, h, mi, s, ms in read_file(log):gmatch(PAT) do
+			k = k + 1
+			if k == seen + 1 then ts = iso_to_epoch(y, mo, d, h, mi, s, ms) end
+		end
+		if not ts then return { failed = "no timestamp on the reload line" } end
+		return { ms = (ts - t0) * 1000 }
+	end)
+	kill_child(pid)
+end
+
+-- ---------------------------------------------------------------------
+-- the table
+
+-- the 1-minute load average: anything else running on the machine shows
+local function loadavg()
+	return read_file("/proc/loadavg"):match("^(%S+)") or "?"
+end
+
+local function machine()
+	local p = io.popen("nproc")
+	local cores = tonumber(p:read("*l"))
+	p:close()
+	local cpuinfo = read_file("/proc/cpuinfo")
+	local model = cpuinfo:match("model name%s*:%s*([^\n]+)") or "unknown CPU"
+	local mem = tonumber(read_file("/proc/meminfo"):match("MemTotal:%s*(%d+)")) or 0
+	local v = sql(admin, "SELECT version() AS v")[1].v
+	return { cores = cores, cpu = model, mem_gb = mem / 1024 / 1024, postgres = v,
+		postgres_short = v:match("^(.-), compiled") or v }
+end
+
+local function fig(row, field, fmt)
+	local r = results.rows[row]
+	if not r then return "n/a" end
+	if r.timeout then
+		if r.partial_events_per_s then return ("timeout (%s ev/s)"):format(commas(r.partial_events_per_s)) end
+		return "timeout"
+	end
+	if r.failed then return "failed" end
+	if r[field] == nil then return "n/a" end
+	return fmt(r[field])
+end
+
+local function num(row, field)
+	local r = results.rows[row]
+	return r and not r.timeout and not r.failed and r[field] or nil
+end
+
+local function verdict(ok)
+	if ok == nil then return "n/a" end
+	return ok and "PASS" or "MISS"
+end
+
+-- how many runs the figures of a line come from: "3", or "1/3" (projhost/limit)
+local function nruns(a, b)
+	local ra, rb = results.rows[a], b and results.rows[b]
+	local na, nb = ra and ra.nruns or 0, rb and rb.nruns
+	if nb and nb ~= na then return na .. "/" .. nb end
+	return tostring(na)
+end
+
+local function report(m)
+	local ev = function(v) return commas(v) .. " ev/s" end
+	local ms = function(v) return ("%.2f ms"):format(v) end
+	local mb = function(v) return ("%.1f MB"):format(v) end
+	local lines = {}
+	local function row(...)
+		lines[#lines + 1] = { ... }
+	end
+	local function ratio(a, b)
+		if not a or not b then return nil end
+		return a / b
+	end
+	local function pct_s(x) return x and ("%.0f%%"):format(x * 100) or "-" end
+
+	local read = num("limit_read", "rows_per_s")
+	local so = num("state_only", "events_per_s")
+	local r_so = ratio(so, read)
+	row("1 limit-read", "", fig("limit_read", "rows_per_s", function(v) return commas(v) .. " rows/s" end),
+		"", "", "", nruns("limit_read"))
+	row("2 catch-up, state only", fig("state_only", "events_per_s", ev), "limit-read", pct_s(r_so),
+		">= 50% of limit-read", verdict(r_so and r_so >= 0.5), nruns("state_only", "limit_read"))
+
+	local pipe, exec = num("limit_pipeline", "events_per_s"), num("read_model_exec", "events_per_s")
+	local r_ex = ratio(exec, pipe)
+	row("3 catch-up, read model, ctx:exec", fig("read_model_exec", "events_per_s", ev),
+		"C pipelined " .. fig("limit_pipeline", "events_per_s", ev), pct_s(r_ex),
+		">= 90% of C pipelined", verdict(r_ex and r_ex >= 0.9), nruns("read_model_exec", "limit_pipeline"))
+	local setu, ups = num("limit_setupsert", "events_per_s"), num("read_model_upsert", "events_per_s")
+	row("  catch-up, read model, ctx:upsert", fig("read_model_upsert", "events_per_s", ev),
+		"C set upsert " .. fig("limit_setupsert", "events_per_s", ev), pct_s(ratio(ups, setu)),
+		">= 120,000 ev/s", verdict(ups and ups >= 120000), nruns("read_model_upsert", "limit_setupsert"))
+
+	local w1, w2 = num("partitioned_w1", "events_per_s"), num("partitioned_w2", "events_per_s")
+	local scale = w1 and w2 and w2 / w1
+	row("4 catch-up, partitioned, 1 worker", fig("partitioned_w1", "events_per_s", ev), "", "", "", "",
+		nruns("partitioned_w1"))
+	row("  catch-up, partitioned, 2 workers", fig("partitioned_w2", "events_per_s", ev), "1 worker",
+		scale and ("%.2fx"):format(scale) or "-", ">= 1.5x 1 worker", verdict(scale and scale >= 1.5),
+		nruns("partitioned_w2"))
+
+	local p50, p99 = num("live", "p50_ms"), num("live", "p99_ms")
+	local wrote = num("live", "writer_events_per_s")
+	row(("5 live latency p50 (%s ev/s, %d s)"):format(wrote and ("%.0f"):format(wrote) or LIVE_RATE, LIVE_SECONDS),
+		fig("live", "p50_ms", ms),
+		"NOTIFY " .. fig("notify", "p50_ms", ms), "", "<= 2 ms", verdict(p50 and p50 <= 2), nruns("live", "notify"))
+	row("  live latency p99", fig("live", "p99_ms", ms), "NOTIFY " .. fig("notify", "p99_ms", ms), "",
+		"<= 10 ms", verdict(p99 and p99 <= 10), nruns("live", "notify"))
+	row("  live latency max", fig("live", "max_ms", ms), "NOTIFY " .. fig("notify", "max_ms", ms), "", "", "",
+		nruns("live", "notify"))
+
+	for _, r in ipairs({ { "state_only", "6 peak RSS, catch-up state only" },
+		{ "partitioned_w1", "  peak RSS, partitioned, 1 worker" },
+		{ "partitioned_w2", "  peak RSS, partitioned, 2 workers" } }) do
+		local v = num(r[1], "rss_mb")
+		row(r[2], fig(r[1], "rss_mb", mb), "", "", "<= 64 MB", verdict(v and v <= 64), nruns(r[1]))
+	end
+	row("7 reload (rename -> 'reloaded' logged)", fig("reload", "ms", function(v) return ("%.0f ms"):format(v) end),
+		"", "", "", "", nruns("reload"))
+
+	local head = { "", "projhost", "limit (C, libpq)", "ratio", "target", "", "runs" }
+	local width = {}
+	for _, l in ipairs({ head, unpack(lines) }) do
+		for i, c in ipairs(l) do width[i] = math.max(width[i] or 0, #c) end
+	end
+	local out = {}
+	out[#out + 1] = ("projhost bench: %d cores, %s, %.0f GB RAM; %s"):format(
+		m.cores, m.cpu, m.mem_gb, m.postgres_short)
+	out[#out + 1] = ("load average %s at the start, %s at the end; %.0f s; medians of the runs shown")
+		:format(m.load_start, m.load_end, results.seconds)
+	local LEFT = { [1] = true, [5] = true, [6] = true }
+	local function fmt(l)
+		local cells = {}
+		for i, c in ipairs(l) do
+			local pad = (" "):rep(width[i] - #c)
+			cells[i] = LEFT[i] and c .. pad or pad .. c
+		end
+		return (table.concat(cells, "  "):gsub("%s+$", ""))
+	end
+	out[#out + 1] = fmt(head)
+	for _, l in ipairs(lines) do out[#out + 1] = fmt(l) end
+	return table.concat(out, "\n")
+end
+
+-- ---------------------------------------------------------------------
+
+local function main()
+	local f = io.open(BIN, "rb")
+	if not f then error("run me from the repository root after `make build bench/limit` (no ./projhost)", 0) end
+	f:close()
+	f = io.open(LIMIT, "rb")
+	if not f then error("bench/limit is missing: `make bench` builds it", 0) end
+	f:close()
+
+	local t_start = core.monotime()
+	local load_start = loadavg()
+	start_cluster()
+	say("cluster in %s: %s", TMP, DSN)
+	local m = machine()
+	m.load_start = load_start
+	results.machine = m
+
+	local conn = load_events(DSN, N_STREAMS, N_EVENTS / N_STREAMS)
+	sql(conn, "CREATE TABLE IF NOT EXISTS balances (id text PRIMARY KEY, amount bigint)")
+	expected_sum = tonumber(sql(conn, [[SELECT sum(CASE event_type WHEN 'Deposited' THEN 1 ELSE -1 END
+		* (data->>'amount')::bigint) AS s FROM projhost.events]])[1].s)
+	warm(DSN)
+	catchup_rows(conn)
+	conn:close()
+	partitioned_rows()
+	local ldsn = latency_row()
+	reload_row(ldsn)
+
+	results.seconds = core.monotime() - t_start
+	m.load_end = loadavg()
+	local text = report(m)
+	results.table = text
+	write_file(ROOT .. "/bench/results.json", cjson.encode(results) .. "\n")
+	say("done in %.0f s; wrote bench/results.json", results.seconds)
+	print(text)
+end
+
+local ok, err = xpcall(main, debug.traceback)
+local cok, cerr = pcall(stop_cluster)
+if not cok then say("cleanup failed: %s", tostring(cerr)) end
+if not ok then
+	say("FAILED: %s", tostring(err))
+	os.exit(1)
+end
