@@ -46,10 +46,11 @@ struct master;
 
 /* Partitions of one projection handed to a worker as one batch (one
  * transaction): catching up many small streams is not one BEGIN/COMMIT each. */
-#define PH_GROUP 64
+#define PH_GROUP 128
 /* Queue entries above which discovery of more partitions waits: memory
- * stays bounded when millions of partitions are behind. */
-#define PH_HIGH_WATER 50000
+ * stays bounded when millions of partitions are behind, and a page is
+ * listed only when the workers are about to need it. */
+#define PH_FIND_AHEAD 4000
 
 struct worker {
 	struct master *m;
@@ -501,12 +502,17 @@ static void handle_done(struct worker *w, char *msg)
 		struct ph_qentry *e = take_job(w, "");
 
 		m->round_work += nfound;
-		if (e && strcmp(find_status, "more") == 0 && m->q.count > PH_HIGH_WATER)
-			ph_queue_done(&m->q, e, now + 200, 1);	/* back-pressure */
+		if (e && strcmp(find_status, "more") == 0 && m->q.count > PH_FIND_AHEAD)
+			/* back-pressure: the next page once the queue has drained
+			 * (memory stays bounded, and workers process partitions
+			 * instead of listing ones already queued) */
+			ph_queue_done(&m->q, e, now + 50, 1);
+		else if (e && strcmp(find_status, "more") == 0)
+			entry_done(m, e, "more", 0);
 		else if (e && nfound)
 			/* look again once these are done: the projection has
 			 * caught up when a look finds nothing behind */
-			entry_done(m, e, "more", 0);
+			ph_queue_done(&m->q, e, now + 500, 1);
 		else if (e)
 			entry_done(m, e, find_status, 0);
 	}

@@ -70,6 +70,8 @@ local function ensure_conn()
 	-- event times in one unambiguous form (see to_event)
 	conn:exec("SET TimeZone = 'UTC'")
 	conn:exec("SET DateStyle = 'ISO'")
+	-- our statements are short; JIT compiling one costs more than running it
+	conn:exec("SET jit = off")
 	local ok, err = conn:exec("SELECT set_config('statement_timeout', $1, false)", STATEMENT_TIMEOUT)
 	if not ok then log("warn", "worker", "PROJHOST_STATEMENT_TIMEOUT=" .. STATEMENT_TIMEOUT .. ": " .. err) end
 	return true
@@ -951,12 +953,18 @@ local function run_partitions(def, parts, stop_at)
 		for _, p in ipairs(parts) do results[p] = { status, delay or 0 } end
 		return 0, results
 	end
-	local ready, why = prepare(def)
-	if ready ~= true then return all(ready, why) end
-	if why == "reset" then
-		-- every partition starts over; ask the master to rediscover
-		results[""] = { "more", 0 }
-		stop_at = nil
+	local now = core.monotime()
+	if def.shadow_of or not def._ok_at or now - def._ok_at > 1 then
+		local ready, why = prepare(def)
+		if ready ~= true then return all(ready, why) end
+		if why == "reset" then
+			-- every partition starts over; ask the master to rediscover
+			results[""] = { "more", 0 }
+			stop_at = nil
+		end
+		def._ok_at = now
+	elseif not ensure_conn() then
+		return all("dberror", backoff())
 	end
 
 	local wanted = {}
@@ -967,34 +975,45 @@ local function run_partitions(def, parts, stop_at)
 	table.sort(wanted) -- one order for every worker: inserts below cannot deadlock
 	local arr = pg_text_array(wanted)
 
-	local ok, err, code = x("BEGIN")
+	-- One round trip: open, lock the partitions' rows, and read each
+	-- stream past its checkpoint (dense index scan); rows another worker
+	-- holds are skipped by the lock and their events ignored.
+	pipe_begin()
+	if not pipe.on then return all("dberror", dberror(def, "cannot enter pipeline mode")) end
+	conn:send("BEGIN")
 	-- shared: a version reset (exclusive) waits for batches in flight
-	if ok then ok, err, code = x("SELECT pg_advisory_xact_lock_shared(hashtext('projhost:' || $1))", def.cp) end
-	if ok then
-		ok, err, code = x([[INSERT INTO projhost.checkpoints (projection, partition, version)
-			SELECT $1, p, $2 FROM unnest($3::text[]) AS p ON CONFLICT DO NOTHING]], def.cp, def.version, arr)
-	end
-	local rows
-	if ok then
-		rows, err, code = q([[SELECT partition, state::text AS state, last_pos, status
-			FROM projhost.checkpoints WHERE projection = $1 AND partition = ANY($2::text[])
-			ORDER BY partition FOR UPDATE SKIP LOCKED]], def.cp, arr)
-		ok = rows
-	end
+	conn:send("SELECT pg_advisory_xact_lock_shared(hashtext('projhost:' || $1))", def.cp)
+	conn:send([[INSERT INTO projhost.checkpoints (projection, partition, version)
+		SELECT $1, p, $2 FROM unnest($3::text[]) AS p ON CONFLICT DO NOTHING]], def.cp, def.version, arr)
+	conn:send_query([[SELECT partition, state::text AS state, last_pos, status
+		FROM projhost.checkpoints WHERE projection = $1 AND partition = ANY($2::text[])
+		ORDER BY partition FOR UPDATE SKIP LOCKED]], def.cp, arr)
+	conn:send_events([[SELECT c.partition AS partition, e.global_position, e.tx, e.event_id, e.stream_id,
+			e.stream_version, e.event_type, e.data, e.metadata, e.created_at
+		FROM projhost.checkpoints c
+		CROSS JOIN LATERAL (
+			SELECT ]] .. COLS .. [[ FROM projhost.events ev
+			WHERE ev.stream_id = c.partition AND ev.stream_version > c.last_pos
+			ORDER BY ev.stream_version LIMIT $3) e
+		WHERE c.projection = $1 AND c.partition = ANY($2::text[])
+		ORDER BY c.partition, e.stream_version]], def.cp, arr, BATCH)
+	local ok, res, code = conn:sync(true)
 	if not ok then
-		local d = dberror(def, err, code)
+		pipe.on = false
+		if conn:ok() then conn:pipeline(false) end
+		local d = dberror(def, res, code)
 		for _, p in ipairs(wanted) do results[p] = { "dberror", d } end
 		return 0, results
 	end
+	local rows, evrows = res[4], res[5]
 
-	local locked, cps, lposs = {}, {}, {}
+	local locked, cps = {}, {}
 	for _, r in ipairs(rows) do
 		if r.status ~= "running" then
 			results[r.partition] = { r.status, 0 }
 		else
 			locked[#locked + 1] = r
 			cps[#cps + 1] = r.partition
-			lposs[#lposs + 1] = r.last_pos
 		end
 	end
 	local is_locked = {}
@@ -1002,23 +1021,12 @@ local function run_partitions(def, parts, stop_at)
 	for _, p in ipairs(wanted) do
 		if not results[p] and not is_locked[p] then results[p] = { "locked", 0 } end
 	end
-	if #locked == 0 then rollback(); return 0, results end
-
-	-- per stream, versions after the checkpoint, in order (dense index scan)
-	local evrows
-	evrows, err, code = conn:events([[SELECT c.p AS partition, e.global_position, e.tx, e.event_id, e.stream_id,
-			e.stream_version, e.event_type, e.data, e.metadata, e.created_at
-		FROM unnest($1::text[], $2::bigint[]) AS c(p, pos)
-		CROSS JOIN LATERAL (
-			SELECT ]] .. COLS .. [[ FROM projhost.events ev
-			WHERE ev.stream_id = c.p AND ev.stream_version > c.pos
-			ORDER BY ev.stream_version LIMIT $3) e
-		ORDER BY c.p, e.stream_version]], pg_text_array(cps), "{" .. table.concat(lposs, ",") .. "}", BATCH)
-	if not evrows then
-		local d = dberror(def, err, code)
-		for _, p in ipairs(cps) do results[p] = { "dberror", d } end
+	if #locked == 0 then
+		pipe_end()
+		rollback()
 		return 0, results
 	end
+	pipe.sent = {}
 
 	local by_part = {}
 	for _, r in ipairs(evrows) do
@@ -1032,7 +1040,6 @@ local function run_partitions(def, parts, stop_at)
 	local up_p, up_s, up_v = {}, {}, {}
 	local total = 0
 	local seen, fail_i, fail_err = {}, nil, nil
-	pipe_begin()
 	for _, cp in ipairs(locked) do
 		local p = cp.partition
 		local list = by_part[p] or {}
@@ -1078,6 +1085,18 @@ local function run_partitions(def, parts, stop_at)
 		local okf, ferr0 = flush_upserts(ctx)
 		if not okf then fail_i, fail_err = #seen, ferr0 end
 	end
+	if not fail_i then
+		-- the checkpoints and COMMIT ride the same sync as the handlers'
+		-- statements; after an error PostgreSQL skips them
+		if #up_p > 0 then
+			conn:send([[UPDATE projhost.checkpoints c SET state = u.s::jsonb, last_pos = u.v,
+				script_hash = $5, error = NULL, updated_at = now()
+				FROM unnest($2::text[], $3::text[], $4::bigint[]) AS u(p, s, v)
+				WHERE c.projection = $1 AND c.partition = u.p]],
+				def.cp, pg_text_array(up_p), pg_text_array(up_s), "{" .. table.concat(up_v, ",") .. "}", def.hash)
+		end
+		conn:send("COMMIT")
+	end
 	local fe, ferr = failure_of(seen, fail_i, fail_err, pipe_end())
 	if fe == false or (fe and db_fault()) then
 		local d = dberror(def, first_line(ferr), failed_code)
@@ -1101,19 +1120,6 @@ local function run_partitions(def, parts, stop_at)
 		return n2, res2
 	end
 
-	if #up_p > 0 then
-		ok, err, code = x([[UPDATE projhost.checkpoints c SET state = u.s::jsonb, last_pos = u.v,
-			script_hash = $5, error = NULL, updated_at = now()
-			FROM unnest($2::text[], $3::text[], $4::bigint[]) AS u(p, s, v)
-			WHERE c.projection = $1 AND c.partition = u.p]],
-			def.cp, pg_text_array(up_p), pg_text_array(up_s), "{" .. table.concat(up_v, ",") .. "}", def.hash)
-	end
-	if ok then ok, err, code = x("COMMIT") end
-	if not ok then
-		local d = dberror(def, err, code)
-		for _, p in ipairs(cps) do results[p] = { "dberror", d } end
-		return 0, results
-	end
 	db_failures = 0
 	report(def, total, "", false)
 	return total, results
@@ -1131,13 +1137,19 @@ local function find_partitions(def, cursor)
 		filter = " AND s.stream_id = $4"
 		params[1] = def.from.stream
 	elseif def.from.category then
-		filter = " AND split_part(s.stream_id, '-', 1) = $4"
+		-- streams of category C sort between "C" and "C." ('.' follows
+		-- '-'): a range on the primary key, then the exact test
+		filter = " AND s.stream_id >= $4 AND s.stream_id < $4 || '.' AND split_part(s.stream_id, '-', 1) = $4"
 		params[1] = def.from.category
 	end
+	-- Walk the streams in key order from the cursor and look each one's
+	-- checkpoint up by primary key: a page costs what it returns (plus
+	-- the caught-up streams it passes), never a join over every stream.
 	local rows, err, code = q([[SELECT s.stream_id FROM projhost.streams s
-		LEFT JOIN projhost.checkpoints c ON c.projection = $1 AND c.partition = s.stream_id
-		WHERE s.stream_id > $2 AND s.version > coalesce(c.last_pos, 0)
-		  AND coalesce(c.status, 'running') = 'running']] .. filter .. [[
+		WHERE s.stream_id > $2]] .. filter .. [[
+		  AND s.version > coalesce((SELECT CASE WHEN c.status = 'running' THEN c.last_pos
+				ELSE 9223372036854775807 END
+			FROM projhost.checkpoints c WHERE c.projection = $1 AND c.partition = s.stream_id), 0)
 		ORDER BY s.stream_id LIMIT $3]], def.cp, cursor, FIND_PAGE, unpack(params))
 	if not rows then return "dberror", {}, dberror(def, err, code) end
 	local out = {}
