@@ -218,18 +218,20 @@ static int ph_l_conn_query(lua_State *L)
  * the statement that failed, so the caller can tell which event it was.
  */
 
-/* Sync and read every pending result. Keeps the last result in *@last and
- * the first error in *@err (with its 1-based index). Return: 0 ok, -1 error. */
-static int drain(ph_l_conn *c, PGresult **last, PGresult **err, int *err_index)
+/* Sync and read every pending result. Without @L the last result is kept
+ * in *@last; with @L each statement's result goes into the table at stack
+ * slot @results (see conn:sync(true)). The first error goes to *@err with
+ * its 1-based index. Return: 0 ok, -1 error. */
+static int drain_results(ph_l_conn *c, lua_State *L, int results, PGresult **last, PGresult **err,
+			 int *err_index)
 {
-	int q = 0, nulls = 0;
+	int pending = c->pending, q = 0, nulls = 0;
 
 	*last = *err = NULL;
 	*err_index = 0;
-	if (!PQpipelineSync(c->conn)) {
-		c->pending = 0;
+	c->pending = 0;
+	if (!PQpipelineSync(c->conn))
 		return -1;
-	}
 	for (;;) {
 		PGresult *r = PQgetResult(c->conn);
 		ExecStatusType st;
@@ -238,7 +240,6 @@ static int drain(ph_l_conn *c, PGresult **last, PGresult **err, int *err_index)
 			/* one NULL ends each statement's results; two in a row
 			 * mean nothing more is coming (the connection broke) */
 			if (++nulls > 1 || PQstatus(c->conn) == CONNECTION_BAD) {
-				c->pending = 0;
 				if (!*err)
 					*err_index = q + 1;
 				return -1;
@@ -252,17 +253,40 @@ static int drain(ph_l_conn *c, PGresult **last, PGresult **err, int *err_index)
 			break;
 		}
 		q++;
+		if (L) {
+			if (st == PGRES_TUPLES_OK && q <= pending && c->kinds[q - 1] != KIND_COUNT) {
+				if (c->kinds[q - 1] == KIND_EVENTS)
+					push_events(L, r);
+				else
+					push_rows(L, r);
+			} else if (st == PGRES_COMMAND_OK || st == PGRES_TUPLES_OK) {
+				const char *t = PQcmdTuples(r);
+
+				lua_pushnumber(L, t && *t ? strtod(t, NULL) : PQntuples(r));
+			} else {
+				lua_pushboolean(L, 0);	/* failed or skipped */
+			}
+			lua_rawseti(L, results, q);
+		}
 		if ((st == PGRES_FATAL_ERROR || st == PGRES_NONFATAL_ERROR) && !*err) {
 			*err = r;
 			*err_index = q;
+			continue;
+		}
+		if (L) {
+			PQclear(r);
 			continue;
 		}
 		if (*last)
 			PQclear(*last);
 		*last = r;
 	}
-	c->pending = 0;
 	return *err ? -1 : 0;
+}
+
+static int drain(ph_l_conn *c, PGresult **last, PGresult **err, int *err_index)
+{
+	return drain_results(c, NULL, 0, last, err, err_index);
 }
 
 /* conn:pipeline(on) -> true | nil, msg, code. Leaving needs a synced pipeline. */
@@ -328,61 +352,18 @@ static int ph_l_conn_send_events(lua_State *L)
  * for a failed or skipped one. -> true, results | nil, msg, code, index, results */
 static int sync_collect(lua_State *L, ph_l_conn *c)
 {
-	int pending = c->pending, q = 0, nulls = 0, err_index = 0, results;
-	PGresult *err = NULL;
+	PGresult *last, *err;
+	int idx, results;
 
-	c->pending = 0;
-	if (!PQpipelineSync(c->conn))
-		return push_error(L, c->conn, NULL);
-	lua_createtable(L, pending, 0);
+	lua_createtable(L, c->pending, 0);
 	results = lua_gettop(L);
-	for (;;) {
-		PGresult *r = PQgetResult(c->conn);
-		ExecStatusType st;
-
-		if (!r) {
-			if (++nulls > 1 || PQstatus(c->conn) == CONNECTION_BAD) {
-				if (!err_index)
-					err_index = q + 1;
-				break;
-			}
-			continue;
-		}
-		nulls = 0;
-		st = PQresultStatus(r);
-		if (st == PGRES_PIPELINE_SYNC) {
-			PQclear(r);
-			break;
-		}
-		q++;
-		if (st == PGRES_TUPLES_OK && q <= pending && c->kinds[q - 1] != KIND_COUNT) {
-			if (c->kinds[q - 1] == KIND_EVENTS)
-				push_events(L, r);
-			else
-				push_rows(L, r);
-		} else if (st == PGRES_COMMAND_OK || st == PGRES_TUPLES_OK) {
-			const char *t = PQcmdTuples(r);
-
-			lua_pushnumber(L, t && *t ? strtod(t, NULL) : PQntuples(r));
-		} else {
-			lua_pushboolean(L, 0);
-			if ((st == PGRES_FATAL_ERROR || st == PGRES_NONFATAL_ERROR) && !err) {
-				err = r;
-				err_index = q;
-				lua_rawseti(L, results, q);
-				continue;
-			}
-		}
-		lua_rawseti(L, results, q);
-		PQclear(r);
-	}
-	if (!err && !err_index) {
+	if (drain_results(c, L, results, &last, &err, &idx) == 0) {
 		lua_pushboolean(L, 1);
 		lua_insert(L, results);
 		return 2;
 	}
 	push_error(L, c->conn, err);
-	lua_pushinteger(L, err_index);
+	lua_pushinteger(L, idx);
 	lua_pushvalue(L, results);
 	return 5;
 }
