@@ -204,6 +204,9 @@ M.steps = {
 			attempts int NOT NULL DEFAULT 0,
 			PRIMARY KEY (projection, partition)
 		)]],
+		-- states are rewritten every batch; compressing a large one costs
+		-- more than storing it (TOAST still moves it out of line)
+		[[ALTER TABLE projhost.checkpoints ALTER COLUMN state SET STORAGE EXTERNAL]],
 		[[CREATE TABLE projhost.parked (
 			id bigserial PRIMARY KEY,
 			projection text NOT NULL,

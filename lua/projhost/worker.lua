@@ -812,10 +812,19 @@ function run_batch(def, limit)
 	-- The read goes out with the checkpoint this worker committed last
 	-- (a guess checked against the locked row below): one round trip in
 	-- the common case, with a plan made for the real values.
+	-- The state too: it is what this worker committed with that
+	-- checkpoint, so a hit saves fetching and decoding it (a large state
+	-- is most of a batch's cost). Taken out now, put back after COMMIT:
+	-- handlers mutate it, and a failed batch must not leave it dirty.
 	local guess = def._last
+	def._last = nil
 	conn:send("BEGIN")
-	conn:send_query([[SELECT version, state::text AS state, last_tx::text AS last_tx, last_pos, status
-		FROM projhost.checkpoints WHERE projection = $1 AND partition = '' FOR UPDATE SKIP LOCKED]], def.cp)
+	-- xmin tells whether anyone (a parked retry, another instance, an
+	-- operator) wrote the row since our last commit
+	conn:send_query([[SELECT version, CASE WHEN $2 THEN state::text END AS state, last_tx::text AS last_tx,
+		last_pos, status, xmin::text AS rx, xid(pg_current_xact_id())::text AS my_xid
+		FROM projhost.checkpoints WHERE projection = $1 AND partition = ''
+		FOR UPDATE SKIP LOCKED]], def.cp, guess == nil)
 	if guess then
 		conn:send_events(def._read_sql, guess.tx, guess.pos, limit or BATCH, unpack(rp, 1, #rp))
 	else
@@ -829,14 +838,19 @@ function run_batch(def, limit)
 		return "dberror", 0, dberror(def, res, code)
 	end
 	local row, rows, held = res[2][1], res[3], #res[4] > 0
-	if row and not (guess and guess.tx == row.last_tx and guess.pos == tonumber(row.last_pos)) then
+	local hit = row and guess and guess.rx == row.rx and guess.tx == row.last_tx
+		and guess.pos == tonumber(row.last_pos)
+	if row and not hit then
 		-- another worker or instance moved it, or our first batch
 		local err2
 		rows, err2, code = conn:events(def._read_sql, row.last_tx, tonumber(row.last_pos), limit or BATCH,
 			unpack(rp, 1, #rp))
-		if not rows then
+		local srows = rows and guess and conn:query([[SELECT state::text AS state FROM projhost.checkpoints
+			WHERE projection = $1 AND partition = '']], def.cp)
+		if srows then row.state = srows[1] and srows[1].state end
+		if not rows or (guess and not srows) then
 			pipe_end()
-			return "dberror", 0, dberror(def, err2, code)
+			return "dberror", 0, dberror(def, err2 or "reading the state failed", code)
 		end
 		pipe.sent = {}
 	end
@@ -852,8 +866,13 @@ function run_batch(def, limit)
 		return "more", 0, 0
 	end
 
-	local state = row.state and json.decode(row.state)
-	if state == nil then state = P.init_state(def) end
+	local state
+	if hit then
+		state = guess.state
+	else
+		state = row.state and json.decode(row.state)
+		if state == nil then state = P.init_state(def) end
+	end
 
 	local ctx = ctx_for(def)
 	ctx._discard()
@@ -897,10 +916,12 @@ function run_batch(def, limit)
 		conn:send("COMMIT")
 	end
 
-	def._last = nil
 	local fe, ferr = failure_of(events, fail_i, fail_err, pipe_end())
 	if fe == false or (fe and db_fault()) then return "dberror", 0, dberror(def, first_line(ferr), failed_code) end
-	if not fe then def._last = { tx = n > 0 and events[n].tx or row.last_tx, pos = last_pos } end
+	if not fe then
+		def._last = { tx = n > 0 and events[n].tx or row.last_tx, pos = last_pos, state = state,
+			rx = n > 0 and row.my_xid or row.rx }
+	end
 	if fe == "flush" then
 		-- the set-based write of the batch failed: find the event that
 		-- makes it fail by committing halves (one event: that one)
