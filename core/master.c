@@ -750,6 +750,12 @@ static int give_work(struct master *m, struct worker *w, uint64_t now)
 		ph_queue_done(&m->q, e, UINT64_MAX, 0);
 		return 1;
 	}
+	if (p->partitioned && !*ph_queue_entry_part(e) && m->q.count > PH_FIND_AHEAD) {
+		/* back-pressure before the query, not after it: while enough
+		 * partitions wait, the workers process them instead of listing */
+		ph_queue_done(&m->q, e, now + 50, 1);
+		return 1;
+	}
 	w->jobs[0] = e;
 	w->njobs = 1;
 	if (p->partitioned && !*ph_queue_entry_part(e)) {
