@@ -750,9 +750,12 @@ static int give_work(struct master *m, struct worker *w, uint64_t now)
 		ph_queue_done(&m->q, e, UINT64_MAX, 0);
 		return 1;
 	}
-	if (p->partitioned && !*ph_queue_entry_part(e) && m->q.count > PH_FIND_AHEAD) {
+	if (p->partitioned && !*ph_queue_entry_part(e) &&
+	    (m->q.count > PH_FIND_AHEAD || (!p->cursor && m->q.count > 1))) {
 		/* back-pressure before the query, not after it: while enough
-		 * partitions wait, the workers process them instead of listing */
+		 * partitions wait, the workers process them instead of listing;
+		 * a new round from the first stream waits for the queue to
+		 * drain, or it would list again what is already queued */
 		ph_queue_done(&m->q, e, now + 50, 1);
 		return 1;
 	}
