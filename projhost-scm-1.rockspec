@@ -39,6 +39,7 @@ build = {
 		["projhost.cli"] = "lua/projhost/cli.lua",
 		["projhost.embedded"] = "lua/projhost/embedded.lua",
 		["projhost.loader"] = "lua/projhost/loader.lua",
+		["projhost.proc"] = "lua/projhost/proc.lua",
 		["projhost.projection"] = "lua/projhost/projection.lua",
 		["projhost.run"] = "lua/projhost/run.lua",
 		["projhost.schema"] = "lua/projhost/schema.lua",

@@ -21,6 +21,7 @@ package.cpath = "build/lib/?.so;" .. package.cpath
 
 local ffi = require "ffi"
 local core = require "projhost.core"
+local proc = require "projhost.proc"
 local cjson = require "cjson"
 
 local RUNS = tonumber(os.getenv("BENCH_RUNS")) or 3
@@ -46,40 +47,10 @@ local ALLOW = {
 local T_LIMIT = 60 -- any other single run of bench/limit
 
 ffi.cdef [[
-typedef struct { long _opaque[64]; } bench_spawn_actions_t;
-typedef struct { long _opaque[128]; } bench_spawnattr_t;
-typedef struct { unsigned long val[16]; } bench_sigset_t;
-typedef struct { long tv_sec; long tv_usec; } bench_timeval_t;
 typedef struct { long tv_sec; long tv_nsec; } bench_timespec_t;
-typedef struct {
-	bench_timeval_t ru_utime, ru_stime;
-	long ru_maxrss, ru_ixrss, ru_idrss, ru_isrss, ru_minflt, ru_majflt, ru_nswap,
-		ru_inblock, ru_oublock, ru_msgsnd, ru_msgrcv, ru_nsignals, ru_nvcsw, ru_nivcsw;
-} bench_rusage_t;
-int posix_spawn_file_actions_init(bench_spawn_actions_t *fa);
-int posix_spawn_file_actions_destroy(bench_spawn_actions_t *fa);
-int posix_spawn_file_actions_addopen(bench_spawn_actions_t *fa, int fd, const char *path, int oflag, unsigned int mode);
-int posix_spawn_file_actions_adddup2(bench_spawn_actions_t *fa, int fd, int newfd);
-int posix_spawnattr_init(bench_spawnattr_t *a);
-int posix_spawnattr_destroy(bench_spawnattr_t *a);
-int posix_spawnattr_setflags(bench_spawnattr_t *a, short flags);
-int posix_spawnattr_setsigdefault(bench_spawnattr_t *a, const bench_sigset_t *s);
-int posix_spawnattr_setsigmask(bench_spawnattr_t *a, const bench_sigset_t *s);
-int sigemptyset(bench_sigset_t *s);
-int sigfillset(bench_sigset_t *s);
-int posix_spawn(int *pid, const char *path, const bench_spawn_actions_t *fa, const bench_spawnattr_t *a,
-	char *const argv[], char *const envp[]);
-int wait4(int pid, int *status, int options, bench_rusage_t *ru);
 int clock_gettime(int clk, bench_timespec_t *ts);
-char *mkdtemp(char *template);
-int chmod(const char *path, unsigned int mode);
-char *strerror(int errnum);
-extern char **environ;
 ]]
 local C = ffi.C
-local O_RDONLY, O_WRONLY, O_CREAT, O_TRUNC = 0, 1, 64, 512
-local POSIX_SPAWN_SETSIGDEF, POSIX_SPAWN_SETSIGMASK = 4, 8
-local WNOHANG = 1
 
 -- ---------------------------------------------------------------------
 -- small helpers
@@ -160,15 +131,12 @@ local CLEARED = { PROJHOST_DB = true, PGHOST = true, PGHOSTADDR = true, PGPORT =
 
 local function child_env(extra)
 	local env, order = {}, {}
-	local i = 0
-	while C.environ[i] ~= nil do
-		local kvs = ffi.string(C.environ[i])
-		local k = kvs:match("^([^=]*)=")
-		if k and not env[k] and not CLEARED[k] then
+	for _, kv_ in ipairs(proc.environ()) do
+		local k = kv_[1]
+		if not env[k] and not CLEARED[k] then
 			order[#order + 1] = k
-			env[k] = kvs:sub(#k + 2)
+			env[k] = kv_[2]
 		end
-		i = i + 1
 	end
 	for _, src in ipairs({ env_extra, extra or {} }) do
 		for k, v in pairs(src) do
@@ -183,71 +151,21 @@ local function child_env(extra)
 	return list
 end
 
-local function cstrings(list)
-	local arr = ffi.new("char *[?]", #list + 1)
-	local keep = {}
-	for i, s in ipairs(list) do
-		keep[i] = ffi.new("char[?]", #s + 1, s)
-		arr[i - 1] = keep[i]
-	end
-	arr[#list] = nil
-	return arr, keep
-end
-
 -- spawn(path, args, opts) -> pid; stdout and stderr both go to opts.log.
 local function spawn(path, args, opts)
 	opts = opts or {}
-	local argv_list = { path }
-	for _, a in ipairs(args) do argv_list[#argv_list + 1] = tostring(a) end
-	local argv, keep_a = cstrings(argv_list)
-	local envp, keep_e = cstrings(child_env(opts.env))
-	local fa = ffi.new("bench_spawn_actions_t")
-	local attr = ffi.new("bench_spawnattr_t")
-	C.posix_spawn_file_actions_init(fa)
-	C.posix_spawn_file_actions_addopen(fa, 0, "/dev/null", O_RDONLY, 0)
-	C.posix_spawn_file_actions_addopen(fa, 1, opts.log, O_WRONLY + O_CREAT + O_TRUNC, tonumber("644", 8))
-	C.posix_spawn_file_actions_adddup2(fa, 1, 2)
-	C.posix_spawnattr_init(attr)
-	local all, none = ffi.new("bench_sigset_t"), ffi.new("bench_sigset_t")
-	C.sigfillset(all)
-	C.sigemptyset(none)
-	C.posix_spawnattr_setsigdefault(attr, all)
-	C.posix_spawnattr_setsigmask(attr, none)
-	C.posix_spawnattr_setflags(attr, POSIX_SPAWN_SETSIGDEF + POSIX_SPAWN_SETSIGMASK)
-	local pid = ffi.new("int[1]")
-	local rc = C.posix_spawn(pid, path, fa, attr, argv, envp)
-	C.posix_spawn_file_actions_destroy(fa)
-	C.posix_spawnattr_destroy(attr)
-	local _ = { keep_a, keep_e }
-	if rc ~= 0 then error("cannot start " .. path .. ": " .. ffi.string(C.strerror(rc))) end
-	children[pid[0]] = true
-	return pid[0]
+	local pid = proc.spawn(path, args, child_env(opts.env), { stdout = opts.log, stderr = opts.log })
+	children[pid] = true
+	return pid
 end
 
--- wait4(WNOHANG) until the child exits or timeout seconds pass. Returns
--- exit code (128 + signal if signalled) and peak RSS in KB - on Linux the
--- largest of the child and every descendant it reaped (its workers) - or
--- nil on timeout.
+-- Wait until the child exits or timeout seconds pass. Returns exit code
+-- (128 + signal if signalled) and peak RSS in KB - on Linux the largest of
+-- the child and every descendant it reaped (its workers) - or nil on timeout.
 local function wait_child(pid, timeout)
-	local deadline = core.monotime() + timeout
-	local st = ffi.new("int[1]")
-	local ru = ffi.new("bench_rusage_t")
-	local nap = 0.0005
-	while true do
-		local r = C.wait4(pid, st, WNOHANG, ru)
-		if r == pid then
-			children[pid] = nil
-			local s = st[0]
-			local code = bit.band(s, 0x7f) == 0 and bit.band(bit.rshift(s, 8), 0xff) or 128 + bit.band(s, 0x7f)
-			return code, tonumber(ru.ru_maxrss)
-		elseif r < 0 then
-			children[pid] = nil
-			return -1, 0
-		end
-		if core.monotime() >= deadline then return nil end
-		core.sleep(nap)
-		nap = math.min(nap * 2, 0.002)
-	end
+	local code, rss = proc.wait(pid, timeout)
+	if code then children[pid] = nil end
+	return code, rss
 end
 
 local function kill_child(pid)
@@ -315,10 +233,10 @@ local function dsn_for(db)
 end
 
 local function start_cluster()
-	local buf = ffi.new("char[?]", 64, "/tmp/projhost-bench.XXXXXX")
-	if C.mkdtemp(buf) == nil then error("mkdtemp: " .. ffi.string(C.strerror(ffi.errno())), 0) end
-	TMP = ffi.string(buf)
-	C.chmod(TMP, tonumber("755", 8)) -- the cluster runs as nobody when we are root
+	local err
+	-- mode 0755: the cluster runs as nobody when we are root
+	TMP, err = proc.tmpdir("/tmp/projhost-bench.")
+	if not TMP then error(err, 0) end
 	env_extra.PROJHOST_HOME = TMP .. "/home"
 	local r = run(BIN, { "db", "start" }, { name = "db-start",
 		env = { PROJHOST_PG_OPTS = "-c track_commit_timestamp=on" } })

@@ -31,8 +31,8 @@
 -- State lives in the Lua registry because busted insulates every spec file
 -- (package.loaded is restored), which would otherwise reload this module
 -- and start one cluster per file.
-local ffi = require "ffi"
 local core = require "projhost.core"
+local proc = require "projhost.proc"
 
 local h = {}
 
@@ -43,39 +43,6 @@ if not state then
 	state = { tmpdirs = {}, procs = {}, seq = 0, dbs = {} }
 	reg[REG_KEY] = state
 end
-
-if not state.ffi then
-	ffi.cdef [[
-	typedef struct { long _opaque[64]; } ph_spawn_actions_t;
-	typedef struct { long _opaque[128]; } ph_spawnattr_t;
-	typedef struct { unsigned long val[16]; } ph_sigset_t;
-	int posix_spawn_file_actions_init(ph_spawn_actions_t *fa);
-	int posix_spawn_file_actions_destroy(ph_spawn_actions_t *fa);
-	int posix_spawn_file_actions_addopen(ph_spawn_actions_t *fa, int fd, const char *path, int oflag, unsigned int mode);
-	int posix_spawn_file_actions_adddup2(ph_spawn_actions_t *fa, int fd, int newfd);
-	int posix_spawn_file_actions_addchdir_np(ph_spawn_actions_t *fa, const char *path);
-	int posix_spawnattr_init(ph_spawnattr_t *a);
-	int posix_spawnattr_destroy(ph_spawnattr_t *a);
-	int posix_spawnattr_setflags(ph_spawnattr_t *a, short flags);
-	int posix_spawnattr_setsigdefault(ph_spawnattr_t *a, const ph_sigset_t *s);
-	int posix_spawnattr_setsigmask(ph_spawnattr_t *a, const ph_sigset_t *s);
-	int sigemptyset(ph_sigset_t *s);
-	int sigfillset(ph_sigset_t *s);
-	int posix_spawn(int *pid, const char *path, const ph_spawn_actions_t *fa, const ph_spawnattr_t *a,
-		char *const argv[], char *const envp[]);
-	int waitpid(int pid, int *status, int options);
-	char *mkdtemp(char *template);
-	int chmod(const char *path, unsigned int mode);
-	char *strerror(int errnum);
-	extern char **environ;
-	]]
-	state.ffi = true
-end
-
-local C = ffi.C
-local O_RDONLY, O_WRONLY, O_CREAT, O_TRUNC = 0, 1, 64, 512
-local POSIX_SPAWN_SETSIGDEF, POSIX_SPAWN_SETSIGMASK = 4, 8
-local WNOHANG = 1
 
 local function script_dir()
 	local src = debug.getinfo(1, "S").source:gsub("^@", "")
@@ -107,10 +74,8 @@ end
 -- A fresh directory under /tmp, mode 0755 so `nobody` (who runs the
 -- cluster when we are root) can reach it; removed at exit.
 function h.tmpdir()
-	local buf = ffi.new("char[?]", 64, "/tmp/projhost-spec.XXXXXX")
-	if C.mkdtemp(buf) == nil then error("mkdtemp: " .. ffi.string(C.strerror(ffi.errno())), 2) end
-	local dir = ffi.string(buf)
-	C.chmod(dir, tonumber("755", 8))
+	local dir, err = proc.tmpdir("/tmp/projhost-spec.")
+	if not dir then error(err, 2) end
 	state.tmpdirs[#state.tmpdirs + 1] = dir
 	return dir
 end
@@ -128,15 +93,12 @@ local CLEARED = { "PROJHOST_DB", "PGHOST", "PGHOSTADDR", "PGPORT", "PGDATABASE",
 
 local function child_env(extra)
 	local env, order = {}, {}
-	local i = 0
-	while C.environ[i] ~= nil do
-		local kv = ffi.string(C.environ[i])
-		local k = kv:match("^([^=]*)=")
-		if k and not env[k] then
+	for _, kv in ipairs(proc.environ()) do
+		local k = kv[1]
+		if not env[k] then
 			order[#order + 1] = k
-			env[k] = kv:sub(#k + 2)
+			env[k] = kv[2]
 		end
-		i = i + 1
 	end
 	for _, k in ipairs(CLEARED) do env[k] = nil end
 	-- A spec that forgets --db lands in the throwaway cluster, never in ./.projhost.
@@ -156,71 +118,19 @@ local function child_env(extra)
 	return list
 end
 
-local function cstrings(list)
-	local arr = ffi.new("char *[?]", #list + 1)
-	local keep = {}
-	for i, s in ipairs(list) do
-		keep[i] = ffi.new("char[?]", #s + 1, s)
-		arr[i - 1] = keep[i]
-	end
-	arr[#list] = nil
-	return arr, keep
-end
-
--- posix_spawn the binary; returns pid. files: stdin, stdout, stderr paths.
+-- Start the binary; returns pid. files: stdin, stdout, stderr paths.
 local function spawn(args, opts, files)
-	local argv_list = { h.bin }
-	for _, a in ipairs(args) do argv_list[#argv_list + 1] = tostring(a) end
-	local argv, keep_a = cstrings(argv_list)
-	local envp, keep_e = cstrings(child_env(opts.env))
-	local fa = ffi.new("ph_spawn_actions_t")
-	local attr = ffi.new("ph_spawnattr_t")
-	C.posix_spawn_file_actions_init(fa)
-	C.posix_spawn_file_actions_addopen(fa, 0, files.stdin or "/dev/null", O_RDONLY, 0)
-	C.posix_spawn_file_actions_addopen(fa, 1, files.stdout, O_WRONLY + O_CREAT + O_TRUNC, tonumber("644", 8))
-	if files.stderr == files.stdout then
-		C.posix_spawn_file_actions_adddup2(fa, 1, 2)
-	else
-		C.posix_spawn_file_actions_addopen(fa, 2, files.stderr, O_WRONLY + O_CREAT + O_TRUNC, tonumber("644", 8))
-	end
-	if opts.cwd then C.posix_spawn_file_actions_addchdir_np(fa, opts.cwd) end
-	C.posix_spawnattr_init(attr)
-	local all, none = ffi.new("ph_sigset_t"), ffi.new("ph_sigset_t")
-	C.sigfillset(all)
-	C.sigemptyset(none)
-	C.posix_spawnattr_setsigdefault(attr, all)
-	C.posix_spawnattr_setsigmask(attr, none)
-	C.posix_spawnattr_setflags(attr, POSIX_SPAWN_SETSIGDEF + POSIX_SPAWN_SETSIGMASK)
-	local pid = ffi.new("int[1]")
-	local rc = C.posix_spawn(pid, h.bin, fa, attr, argv, envp)
-	C.posix_spawn_file_actions_destroy(fa)
-	C.posix_spawnattr_destroy(attr)
-	local _ = { keep_a, keep_e }
-	if rc ~= 0 then error("cannot start " .. h.bin .. ": " .. ffi.string(C.strerror(rc)), 3) end
-	return pid[0]
+	files.cwd = opts.cwd
+	return proc.spawn(h.bin, args, child_env(opts.env), files)
 end
 
--- waitpid(WNOHANG): nil while running, else the exit code (128+sig if signalled).
+-- nil while running, else the exit code (128+sig if signalled).
 local function reap(pid)
-	local st = ffi.new("int[1]")
-	local r = C.waitpid(pid, st, WNOHANG)
-	if r == 0 then return nil end
-	if r < 0 then return -1 end
-	local s = st[0]
-	if bit.band(s, 0x7f) == 0 then return bit.band(bit.rshift(s, 8), 0xff) end
-	return 128 + bit.band(s, 0x7f)
+	return (proc.wait(pid, 0))
 end
 
 local function wait_code(pid, timeout)
-	local deadline = core.monotime() + timeout
-	local nap = 0.002
-	while true do
-		local code = reap(pid)
-		if code then return code end
-		if core.monotime() >= deadline then return nil end
-		core.sleep(nap)
-		nap = math.min(nap * 2, 0.05)
-	end
+	return (proc.wait(pid, timeout))
 end
 
 function h.run(args, opts)
