@@ -13,19 +13,35 @@
 #include <lauxlib.h>
 
 #include "pg.h"
+#include "stmt.h"
 #include "lua_core.h"
 
 #define PH_CONN_MT "projhost.conn"
 #define MAX_PARAMS 256
 
+/* What went into the pipeline since the last sync, in order: the user's
+ * statements and the Parse messages of newly prepared ones. */
+struct sent {
+	unsigned char kind;	/* how conn:sync(true) returns it */
+	char name[15];		/* prepared statement name, or "" */
+};
+
 typedef struct {
 	PGconn *conn;
 	int pending;		/* statements sent in pipeline mode since the last sync */
-	unsigned char *kinds;	/* per pending statement: how conn:sync(true) returns it */
-	int kcap;
+	int nsent;		/* entries of sent[] (statements and Parses) */
+	struct sent *sent;
+	int scap;
+	ph_stmts *stmts;	/* pipelined texts run as prepared statements */
 } ph_l_conn;
 
-enum { KIND_COUNT, KIND_ROWS, KIND_EVENTS };
+/* KIND_PREPARE is a Parse: no statement of its own, its result is not one */
+enum { KIND_COUNT, KIND_ROWS, KIND_EVENTS, KIND_PAGE, KIND_PREPARE };
+
+typedef struct ph_l_page ph_l_page_t;
+
+/* Prepared statements per connection at most (see stmt.h). */
+#define PH_MAX_PREPARED 256
 
 static ph_l_conn *check_c(lua_State *L)
 {
@@ -75,6 +91,7 @@ int ph_l_connect(lua_State *L)
 	c = lua_newuserdata(L, sizeof(*c));
 	memset(c, 0, sizeof(*c));
 	c->conn = conn;
+	c->stmts = ph_stmts_new(PH_MAX_PREPARED);	/* NULL: nothing is prepared */
 	luaL_getmetatable(L, PH_CONN_MT);
 	lua_setmetatable(L, -2);
 	return 1;
@@ -120,7 +137,26 @@ static int collect_params(lua_State *L, int first, const char **vals, char bufs[
 }
 
 static int drain(ph_l_conn *c, PGresult **last, PGresult **err, int *err_index);
+
+/* Note what goes into the pipeline next; -1 when out of memory. */
+static int add_sent(ph_l_conn *c, int kind, const char *name)
+{
+	if (c->nsent >= c->scap) {
+		int cap = c->scap ? c->scap * 2 : 64;
+		struct sent *n = realloc(c->sent, (size_t)cap * sizeof(*n));
+
+		if (!n)
+			return -1;
+		c->sent = n;
+		c->scap = cap;
+	}
+	c->sent[c->nsent].kind = (unsigned char)kind;
+	snprintf(c->sent[c->nsent].name, sizeof(c->sent[0].name), "%s", name ? name : "");
+	c->nsent++;
+	return 0;
+}
 static void push_events(lua_State *L, PGresult *res);
+static ph_l_page_t *push_page(lua_State *L, PGresult *res);
 static void push_rows(lua_State *L, PGresult *res);
 
 /* nil, msg, code[, index of the pipelined statement that failed] */
@@ -150,7 +186,7 @@ static PGresult *run(lua_State *L, ph_l_conn *c, int *err_index)
 	*err_index = 0;
 	if (PQpipelineStatus(c->conn) == PQ_PIPELINE_OFF)
 		return PQexecParams(c->conn, sql, n, NULL, vals, NULL, NULL, 0);
-	if (!PQsendQueryParams(c->conn, sql, n, NULL, vals, NULL, NULL, 0))
+	if (add_sent(c, KIND_ROWS, NULL) != 0 || !PQsendQueryParams(c->conn, sql, n, NULL, vals, NULL, NULL, 0))
 		return NULL;
 	c->pending++;
 	if (drain(c, &last, &err, err_index) != 0) {
@@ -225,16 +261,17 @@ static int ph_l_conn_query(lua_State *L)
 static int drain_results(ph_l_conn *c, lua_State *L, int results, PGresult **last, PGresult **err,
 			 int *err_index)
 {
-	int pending = c->pending, q = 0, nulls = 0;
+	int nsent = c->nsent, q = 0, k = 0, nulls = 0;
 
 	*last = *err = NULL;
 	*err_index = 0;
-	c->pending = 0;
+	c->pending = c->nsent = 0;
 	if (!PQpipelineSync(c->conn))
 		return -1;
 	for (;;) {
 		PGresult *r = PQgetResult(c->conn);
 		ExecStatusType st;
+		int kind;
 
 		if (!r) {
 			/* one NULL ends each statement's results; two in a row
@@ -252,13 +289,42 @@ static int drain_results(ph_l_conn *c, lua_State *L, int results, PGresult **las
 			PQclear(r);
 			break;
 		}
+		{
+			const struct sent *sn = k < nsent ? &c->sent[k] : NULL;
+			int failed = st != PGRES_COMMAND_OK && st != PGRES_TUPLES_OK;
+
+			k++;
+			/* a Parse that failed or was skipped created nothing; a plan
+			 * whose result columns changed (0A000) must be made anew */
+			if (sn && sn->name[0] && c->stmts &&
+			    ((sn->kind == KIND_PREPARE && failed) ||
+			     (st == PGRES_FATAL_ERROR && strcmp(ph_pg_errcode(c->conn, r), "0A000") == 0)))
+				ph_stmts_forget(c->stmts, sn->name);
+			if (sn && sn->kind == KIND_PREPARE) {
+				/* not a statement: its error is the next statement's */
+				if (st == PGRES_FATAL_ERROR && !*err) {
+					*err = r;
+					*err_index = q + 1;
+				} else {
+					PQclear(r);
+				}
+				continue;
+			}
+			kind = sn ? sn->kind : KIND_COUNT;
+		}
 		q++;
 		if (L) {
-			if (st == PGRES_TUPLES_OK && q <= pending && c->kinds[q - 1] != KIND_COUNT) {
-				if (c->kinds[q - 1] == KIND_EVENTS)
-					push_events(L, r);
-				else
-					push_rows(L, r);
+			if (st == PGRES_TUPLES_OK && kind != KIND_COUNT) {
+				if (kind == KIND_EVENTS || kind == KIND_PAGE) {
+					/* the page owns r now */
+					if (kind == KIND_EVENTS)
+						push_events(L, r);
+					else
+						push_page(L, r);
+					lua_rawseti(L, results, q);
+					continue;
+				}
+				push_rows(L, r);
 			} else if (st == PGRES_COMMAND_OK || st == PGRES_TUPLES_OK) {
 				const char *t = PQcmdTuples(r);
 
@@ -298,7 +364,7 @@ static int ph_l_conn_pipeline(lua_State *L)
 
 	if (!ok)
 		return push_error(L, c->conn, NULL);
-	c->pending = 0;
+	c->pending = c->nsent = 0;
 	lua_pushboolean(L, 1);
 	return 1;
 }
@@ -311,20 +377,28 @@ static int send_kind(lua_State *L, int kind)
 	static char bufs[MAX_PARAMS][32];
 	int n = collect_params(L, 3, vals, bufs);
 
+	int parse = 0;
+	const char *name;
+
 	if (PQpipelineStatus(c->conn) == PQ_PIPELINE_OFF)
 		return luaL_error(L, "conn:send needs pipeline mode (conn:pipeline(true))");
-	if (c->pending >= c->kcap) {
-		int cap = c->kcap ? c->kcap * 2 : 64;
-		unsigned char *k = realloc(c->kinds, (size_t)cap);
-
-		if (!k)
+	name = c->stmts ? ph_stmts_use(c->stmts, sql, &parse) : NULL;
+	if (parse) {
+		if (add_sent(c, KIND_PREPARE, name) != 0)
 			return luaL_error(L, "out of memory");
-		c->kinds = k;
-		c->kcap = cap;
+		if (!PQsendPrepare(c->conn, name, sql, n, NULL)) {
+			ph_stmts_forget(c->stmts, name);
+			c->nsent--;
+			return push_error(L, c->conn, NULL);
+		}
 	}
-	if (!PQsendQueryParams(c->conn, sql, n, NULL, vals, NULL, NULL, 0))
+	if (add_sent(c, kind, name) != 0)
+		return luaL_error(L, "out of memory");
+	if (name ? !PQsendQueryPrepared(c->conn, name, n, vals, NULL, NULL, 0)
+		 : !PQsendQueryParams(c->conn, sql, n, NULL, vals, NULL, NULL, 0)) {
+		c->nsent--;
 		return push_error(L, c->conn, NULL);
-	c->kinds[c->pending] = (unsigned char)kind;
+	}
 	lua_pushinteger(L, ++c->pending);
 	return 1;
 }
@@ -347,6 +421,13 @@ static int ph_l_conn_send_events(lua_State *L)
 	return send_kind(L, KIND_EVENTS);
 }
 
+/* conn:send_page(sql, ...): like send_events, but conn:sync(true) returns
+ * the page itself; page:events() makes the event tables when wanted. */
+static int ph_l_conn_send_page(lua_State *L)
+{
+	return send_kind(L, KIND_PAGE);
+}
+
 /* conn:sync(true): sync and return every statement's result: results[i] is
  * the affected count, the rows or the events (by how it was sent), or false
  * for a failed or skipped one. -> true, results | nil, msg, code, index, results */
@@ -366,6 +447,19 @@ static int sync_collect(lua_State *L, ph_l_conn *c)
 	lua_pushinteger(L, idx);
 	lua_pushvalue(L, results);
 	return 5;
+}
+
+/* conn:flush() -> true | nil, msg, code: send what the pipeline holds now,
+ * so the server starts on it while we go on (libpq sends a pipeline's
+ * statements only once 64 KB have piled up, or at the sync). */
+static int ph_l_conn_flush(lua_State *L)
+{
+	ph_l_conn *c = check_c(L);
+
+	if (PQflush(c->conn) != 0)
+		return push_error(L, c->conn, NULL);
+	lua_pushboolean(L, 1);
+	return 1;
 }
 
 /* conn:sync() -> true | nil, msg, code, index of the failed statement */
@@ -396,29 +490,97 @@ static int ph_l_conn_sync(lua_State *L)
  * The worker's read path: one Lua table per row, built here with the field
  * names handlers use, so a batch of thousands of events costs one table per
  * event and no second pass in Lua. Columns are renamed: global_position ->
- * position and stream_version -> version (numbers), event_id -> id,
- * stream_id -> stream, event_type -> type, data -> _data, metadata ->
- * _metadata (JSON text, decoded lazily by the worker), created_at -> time;
- * any other column keeps its name, as text.
+ * position and stream_version -> version (numbers), stream_id -> stream,
+ * event_type -> type; any other column keeps its name, as text.
+ *
+ * Five columns are not copied into the table at all: event_id, the
+ * transaction id (tx), data, metadata and created_at. Most handlers read
+ * one of them at most, and making five strings per event was most of the
+ * cost of a page (measured: a counting projection spent half its time
+ * here). Each event carries _page (the page's result, kept alive by its
+ * events) and _row instead, and page:text(row, field) fetches "id", "tx",
+ * "data", "metadata" or "time" when the worker's event metatable asks.
  */
+#define PH_PAGE_MT "projhost.page"
+
 static const struct {
 	const char *col, *field;
 	int number;
 } event_fields[] = {
 	{ "global_position", "position", 1 },
 	{ "stream_version", "version", 1 },
-	{ "event_id", "id", 0 },
 	{ "stream_id", "stream", 0 },
 	{ "event_type", "type", 0 },
-	{ "data", "_data", 0 },
-	{ "metadata", "_metadata", 0 },
-	{ "created_at", "time", 0 },
 };
 
-/* Push the rows of @res as event tables (see above). Does not clear @res. */
-static void push_events(lua_State *L, PGresult *res)
+/* the lazily fetched columns, in the order of ph_l_page.col[] */
+static const struct {
+	const char *col, *field;
+} lazy_fields[] = {
+	{ "event_id", "id" },
+	{ "tx", "tx" },
+	{ "data", "data" },
+	{ "metadata", "metadata" },
+	{ "created_at", "time" },
+};
+
+#define N_LAZY (sizeof(lazy_fields) / sizeof(lazy_fields[0]))
+
+struct ph_l_page {
+	PGresult *res;
+	int col[N_LAZY];	/* column of each lazy field, -1 if absent */
+};
+
+static int ph_l_page_gc(lua_State *L)
 {
-	int nr = PQntuples(res), nf = PQnfields(res), keys, number[64];
+	ph_l_page_t *p = luaL_checkudata(L, 1, PH_PAGE_MT);
+
+	if (p->res)
+		PQclear(p->res);
+	p->res = NULL;
+	return 0;
+}
+
+/* page:text(row, field) -> the column's text, or nil (NULL or no such column) */
+static int ph_l_page_text(lua_State *L)
+{
+	ph_l_page_t *p = luaL_checkudata(L, 1, PH_PAGE_MT);
+	int row = (int)luaL_checkinteger(L, 2) - 1;
+	const char *field = luaL_checkstring(L, 3);
+
+	for (size_t k = 0; k < N_LAZY; k++) {
+		int f = p->col[k];
+
+		if (strcmp(field, lazy_fields[k].field) != 0)
+			continue;
+		if (f < 0 || !p->res || row < 0 || row >= PQntuples(p->res) || PQgetisnull(p->res, row, f))
+			break;
+		lua_pushlstring(L, PQgetvalue(p->res, row, f), PQgetlength(p->res, row, f));
+		return 1;
+	}
+	lua_pushnil(L);
+	return 1;
+}
+
+/* Push a page owning @res. */
+static ph_l_page_t *push_page(lua_State *L, PGresult *res)
+{
+	ph_l_page_t *p = lua_newuserdata(L, sizeof(*p));
+
+	p->res = res;
+	for (size_t k = 0; k < N_LAZY; k++)
+		p->col[k] = PQfnumber(res, lazy_fields[k].col);
+	luaL_getmetatable(L, PH_PAGE_MT);
+	lua_setmetatable(L, -2);
+	return p;
+}
+
+/* Push the rows of the page at stack slot @page as event tables (see above). */
+static void push_page_events(lua_State *L, int page)
+{
+	ph_l_page_t *p = lua_touserdata(L, page);
+	PGresult *res = p->res;
+	int nr = res ? PQntuples(res) : 0, nf = res ? PQnfields(res) : 0, keys, number[64], eager[64];
 
 	if (nf > 64)
 		nf = 64;	/* our queries have 10 */
@@ -428,6 +590,10 @@ static void push_events(lua_State *L, PGresult *res)
 		const char *name = PQfname(res, f);
 
 		number[f] = 0;
+		eager[f] = 1;
+		for (size_t k = 0; k < N_LAZY; k++)
+			if (p->col[k] == f)
+				eager[f] = 0;
 		for (size_t k = 0; k < sizeof(event_fields) / sizeof(event_fields[0]); k++) {
 			if (strcmp(name, event_fields[k].col) == 0) {
 				name = event_fields[k].field;
@@ -439,9 +605,9 @@ static void push_events(lua_State *L, PGresult *res)
 	}
 	lua_createtable(L, nr, 0);
 	for (int r = 0; r < nr; r++) {
-		lua_createtable(L, 0, nf + 2);
+		lua_createtable(L, 0, 8);
 		for (int f = 0; f < nf; f++) {
-			if (PQgetisnull(res, r, f))
+			if (!eager[f] || PQgetisnull(res, r, f))
 				continue;
 			lua_pushvalue(L, keys + f);
 			if (number[f])
@@ -450,6 +616,12 @@ static void push_events(lua_State *L, PGresult *res)
 				lua_pushlstring(L, PQgetvalue(res, r, f), PQgetlength(res, r, f));
 			lua_rawset(L, -3);
 		}
+		lua_pushliteral(L, "_page");
+		lua_pushvalue(L, page);
+		lua_rawset(L, -3);
+		lua_pushliteral(L, "_row");
+		lua_pushinteger(L, r + 1);
+		lua_rawset(L, -3);
 		lua_rawseti(L, -2, r + 1);
 	}
 	/* drop the key strings below the result */
@@ -457,6 +629,48 @@ static void push_events(lua_State *L, PGresult *res)
 		lua_replace(L, keys);
 		lua_settop(L, keys);
 	}
+}
+
+/* Push the rows of @res as event tables (see above). Takes @res over. */
+static void push_events(lua_State *L, PGresult *res)
+{
+	push_page(L, res);
+	push_page_events(L, lua_gettop(L));
+	lua_remove(L, -2);
+}
+
+/* page:events() -> array of event tables (a new one on every call) */
+static int ph_l_page_events(lua_State *L)
+{
+	luaL_checkudata(L, 1, PH_PAGE_MT);
+	push_page_events(L, 1);
+	return 1;
+}
+
+/* page:count() -> number of rows */
+static int ph_l_page_count(lua_State *L)
+{
+	ph_l_page_t *p = luaL_checkudata(L, 1, PH_PAGE_MT);
+
+	lua_pushinteger(L, p->res ? PQntuples(p->res) : 0);
+	return 1;
+}
+
+/* page:last() -> tx (text), position of the last row | nil (empty page):
+ * where the read after this page starts */
+static int ph_l_page_last(lua_State *L)
+{
+	ph_l_page_t *p = luaL_checkudata(L, 1, PH_PAGE_MT);
+	int n = p->res ? PQntuples(p->res) : 0, tx = p->col[1];
+	int pos = p->res ? PQfnumber(p->res, "global_position") : -1;
+
+	if (n == 0 || tx < 0 || pos < 0) {
+		lua_pushnil(L);
+		return 1;
+	}
+	lua_pushstring(L, PQgetvalue(p->res, n - 1, tx));
+	lua_pushnumber(L, strtod(PQgetvalue(p->res, n - 1, pos), NULL));
+	return 2;
 }
 
 static int ph_l_conn_events(lua_State *L)
@@ -469,7 +683,6 @@ static int ph_l_conn_events(lua_State *L)
 	if (st != PGRES_TUPLES_OK)
 		return push_error_at(L, c->conn, res, idx);
 	push_events(L, res);
-	PQclear(res);
 	return 1;
 }
 
@@ -573,9 +786,11 @@ static int ph_l_conn_close(lua_State *L)
 	if (c->conn)
 		PQfinish(c->conn);
 	c->conn = NULL;
-	free(c->kinds);
-	c->kinds = NULL;
-	c->kcap = c->pending = 0;
+	free(c->sent);
+	c->sent = NULL;
+	c->scap = c->nsent = c->pending = 0;
+	ph_stmts_free(c->stmts);
+	c->stmts = NULL;
 	return 0;
 }
 
@@ -588,7 +803,9 @@ static const luaL_Reg conn_methods[] = {
 	{ "send", ph_l_conn_send },
 	{ "send_query", ph_l_conn_send_query },
 	{ "send_events", ph_l_conn_send_events },
+	{ "send_page", ph_l_conn_send_page },
 	{ "sync", ph_l_conn_sync },
+	{ "flush", ph_l_conn_flush },
 	{ "notifies", ph_l_conn_notifies },
 	{ "ok", ph_l_conn_ok },
 	{ "pid", ph_l_conn_pid },
@@ -606,5 +823,19 @@ void ph_l_pg_open(lua_State *L)
 	lua_pushcfunction(L, ph_l_conn_close);
 	lua_setfield(L, -2, "__gc");
 	luaL_register(L, NULL, conn_methods);
+	lua_pop(L, 1);
+	luaL_newmetatable(L, PH_PAGE_MT);
+	lua_pushvalue(L, -1);
+	lua_setfield(L, -2, "__index");
+	lua_pushcfunction(L, ph_l_page_gc);
+	lua_setfield(L, -2, "__gc");
+	lua_pushcfunction(L, ph_l_page_text);
+	lua_setfield(L, -2, "text");
+	lua_pushcfunction(L, ph_l_page_events);
+	lua_setfield(L, -2, "events");
+	lua_pushcfunction(L, ph_l_page_count);
+	lua_setfield(L, -2, "count");
+	lua_pushcfunction(L, ph_l_page_last);
+	lua_setfield(L, -2, "last");
 	lua_pop(L, 1);
 }

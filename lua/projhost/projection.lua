@@ -203,7 +203,7 @@ function M.new_ctx(def, backend)
 	-- the batch's rows go out as ONE statement per table when the batch
 	-- ends - or before the next ctx:exec/query/emit, so statements still
 	-- run in the order the handlers issued them:
-	--   INSERT INTO t (cols) SELECT cols FROM jsonb_populate_recordset(NULL::t, $1)
+	--   INSERT INTO t (cols) SELECT cols FROM json_populate_recordset(NULL::t, $1)
 	--   ON CONFLICT (key) DO UPDATE SET col = EXCLUDED.col, ...
 	-- key is a column name or a list of them; every row for a table in one
 	-- batch must have the same columns.
@@ -246,7 +246,9 @@ function M.new_ctx(def, backend)
 		elseif key ~= b.key and (type(key) ~= "table" or table.concat(key, ",") ~= table.concat(b.keys, ",")) then
 			error(("ctx:upsert: rows for %s in one batch must use the same key"):format(tbl), 2)
 		end
-		local n, colset = 0, b.colset
+		-- one pass checks the row and copies it (the handler may change
+		-- its table afterwards; the value upserted now is what counts)
+		local n, colset, copy = 0, b.colset, {}
 		for c, v in pairs(row) do
 			if not colset[c] then
 				error(("ctx:upsert: rows for %s in one batch must have the same columns (%s is new)")
@@ -256,6 +258,7 @@ function M.new_ctx(def, backend)
 			if tv == "function" or tv == "thread" or (tv == "userdata" and v ~= cjson.null) then
 				error(("ctx:upsert: column %s is a %s"):format(c, tv), 2)
 			end
+			copy[c] = v
 			n = n + 1
 		end
 		if n ~= b.ncols then
@@ -276,8 +279,6 @@ function M.new_ctx(def, backend)
 		end
 		local rows = b.rows
 		if rows[k] == nil then b.order[#b.order + 1] = k end
-		local copy = {}
-		for c, v in pairs(row) do copy[c] = v end
 		rows[k] = copy
 		return true
 	end
@@ -307,7 +308,7 @@ function M.new_ctx(def, backend)
 			local qkeys = {}
 			for i, k in ipairs(b.keys) do qkeys[i] = '"' .. k .. '"' end
 			local cl = table.concat(qcols, ", ")
-			local sql = ("INSERT INTO %s (%s) SELECT %s FROM jsonb_populate_recordset(NULL::%s, $1::jsonb) "
+			local sql = ("INSERT INTO %s (%s) SELECT %s FROM json_populate_recordset(NULL::%s, $1::json) "
 				.. "ON CONFLICT (%s) DO %s"):format(b.qtbl, cl, cl, b.qtbl, table.concat(qkeys, ", "),
 				#sets > 0 and ("UPDATE SET " .. table.concat(sets, ", ")) or "NOTHING")
 			local ok, body = pcall(json.encode, rows)

@@ -241,7 +241,7 @@ describe("ctx:upsert", function()
 		assert.is_true(ctx._flush())
 		assert.equal(1, #log)
 		assert.equal('INSERT INTO "balances" ("amount", "id") SELECT "amount", "id" FROM '
-			.. 'jsonb_populate_recordset(NULL::"balances", $1::jsonb) ON CONFLICT ("id") '
+			.. 'json_populate_recordset(NULL::"balances", $1::json) ON CONFLICT ("id") '
 			.. 'DO UPDATE SET "amount" = EXCLUDED."amount"', log[1].sql)
 		assert.same({ { id = "a", amount = 3 }, { id = "b", amount = 2 } }, P.json.decode(log[1].params[1]))
 		assert.is_true(ctx._flush()) -- nothing left
