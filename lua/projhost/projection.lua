@@ -32,9 +32,40 @@ json.encode_number_precision(14)
 json.encode_sparse_array(true)
 M.json = json
 
+-- The worker's events fetch id, data, metadata and time on first use (see
+-- worker.lua); M.event_mt is their metatable. Stored as JSON (kept in the
+-- state, sent as a parameter) an event must still be the event, so when a
+-- value cannot be encoded as it is, events in it are replaced by plain
+-- tables of their fields and the encoding is tried again.
+M.event_mt = nil
+
+local function plain(v, seen)
+	if type(v) ~= "table" then return v end
+	if M.event_mt and getmetatable(v) == M.event_mt then
+		return { id = v.id, stream = v.stream, version = v.version, position = v.position, type = v.type,
+			data = v.data, metadata = v.metadata, time = v.time }
+	end
+	if seen[v] then return seen[v] end
+	local t = {}
+	seen[v] = t
+	for k, x in pairs(v) do t[k] = plain(x, seen) end
+	return t
+end
+
+-- v as JSON text: true, text | false, message (like pcall(json.encode, v)).
+function M.encode(v)
+	local ok, s = pcall(json.encode, v)
+	if not ok and M.event_mt and type(v) == "table" then
+		local ok2, s2 = pcall(json.encode, plain(v, {}))
+		if ok2 then return ok2, s2 end
+	end
+	return ok, s
+end
+local encode = M.encode
+
 -- State as stored (jsonb text); nil, msg if the state cannot be stored.
 function M.encode_state(state)
-	local ok, s = pcall(json.encode, state)
+	local ok, s = encode(state)
 	if not ok then return nil, "state cannot be stored as JSON: " .. tostring(s) end
 	return s
 end
@@ -87,7 +118,7 @@ local function encode_params(method, ...)
 		local v = args[i]
 		local tv = type(v)
 		if tv == "table" then
-			local ok, s = pcall(json.encode, v)
+			local ok, s = encode(v)
 			if not ok then
 				error(("ctx:%s: parameter %d cannot be encoded as JSON: %s")
 					:format(method, i, tostring(s)), 3)
@@ -113,7 +144,7 @@ local function check_json(method, what, v)
 	if type(v) ~= "table" then
 		error(("ctx:%s: %s must be a table or nil (got %s)"):format(method, what, type(v)), 3)
 	end
-	local ok, err = pcall(json.encode, v)
+	local ok, err = encode(v)
 	if not ok then
 		error(("ctx:%s: %s cannot be encoded as JSON: %s"):format(method, what, tostring(err)), 3)
 	end
@@ -311,7 +342,7 @@ function M.new_ctx(def, backend)
 			local sql = ("INSERT INTO %s (%s) SELECT %s FROM json_populate_recordset(NULL::%s, $1::json) "
 				.. "ON CONFLICT (%s) DO %s"):format(b.qtbl, cl, cl, b.qtbl, table.concat(qkeys, ", "),
 				#sets > 0 and ("UPDATE SET " .. table.concat(sets, ", ")) or "NOTHING")
-			local ok, body = pcall(json.encode, rows)
+			local ok, body = encode(rows)
 			if not ok then return nil, "ctx:upsert: rows cannot be encoded as JSON: " .. tostring(body) end
 			local n, msg, code = backend.exec(sql, body)
 			if n == nil then return nil, failure("upsert", msg, code), code end

@@ -24,7 +24,7 @@ local BATCH = tonumber(os.getenv("PROJHOST_BATCH_SIZE")) or 1000
 -- bytes of (JSON) state, up to BATCH_GROWTH x BATCH. Measured with a
 -- 215 KB state: 1,000-event batches spent most of their time encoding,
 -- sending and storing the state (make bench, read model rows).
-local STATE_BYTES_PER_EVENT = 32
+local STATE_BYTES_PER_EVENT = 16
 local BATCH_GROWTH = 16
 -- partitions listed per discovery query
 local FIND_PAGE = 1000
@@ -188,6 +188,8 @@ local EVENT_MT = {
 	end,
 }
 
+P.event_mt = EVENT_MT
+
 local function to_event(e)
 	return setmetatable(e, EVENT_MT)
 end
@@ -297,7 +299,7 @@ local function backend_for(def)
 		end
 		if md.projection == nil then md.projection = def.cp end
 		pipe.emitted = true
-		local body = json.encode({ { type = etype, data = data or {}, metadata = md } })
+		local _, body = P.encode({ { type = etype, data = data or {}, metadata = md } })
 		local rows, err, code, idx = conn:query("SELECT projhost.append($1, NULL, $2::jsonb) AS version",
 			stream, body)
 		if pipe.on then pipe.sent, pipe.ahead = {}, nil end

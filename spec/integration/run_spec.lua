@@ -80,6 +80,51 @@ describe("projhost run", function()
 		assert_matches_truth(conn)
 	end)
 
+	it("hands handlers every field of an event, also from pages read ahead and kept in the state", function()
+		-- batches of 2 over 7 events: most pages are read ahead by the
+		-- batch before them; the state keeps the last event seen
+		h.write_file(dir .. "/fields.lua", [=[
+return {
+	name = "fields",
+	from = { category = "fld" },
+	setup = [[CREATE TABLE IF NOT EXISTS fields (position bigint PRIMARY KEY, version bigint,
+		stream text, type text, id text, time text, amount int, corr text)]],
+	init = function() return {} end,
+	when = {
+		["*"] = function(s, e, ctx)
+			ctx:exec("INSERT INTO fields VALUES ($1, $2, $3, $4, $5, $6, $7, $8)", e.position, e.version,
+				e.stream, e.type, e.id, e.time, e.data.amount, e.metadata.corr)
+			s.last = e
+		end,
+	},
+}
+]=])
+		for i = 1, 7 do
+			local code, _, err = h.run({ "append", "fld-" .. (i % 2), "Seen" .. i, ('{"amount": %d}'):format(i),
+				"--metadata", ('{"corr": "c%d"}'):format(i), "--db", dsn })
+			assert.equal(0, code, err)
+		end
+		local code, out, err = h.run({ "run", "--once", "--db", dsn, dir }, { env = { PROJHOST_BATCH_SIZE = 2 } })
+		assert.equal(0, code, out .. err)
+		assert(conn:exec("SET TimeZone = 'UTC'"))
+		local truth = assert(conn:query([[SELECT global_position::text AS position, stream_version::text AS version,
+			stream_id AS stream, event_type AS type, event_id::text AS id,
+			replace(replace(created_at::text, ' ', 'T'), '+00', 'Z') AS time, (data->>'amount') AS amount,
+			metadata->>'corr' AS corr
+			FROM projhost.events WHERE stream_id LIKE 'fld-%' ORDER BY global_position]]))
+		assert.equal(7, #truth)
+		local seen = assert(conn:query([[SELECT position::text AS position, version::text AS version, stream, type, id,
+			time, amount::text AS amount, corr FROM fields ORDER BY position]]))
+		assert.same(truth, seen)
+		-- the event kept in the state is stored with its fields
+		local last = assert(conn:query([[SELECT state->'last' AS e FROM projhost.checkpoints
+			WHERE projection = 'fields']]))[1].e
+		local e = require("cjson").decode(last)
+		local t = truth[7]
+		assert.same({ t.id, tonumber(t.position), tonumber(t.version), t.stream, t.type, t.time, 7, "c7" },
+			{ e.id, e.position, e.version, e.stream, e.type, e.time, e.data.amount, e.metadata.corr })
+	end)
+
 	it("stays live on LISTEN/NOTIFY and stops cleanly on SIGTERM", function()
 		local host = h.spawn({ "run", "--db", dsn, dir }, { env = { PROJHOST_POLL_INTERVAL = 600 } })
 		h.wait_until(function() return host:output():find("serving 1 projection", 1, true) end, 20, "start-up")
@@ -136,6 +181,22 @@ COMMIT;
 		assert.equal(0, a:wait(10), a:output())
 		assert.equal(0, b:wait(10), b:output())
 		assert.not_matches("ERROR", a:output() .. b:output())
+	end)
+
+	it("applies every event exactly once when two instances race through one backlog", function()
+		-- every page is full: each batch reads the next page ahead, and
+		-- the other instance often commits before that page is used
+		assert.equal(0, (h.run({ "run", "--once", "--db", dsn, dir })))
+		assert(conn:exec([[INSERT INTO projhost.events (stream_id, stream_version, event_type, data)
+			SELECT 'acct-' || (i % 40), i / 40 + 1, 'Inc', '{}' FROM generate_series(0, 5999) i]]))
+		local a = h.spawn({ "run", "--db", dsn, dir }, { env = { PROJHOST_BATCH_SIZE = 7 } })
+		local b = h.spawn({ "run", "--db", dsn, dir }, { env = { PROJHOST_BATCH_SIZE = 7 } })
+		h.wait_until(caught_up(conn), 60, "both instances to catch up")
+		assert_matches_truth(conn)
+		-- nothing was applied twice and then rolled back either
+		for _, host in ipairs({ a, b }) do
+			assert.not_matches("duplicate key", host:output(), 1, true)
+		end
 	end)
 
 	it("applies every event exactly once across repeated SIGKILLs during catch-up", function()
