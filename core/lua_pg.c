@@ -118,7 +118,8 @@ static int collect_params(lua_State *L, int first, const char **vals, char bufs[
 		case LUA_TNUMBER: {
 			lua_Number d = lua_tonumber(L, idx);
 
-			if (d == (lua_Number)(long long)d && d < 9.2e18 && d > -9.2e18)
+			/* the range first: casting a number outside it is undefined */
+			if (d < 9.2e18 && d > -9.2e18 && d == (lua_Number)(long long)d)
 				snprintf(bufs[i], 32, "%lld", (long long)d);
 			else
 				snprintf(bufs[i], 32, "%.17g", d);
@@ -295,10 +296,12 @@ static int drain_results(ph_l_conn *c, lua_State *L, int results, PGresult **las
 
 			k++;
 			/* a Parse that failed or was skipped created nothing; a plan
-			 * whose result columns changed (0A000) must be made anew */
+			 * whose result columns changed (0A000) must be made anew, and
+			 * one the session lost (26000: DEALLOCATE, DISCARD) too */
 			if (sn && sn->name[0] && c->stmts &&
 			    ((sn->kind == KIND_PREPARE && failed) ||
-			     (st == PGRES_FATAL_ERROR && strcmp(ph_pg_errcode(c->conn, r), "0A000") == 0)))
+			     (st == PGRES_FATAL_ERROR && (strcmp(ph_pg_errcode(c->conn, r), "0A000") == 0 ||
+							  strcmp(ph_pg_errcode(c->conn, r), "26000") == 0))))
 				ph_stmts_forget(c->stmts, sn->name);
 			if (sn && sn->kind == KIND_PREPARE) {
 				/* not a statement: its error is the next statement's */
@@ -360,11 +363,14 @@ static int ph_l_conn_pipeline(lua_State *L)
 {
 	ph_l_conn *c = check_c(L);
 	int on = lua_toboolean(L, 2);
+	int was_on = PQpipelineStatus(c->conn) != PQ_PIPELINE_OFF;
 	int ok = on ? PQenterPipelineMode(c->conn) : PQexitPipelineMode(c->conn);
 
 	if (!ok)
 		return push_error(L, c->conn, NULL);
-	c->pending = c->nsent = 0;
+	/* what is queued stays queued while the mode does not change */
+	if (on != was_on)
+		c->pending = c->nsent = 0;
 	lua_pushboolean(L, 1);
 	return 1;
 }

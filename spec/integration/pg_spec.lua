@@ -442,6 +442,32 @@ describe("pg connection", function()
 		end)
 	end)
 
+	it("keeps what is queued when pipeline(true) is called again in pipeline mode", function()
+		local T = "SELECT $1::int AS a"
+		assert(conn:pipeline(true))
+		conn:send_query(T, 1)
+		assert(conn:pipeline(true))
+		conn:send_query(T, 2) -- second use: a Parse goes out first
+		assert(conn:pipeline(true))
+		conn:send_query(T, 3)
+		local ok, res = conn:sync(true)
+		assert.is_true(ok, res)
+		assert.same({ { { a = "1" } }, { { a = "2" } }, { { a = "3" } } }, res)
+		assert(conn:pipeline(false))
+	end)
+
+	it("prepares a text again after the session lost its statements (DEALLOCATE ALL)", function()
+		local T = "SELECT $1::int AS a"
+		for i = 1, 2 do pipe(conn, function() conn:send_query(T, i) end) end
+		assert.equal(1, #prepared_as(conn, T))
+		assert(conn:exec("DEALLOCATE ALL"))
+		-- the first use fails (26000) or works; the next one works again
+		pipe(conn, function() conn:send_query(T, 3) end)
+		local ok, res = pipe(conn, function() conn:send_query(T, 4) end)
+		assert.is_true(ok, res)
+		assert.same({ { a = "4" } }, res[1])
+	end)
+
 	it("conn:send needs pipeline mode", function()
 		assert.has_error(function() conn:send("SELECT 1") end,
 			"conn:send needs pipeline mode (conn:pipeline(true))")
