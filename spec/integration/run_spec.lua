@@ -125,6 +125,44 @@ return {
 			{ e.id, e.position, e.version, e.stream, e.type, e.time, e.data.amount, e.metadata.corr })
 	end)
 
+	it("commits full pages without waiting for the WAL flush, unless they emit or catch up", function()
+		-- each event records the synchronous_commit its batch ran with
+		local SC = [=[
+return {
+	name = "NAME",
+	from = { category = "sc" },
+	setup = "CREATE TABLE IF NOT EXISTS NAME (position bigint PRIMARY KEY, sync text)",
+	when = {
+		["*"] = function(_, e, ctx)
+			if e.type == "Emit" then ctx:emit("scout-1", "Out", {}) end
+			ctx:exec("INSERT INTO NAME SELECT $1, current_setting('synchronous_commit')", e.position)
+		end,
+	},
+}
+]=]
+		for i = 1, 25 do
+			local code, _, err = h.run({ "append", "sc-1", i == 15 and "Emit" or "Inc", "{}", "--db", dsn })
+			assert.equal(0, code, err)
+		end
+		local function run(name, env)
+			local d = h.tmpdir()
+			h.write_file(d .. "/" .. name .. ".lua", (SC:gsub("NAME", name)))
+			-- the test cluster's own default is off: the host's sessions wait
+			env.PGOPTIONS, env.PROJHOST_BATCH_SIZE = "-c synchronous_commit=on", 10
+			local code, out, err = h.run({ "run", "--once", "--db", dsn, d }, { env = env })
+			assert.equal(0, code, out .. err)
+			local got = {}
+			for _, r in ipairs(assert(conn:query("SELECT sync FROM " .. name .. " ORDER BY position"))) do
+				got[#got + 1] = r.sync
+			end
+			return table.concat(got, " ")
+		end
+		-- batches 1-10 and 11-20 are full pages; 15 emits; 21-25 catch up
+		local expect = ("off "):rep(14) .. ("on "):rep(11)
+		assert.equal(expect:sub(1, -2), run("sc_async", {}))
+		assert.equal(("on "):rep(25):sub(1, -2), run("sc_sync", { PROJHOST_SYNCHRONOUS_COMMIT = "on" }))
+	end)
+
 	it("stays live on LISTEN/NOTIFY and stops cleanly on SIGTERM", function()
 		local host = h.spawn({ "run", "--db", dsn, dir }, { env = { PROJHOST_POLL_INTERVAL = 600 } })
 		h.wait_until(function() return host:output():find("serving 1 projection", 1, true) end, 20, "start-up")
