@@ -80,6 +80,25 @@ describe("partitioned projections", function()
 		assert.equal(5000, applied(conn))
 	end)
 
+	it("analyzes projhost.checkpoints while a new projection fills it", function()
+		-- 2,500 streams: the checkpoints table grows from nothing within one
+		-- catch-up, faster than autovacuum looks at it
+		local lines = {}
+		for i = 1, 2500 do lines[i] = string.format('{"stream":"pacct-%d","type":"Inc"}', i) end
+		local file = h.write_file(h.tmpdir() .. "/e.ndjson", table.concat(lines, "\n"))
+		assert.equal(0, (h.run({ "append", "--file", file, "--db", dsn })))
+		assert(conn:exec("ALTER TABLE projhost.checkpoints SET (autovacuum_enabled = false)"))
+		local code, out, err = h.run({ "run", "--once", "--workers", "1", "--db", dsn, dir })
+		assert.equal(0, code, out .. err)
+		assert.equal(2500, applied(conn))
+		-- the planner knows the table's size (the stats of an empty table
+		-- made every job scan all of it)
+		h.wait_until(function()
+			return tonumber(scalar(conn, [[SELECT reltuples FROM pg_class
+				WHERE oid = 'projhost.checkpoints'::regclass]])) >= 1000
+		end, 10, "checkpoints to be analyzed")
+	end)
+
 	it("3 instances x 2 workers share 2,000 streams under live appends, one SIGKILLed midway", function()
 		assert.equal(0, (h.run({ "run", "--once", "--db", dsn, dir }))) -- schema and tables
 		local env = { PROJHOST_BATCH_SIZE = 5 }
