@@ -468,6 +468,20 @@ static int ph_l_conn_flush(lua_State *L)
 	return 1;
 }
 
+/* conn:consume() -> true | nil, msg, code: take in what the server has sent
+ * so far (libpq buffers it; nothing is parsed yet). A pipeline's big
+ * result - the next page of events - otherwise fills the socket and stops
+ * the server mid-way until the sync. */
+static int ph_l_conn_consume(lua_State *L)
+{
+	ph_l_conn *c = check_c(L);
+
+	if (!PQconsumeInput(c->conn))
+		return push_error(L, c->conn, NULL);
+	lua_pushboolean(L, 1);
+	return 1;
+}
+
 /* conn:sync() -> true | nil, msg, code, index of the failed statement */
 static int ph_l_conn_sync(lua_State *L)
 {
@@ -812,6 +826,7 @@ static const luaL_Reg conn_methods[] = {
 	{ "send_page", ph_l_conn_send_page },
 	{ "sync", ph_l_conn_sync },
 	{ "flush", ph_l_conn_flush },
+	{ "consume", ph_l_conn_consume },
 	{ "notifies", ph_l_conn_notifies },
 	{ "ok", ph_l_conn_ok },
 	{ "pid", ph_l_conn_pid },

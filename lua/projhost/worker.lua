@@ -638,9 +638,12 @@ local applying = 0
 
 local function apply_loop(def, state, events, ctx, n)
 	local papply, beat = P.apply, core.beat
+	local ahead = pipe.ahead
 	for i = 1, n do
 		local e = events[i]
 		applying = i
+		-- the page read ahead arrives meanwhile (see conn:consume)
+		if ahead and i % 256 == 0 then conn:consume() end
 		ctx.event = e
 		failed_sql = nil
 		beat(e.position)
