@@ -32,6 +32,9 @@ typedef struct {
 	int nsent;		/* entries of sent[] (statements and Parses) */
 	struct sent *sent;
 	int scap;
+	int k, q;		/* sent[] entries and statements already taken (conn:take) */
+	PGresult *err;		/* the first error among them, for the sync to report */
+	int err_index;
 	ph_stmts *stmts;	/* pipelined texts run as prepared statements */
 } ph_l_conn;
 
@@ -255,102 +258,178 @@ static int ph_l_conn_query(lua_State *L)
  * the statement that failed, so the caller can tell which event it was.
  */
 
+/* Where one drain or take stands in the results of the pipeline. */
+struct cursor {
+	lua_State *L;		/* push results into the table at slot @results */
+	int results;
+	PGresult *last, *err;
+	int err_index;
+};
+
+/* Account for result @r of the next entry of sent[] (see drain_results).
+ * Return: 1 when it was a statement's result (c->q counts it), 0 when it
+ * was a Parse's. Takes @r over. */
+static int take_result(ph_l_conn *c, struct cursor *cur, PGresult *r)
+{
+	const struct sent *sn = c->k < c->nsent ? &c->sent[c->k] : NULL;
+	ExecStatusType st = PQresultStatus(r);
+	int failed = st != PGRES_COMMAND_OK && st != PGRES_TUPLES_OK;
+	int kind = sn ? sn->kind : KIND_COUNT;
+	lua_State *L = cur->L;
+
+	c->k++;
+	/* a Parse that failed or was skipped created nothing; a plan
+	 * whose result columns changed (0A000) must be made anew, and
+	 * one the session lost (26000: DEALLOCATE, DISCARD) too */
+	if (sn && sn->name[0] && c->stmts &&
+	    ((kind == KIND_PREPARE && failed) ||
+	     (st == PGRES_FATAL_ERROR && (strcmp(ph_pg_errcode(c->conn, r), "0A000") == 0 ||
+					  strcmp(ph_pg_errcode(c->conn, r), "26000") == 0))))
+		ph_stmts_forget(c->stmts, sn->name);
+	if (kind == KIND_PREPARE) {
+		/* not a statement: its error is the next statement's */
+		if (st == PGRES_FATAL_ERROR && !cur->err) {
+			cur->err = r;
+			cur->err_index = c->q + 1;
+		} else {
+			PQclear(r);
+		}
+		return 0;
+	}
+	c->q++;
+	if (L) {
+		if (st == PGRES_TUPLES_OK && kind != KIND_COUNT) {
+			if (kind == KIND_EVENTS || kind == KIND_PAGE) {
+				/* the page owns r now */
+				if (kind == KIND_EVENTS)
+					push_events(L, r);
+				else
+					push_page(L, r);
+				lua_rawseti(L, cur->results, c->q);
+				return 1;
+			}
+			push_rows(L, r);
+		} else if (st == PGRES_COMMAND_OK || st == PGRES_TUPLES_OK) {
+			const char *t = PQcmdTuples(r);
+
+			lua_pushnumber(L, t && *t ? strtod(t, NULL) : PQntuples(r));
+		} else {
+			lua_pushboolean(L, 0);	/* failed or skipped */
+		}
+		lua_rawseti(L, cur->results, c->q);
+	}
+	if ((st == PGRES_FATAL_ERROR || st == PGRES_NONFATAL_ERROR) && !cur->err) {
+		cur->err = r;
+		cur->err_index = c->q;
+		return 1;
+	}
+	if (L) {
+		PQclear(r);
+		return 1;
+	}
+	if (cur->last)
+		PQclear(cur->last);
+	cur->last = r;
+	return 1;
+}
+
 /* Sync and read every pending result. Without @L the last result is kept
  * in *@last; with @L each statement's result goes into the table at stack
  * slot @results (see conn:sync(true)). The first error goes to *@err with
- * its 1-based index. Return: 0 ok, -1 error. */
+ * its 1-based index - also one conn:take met earlier. Results conn:take
+ * returned are not read again. Return: 0 ok, -1 error. */
 static int drain_results(ph_l_conn *c, lua_State *L, int results, PGresult **last, PGresult **err,
 			 int *err_index)
 {
-	int nsent = c->nsent, q = 0, k = 0, nulls = 0;
+	struct cursor cur = { L, results, NULL, c->err, c->err_index };
+	int nulls = 0, rc = 0;
 
-	*last = *err = NULL;
-	*err_index = 0;
-	c->pending = c->nsent = 0;
-	if (!PQpipelineSync(c->conn))
-		return -1;
+	c->err = NULL;
+	c->err_index = 0;
+	if (!PQpipelineSync(c->conn)) {
+		rc = -1;
+		goto out;
+	}
 	for (;;) {
 		PGresult *r = PQgetResult(c->conn);
-		ExecStatusType st;
-		int kind;
 
 		if (!r) {
 			/* one NULL ends each statement's results; two in a row
 			 * mean nothing more is coming (the connection broke) */
 			if (++nulls > 1 || PQstatus(c->conn) == CONNECTION_BAD) {
-				if (!*err)
-					*err_index = q + 1;
-				return -1;
+				if (!cur.err)
+					cur.err_index = c->q + 1;
+				rc = -1;
+				goto out;
 			}
 			continue;
 		}
 		nulls = 0;
-		st = PQresultStatus(r);
-		if (st == PGRES_PIPELINE_SYNC) {
+		if (PQresultStatus(r) == PGRES_PIPELINE_SYNC) {
 			PQclear(r);
 			break;
 		}
-		{
-			const struct sent *sn = k < nsent ? &c->sent[k] : NULL;
-			int failed = st != PGRES_COMMAND_OK && st != PGRES_TUPLES_OK;
-
-			k++;
-			/* a Parse that failed or was skipped created nothing; a plan
-			 * whose result columns changed (0A000) must be made anew, and
-			 * one the session lost (26000: DEALLOCATE, DISCARD) too */
-			if (sn && sn->name[0] && c->stmts &&
-			    ((sn->kind == KIND_PREPARE && failed) ||
-			     (st == PGRES_FATAL_ERROR && (strcmp(ph_pg_errcode(c->conn, r), "0A000") == 0 ||
-							  strcmp(ph_pg_errcode(c->conn, r), "26000") == 0))))
-				ph_stmts_forget(c->stmts, sn->name);
-			if (sn && sn->kind == KIND_PREPARE) {
-				/* not a statement: its error is the next statement's */
-				if (st == PGRES_FATAL_ERROR && !*err) {
-					*err = r;
-					*err_index = q + 1;
-				} else {
-					PQclear(r);
-				}
-				continue;
-			}
-			kind = sn ? sn->kind : KIND_COUNT;
-		}
-		q++;
-		if (L) {
-			if (st == PGRES_TUPLES_OK && kind != KIND_COUNT) {
-				if (kind == KIND_EVENTS || kind == KIND_PAGE) {
-					/* the page owns r now */
-					if (kind == KIND_EVENTS)
-						push_events(L, r);
-					else
-						push_page(L, r);
-					lua_rawseti(L, results, q);
-					continue;
-				}
-				push_rows(L, r);
-			} else if (st == PGRES_COMMAND_OK || st == PGRES_TUPLES_OK) {
-				const char *t = PQcmdTuples(r);
-
-				lua_pushnumber(L, t && *t ? strtod(t, NULL) : PQntuples(r));
-			} else {
-				lua_pushboolean(L, 0);	/* failed or skipped */
-			}
-			lua_rawseti(L, results, q);
-		}
-		if ((st == PGRES_FATAL_ERROR || st == PGRES_NONFATAL_ERROR) && !*err) {
-			*err = r;
-			*err_index = q;
-			continue;
-		}
-		if (L) {
-			PQclear(r);
-			continue;
-		}
-		if (*last)
-			PQclear(*last);
-		*last = r;
+		take_result(c, &cur, r);
 	}
-	return *err ? -1 : 0;
+	rc = cur.err ? -1 : 0;
+out:
+	*last = cur.last;
+	*err = cur.err;
+	*err_index = cur.err_index;
+	c->pending = c->nsent = c->k = c->q = 0;
+	return rc;
+}
+
+/*
+ * conn:take() -> the result of the first statement not yet read since the
+ * last sync (rows, events, a page or a count, by how it was sent), before
+ * the sync | nil, msg, code, index. For a result wanted early: the worker
+ * takes the page it read ahead and makes its events while the server still
+ * runs the statements queued after it. The statement must have been
+ * followed by conn:flush(), or the server may still hold its tail. An error
+ * is reported again by the next sync.
+ */
+static int ph_l_conn_take(lua_State *L)
+{
+	ph_l_conn *c = check_c(L);
+	struct cursor cur = { L, 0, NULL, NULL, 0 };
+	int q0 = c->q;
+	char buf[1024];
+
+	if (PQpipelineStatus(c->conn) == PQ_PIPELINE_OFF || c->q >= c->pending)
+		return luaL_error(L, "conn:take: no statement is waiting for its result");
+	lua_createtable(L, 1, 0);
+	cur.results = lua_gettop(L);
+	while (c->q == q0) {
+		PGresult *r = PQgetResult(c->conn);
+
+		if (!r) {
+			/* the NULL after a Parse's result; or a broken connection */
+			if (PQstatus(c->conn) == CONNECTION_BAD)
+				return push_error_at(L, c->conn, NULL, c->q + 1);
+			continue;
+		}
+		take_result(c, &cur, r);
+	}
+	/* the NULL that ends the statement's results */
+	if (PQgetResult(c->conn) != NULL)
+		return luaL_error(L, "conn:take: more than one result for one statement");
+	if (!cur.err) {
+		lua_rawgeti(L, cur.results, c->q);
+		return 1;
+	}
+	/* kept for the sync, reported now too */
+	if (c->err)
+		PQclear(cur.err);
+	else {
+		c->err = cur.err;
+		c->err_index = cur.err_index;
+	}
+	lua_pushnil(L);
+	lua_pushstring(L, ph_pg_errmsg(c->conn, c->err, buf, sizeof(buf)));
+	lua_pushstring(L, ph_pg_errcode(c->conn, c->err));
+	lua_pushinteger(L, c->err_index);
+	return 4;
 }
 
 static int drain(ph_l_conn *c, PGresult **last, PGresult **err, int *err_index)
@@ -369,8 +448,12 @@ static int ph_l_conn_pipeline(lua_State *L)
 	if (!ok)
 		return push_error(L, c->conn, NULL);
 	/* what is queued stays queued while the mode does not change */
-	if (on != was_on)
-		c->pending = c->nsent = 0;
+	if (on != was_on) {
+		c->pending = c->nsent = c->k = c->q = 0;
+		if (c->err)
+			PQclear(c->err);
+		c->err = NULL;
+	}
 	lua_pushboolean(L, 1);
 	return 1;
 }
@@ -462,7 +545,8 @@ static int ph_l_conn_flush(lua_State *L)
 {
 	ph_l_conn *c = check_c(L);
 
-	if (PQflush(c->conn) != 0)
+	/* and ask the server to send back what it has by then (conn:take) */
+	if ((PQpipelineStatus(c->conn) != PQ_PIPELINE_OFF && !PQsendFlushRequest(c->conn)) || PQflush(c->conn) != 0)
 		return push_error(L, c->conn, NULL);
 	lua_pushboolean(L, 1);
 	return 1;
@@ -811,6 +895,10 @@ static int ph_l_conn_close(lua_State *L)
 	c->scap = c->nsent = c->pending = 0;
 	ph_stmts_free(c->stmts);
 	c->stmts = NULL;
+	if (c->err)
+		PQclear(c->err);
+	c->err = NULL;
+	c->k = c->q = 0;
 	return 0;
 }
 
@@ -827,6 +915,7 @@ static const luaL_Reg conn_methods[] = {
 	{ "sync", ph_l_conn_sync },
 	{ "flush", ph_l_conn_flush },
 	{ "consume", ph_l_conn_consume },
+	{ "take", ph_l_conn_take },
 	{ "notifies", ph_l_conn_notifies },
 	{ "ok", ph_l_conn_ok },
 	{ "pid", ph_l_conn_pid },
