@@ -760,6 +760,21 @@ static int ph_l_page_count(lua_State *L)
 	return 1;
 }
 
+/* page:bytes() -> the size of its values (what the page holds in memory,
+ * near enough): the worker keeps pages of large events small */
+static int ph_l_page_bytes(lua_State *L)
+{
+	ph_l_page_t *p = luaL_checkudata(L, 1, PH_PAGE_MT);
+	int nr = p->res ? PQntuples(p->res) : 0, nf = p->res ? PQnfields(p->res) : 0;
+	double n = 0;
+
+	for (int r = 0; r < nr; r++)
+		for (int f = 0; f < nf; f++)
+			n += PQgetlength(p->res, r, f);
+	lua_pushnumber(L, n);
+	return 1;
+}
+
 /* page:last() -> tx (text), position of the last row | nil (empty page):
  * where the read after this page starts */
 static int ph_l_page_last(lua_State *L)
@@ -947,5 +962,7 @@ void ph_l_pg_open(lua_State *L)
 	lua_setfield(L, -2, "count");
 	lua_pushcfunction(L, ph_l_page_last);
 	lua_setfield(L, -2, "last");
+	lua_pushcfunction(L, ph_l_page_bytes);
+	lua_setfield(L, -2, "bytes");
 	lua_pop(L, 1);
 }

@@ -26,6 +26,9 @@ local BATCH = tonumber(os.getenv("PROJHOST_BATCH_SIZE")) or 1000
 -- sending and storing the state (make bench, read model rows).
 local STATE_BYTES_PER_EVENT = 16
 local BATCH_GROWTH = 16
+-- ...but a page (two are in memory while reading ahead) stays below this
+-- many bytes of event data, however large the state
+local PAGE_BYTES = 16 * 1024 * 1024
 -- partitions listed per discovery query
 local FIND_PAGE = 1000
 -- seconds a handler may run before the master kills its worker
@@ -401,9 +404,11 @@ local function encode_state(def, state)
 end
 
 -- How many events the next batch of an unpartitioned projection reads,
--- after a state of state_len bytes (see STATE_BYTES_PER_EVENT).
-local function batch_for(state_len)
+-- after a state of state_len bytes, with events of event_len bytes on
+-- average (see STATE_BYTES_PER_EVENT and PAGE_BYTES).
+local function batch_for(state_len, event_len)
 	local n = math.ceil(state_len / STATE_BYTES_PER_EVENT / BATCH) * BATCH
+	n = math.min(n, math.floor(PAGE_BYTES / math.max(event_len, 1) / BATCH) * BATCH)
 	return math.max(BATCH, math.min(BATCH * BATCH_GROWTH, n))
 end
 
@@ -1022,7 +1027,8 @@ function run_batch(def, limit)
 		if n > 0 then
 			local last = events[n]
 			local sj = encode_state(def, state)
-			def._batch = batch_for(#sj)
+			local page = events[n]._page
+			def._batch = batch_for(#sj, page and page:bytes() / page:count() or 0)
 			conn:send([[UPDATE projhost.checkpoints SET state = $2::jsonb, last_tx = $3::xid8,
 				last_pos = $4, script_hash = $5, error = NULL, updated_at = now()
 				WHERE projection = $1 AND partition = '']],
