@@ -940,29 +940,29 @@ static const luaL_Reg conn_methods[] = {
 	{ NULL, NULL }
 };
 
+static const luaL_Reg page_methods[] = {
+	{ "text", ph_l_page_text },
+	{ "events", ph_l_page_events },
+	{ "count", ph_l_page_count },
+	{ "last", ph_l_page_last },
+	{ "bytes", ph_l_page_bytes },
+	{ NULL, NULL }
+};
+
+/* A userdata class: metatable @name, its own __index, @gc and @methods. */
+static void new_class(lua_State *L, const char *name, lua_CFunction gc, const luaL_Reg *methods)
+{
+	luaL_newmetatable(L, name);
+	lua_pushvalue(L, -1);
+	lua_setfield(L, -2, "__index");
+	lua_pushcfunction(L, gc);
+	lua_setfield(L, -2, "__gc");
+	luaL_register(L, NULL, methods);
+	lua_pop(L, 1);
+}
+
 void ph_l_pg_open(lua_State *L)
 {
-	luaL_newmetatable(L, PH_CONN_MT);
-	lua_pushvalue(L, -1);
-	lua_setfield(L, -2, "__index");
-	lua_pushcfunction(L, ph_l_conn_close);
-	lua_setfield(L, -2, "__gc");
-	luaL_register(L, NULL, conn_methods);
-	lua_pop(L, 1);
-	luaL_newmetatable(L, PH_PAGE_MT);
-	lua_pushvalue(L, -1);
-	lua_setfield(L, -2, "__index");
-	lua_pushcfunction(L, ph_l_page_gc);
-	lua_setfield(L, -2, "__gc");
-	lua_pushcfunction(L, ph_l_page_text);
-	lua_setfield(L, -2, "text");
-	lua_pushcfunction(L, ph_l_page_events);
-	lua_setfield(L, -2, "events");
-	lua_pushcfunction(L, ph_l_page_count);
-	lua_setfield(L, -2, "count");
-	lua_pushcfunction(L, ph_l_page_last);
-	lua_setfield(L, -2, "last");
-	lua_pushcfunction(L, ph_l_page_bytes);
-	lua_setfield(L, -2, "bytes");
-	lua_pop(L, 1);
+	new_class(L, PH_CONN_MT, ph_l_conn_close, conn_methods);
+	new_class(L, PH_PAGE_MT, ph_l_page_gc, page_methods);
 }

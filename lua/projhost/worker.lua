@@ -275,7 +275,7 @@ local function pipe_end()
 		ok, err, code, idx = conn:sync()
 	end
 	if not ok then pipe_note(idx, false, err, code) end
-	pipe.on = false
+	pipe.on, pipe.async = false, false
 	if conn:ok() then conn:pipeline(false) end
 	pipe.sent = {}
 	return pipe.first
@@ -319,7 +319,7 @@ local function backend_for(def)
 			end
 		end
 		if md.projection == nil then md.projection = def.cp end
-		if pipe.async then
+		if pipe.async and pipe.on then
 			-- others may act on emitted events: this batch waits for its
 			-- commit to be on disk after all (see ASYNC_CATCHUP)
 			conn:send("SET LOCAL synchronous_commit = on")
