@@ -166,6 +166,37 @@ echo done]], pgbin("pgbench"), script, dsn))
 		assert.equal(0, host:wait(10), host:output())
 	end)
 
+	it("lose nothing and repeat nothing when PostgreSQL crashes in the middle of a catch-up", function()
+		-- batches in the middle of a catch-up commit without waiting for
+		-- their WAL flush, and an immediate shutdown (SIGQUIT: no
+		-- checkpoint) loses what was not flushed: each batch must be
+		-- lost whole - effects, state and checkpoint - and applied again
+		h.write_file(dir .. "/ftally.lua", tally("ftally", { extra = 'ctx:exec("SELECT pg_sleep(0.0002)")' }))
+		assert.equal(0, (h.run({ "run", "--once", "--db", dsn, dir })))
+		assert(conn:exec([[INSERT INTO projhost.events (stream_id, stream_version, event_type, data)
+			SELECT 'fault-' || (i % 40), i / 40 + 1, 'Inc', '{}' FROM generate_series(0, 7999) i]]))
+		host = h.spawn({ "run", "--db", dsn, dir }, { env = { PROJHOST_BATCH_SIZE = 50, PROJHOST_POLL_INTERVAL = 600 } })
+		h.wait_until(function()
+			return tonumber(scalar(conn, "SELECT count(*) FROM ftally_applied")) >= 1500
+		end, 30, "the catch-up to get going")
+		conn:close()
+		conn = nil
+		finally(function() db("start") end)
+		local pidfile = h.pg().home .. "/data/postmaster.pid"
+		local pm = tonumber(h.read_file(pidfile):match("^(%d+)"))
+		assert(core.kill(pm, 3))
+		h.wait_until(function() return not core.kill(pm, 0) end, 30, "the crash")
+		db("start")
+		conn = h.connect(dsn)
+		-- the crash really came in the middle
+		assert.is_true(tonumber(scalar(conn, "SELECT count(*) FROM ftally_applied")) < 8000)
+		h.wait_until(function() return caught_up(conn, "ftally") end, 60, "the host to apply every event")
+		assert_matches_truth(conn, "ftally", false)
+		assert.equal("0", scalar(conn, "SELECT count(*) FROM projhost.parked"))
+		assert.is_true(host:alive(), host:output())
+		assert.not_matches("failed %(attempt", host:output())
+	end)
+
 	it("roll back and redo the batch when the worker's backend is terminated mid-batch", function()
 		-- parks whatever fails: a connection cut under a handler's statement
 		-- must not count as the event failing, or the event goes missing
