@@ -163,6 +163,47 @@ return {
 		assert.equal(("on "):rep(25):sub(1, -2), run("sc_sync", { PROJHOST_SYNCHRONOUS_COMMIT = "on" }))
 	end)
 
+	it("gives a projection with a large state larger batches, one transaction each", function()
+		-- each event records the transaction that applied it; the state
+		-- grows to ~30 KB of JSON (one event per 16 bytes: 2,000 a batch)
+		h.write_file(dir .. "/big.lua", [=[
+return {
+	name = "big",
+	from = { category = "big" },
+	setup = "CREATE TABLE IF NOT EXISTS big (position bigint PRIMARY KEY, tx xid8 NOT NULL)",
+	init = function() return { keys = {} } end,
+	when = {
+		["*"] = function(s, e, ctx)
+			s.keys["key-" .. (e.position % 2000)] = e.position
+			ctx:exec("INSERT INTO big VALUES ($1, pg_current_xact_id())", e.position)
+		end,
+	},
+}
+]=])
+		assert.equal(0, (h.run({ "run", "--once", "--db", dsn, dir })))
+		assert(conn:exec([[INSERT INTO projhost.events (stream_id, stream_version, event_type, data)
+			SELECT 'big-1', i, 'Inc', '{}' FROM generate_series(1, 10000) i]]))
+		local code, out, err = h.run({ "run", "--once", "--db", dsn, dir }, { env = { PROJHOST_BATCH_SIZE = 1000 } })
+		assert.equal(0, code, out .. err)
+		local sizes = {}
+		for _, r in ipairs(assert(conn:query("SELECT count(*) AS n FROM big GROUP BY tx ORDER BY min(position)"))) do
+			sizes[#sizes + 1] = tonumber(r.n)
+		end
+		-- the first batches have the configured size; once the state is
+		-- ~30 KB they grow (multiples of the configured size, at most 16x)
+		local total, grew = 0, false
+		for i, n in ipairs(sizes) do
+			total = total + n
+			if i < #sizes then assert.equal(0, n % 1000, table.concat(sizes, " ")) end
+			assert.is_true(n <= 16000)
+			grew = grew or n > 1000
+		end
+		assert.equal(10000, total)
+		assert.equal(1000, sizes[1])
+		assert.is_true(grew, table.concat(sizes, " "))
+		assert.is_true(#sizes < 10, table.concat(sizes, " "))
+	end)
+
 	it("stays live on LISTEN/NOTIFY and stops cleanly on SIGTERM", function()
 		local host = h.spawn({ "run", "--db", dsn, dir }, { env = { PROJHOST_POLL_INTERVAL = 600 } })
 		h.wait_until(function() return host:output():find("serving 1 projection", 1, true) end, 20, "start-up")
