@@ -219,6 +219,10 @@ end
 -- the event that issued the i-th statement since the last sync, so an error
 -- is charged to the event that caused it; first is the first error seen
 -- ({ event, msg, code }) - after it the transaction is aborted anyway.
+-- Also per batch: async (SET LOCAL synchronous_commit = off was sent),
+-- writes (statements the handlers queued), and the page read ahead: ahead
+-- (its statement index while pending), ahead_size (the size asked for),
+-- ahead_page ({ page, events? } once taken; see take_ahead).
 local pipe = { on = false, sent = {}, first = nil, flushing = false }
 
 local function pipe_begin()
