@@ -60,7 +60,8 @@ static PGconn *check_conn(lua_State *L)
 	return check_c(L)->conn;
 }
 
-static int push_error(lua_State *L, PGconn *conn, PGresult *res)
+/* nil, msg (with its DETAIL), code for @res or @conn; @res is left alone */
+static int push_error_of(lua_State *L, PGconn *conn, const PGresult *res)
 {
 	char buf[1024];
 	const char *detail = res ? PQresultErrorField(res, PG_DIAG_MESSAGE_DETAIL) : NULL;
@@ -72,6 +73,13 @@ static int push_error(lua_State *L, PGconn *conn, PGresult *res)
 	else
 		lua_pushstring(L, buf);
 	lua_pushstring(L, ph_pg_errcode(conn, res));
+	return 3;
+}
+
+/* push_error_of, then clear @res */
+static int push_error(lua_State *L, PGconn *conn, PGresult *res)
+{
+	push_error_of(L, conn, res);
 	if (res)
 		PQclear(res);
 	return 3;
@@ -394,7 +402,6 @@ static int ph_l_conn_take(lua_State *L)
 	ph_l_conn *c = check_c(L);
 	struct cursor cur = { L, 0, NULL, NULL, 0 };
 	int q0 = c->q;
-	char buf[1024];
 
 	if (PQpipelineStatus(c->conn) == PQ_PIPELINE_OFF || c->q >= c->pending)
 		return luaL_error(L, "conn:take: no statement is waiting for its result");
@@ -425,9 +432,7 @@ static int ph_l_conn_take(lua_State *L)
 		c->err = cur.err;
 		c->err_index = cur.err_index;
 	}
-	lua_pushnil(L);
-	lua_pushstring(L, ph_pg_errmsg(c->conn, c->err, buf, sizeof(buf)));
-	lua_pushstring(L, ph_pg_errcode(c->conn, c->err));
+	push_error_of(L, c->conn, c->err);
 	lua_pushinteger(L, c->err_index);
 	return 4;
 }

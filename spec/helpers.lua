@@ -214,6 +214,21 @@ function h.scalar(conn, sql, ...)
 end
 
 -- A PostgreSQL program (pgbench, pg_ctl, ...) from the server's bin dir.
+-- n events of type etype (default "Inc") over `streams` streams named
+-- PREFIX-0, PREFIX-1, ..., with data {"amount": i % 7}, written with
+-- set-based SQL (thousands in milliseconds, where appends take seconds) and
+-- with their projhost.streams rows, as projhost.append would leave them.
+function h.insert_events(conn, prefix, n, streams, etype)
+	assert(conn:exec([[INSERT INTO projhost.events (stream_id, stream_version, event_type, data)
+		SELECT $1 || '-' || (i % $3), i / $3 + 1, $4, jsonb_build_object('amount', i % 7)
+		FROM generate_series(0, $2 - 1) i]], prefix, n, streams, etype or "Inc"))
+	assert(conn:exec([[INSERT INTO projhost.streams (stream_id, version, last_position, updated_at)
+		SELECT stream_id, max(stream_version), max(global_position), now() FROM projhost.events
+		WHERE stream_id LIKE $1 || '-%' GROUP BY 1
+		ON CONFLICT (stream_id) DO UPDATE SET version = EXCLUDED.version,
+			last_position = EXCLUDED.last_position, updated_at = EXCLUDED.updated_at]], prefix))
+end
+
 function h.pgbin(name)
 	local p = io.popen("pg_config --bindir 2>/dev/null")
 	local dir = p and p:read("*l")

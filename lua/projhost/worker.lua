@@ -285,6 +285,13 @@ local function pipe_end()
 	return pipe.first
 end
 
+-- A handler's ctx:query or ctx:emit synced the pipeline (conn:query): the
+-- statement indexes start again, and a page read ahead on conn went with
+-- the results.
+local function pipe_synced()
+	if pipe.on then pipe.sent, pipe.ahead = {}, nil end
+end
+
 local function backend_for(def)
 	local b = {}
 	local function note(err, code, idx)
@@ -307,8 +314,7 @@ local function backend_for(def)
 	function b.query(sql, ...)
 		local rows, err, code, idx = conn:query(sql, ...)
 		if not rows then note(err, code, idx) end
-		-- query synced the pipeline (a read-ahead's rows went with it)
-		if pipe.on then pipe.sent, pipe.ahead = {}, nil end
+		pipe_synced()
 		return rows, err, code
 	end
 	function b.emit(stream, etype, data, metadata)
@@ -329,10 +335,14 @@ local function backend_for(def)
 			conn:send("SET LOCAL synchronous_commit = on")
 			pipe.async = false
 		end
-		local _, body = P.encode({ { type = etype, data = data or {}, metadata = md } })
+		local ok, body = P.encode({ { type = etype, data = data or {}, metadata = md } })
+		if not ok then
+			-- ctx:emit checked data and metadata: only what we added is left
+			error("ctx:emit: the event cannot be encoded as JSON: " .. tostring(body), 3)
+		end
 		local rows, err, code, idx = conn:query("SELECT projhost.append($1, NULL, $2::jsonb) AS version",
 			stream, body)
-		if pipe.on then pipe.sent, pipe.ahead = {}, nil end
+		pipe_synced()
 		if not rows then
 			note(err, code, idx)
 			return nil, err, code
@@ -374,12 +384,14 @@ end
 local function decide(def, err, e, attempt)
 	if not def.on_error then return default_action(attempt) end
 	local ok, action, delay = pcall(def.on_error, err, e, attempt)
+	-- which event, as every log line about one says
+	local at = ("pos=%s %s: "):format(tostring(e.position), def.file)
 	if not ok then
-		log("error", def.cp, "on_error itself failed (" .. first_line(action) .. "); using the default action")
+		log("error", def.cp, at .. "on_error itself failed (" .. first_line(action) .. "); using the default action")
 		return default_action(attempt)
 	end
 	if not ACTIONS[action] then
-		log("error", def.cp, "on_error returned " .. tostring(action) ..
+		log("error", def.cp, at .. "on_error returned " .. tostring(action) ..
 			", expected retry|skip|park|fail|stop; using the default action")
 		return default_action(attempt)
 	end

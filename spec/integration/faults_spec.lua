@@ -173,8 +173,7 @@ echo done]], pgbin("pgbench"), script, dsn))
 		-- lost whole - effects, state and checkpoint - and applied again
 		h.write_file(dir .. "/ftally.lua", tally("ftally", { extra = 'ctx:exec("SELECT pg_sleep(0.0002)")' }))
 		assert.equal(0, (h.run({ "run", "--once", "--db", dsn, dir })))
-		assert(conn:exec([[INSERT INTO projhost.events (stream_id, stream_version, event_type, data)
-			SELECT 'fault-' || (i % 40), i / 40 + 1, 'Inc', '{}' FROM generate_series(0, 7999) i]]))
+		h.insert_events(conn, "fault", 8000, 40)
 		host = h.spawn({ "run", "--db", dsn, dir }, { env = { PROJHOST_BATCH_SIZE = 50, PROJHOST_POLL_INTERVAL = 600 } })
 		h.wait_until(function()
 			return tonumber(scalar(conn, "SELECT count(*) FROM ftally_applied")) >= 1500

@@ -20,11 +20,7 @@ describe("set-based writes", function()
 	end)
 
 	local function load(n, streams)
-		assert(conn:exec([[INSERT INTO projhost.events (stream_id, stream_version, event_type, data)
-			SELECT 'up-' || (i % $2), i / $2 + 1, 'Deposited', jsonb_build_object('amount', i % 7)
-			FROM generate_series(0, $1 - 1) i]], n, streams))
-		assert(conn:exec([[INSERT INTO projhost.streams SELECT stream_id, max(stream_version),
-			max(global_position), now() FROM projhost.events GROUP BY 1]]))
+		h.insert_events(conn, "up", n, streams, "Deposited")
 	end
 
 	it("ctx:upsert coalesces a batch into one statement per table with the same result", function()
