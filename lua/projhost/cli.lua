@@ -689,22 +689,11 @@ end
 
 local function exec_psql(dsn, extra)
 	local embedded = require "projhost.embedded"
-	local ffi = require "ffi"
-	pcall(ffi.cdef, "int execv(const char *path, char *const argv[]);")
 	local path = embedded.psql_path()
 	local args = { "psql", dsn }
 	for _, a in ipairs(extra) do args[#args + 1] = a end
-	local argv = ffi.new("char *[?]", #args + 1)
-	local keep = {}
-	for i, a in ipairs(args) do
-		keep[i] = ffi.new("char[?]", #a + 1, a)
-		argv[i - 1] = keep[i]
-	end
-	argv[#args] = nil
-	io.stdout:flush()
-	io.stderr:flush()
-	ffi.C.execv(path, argv)
-	return fail("db psql", "cannot run " .. path .. ": " .. ffi.string(ffi.C.strerror(ffi.errno())))
+	local _, err = require("projhost.proc").exec(path, args)
+	return fail("db psql", "cannot run " .. path .. ": " .. err)
 end
 
 function commands.db(cmd)

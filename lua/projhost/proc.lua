@@ -1,5 +1,6 @@
 -- projhost.proc: start and reap child processes from LuaJIT (posix_spawn and
--- wait4 through the FFI). Used by the spec helpers and `make bench`.
+-- wait4 through the FFI), or become one (execv). Used by the spec helpers,
+-- `make bench` and `projhost db psql`.
 --
 -- Not a shell: we are the children's parent, so wait gives real exit codes
 -- and peak RSS, and no child inherits the SIGINT-ignored disposition a
@@ -11,6 +12,8 @@
 --       stderr == stdout shares one file description, like 2>&1), cwd
 --   proc.wait(pid, timeout_s) -> code, maxrss_kb | nil on timeout
 --       code is 128 + signal when a signal ended it; timeout 0 only polls
+--   proc.exec(path, args) -> nil, msg   replace this process (execv; argv[0]
+--       is args[1]); returns only when that failed
 --   proc.tmpdir(prefix) -> path | nil, msg   a new directory "<prefix>XXXXXX",
 --       mode 0755 so `nobody` (who runs test clusters when we are root) can
 --       reach it
@@ -50,6 +53,7 @@ if not pcall(ffi.typeof, "ph_proc_rusage_t") then
 	char *mkdtemp(char *template);
 	int chmod(const char *path, unsigned int mode);
 	char *strerror(int errnum);
+	int execv(const char *path, char *const argv[]);
 	extern char **environ;
 	]]
 end
@@ -130,6 +134,16 @@ function M.wait(pid, timeout)
 		core.sleep(nap)
 		nap = math.min(nap * 2, 0.01)
 	end
+end
+
+function M.exec(path, args)
+	local argv, keep = cstrings(args)
+	io.stdout:flush()
+	io.stderr:flush()
+	C.execv(path, argv)
+	local err = ffi.string(C.strerror(ffi.errno()))
+	local _ = keep -- the strings argv points to live until here
+	return nil, err
 end
 
 function M.tmpdir(prefix)
