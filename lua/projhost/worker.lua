@@ -413,9 +413,10 @@ local function lock_checkpoint(def, part)
 	return rows[1] or false
 end
 
+-- The state as stored, or nil and why (naming the projection's file).
 local function encode_state(def, state)
 	local s, err = P.encode_state(state)
-	if not s then error(def.cp .. ": " .. err, 0) end
+	if not s then return nil, def.file .. ": " .. err end
 	return s
 end
 
@@ -836,9 +837,14 @@ function retry_parked(def)
 				local okf, ferr = ctx._flush()
 				if not okf then okh, res = false, ferr end
 			end
+			local sj
+			if okh then
+				sj, res = encode_state(def, res)
+				okh = sj ~= nil
+			end
 			if okh then
 				ok = x([[UPDATE projhost.checkpoints SET state = $3::jsonb, updated_at = now()
-					WHERE projection = $1 AND partition = $2]], def.cp, p.partition, encode_state(def, res))
+					WHERE projection = $1 AND partition = $2]], def.cp, p.partition, sj)
 				if ok and x("COMMIT") then
 					log("info", def.cp, string.format("pos=%d parked event applied on retry", e.position))
 				else
@@ -1039,10 +1045,12 @@ function run_batch(def, limit)
 			return "retry", 0, 1
 		end
 	end
+	local state_err -- the state after the batch cannot be stored
 	if not fail_i then
-		if n > 0 then
+		local sj
+		if n > 0 then sj, state_err = encode_state(def, state) end
+		if sj then
 			local last = events[n]
-			local sj = encode_state(def, state)
 			local page = events[n]._page
 			def._batch = batch_for(#sj, page and page:bytes() / page:count() or 0)
 			conn:send([[UPDATE projhost.checkpoints SET state = $2::jsonb, last_tx = $3::xid8,
@@ -1051,19 +1059,23 @@ function run_batch(def, limit)
 				def.cp, sj, last.tx, last.position, def.hash)
 			last_pos = last.position
 		end
-		conn:send("COMMIT")
-		take_ahead()
+		if not state_err then
+			conn:send("COMMIT")
+			take_ahead()
+		end
 	end
 
 	local fe, ferr = failure_of(events, fail_i, fail_err, pipe_end())
+	if not fe and state_err then fe, ferr = "flush", state_err end
 	if fe == false or (fe and db_fault()) then return "dberror", 0, dberror(def, first_line(ferr), failed_code) end
 	if not fe then
 		def._last = { tx = n > 0 and events[n].tx or row.last_tx, pos = last_pos, state = state,
 			rx = n > 0 and row.my_xid or row.rx, ahead = ahead_page() }
 	end
 	if fe == "flush" then
-		-- the set-based write of the batch failed: find the event that
-		-- makes it fail by committing halves (one event: that one)
+		-- the set-based write of the batch, or its state, failed: find
+		-- the event that makes it fail by committing halves (one event:
+		-- that one)
 		rollback()
 		if #events > 1 then return run_batch(def, math.floor(#events / 2)) end
 		fe = events[1]
@@ -1209,6 +1221,7 @@ local function run_partitions(def, parts, stop_at)
 	local up_p, up_s, up_v = {}, {}, {}
 	local total = 0
 	local seen, fail_i, fail_err = {}, nil, nil
+	local state_fail -- { p, first version, events applied, err }: see below
 	for _, cp in ipairs(locked) do
 		local p = cp.partition
 		local list = by_part[p] or {}
@@ -1243,8 +1256,15 @@ local function run_partitions(def, parts, stop_at)
 		end
 		if fail_i then break end
 		if applied > 0 then
+			local sj, serr = encode_state(def, state)
+			if not sj then
+				-- which of its events made it so is found below
+				fail_i, fail_err = #seen, serr
+				state_fail = { p = p, first = tonumber(cp.last_pos) + 1, applied = applied, err = serr }
+				break
+			end
 			up_p[#up_p + 1] = p
-			up_s[#up_s + 1] = encode_state(def, state)
+			up_s[#up_s + 1] = sj
 			up_v[#up_v + 1] = last
 			total = total + applied
 		end
@@ -1271,6 +1291,17 @@ local function run_partitions(def, parts, stop_at)
 		local d = dberror(def, first_line(ferr), failed_code)
 		for _, p2 in ipairs(cps) do results[p2] = { "dberror", d } end
 		return 0, results
+	end
+	if fe and state_fail and ferr == state_fail.err and state_fail.applied > 1 then
+		-- a partition's state cannot be stored after its events: commit
+		-- only its first one (and every other partition's); the next job
+		-- goes on from there, until one event alone makes the state fail
+		ctx._discard()
+		rollback()
+		local s2 = {}
+		for k, v in pairs(stop_at or {}) do s2[k] = v end
+		s2[state_fail.p] = state_fail.first + 1
+		return run_partitions(def, parts, s2)
 	end
 	-- ctx:upsert's write of the batch failed: charged to the batch's last
 	-- event (partitioned batches do not bisect)

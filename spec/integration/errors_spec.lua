@@ -152,6 +152,25 @@ describe("error actions", function()
 		assert.same({ "Good", "Bad", "Good", "Good" }, rows_of(conn, "whole"))
 	end)
 
+	it("charges a state that cannot be stored to the event that made it so", function()
+		-- the Bad event puts a function into the state: its batch cannot be
+		-- stored, and neither a partitioned one (the state is per stream)
+		local bad = 'if e.type == "Bad" then s.f = function() end end'
+		h.write_file(dir .. "/s.lua", projection("s", 'on_error = function() return "skip" end,', bad))
+		h.write_file(dir .. "/ps.lua", projection("ps", 'partition = "stream", on_error = function() return "skip" end,', bad))
+		for _, t in ipairs({ "Ok", "Ok", "Bad", "Ok" }) do append("err-1", t) end
+		local code, out, err = run_once()
+		assert.equal(0, code, out .. err)
+		for _, name in ipairs({ "s", "ps" }) do
+			assert.matches(("ERROR %s +pos=3 event err%%-1@3 %%(Bad%%) failed %%(attempt 1%%): [^\n]*/%s%%.lua: "
+				.. "state cannot be stored as JSON[^\n]* %%-> skip"):format(name, name), err)
+			-- the others are applied, the Bad one leaves no trace
+			assert.same({ "Ok", "Ok", "Ok" }, rows_of(conn, name))
+		end
+		assert.equal("3", scalar(conn, "SELECT state->>'n' FROM projhost.checkpoints WHERE projection = 's'"))
+		assert.not_matches("internal error", err)
+	end)
+
 	it("without on_error retries three times with backoff, then fails", function()
 		h.write_file(dir .. "/p.lua", projection("p"))
 		append("err-1", "Bad")
