@@ -196,8 +196,10 @@ static PGresult *run(lua_State *L, ph_l_conn *c, int *err_index)
 	PGresult *last = NULL, *err = NULL;
 
 	*err_index = 0;
+	/* Without parameters, the simple query protocol: a setup or reset
+	 * string may hold several statements. */
 	if (PQpipelineStatus(c->conn) == PQ_PIPELINE_OFF)
-		return PQexecParams(c->conn, sql, n, NULL, vals, NULL, NULL, 0);
+		return n == 0 ? PQexec(c->conn, sql) : PQexecParams(c->conn, sql, n, NULL, vals, NULL, NULL, 0);
 	if (add_sent(c, KIND_ROWS, NULL) != 0 || !PQsendQueryParams(c->conn, sql, n, NULL, vals, NULL, NULL, 0))
 		return NULL;
 	c->pending++;

@@ -344,7 +344,10 @@ function M.new_ctx(def, backend)
 				#sets > 0 and ("UPDATE SET " .. table.concat(sets, ", ")) or "NOTHING")
 			local ok, body = encode(rows)
 			if not ok then return nil, "ctx:upsert: rows cannot be encoded as JSON: " .. tostring(body) end
-			local n, msg, code = backend.exec(sql, body)
+			-- backend.flush, when there is one, knows the write is a set
+			-- of rows of several events (the worker charges a failure to
+			-- the right one)
+			local n, msg, code = (backend.flush or backend.exec)(sql, body)
 			if n == nil then return nil, failure("upsert", msg, code), code end
 		end
 		return true

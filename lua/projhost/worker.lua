@@ -12,6 +12,7 @@
 local core = require "projhost.core"
 local loader = require "projhost.loader"
 local P = require "projhost.projection"
+local guard = require "projhost.guard"
 
 local json = P.json
 
@@ -58,10 +59,25 @@ local setup_done = {}      -- name -> true once setup ran on this connection
 local db_down = false
 local caught = {}          -- "name\tpartition" -> true while caught up
 local progress = {}        -- name -> { at = monotime of the last line, n = events since }
+-- Runtime state of a definition lives here, never on the definition the
+-- loader made: def -> ctx
+local ctxs = setmetatable({}, { __mode = "k" })
 
 local function log(level, who, msg)
 	core.log(level, who, msg)
 end
+
+-- Our own session settings: set on every new connection, and again after a
+-- batch whose handlers sent SQL (see transact).
+local SESSION = {
+	{ "application_name", "projhost worker" },
+	-- event times in one unambiguous form (see to_event)
+	{ "TimeZone", "UTC" },
+	{ "DateStyle", "ISO" },
+	-- our statements are short; JIT compiling one costs more than running it
+	{ "jit", "off" },
+	{ "statement_timeout", STATEMENT_TIMEOUT },
+}
 
 -- ---------------------------------------------------------------------
 -- connection
@@ -88,14 +104,10 @@ local function ensure_conn()
 	if db_down then log("info", "worker", "database reachable again") end
 	db_down = false
 	conn = c
-	conn:exec("SET application_name = 'projhost worker'")
-	-- event times in one unambiguous form (see to_event)
-	conn:exec("SET TimeZone = 'UTC'")
-	conn:exec("SET DateStyle = 'ISO'")
-	-- our statements are short; JIT compiling one costs more than running it
-	conn:exec("SET jit = off")
-	local ok, err = conn:exec("SELECT set_config('statement_timeout', $1, false)", STATEMENT_TIMEOUT)
-	if not ok then log("warn", "worker", "PROJHOST_STATEMENT_TIMEOUT=" .. STATEMENT_TIMEOUT .. ": " .. err) end
+	for _, kv in ipairs(SESSION) do
+		local ok, err = conn:exec("SELECT set_config($1, $2, false)", kv[1], kv[2])
+		if not ok then log("warn", "worker", kv[1] .. " = " .. kv[2] .. ": " .. err) end
+	end
 	return true
 end
 
@@ -146,13 +158,24 @@ local function source_filter(def, first)
 	if def.type_filter then
 		sql[#sql + 1] = "event_type = ANY($" .. n .. "::text[])"
 		params[#params + 1] = pg_text_array(def.type_filter)
+		n = n + 1
+	end
+	if not def.own_events then
+		-- the events it emitted itself (ctx:emit marks them, "name" or
+		-- "name@version" in a shadow): a projection that emits what it
+		-- reads cannot feed itself for ever
+		sql[#sql + 1] = "split_part(metadata->>'projection', '@', 1) IS DISTINCT FROM $" .. n
+		params[#params + 1] = def.name
 	end
 	local s = table.concat(sql, " AND ")
 	return s ~= "" and (" AND " .. s) or "", params
 end
 
--- Prepare the per-definition SQL once.
+-- Prepare the per-definition SQL and options once.
 local function compile(def)
+	-- seconds its code may run before the master kills the worker
+	def.budget = tonumber(def.options.budget) or BUDGET
+	def.own_events = def.options.own_events == true
 	local f, fp = source_filter(def, 4)
 	def._read_sql = "SELECT " .. COLS .. [[
 	FROM projhost.events
@@ -202,40 +225,58 @@ end
 -- the ctx backend: the batch's own connection, inside its transaction
 
 local failed_sql  -- first SQL error seen while running the current event
-local failed_code -- and its SQLSTATE
+
+-- An error value as text, whatever the script raised (a table whose
+-- __tostring raises or loops included: see guard.errtext).
+local function errtext(v)
+	if type(v) == "string" then return v end
+	return guard.errtext(v)
+end
+
+local function first_line(s)
+	return (errtext(s):match("^[^\n]*"))
+end
 
 -- Did the current event fail because the database went away (connection
 -- lost, server shutting down) rather than because of the event? Then it
 -- is not the event's fault: the batch is redone, nothing counted against it.
 -- (57014, a statement timeout, is the event's own doing.)
-local function db_fault()
+local function db_fault(code)
 	if not conn or not conn:ok() then return true end
-	return failed_code ~= nil and (failed_code:match("^08") ~= nil or failed_code:match("^57P") ~= nil)
+	return code ~= nil and (code:match("^08") ~= nil or code:match("^57P") ~= nil)
 end
 
 -- Pipeline mode for the handlers of a batch (design §5): ctx:exec queues
 -- its statement without waiting for the round trip; the results are read
 -- at the next ctx:query / ctx:emit or at the end of the batch. sent[i] is
--- the event that issued the i-th statement since the last sync, so an error
--- is charged to the event that caused it; first is the first error seen
--- ({ event, msg, code }) - after it the transaction is aborted anyway.
+-- the tag of the i-th statement since the last sync, so an error is
+-- charged to what caused it: the index of the event (in the job's events)
+-- whose handler issued it; a range { lo, hi } of events for a set-based
+-- write (ctx:upsert rows of events lo..hi) or for the states stored
+-- (state = true); false for our own statements. first is the first error
+-- seen ({ tag, err, code }) - after it the transaction is aborted anyway.
 -- Also per batch: async (SET LOCAL synchronous_commit = off was sent),
--- writes (statements the handlers queued), and the page read ahead: ahead
--- (its statement index while pending), ahead_size (the size asked for),
--- ahead_page ({ page, events? } once taken; see take_ahead).
-local pipe = { on = false, sent = {}, first = nil, flushing = false }
+-- writes (statements the handlers queued), handler_sql (the handlers
+-- sent any SQL: their session settings are undone after COMMIT), flush_lo
+-- (the first event whose ctx:upsert rows may still be pending), and the
+-- page read ahead: ahead (its statement index while pending), ahead_size
+-- (the size asked for), ahead_page ({ page, events? } once taken; see
+-- take_ahead).
+local pipe = { on = false, sent = {}, first = nil }
+
+local cur = 0 -- index of the event whose handler runs (0: none)
 
 local function pipe_begin()
 	pipe.sent, pipe.first, pipe.async = {}, nil, false
 	pipe.ahead, pipe.ahead_page, pipe.writes = nil, nil, 0
+	pipe.handler_sql, pipe.flush_lo = false, 1
 	pipe.on = conn:pipeline(true) and true or false
 end
 
-local function pipe_note(idx, event, err, code)
+local function pipe_note(idx, tag, err, code)
 	if pipe.first then return end
-	local culprit = event
-	if idx and idx <= #pipe.sent then culprit = pipe.sent[idx] end
-	pipe.first = { event = culprit or false, err = err .. " [" .. tostring(code) .. "]", code = code }
+	if idx and idx <= #pipe.sent then tag = pipe.sent[idx] end
+	pipe.first = { tag = tag, err = err .. " [" .. tostring(code) .. "]", code = code }
 end
 
 -- The page read ahead comes back in one of two ways. A batch that wrote
@@ -264,7 +305,7 @@ local function ahead_page()
 end
 
 -- Sync what is queued and leave pipeline mode. Returns the first error of
--- the batch as { event (false: one of our own statements), err, code }, or nil.
+-- the batch as { tag, err, code }, or nil.
 local function pipe_end()
 	if not pipe.on then return pipe.first end
 	local ok, err, code, idx, results
@@ -295,29 +336,46 @@ end
 local function backend_for(def)
 	local b = {}
 	local function note(err, code, idx)
-		if not failed_sql then failed_sql, failed_code = err .. " [" .. tostring(code) .. "]", code end
-		if pipe.on then pipe_note(idx, b.ctx and b.ctx.event, err, code) end
+		if not failed_sql then failed_sql = err .. " [" .. tostring(code) .. "]" end
+		if pipe.on then pipe_note(idx, cur > 0 and cur or false, err, code) end
+	end
+	-- statements queued in the pipeline, tagged with what caused them
+	local function send(tag, sql, ...)
+		local n, err, code = conn:send(sql, ...)
+		if not n then note(err, code); return nil, err, code end
+		pipe.sent[n] = tag
+		pipe.writes = pipe.writes + 1
+		return true
 	end
 	function b.exec(sql, ...)
-		if pipe.on then
-			local n, err, code = conn:send(sql, ...)
-			if not n then note(err, code); return nil, err, code end
-			-- "flush": ctx:upsert's set-based write of the whole batch
-			pipe.sent[n] = pipe.flushing and "flush" or (b.ctx and b.ctx.event or false)
-			pipe.writes = pipe.writes + 1
-			return true
-		end
+		pipe.handler_sql = true
+		if pipe.on then return send(cur > 0 and cur or false, sql, ...) end
 		local n, err, code = conn:exec(sql, ...)
 		if not n then note(err, code) end
 		return n, err, code
 	end
+	-- ctx:upsert's set-based write: the rows of events flush_lo..cur (at
+	-- the end of the batch: ..the last event), so a failure is narrowed
+	-- down to the event that made the row (see settle)
+	function b.flush(sql, ...)
+		pipe.handler_sql = true
+		if pipe.on then
+			local hi = cur > 0 and cur or pipe.flush_hi or pipe.flush_lo
+			local ok, err, code = send({ lo = pipe.flush_lo, hi = hi }, sql, ...)
+			pipe.flush_lo = hi
+			return ok, err, code
+		end
+		return b.exec(sql, ...)
+	end
 	function b.query(sql, ...)
+		pipe.handler_sql = true
 		local rows, err, code, idx = conn:query(sql, ...)
 		if not rows then note(err, code, idx) end
 		pipe_synced()
 		return rows, err, code
 	end
 	function b.emit(stream, etype, data, metadata)
+		pipe.handler_sql = true
 		local md = {}
 		for k, v in pairs(metadata or {}) do md[k] = v end
 		-- where an emitted event came from, unless the handler said otherwise
@@ -328,6 +386,7 @@ local function backend_for(def)
 				md.correlation_id = ev.metadata and ev.metadata.correlation_id or ev.id
 			end
 		end
+		-- also how a projection recognizes its own events (see OWN)
 		if md.projection == nil then md.projection = def.cp end
 		if pipe.async and pipe.on then
 			-- others may act on emitted events: this batch waits for its
@@ -338,7 +397,7 @@ local function backend_for(def)
 		local ok, body = P.encode({ { type = etype, data = data or {}, metadata = md } })
 		if not ok then
 			-- ctx:emit checked data and metadata: only what we added is left
-			error("ctx:emit: the event cannot be encoded as JSON: " .. tostring(body), 3)
+			error("ctx:emit: the event cannot be encoded as JSON: " .. errtext(body), 3)
 		end
 		local rows, err, code, idx = conn:query("SELECT projhost.append($1, NULL, $2::jsonb) AS version",
 			stream, body)
@@ -357,12 +416,14 @@ local function backend_for(def)
 end
 
 local function ctx_for(def)
-	if not def._ctx then
+	local ctx = ctxs[def]
+	if not ctx then
 		local b = backend_for(def)
-		def._ctx = P.new_ctx(def, b)
-		b.ctx = def._ctx
+		ctx = P.new_ctx(def, b)
+		b.ctx = ctx
+		ctxs[def] = ctx
 	end
-	return def._ctx
+	return ctx
 end
 
 -- ---------------------------------------------------------------------
@@ -370,34 +431,66 @@ end
 
 local ACTIONS = { retry = true, skip = true, park = true, fail = true, stop = true }
 
-local function first_line(s)
-	return (tostring(s):match("^[^\n]*"))
-end
-
 local function default_action(attempt)
 	if attempt <= DEFAULT_RETRIES then return "retry", 0.5 * 2 ^ (attempt - 1) end
 	return "fail"
 end
 
+-- Events whose code overran its budget or killed its worker (the master
+-- tells the next job): projection -> { [position] = { kind, reason } }.
+-- kind "on_error" or "caught_up": that hook is not called again for it;
+-- any other kind (handler, init, sql): the event fails without running.
+local overrun = {}
+local out_of_memory = false
+
+local function overrun_at(def, position, kinds)
+	local o = overrun[def.cp]
+	local v = o and o[position]
+	if v == nil then return nil end
+	if type(v) ~= "table" then
+		v = { kind = "handler", reason = ("overran its budget of %gs and was killed"):format(tonumber(v) or 0) }
+	end
+	if kinds and not kinds[v.kind or "handler"] then return nil end
+	return v
+end
+
+local function overrun_clear(def, position)
+	local o = overrun[def.cp]
+	if o then o[position] = nil end
+end
+
+local HOOKS = { on_error = true, caught_up = true }
+local NOT_HOOKS = { handler = true, init = true, sql = true }
+
 -- Ask the projection's on_error what to do; fall back to the default when
--- it is missing, fails, or answers nonsense (and say so).
+-- it is missing, fails, overruns its budget or answers nonsense (and say so).
 local function decide(def, err, e, attempt)
 	if not def.on_error then return default_action(attempt) end
-	local ok, action, delay = pcall(def.on_error, err, e, attempt)
 	-- which event, as every log line about one says
 	local at = ("pos=%s %s: "):format(tostring(e.position), def.file)
+	local o = overrun_at(def, e.position, HOOKS)
+	if o then
+		overrun_clear(def, e.position)
+		log("error", def.cp, at .. "on_error " .. tostring(o.reason) .. "; using the default action")
+		return default_action(attempt)
+	end
+	core.beat(e.position, "on_error")
+	local ok, action, delay = guard.call(def.budget, def.on_error, err, e, attempt)
+	core.beat()
 	if not ok then
 		log("error", def.cp, at .. "on_error itself failed (" .. first_line(action) .. "); using the default action")
 		return default_action(attempt)
 	end
-	if not ACTIONS[action] then
-		log("error", def.cp, at .. "on_error returned " .. tostring(action) ..
+	if type(action) ~= "string" or not ACTIONS[action] then
+		log("error", def.cp, at .. "on_error returned " .. (type(action) == "string" and action or type(action)) ..
 			", expected retry|skip|park|fail|stop; using the default action")
 		return default_action(attempt)
 	end
 	if action == "retry" then
-		delay = tonumber(delay) or 0.5 * 2 ^ (attempt - 1)
-		if delay < 0 then delay = 0 end
+		local d = tonumber(delay)
+		-- a delay that is not a finite number is no delay we can wait for
+		if not d or d ~= d or d == math.huge or d == -math.huge then d = 0.5 * 2 ^ (attempt - 1) end
+		delay = math.min(math.max(d, 0), 86400)
 	end
 	return action, delay
 end
@@ -420,6 +513,15 @@ local function encode_state(def, state)
 	return s
 end
 
+-- The initial state of a partition (or of the projection): init() runs
+-- under the watchdog, charged to the event that needed it.
+local function init_state(def, position)
+	core.beat(position, "init")
+	local state = P.init_state(def)
+	core.beat(position)
+	return state
+end
+
 -- How many events the next batch of an unpartitioned projection reads,
 -- after a state of state_len bytes, with events of event_len bytes on
 -- average (see STATE_BYTES_PER_EVENT and PAGE_BYTES).
@@ -429,7 +531,9 @@ local function batch_for(state_len, event_len)
 	return math.max(BATCH, math.min(BATCH * BATCH_GROWTH, n))
 end
 
--- setup SQL and the projection's own checkpoint row, once per connection
+-- setup SQL and the projection's own checkpoint row, once per connection.
+-- Each setup string runs with the simple query protocol, so it may hold
+-- several statements.
 local function ensure_setup(def)
 	if setup_done[def.cp] then return true end
 	local ok, err, code = x([[INSERT INTO projhost.checkpoints (projection, partition, version)
@@ -440,7 +544,7 @@ local function ensure_setup(def)
 		-- two workers creating the same table at once would collide
 		x("SELECT pg_advisory_xact_lock(hashtext('projhost.setup'))")
 		for i, sql in ipairs(def.setup) do
-			ok, err, code = x(sql)
+			ok, err, code = conn:exec(sql)
 			if not ok then
 				rollback()
 				return nil, "setup statement " .. i .. " failed: " .. err, code, true
@@ -471,7 +575,7 @@ local function dberror(def, err, code)
 	rollback()
 	if conn and not conn:ok() then drop_conn() end
 	if db_failures == 0 or not db_down then
-		log("warn", def.cp, "batch rolled back: " .. tostring(err) .. (code and (" [" .. code .. "]") or ""))
+		log("warn", def.cp, "batch rolled back: " .. errtext(err) .. (code and (" [" .. code .. "]") or ""))
 	end
 	return backoff()
 end
@@ -493,7 +597,7 @@ local function reset_projection(def)
 	local old = rows[1] and tonumber(rows[1].version)
 	if old == def.version then return x("COMMIT") end -- another worker did it
 	for i, sql in ipairs(def.reset) do
-		ok, err, code = x(sql)
+		ok, err, code = conn:exec(sql)
 		if not ok then
 			rollback()
 			return nil, "reset statement " .. i .. " failed: " .. err, code, true
@@ -562,10 +666,15 @@ end
 
 -- setup or reset SQL failed: the projection's own SQL is wrong (it fails
 -- until the file is fixed), unless the database itself was the problem.
+-- Logged once per load (def), reload or resume: until then every job of
+-- the projection answers "failed" without trying again.
+local setup_failed = setmetatable({}, { __mode = "k" }) -- def -> true
+
 local function script_failed(def, err, code, is_script)
 	if not is_script then return "dberror", dberror(def, err, code) end
 	log("error", def.cp, def.file .. ": " .. err)
 	set_status(def, "", "failed", err)
+	setup_failed[def] = true
 	return "failed", 0
 end
 
@@ -583,6 +692,12 @@ local function prepare(def)
 			adopt_promoted(def)
 			return "idle", 0
 		end
+	end
+	if setup_failed[def] then
+		-- still failed, or resumed by an operator (then try again)
+		rows = q("SELECT status FROM projhost.checkpoints WHERE projection = $1 AND partition = ''", def.cp)
+		if rows and rows[1] and rows[1].status == "failed" then return "failed", 0 end
+		setup_failed[def] = nil
 	end
 	ok, err, code, is_setup = ensure_setup(def)
 	if not ok then return script_failed(def, err, code, is_setup) end
@@ -635,52 +750,28 @@ local function report(def, n, where, force)
 	end
 end
 
+-- The message handler of every protected call into projection code:
+-- error values of any kind become text (safely), with a traceback.
 local function traceback(err)
+	if type(err) ~= "string" then err = errtext(err) end
 	return debug.traceback(err, 2)
 end
 
--- Events whose handler overran its budget in a worker the master killed:
--- projection name -> { [position] = budget seconds }. Meeting one counts as
--- a failure of that event without running the handler again.
-local overrun = {}
-local out_of_memory = false
-
--- Apply one event; returns ok, new state or error text. core.beat tells the
--- master's watchdog which event is running since when.
-local function apply(def, state, e, ctx)
-	local o = overrun[def.cp]
-	if o and o[e.position] then
-		local budget = o[e.position]
-		o[e.position] = nil
-		return false, string.format("%s: handler for '%s' overran its budget of %gs and was killed",
-			def.file, e.type, budget)
-	end
-	ctx.event = e
-	failed_sql, failed_code = nil, nil
-	core.beat(e.position)
-	local ok, res = xpcall(P.apply, traceback, def, state, e, ctx)
-	core.beat()
-	if ok and failed_sql then
-		-- the handler caught a failed statement and went on, but the
-		-- transaction is aborted: the event failed
-		ok, res = false, "SQL error (caught by the handler): " .. failed_sql
-	end
-	ctx.event = nil
-	if not ok and tostring(res):find("not enough memory", 1, true) then out_of_memory = true end
-	return ok, res
+local function is_memory(err)
+	local s = type(err) == "string" and err or ""
+	return s:find("not enough memory", 1, true) ~= nil or s == "error in error handling"
 end
 
--- The unpartitioned batch: handlers for events[1..n] inside ONE protected
--- call (a pcall per event costs more than a counting handler itself).
--- applying says which event was running when an error escaped.
-local applying = 0
-
-local function apply_loop(def, state, events, ctx, n)
+-- events[i0..i1] in ONE protected call by the caller (a pcall per event
+-- costs more than a counting handler itself); cur says which event was
+-- running when an error escaped. core.beat tells the master's watchdog
+-- which event is running since when.
+local function apply_range(def, state, events, ctx, i0, i1)
 	local papply, beat = P.apply, core.beat
 	local ahead = pipe.ahead
-	for i = 1, n do
+	for i = i0, i1 do
 		local e = events[i]
-		applying = i
+		cur = i
 		-- the page read ahead arrives meanwhile (see conn:consume)
 		if ahead and i % 256 == 0 then conn:consume() end
 		ctx.event = e
@@ -693,34 +784,22 @@ local function apply_loop(def, state, events, ctx, n)
 			error("SQL error (caught by the handler): " .. failed_sql, 0)
 		end
 	end
-	beat()
-	ctx.event = nil
 	return state
 end
 
--- Apply events[1..#events]; returns ok, state | false, index, error.
-local function apply_batch(def, state, events, ctx)
-	local n = #events
-	local o = overrun[def.cp]
-	local overrun_at
-	if o then
-		for i = 1, n do
-			if o[events[i].position] then overrun_at, n = i, i - 1; break end
-		end
+-- Every group of the job: { state, i0, i1 } -> g.out, the state after it.
+local function apply_groups(def, job, ctx)
+	local events = job.events
+	for _, g in ipairs(job.groups) do
+		local state = g.state
+		if state == nil then state = init_state(def, events[g.i0] and events[g.i0].position) end
+		if g.i1 >= g.i0 then state = apply_range(def, state, events, ctx, g.i0, g.i1) end
+		g.out = state
 	end
-	local ok, res = xpcall(apply_loop, traceback, def, state, events, ctx, n)
-	if not ok then
-		core.beat()
-		ctx.event = nil
-		if tostring(res):find("not enough memory", 1, true) then out_of_memory = true end
-		return false, applying, res
-	end
-	if overrun_at then
-		-- counted as a failure without running the handler again
-		local _, err = apply(def, res, events[overrun_at], ctx)
-		return false, overrun_at, err
-	end
-	return true, res
+	core.beat()
+	cur = 0
+	ctx.event = nil
+	return true
 end
 
 local function visible(def, etype)
@@ -732,11 +811,131 @@ local function visible(def, etype)
 	return def._types[etype] == true
 end
 
+-- ---------------------------------------------------------------------
+-- the batch transaction, written once for every kind of batch
+--
+-- A job is one transaction over events of one projection, in the order
+-- they are applied: job.events (each with .index), job.groups (one per
+-- partition: { part, state, i0, i1, ... }; an unpartitioned projection
+-- has one group, partition ""). Its kind supplies two functions:
+--   open(job)  BEGIN, lock the checkpoint rows, read the events and the
+--              states (in pipeline mode); returns true | status, delay
+--   store(job, states) queue the states and checkpoints (tag them with
+--              STATE_TAG) - COMMIT follows
+-- transact() runs the rest: apply, flush ctx:upsert rows, store, COMMIT,
+-- and says what failed: nil (committed), or { lo, hi, err } - the first
+-- failure lies in events lo..hi (lo == hi: that event) - or a status.
+-- settle() then finds the event that fails by itself after every event
+-- before it committed, and error_action gives it its action.
+
+local function outcome_of(job, fail_i, fail_err)
+	local first = pipe_end()
+	if first then
+		local tag, code = first.tag, first.code
+		if db_fault(code) then return { status = "dberror", err = first.err, code = code } end
+		if tag == false or tag == nil then return { status = "dberror", err = first.err, code = code } end
+		if type(tag) == "number" then
+			-- the handler raised on it (with its line), or its statement failed
+			if fail_i == tag then return { lo = tag, hi = tag, err = fail_err } end
+			return { lo = tag, hi = tag, err = "ctx:exec: " .. first.err }
+		end
+		if tag.state then
+			-- our own UPDATE of the states: a state PostgreSQL refuses
+			-- (class 22: invalid UTF-8, \u0000) is the events' doing
+			if code and code:match("^22") then
+				return { lo = tag.lo, hi = tag.hi, err = job.def.file .. ": state cannot be stored: " .. first.err }
+			end
+			return { status = "dberror", err = first.err, code = code }
+		end
+		return { lo = tag.lo, hi = tag.hi, err = "ctx:upsert: " .. first.err }
+	end
+	if fail_i then return { lo = fail_i, hi = fail_i, err = fail_err } end
+	if not conn:ok() then return { status = "dberror", err = "connection lost" } end
+	return nil
+end
+
+local function transact(def, job)
+	local ctx = ctx_for(def)
+	ctx._discard()
+	failed_sql = nil
+	local events, n = job.events, #job.events
+	for i = 1, n do
+		local o = overrun_at(def, events[i].position, NOT_HOOKS)
+		if o then
+			-- counted as a failure without running the code again
+			pipe_end()
+			rollback()
+			return { lo = i, hi = i, err = ("%s: %s for '%s' %s"):format(def.file, o.kind or "handler",
+				tostring(events[i].type), tostring(o.reason)), overrun = events[i].position }
+		end
+	end
+	local fail_i, fail_err
+	local ok, err = xpcall(apply_groups, traceback, def, job, ctx)
+	if not ok then
+		core.beat()
+		ctx.event = nil
+		fail_i, fail_err = cur, err
+		if fail_i == 0 then fail_i = 1 end
+		if is_memory(err) then
+			-- drop what the handler built before anything else runs
+			for _, g in ipairs(job.groups) do g.state, g.out = nil, nil end
+			collectgarbage("collect")
+			out_of_memory = true
+			fail_err = def.file .. ": not enough memory (" .. first_line(err) .. ")"
+		end
+		cur = 0
+	end
+	if not fail_i then
+		pipe.flush_hi = n
+		local okf, ferr = ctx._flush()
+		pipe.flush_hi = nil
+		-- rows that cannot even be encoded: the events since the last flush
+		if not okf then return outcome_of(job) or { lo = pipe.flush_lo, hi = n, err = ferr } end
+	end
+	if not fail_i then
+		local states = {}
+		for i, g in ipairs(job.groups) do
+			local sj, serr = encode_state(def, g.out)
+			if not sj then
+				local o = outcome_of(job)
+				rollback()
+				return o or { lo = g.i0, hi = math.max(g.i0, g.i1), err = serr }
+			end
+			states[i] = sj
+		end
+		if pipe.handler_sql then
+			-- a handler may have changed our statement timeout (SET LOCAL)
+			conn:send("SELECT set_config('statement_timeout', $1, true)", STATEMENT_TIMEOUT)
+		end
+		job.store(job, states)
+		conn:send("COMMIT")
+		if pipe.handler_sql then
+			-- its session settings (SET without LOCAL) stay with the
+			-- connection: undo them, so they never reach another
+			-- projection's statements
+			conn:send("RESET ALL")
+			for _, kv in ipairs(SESSION) do conn:send("SELECT set_config($1, $2, false)", kv[1], kv[2]) end
+		end
+		if job.after_commit then job.after_commit(job) end
+	end
+	local o = outcome_of(job, fail_i, fail_err)
+	if o then rollback() end
+	return o
+end
+
+-- A tag for the statement that stores a job's states: a failure there is
+-- one of events 1..n (see outcome_of).
+local function state_tag(job)
+	return { lo = 1, hi = math.max(1, #job.events), state = true }
+end
+
 -- The error action for event e of partition part, after everything before
--- it has been committed. The attempt count lives in the checkpoint row, so
--- it survives worker restarts and is shared by every worker and instance.
+-- it has been committed: its checkpoint is where `prev` says (a check: if
+-- another worker or instance moved it meanwhile, nothing is done and the
+-- job runs again). The attempt count lives in the checkpoint row, so it
+-- survives worker restarts and is shared by every worker and instance.
 -- Returns status, delay.
-local function error_action(def, part, e, err)
+local function error_action(def, part, e, err, prev)
 	local where = string.format("pos=%d event %s@%d (%s)", e.position, e.stream, e.version, e.type)
 	if not ensure_conn() then return "dberror", backoff() end
 	local ok, xerr, xcode = x("BEGIN")
@@ -747,6 +946,11 @@ local function error_action(def, part, e, err)
 	end
 	if ok == nil then return "dberror", dberror(def, xerr, xcode) end
 	if row == false then rollback(); return "locked", 0 end
+	if row.status ~= "running" then rollback(); return row.status, 0 end
+	if prev and (tonumber(row.last_pos) ~= prev.pos or (prev.tx and row.last_tx ~= prev.tx)) then
+		rollback()
+		return "more", 0
+	end
 	local rows
 	rows, xerr, xcode = q([[UPDATE projhost.checkpoints
 		SET attempts = CASE WHEN retry_pos = $3 THEN attempts + 1 ELSE 1 END,
@@ -792,125 +996,102 @@ local function error_action(def, part, e, err)
 	end
 	if ok then ok, xerr, xcode = x("COMMIT") end
 	if not ok then return "dberror", dberror(def, xerr, xcode) end
+	overrun_clear(def, e.position)
 	return status, delay or 0
 end
 
-local function load_event(position)
-	local rows, err, code = conn:events("SELECT " .. COLS .. " FROM projhost.events WHERE global_position = $1",
-		position)
-	if not rows then return nil, err, code end
-	return rows[1] and to_event(rows[1]) or false
+-- Events before `upto` of plan (a list of events with .partition, in
+-- the order a job applies them), and where each partition starts.
+local function head_of(plan, upto)
+	local h = { events = {}, start = plan.start, kind = plan.kind }
+	for i = 1, upto - 1 do h.events[i] = plan.events[i] end
+	h.next = plan.events[upto]
+	return h
 end
 
-local function partition_of(def, e)
-	return def.partition and e.stream or ""
+-- plan without its first m events (they committed): each partition now
+-- starts after the last of them it had.
+local function tail_of(plan, m)
+	local start = {}
+	for p, s in pairs(plan.start) do start[p] = s end
+	for i = 1, m do
+		local e = plan.events[i]
+		start[e.partition] = { tx = e.tx, pos = plan.kind == "parts" and e.version or e.position }
+	end
+	local t = { events = {}, start = start, kind = plan.kind, next = plan.next }
+	for i = m + 1, #plan.events do t.events[#t.events + 1] = plan.events[i] end
+	return t
 end
 
--- `projhost parked retry` flagged parked events of def: run each again, in
--- its own transaction under its partition's lock, against the partition's
--- current state. Success removes it from the dead letters; failure parks it
--- again with the new error. Checked at most once a second per projection.
-local parked_checked = {}
-
-function retry_parked(def)
-	local now = core.monotime()
-	if now - (parked_checked[def.cp] or 0) < 1 then return end
-	parked_checked[def.cp] = now
-	local list = q([[SELECT id, partition, global_position FROM projhost.parked
-		WHERE projection = $1 AND retry_requested ORDER BY global_position LIMIT 100]], def.cp)
-	if not list or #list == 0 then return end
-	local ctx = ctx_for(def)
-	for _, p in ipairs(list) do
-		local ok = x("BEGIN")
-		local row = ok and lock_checkpoint(def, p.partition)
-		local claimed = row and q([[DELETE FROM projhost.parked WHERE id = $1 AND retry_requested
-			RETURNING id]], p.id)
-		local e = claimed and #claimed == 1 and load_event(p.global_position)
-		if not e then
-			rollback() -- partition busy, claimed by another worker, or the event is gone
-		else
-			local state = row.state and json.decode(row.state)
-			if state == nil then state = P.init_state(def) end
-			ctx._discard()
-			local okh, res = apply(def, state, e, ctx)
-			if okh then
-				local okf, ferr = ctx._flush()
-				if not okf then okh, res = false, ferr end
-			end
-			local sj
-			if okh then
-				sj, res = encode_state(def, res)
-				okh = sj ~= nil
-			end
-			if okh then
-				ok = x([[UPDATE projhost.checkpoints SET state = $3::jsonb, updated_at = now()
-					WHERE projection = $1 AND partition = $2]], def.cp, p.partition, sj)
-				if ok and x("COMMIT") then
-					log("info", def.cp, string.format("pos=%d parked event applied on retry", e.position))
-				else
-					rollback()
+-- The job's events failed (o = { lo, hi, err }: the first failure lies in
+-- events lo..hi). Commit, in transactions of their own (attempt(plan) runs
+-- exactly plan's events from plan.start, or answers a status when a
+-- checkpoint moved), every event before the one that fails by itself, and
+-- give that one its action. Returns status, delay, committed count, the
+-- failing event (when its action was taken).
+local function settle(def, plan, o, attempt)
+	local committed = 0
+	while true do
+		if o.status then return o.status, o.delay or 0, committed end
+		local n = #plan.events
+		local lo, hi = math.max(1, o.lo), math.min(n, math.max(o.lo, o.hi))
+		if n == 0 or lo > n then return "more", 0, committed end
+		if lo == hi and (lo == 1 or o.exact) then
+			local e = plan.events[lo]
+			if lo > 1 then
+				-- commit the events before it first
+				local o2 = attempt(head_of(plan, lo))
+				if o2 then
+					plan, o = head_of(plan, lo), o2
+					goto continue
 				end
+				committed = committed + lo - 1
+				plan = tail_of(plan, lo - 1)
+			end
+			local st, delay = error_action(def, e.partition, e, o.err, plan.start[e.partition])
+			return st, delay, committed, e
+		end
+		do
+			-- narrow it down: commit the events before lo, or half of lo..hi
+			local m = lo > 1 and lo - 1 or math.max(1, math.floor((hi - lo + 1) / 2))
+			local h = head_of(plan, m + 1)
+			local o2 = attempt(h)
+			if o2 then
+				-- the failure lies within the head
+				plan, o = h, o2
+				if o2.lo and o2.lo == o2.hi then o.exact = true end
 			else
-				rollback()
-				log("error", def.cp, string.format("pos=%d parked event failed again: %s", e.position,
-					first_line(res)))
-				x([[UPDATE projhost.parked SET retry_requested = false, attempts = attempts + 1,
-					error = $2, parked_at = now() WHERE id = $1]], p.id, first_line(res))
+				committed = committed + m
+				plan = tail_of(plan, m)
+				o = { lo = lo - m, hi = hi - m, err = o.err, exact = o.exact }
+				if o.hi < 1 then return "more", 0, committed end
+				if o.lo < 1 then o.lo = 1 end
+				-- one event left in the range: it fails by itself, or
+				-- (a failure that depended on events after it) not
+				if o.lo == o.hi then
+					local o3 = attempt(head_of(plan, 2))
+					if not o3 then return "more", 0, committed + 1 end
+					plan, o = head_of(plan, 2), o3
+					o.exact = true
+				end
 			end
 		end
+		::continue::
 	end
-end
-
--- Which event failed first, and why: a queued statement's error (reported
--- at the sync) comes before a later handler's Lua error. Returns event,
--- error text; false, text when one of our own statements failed; "flush",
--- text when ctx:upsert's write of the batch failed; nil when nothing failed.
-local function failure_of(events, fail_i, fail_err, first)
-	if first then
-		failed_code = first.code
-		if not first.event then return false, first.err end
-		if first.event == "flush" then return "flush", "ctx:upsert: " .. first.err end
-		if fail_i and events[fail_i] == first.event then
-			return first.event, fail_err -- the handler raised on it, with its line
-		end
-		return first.event, "ctx:exec: " .. first.err
-	end
-	if fail_i then return events[fail_i], fail_err end
-	return nil
-end
-
--- Write the batch's ctx:upsert rows (queued in the pipeline like the rest).
-local function flush_upserts(ctx)
-	pipe.flushing = true
-	local ok, err = ctx._flush()
-	pipe.flushing = false
-	return ok, err
 end
 
 -- ---------------------------------------------------------------------
--- one batch of an unpartitioned projection: read in (transaction_id,
--- global_position) order below the xmin horizon (design §2)
+-- unpartitioned projections: read in (transaction_id, global_position)
+-- order below the xmin horizon (design §2)
 
-local run_batch, caught_up_partitioned
+local caught_up_partitioned
 
--- Returns status, count, delay (statuses: see core/master.c).
--- Two round trips: [BEGIN, lock the checkpoint row, read, held-back check],
--- then [the handlers' statements, checkpoint, COMMIT].
-function run_batch(def, limit)
-	-- the full check (setup, version, status, shadows, parked retries) at
-	-- most once a second; the locked row is checked on every batch anyway
-	local now = core.monotime()
-	if def.shadow_of or not def._ok_at or now - def._ok_at > 1 then
-		local ready, why = prepare(def)
-		if ready ~= true then return ready, 0, why end
-		if why == "reset" then limit = nil end
-		def._ok_at = now
-	elseif not ensure_conn() then
-		return "dberror", 0, backoff()
-	end
-
+-- Open a job over the next page. plan (on the failure path): read
+-- exactly its events, from its start, without reading ahead.
+local function open_page(def, job, plan)
+	local limit = plan and #plan.events
 	pipe_begin()
-	if not pipe.on then return "dberror", 0, dberror(def, "cannot enter pipeline mode") end
+	if not pipe.on then return "dberror", dberror(def, "cannot enter pipeline mode") end
 	local rp, hp = def._read_params, def._held_params
 	local want = limit or def._batch or BATCH
 	-- The read goes out with the checkpoint this worker committed last
@@ -922,6 +1103,7 @@ function run_batch(def, limit)
 	-- handlers mutate it, and a failed batch must not leave it dirty.
 	local guess = def._last
 	def._last = nil
+	if plan then guess = nil end
 	conn:send("BEGIN")
 	-- xmin tells whether anyone (a parked retry, another instance, an
 	-- operator) wrote the row since our last commit
@@ -931,7 +1113,7 @@ function run_batch(def, limit)
 		FOR UPDATE SKIP LOCKED]], def.cp, guess == nil)
 	-- a full page read ahead by the previous batch (see below) is this
 	-- batch's page, if the checkpoint is still where that batch left it
-	local ahead = not limit and guess and guess.ahead
+	local ahead = guess and guess.ahead
 	if ahead then
 		want = ahead.page:count()
 		conn:send("SELECT 1")
@@ -945,11 +1127,17 @@ function run_batch(def, limit)
 	if not ok then
 		pipe.on = false
 		if conn:ok() then conn:pipeline(false) end
-		return "dberror", 0, dberror(def, res, code)
+		return "dberror", dberror(def, res, code)
 	end
 	local row, rows, held = res[2][1], res[3], #res[4] > 0
 	local hit = row and guess and guess.rx == row.rx and guess.tx == row.last_tx
 		and guess.pos == tonumber(row.last_pos)
+	if row and plan and (row.last_tx ~= plan.start[""].tx or tonumber(row.last_pos) ~= plan.start[""].pos) then
+		-- moved by another worker or instance since the plan was read
+		pipe_end()
+		rollback()
+		return "more", 0
+	end
 	if row and not hit then
 		want, ahead = limit or def._batch or BATCH, nil
 		-- another worker or instance moved it, or our first batch
@@ -961,7 +1149,7 @@ function run_batch(def, limit)
 		if srows then row.state = srows[1] and srows[1].state end
 		if not rows or (guess and not srows) then
 			pipe_end()
-			return "dberror", 0, dberror(def, err2 or "reading the state failed", code)
+			return "dberror", dberror(def, err2 or "reading the state failed", code)
 		end
 		pipe.sent = {}
 	end
@@ -971,10 +1159,10 @@ function run_batch(def, limit)
 		def._ok_at = nil -- look properly next time (row gone, paused, new version)
 		if not row then
 			setup_done[def.cp] = nil
-			return "locked", 0, 0
+			return "locked", 0
 		end
-		if row.status ~= "running" then return row.status, 0, 0 end
-		return "more", 0, 0
+		if row.status ~= "running" then return row.status, 0 end
+		return "more", 0
 	end
 
 	local state
@@ -982,7 +1170,6 @@ function run_batch(def, limit)
 		state = guess.state
 	else
 		state = row.state and json.decode(row.state)
-		if state == nil then state = P.init_state(def) end
 	end
 
 	pipe.sent = {}
@@ -1016,89 +1203,127 @@ function run_batch(def, limit)
 	end
 	if ahead then rows = ahead.events or ahead.page:events() end
 
-	local ctx = ctx_for(def)
-	ctx._discard()
 	local events = rows
 	for i = 1, #events do
 		local e = to_event(events[i])
-		e.index = i
+		e.index, e.partition = i, ""
 	end
-	local fail_i, fail_err
-	local res1, res2, res3 = apply_batch(def, state, events, ctx)
-	if res1 then state = res2 else fail_i, fail_err = res2, res3 end
-	if not fail_i then
-		local okf, ferr0 = flush_upserts(ctx)
-		if not okf then fail_i, fail_err = #events, ferr0 end
+	if plan then
+		-- exactly the plan's events (below the horizon nothing changes)
+		for i, e in ipairs(plan.events) do
+			if not events[i] or events[i].position ~= e.position then
+				pipe_end()
+				rollback()
+				return "more", 0
+			end
+		end
 	end
+	job.events, job.row, job.want, job.held, job.limit = events, row, want, held, limit
+	job.groups = { { part = "", state = state, i0 = 1, i1 = #events } }
+	job.start = { [""] = { tx = row.last_tx, pos = tonumber(row.last_pos) } }
+	return true
+end
 
-	local n, last_pos = #events, tonumber(row.last_pos)
-	local status, key = "more", def.cp .. "\t"
-	if not limit and n < want then status = held and "held" or "idle" end
-	if not fail_i and status == "idle" and not caught[key] and def.caught_up then
+local function store_page(job, states)
+	local n = #job.events
+	if n == 0 then return end
+	local def, last = job.def, job.events[n]
+	local page = last._page
+	def._batch = batch_for(#states[1], page and page:bytes() / page:count() or 0)
+	local idx = conn:send([[UPDATE projhost.checkpoints SET state = $2::jsonb, last_tx = $3::xid8,
+		last_pos = $4, script_hash = $5, error = NULL, updated_at = now()
+		WHERE projection = $1 AND partition = '']],
+		def.cp, states[1], last.tx, last.position, def.hash)
+	if idx then pipe.sent[idx] = state_tag(job) end
+end
+
+-- one transaction over exactly plan's events (the failure path)
+local function attempt_page(def)
+	return function(plan)
+		local job = { def = def, store = store_page, after_commit = take_ahead }
+		local st, d = open_page(def, job, plan)
+		if st ~= true then return { status = st, delay = d } end
+		return transact(def, job)
+	end
+end
+
+-- The caught_up hook, in a transaction of its own after the batch that
+-- caught up committed (a failing hook never undoes a batch): its failure
+-- is logged and shown in status, and it runs again at the next catch-up.
+local function run_caught_up(def)
+	if not def.caught_up then return true end
+	local ctx = ctx_for(def)
+	local o = overrun_at(def, 0, HOOKS)
+	local ok, err
+	if o then
+		overrun_clear(def, 0)
+		ok, err = false, "caught_up " .. tostring(o.reason)
+	else
+		if not x("BEGIN") then return false end
 		failed_sql = nil
-		local okc, cerr = xpcall(def.caught_up, traceback, ctx)
-		if okc then okc, cerr = ctx._flush() end
-		if not okc or failed_sql then
-			pipe_end()
-			rollback()
-			log("error", def.cp, "caught_up failed: " .. first_line(cerr or failed_sql))
-			return "retry", 0, 1
-		end
+		ctx._discard()
+		core.beat(0, "caught_up")
+		ok, err = guard.call(def.budget, def.caught_up, ctx)
+		core.beat()
+		if ok then ok, err = ctx._flush() end
+		if ok and failed_sql then ok, err = false, "SQL error (caught by the hook): " .. failed_sql end
+		if ok then ok, err = x("COMMIT") end
+		if not ok then rollback() end
 	end
-	local state_err -- the state after the batch cannot be stored
-	if not fail_i then
-		local sj
-		if n > 0 then sj, state_err = encode_state(def, state) end
-		if sj then
-			local last = events[n]
-			local page = events[n]._page
-			def._batch = batch_for(#sj, page and page:bytes() / page:count() or 0)
-			conn:send([[UPDATE projhost.checkpoints SET state = $2::jsonb, last_tx = $3::xid8,
-				last_pos = $4, script_hash = $5, error = NULL, updated_at = now()
-				WHERE projection = $1 AND partition = '']],
-				def.cp, sj, last.tx, last.position, def.hash)
-			last_pos = last.position
-		end
-		if not state_err then
-			conn:send("COMMIT")
-			take_ahead()
-		end
+	if not ok then
+		local msg = "caught_up failed: " .. first_line(err)
+		log("error", def.cp, def.file .. ": " .. msg)
+		x([[UPDATE projhost.checkpoints SET error = $2, updated_at = now()
+			WHERE projection = $1 AND partition = '']], def.cp, msg)
+		return false
+	end
+	return true
+end
+
+-- Returns status, count, delay (statuses: see core/master.c).
+-- Two round trips: [BEGIN, lock the checkpoint row, read, held-back check],
+-- then [the handlers' statements, checkpoint, COMMIT].
+local function run_batch(def)
+	-- the full check (setup, version, status, shadows, parked retries) at
+	-- most once a second; the locked row is checked on every batch anyway
+	local now = core.monotime()
+	if def.shadow_of or not def._ok_at or now - def._ok_at > 1 then
+		local ready, why = prepare(def)
+		if ready ~= true then return ready, 0, why end
+		def._ok_at = now
+	elseif not ensure_conn() then
+		return "dberror", 0, backoff()
 	end
 
-	local fe, ferr = failure_of(events, fail_i, fail_err, pipe_end())
-	if not fe and state_err then fe, ferr = "flush", state_err end
-	if fe == false or (fe and db_fault()) then return "dberror", 0, dberror(def, first_line(ferr), failed_code) end
-	if not fe then
-		def._last = { tx = n > 0 and events[n].tx or row.last_tx, pos = last_pos, state = state,
-			rx = n > 0 and row.my_xid or row.rx, ahead = ahead_page() }
-	end
-	if fe == "flush" then
-		-- the set-based write of the batch, or its state, failed: find
-		-- the event that makes it fail by committing halves (one event:
-		-- that one)
-		rollback()
-		if #events > 1 then return run_batch(def, math.floor(#events / 2)) end
-		fe = events[1]
-	end
-	if fe then
-		ctx._discard()
-		-- nothing of this batch committed: commit the events before
-		-- the failing one, then apply the error action to it
-		rollback()
-		if fe.index > 1 then
-			local st, cnt, d = run_batch(def, fe.index - 1)
-			if st ~= "more" then return st, cnt, d end
-		end
-		local st, delay = error_action(def, "", fe, ferr)
-		return st, fe.index - 1, delay
+	local job = { def = def, store = store_page, after_commit = take_ahead }
+	local st, d = open_page(def, job)
+	if st ~= true then return st, 0, d end
+	local o = transact(def, job)
+	local events, n = job.events, #job.events
+	if o then
+		def._last = nil
+		if o.status == "dberror" then return "dberror", 0, dberror(def, first_line(o.err), o.code) end
+		local plan = { kind = "page", events = events, start = job.start }
+		local status, delay, committed = settle(def, plan, o, attempt_page(def))
+		if status == "dberror" then delay = dberror(def, "the batch's database work failed") end
+		report(def, committed, "", false)
+		return status, committed, delay
 	end
 	db_failures = 0
-
-	if n == want then caught[key] = nil end
+	local row = job.row
+	local last_pos = n > 0 and events[n].position or tonumber(row.last_pos)
+	def._last = { tx = n > 0 and events[n].tx or row.last_tx, pos = last_pos, state = job.groups[1].out,
+		rx = n > 0 and row.my_xid or row.rx, ahead = ahead_page() }
+	local status, key = "more", def.cp .. "\t"
+	if n < job.want then status = job.held and "held" or "idle" end
+	if n == job.want then caught[key] = nil end
 	report(def, n, string.format("pos=%d ", last_pos), status == "idle" and not caught[key])
 	if status == "idle" and not caught[key] then
 		caught[key] = true
 		log("info", def.cp, string.format("pos=%d caught up", last_pos))
+		run_caught_up(def)
+		-- what the hook wrote is not ours to guess
+		def._last = nil
 	end
 	if status == "idle" and def.shadow_of then
 		local okp, err, pcode = promote(def)
@@ -1106,6 +1331,65 @@ function run_batch(def, limit)
 		return "idle", n, 0
 	end
 	return status, n, 0
+end
+
+-- ---------------------------------------------------------------------
+-- parked retries: `projhost parked retry` flagged parked events of def:
+-- run each again, in its own transaction under its partition's lock,
+-- against the partition's current state. Success removes it from the dead
+-- letters; failure parks it again with the new error. Checked at most once
+-- a second per projection.
+
+local parked_checked = {}
+
+local function load_event(position)
+	local rows, err, code = conn:events("SELECT " .. COLS .. " FROM projhost.events WHERE global_position = $1",
+		position)
+	if not rows then return nil, err, code end
+	return rows[1] and to_event(rows[1]) or false
+end
+
+local function store_parked(job, states)
+	local idx = conn:send([[UPDATE projhost.checkpoints SET state = $3::jsonb, updated_at = now()
+		WHERE projection = $1 AND partition = $2]], job.def.cp, job.groups[1].part, states[1])
+	if idx then pipe.sent[idx] = state_tag(job) end
+end
+
+function retry_parked(def)
+	local now = core.monotime()
+	if now - (parked_checked[def.cp] or 0) < 1 then return end
+	parked_checked[def.cp] = now
+	local list = q([[SELECT id, partition, global_position FROM projhost.parked
+		WHERE projection = $1 AND retry_requested ORDER BY global_position LIMIT 100]], def.cp)
+	if not list or #list == 0 then return end
+	for _, p in ipairs(list) do
+		local ok = x("BEGIN")
+		local row = ok and lock_checkpoint(def, p.partition)
+		local claimed = row and q([[DELETE FROM projhost.parked WHERE id = $1 AND retry_requested
+			RETURNING id]], p.id)
+		local e = claimed and #claimed == 1 and load_event(p.global_position)
+		if not e then
+			rollback() -- partition busy, claimed by another worker, or the event is gone
+		else
+			e.index, e.partition = 1, p.partition
+			local state = row.state and json.decode(row.state)
+			local job = { def = def, store = store_parked, events = { e },
+				groups = { { part = p.partition, state = state, i0 = 1, i1 = 1 } } }
+			pipe_begin()
+			local o = transact(def, job)
+			if not o then
+				log("info", def.cp, string.format("pos=%d parked event applied on retry", e.position))
+				-- the partition's state changed under the worker's cache
+				def._last = nil
+			else
+				rollback()
+				local msg = first_line(o.err or o.status)
+				log("error", def.cp, string.format("pos=%d parked event failed again: %s", e.position, msg))
+				x([[UPDATE projhost.parked SET retry_requested = false, attempts = attempts + 1,
+					error = $2, parked_at = now() WHERE id = $1]], p.id, msg)
+			end
+		end
+	end
 end
 
 -- ---------------------------------------------------------------------
@@ -1118,7 +1402,6 @@ local function stream_in_source(def, stream)
 	return (stream:match("^[^-]*")) == def.from.category
 end
 
--- Returns count, results { [part] = { status, delay } }.
 -- Checkpoint rows this worker created. A new partitioned projection over
 -- many streams grows projhost.checkpoints from nothing to a row per stream
 -- in minutes, faster than autovacuum analyzes it, and with the statistics
@@ -1127,7 +1410,170 @@ end
 -- it itself each time its count doubles: a dozen times for a million.
 local new_checkpoints, analyze_at = 0, 1000
 
-local function run_partitions(def, parts, stop_at)
+-- Open a job over partitions `wanted` (sorted). plan (the failure path):
+-- exactly its events, each partition from its start and up to (not
+-- including) its first event that is not in the plan.
+local function open_parts(def, job, wanted, plan)
+	local stop_at
+	if plan then
+		stop_at = {}
+		for _, e in ipairs(plan.events) do stop_at[e.partition] = e.version + 1 end
+		local nx = plan.next
+		if nx then stop_at[nx.partition] = nx.version end
+	end
+	local arr = pg_text_array(wanted)
+	-- One round trip: open, lock the partitions' rows, and read each
+	-- stream past its checkpoint (dense index scan); rows another worker
+	-- holds are skipped by the lock and their events ignored.
+	pipe_begin()
+	if not pipe.on then return "dberror", dberror(def, "cannot enter pipeline mode") end
+	conn:send("BEGIN")
+	-- shared: a version reset (exclusive) waits for batches in flight
+	conn:send("SELECT pg_advisory_xact_lock_shared(hashtext('projhost:' || $1))", def.cp)
+	conn:send([[INSERT INTO projhost.checkpoints (projection, partition, version)
+		SELECT $1, p, $2 FROM unnest($3::text[]) AS p ON CONFLICT DO NOTHING]], def.cp, def.version, arr)
+	conn:send_query([[SELECT partition, state::text AS state, last_pos, status
+		FROM projhost.checkpoints WHERE projection = $1 AND partition = ANY($2::text[])
+		ORDER BY partition FOR UPDATE SKIP LOCKED]], def.cp, arr)
+	-- a projection's own emitted events are marked (_own) and passed over
+	-- like events of other types, unless it opts in (options.own_events)
+	conn:send_events([[SELECT c.partition AS partition, e.global_position, e.tx, e.event_id, e.stream_id,
+			e.stream_version, e.event_type, e.data, e.metadata, e.created_at,
+			CASE WHEN $4 AND split_part(e.metadata::jsonb->>'projection', '@', 1) = $5 THEN 1 END AS _own
+		FROM projhost.checkpoints c
+		CROSS JOIN LATERAL (
+			SELECT ]] .. COLS .. [[ FROM projhost.events ev
+			WHERE ev.stream_id = c.partition AND ev.stream_version > c.last_pos
+			ORDER BY ev.stream_version LIMIT $3) e
+		WHERE c.projection = $1 AND c.partition = ANY($2::text[])
+		ORDER BY c.partition, e.stream_version]], def.cp, arr, BATCH, not def.own_events, def.name)
+	local ok, res, code = conn:sync(true)
+	if not ok then
+		pipe.on = false
+		if conn:ok() then conn:pipeline(false) end
+		return "dberror", dberror(def, res, code)
+	end
+	local rows, evrows = res[4], res[5]
+	new_checkpoints = new_checkpoints + (tonumber(res[3]) or 0)
+	pipe.sent = {}
+
+	local results = job.results
+	local locked = {}
+	for _, r in ipairs(rows) do
+		if r.status ~= "running" then
+			results[r.partition] = { r.status, 0 }
+		else
+			locked[#locked + 1] = r
+		end
+	end
+	for _, p in ipairs(wanted) do
+		if not results[p] then results[p] = { "locked", 0 } end
+	end
+	for _, r in ipairs(locked) do results[r.partition] = nil end
+	if plan then
+		-- every partition of the plan locked by us, where the plan starts
+		local have = {}
+		for _, r in ipairs(locked) do have[r.partition] = tonumber(r.last_pos) end
+		for _, e in ipairs(plan.events) do
+			if have[e.partition] ~= plan.start[e.partition].pos then
+				pipe_end()
+				rollback()
+				return "more", 0
+			end
+		end
+	end
+	if #locked == 0 then
+		pipe_end()
+		rollback()
+		return "empty", 0
+	end
+
+	local by_part = {}
+	for _, r in ipairs(evrows) do
+		local l = by_part[r.partition]
+		if not l then l = {}; by_part[r.partition] = l end
+		l[#l + 1] = r
+	end
+	local events, groups = {}, {}
+	for _, cp in ipairs(locked) do
+		local p = cp.partition
+		local last = tonumber(cp.last_pos)
+		local g = { part = p, start = last, i0 = #events + 1, status = "idle" }
+		g.status = #(by_part[p] or {}) >= BATCH and "more" or "idle"
+		local stop = stop_at and (stop_at[p] or last + 1)
+		for _, r in ipairs(by_part[p] or {}) do
+			local e = to_event(r)
+			if e.version ~= last + 1 then
+				-- versions commit in order, so a gap is one still in flight
+				g.status = "held"
+				break
+			end
+			if stop and e.version >= stop then
+				g.status = "more"
+				break
+			end
+			if visible(def, e.type) and not rawget(e, "_own") then
+				events[#events + 1] = e
+				e.index, e.partition = #events, p
+			end
+			last = e.version
+		end
+		g.i1, g.last = #events, last
+		if last > g.start or g.i1 >= g.i0 then
+			g.state = cp.state and json.decode(cp.state)
+			groups[#groups + 1] = g
+		else
+			results[p] = { g.status, 0 }
+		end
+	end
+	if plan then
+		for i, e in ipairs(plan.events) do
+			if not events[i] or events[i].position ~= e.position then
+				pipe_end()
+				rollback()
+				return "more", 0
+			end
+		end
+	end
+	job.events, job.groups = events, groups
+	job.start = {}
+	for _, cp in ipairs(locked) do job.start[cp.partition] = { pos = tonumber(cp.last_pos) } end
+	return true
+end
+
+local function store_parts(job, states)
+	local up_p, up_s, up_v = {}, {}, {}
+	for i, g in ipairs(job.groups) do
+		up_p[i], up_s[i], up_v[i] = g.part, states[i], g.last
+	end
+	if #up_p == 0 then return end
+	-- the checkpoints and COMMIT ride the same sync as the handlers'
+	-- statements; after an error PostgreSQL skips them
+	local idx = conn:send([[UPDATE projhost.checkpoints c SET state = u.s::jsonb, last_pos = u.v,
+		script_hash = $5, error = NULL, updated_at = now()
+		FROM unnest($2::text[], $3::text[], $4::bigint[]) AS u(p, s, v)
+		WHERE c.projection = $1 AND c.partition = u.p]],
+		job.def.cp, pg_text_array(up_p), pg_text_array(up_s), "{" .. table.concat(up_v, ",") .. "}", job.def.hash)
+	if idx then pipe.sent[idx] = state_tag(job) end
+end
+
+local function attempt_parts(def)
+	return function(plan)
+		local wanted, seen = {}, {}
+		local function add(p) if p and not seen[p] then seen[p] = true; wanted[#wanted + 1] = p end end
+		for _, e in ipairs(plan.events) do add(e.partition) end
+		if plan.next then add(plan.next.partition) end
+		table.sort(wanted)
+		if #wanted == 0 then return nil end
+		local job = { def = def, store = store_parts, results = {} }
+		local st, d = open_parts(def, job, wanted, plan)
+		if st ~= true then return { status = st == "empty" and "more" or st, delay = d } end
+		return transact(def, job)
+	end
+end
+
+-- Returns count, results { [part] = { status, delay } }.
+local function run_partitions(def, parts)
 	local results = {}
 	local function all(status, delay)
 		for _, p in ipairs(parts) do results[p] = { status, delay or 0 } end
@@ -1140,7 +1586,6 @@ local function run_partitions(def, parts, stop_at)
 		if why == "reset" then
 			-- every partition starts over; ask the master to rediscover
 			results[""] = { "more", 0 }
-			stop_at = nil
 		end
 		def._ok_at = now
 	elseif not ensure_conn() then
@@ -1153,171 +1598,37 @@ local function run_partitions(def, parts, stop_at)
 	end
 	if #wanted == 0 then return 0, results end
 	table.sort(wanted) -- one order for every worker: inserts below cannot deadlock
-	local arr = pg_text_array(wanted)
 
-	-- One round trip: open, lock the partitions' rows, and read each
-	-- stream past its checkpoint (dense index scan); rows another worker
-	-- holds are skipped by the lock and their events ignored.
-	pipe_begin()
-	if not pipe.on then return all("dberror", dberror(def, "cannot enter pipeline mode")) end
-	conn:send("BEGIN")
-	-- shared: a version reset (exclusive) waits for batches in flight
-	conn:send("SELECT pg_advisory_xact_lock_shared(hashtext('projhost:' || $1))", def.cp)
-	conn:send([[INSERT INTO projhost.checkpoints (projection, partition, version)
-		SELECT $1, p, $2 FROM unnest($3::text[]) AS p ON CONFLICT DO NOTHING]], def.cp, def.version, arr)
-	conn:send_query([[SELECT partition, state::text AS state, last_pos, status
-		FROM projhost.checkpoints WHERE projection = $1 AND partition = ANY($2::text[])
-		ORDER BY partition FOR UPDATE SKIP LOCKED]], def.cp, arr)
-	conn:send_events([[SELECT c.partition AS partition, e.global_position, e.tx, e.event_id, e.stream_id,
-			e.stream_version, e.event_type, e.data, e.metadata, e.created_at
-		FROM projhost.checkpoints c
-		CROSS JOIN LATERAL (
-			SELECT ]] .. COLS .. [[ FROM projhost.events ev
-			WHERE ev.stream_id = c.partition AND ev.stream_version > c.last_pos
-			ORDER BY ev.stream_version LIMIT $3) e
-		WHERE c.projection = $1 AND c.partition = ANY($2::text[])
-		ORDER BY c.partition, e.stream_version]], def.cp, arr, BATCH)
-	local ok, res, code = conn:sync(true)
-	if not ok then
-		pipe.on = false
-		if conn:ok() then conn:pipeline(false) end
-		local d = dberror(def, res, code)
-		for _, p in ipairs(wanted) do results[p] = { "dberror", d } end
+	local job = { def = def, store = store_parts, results = results }
+	local st, d = open_parts(def, job, wanted)
+	if st == "empty" then return 0, results end
+	if st ~= true then
+		for _, p in ipairs(wanted) do if not results[p] then results[p] = { st, d } end end
 		return 0, results
 	end
-	local rows, evrows = res[4], res[5]
-	new_checkpoints = new_checkpoints + (tonumber(res[3]) or 0)
-
-	local locked, cps = {}, {}
-	for _, r in ipairs(rows) do
-		if r.status ~= "running" then
-			results[r.partition] = { r.status, 0 }
+	local o = transact(def, job)
+	if o then
+		local status, delay, committed, culprit
+		if o.status == "dberror" then
+			status, delay, committed = "dberror", dberror(def, first_line(o.err), o.code), 0
 		else
-			locked[#locked + 1] = r
-			cps[#cps + 1] = r.partition
+			local plan = { kind = "parts", events = job.events, start = job.start }
+			status, delay, committed, culprit = settle(def, plan, o, attempt_parts(def))
+			if status == "dberror" then delay = dberror(def, "the batch's database work failed") end
 		end
+		-- the partitions of the job run again (the next job starts where
+		-- each one's checkpoint is now), the failing one gets its action
+		for _, g in ipairs(job.groups) do
+			results[g.part] = { status == "dberror" and "dberror" or "more", status == "dberror" and delay or 0 }
+		end
+		if culprit then results[culprit.partition] = { status, delay } end
+		report(def, committed, "", false)
+		return committed, results
 	end
-	local is_locked = {}
-	for _, p in ipairs(cps) do is_locked[p] = true end
-	for _, p in ipairs(wanted) do
-		if not results[p] and not is_locked[p] then results[p] = { "locked", 0 } end
-	end
-	if #locked == 0 then
-		pipe_end()
-		rollback()
-		return 0, results
-	end
-	pipe.sent = {}
-
-	local by_part = {}
-	for _, r in ipairs(evrows) do
-		local l = by_part[r.partition]
-		if not l then l = {}; by_part[r.partition] = l end
-		l[#l + 1] = r
-	end
-
-	local ctx = ctx_for(def)
-	ctx._discard()
-	local up_p, up_s, up_v = {}, {}, {}
 	local total = 0
-	local seen, fail_i, fail_err = {}, nil, nil
-	local state_fail -- { p, first version, events applied, err }: see below
-	for _, cp in ipairs(locked) do
-		local p = cp.partition
-		local list = by_part[p] or {}
-		local state = cp.state and json.decode(cp.state)
-		if state == nil then state = P.init_state(def) end
-		local last = tonumber(cp.last_pos)
-		local status = #list >= BATCH and "more" or "idle"
-		local applied = 0
-		for _, r in ipairs(list) do
-			local e = to_event(r)
-			if e.version ~= last + 1 then
-				-- versions commit in order, so a gap is one still in flight
-				status = "held"
-				break
-			end
-			if stop_at and stop_at[p] and e.version >= stop_at[p] then
-				status = "more"
-				break
-			end
-			if visible(def, e.type) then
-				seen[#seen + 1] = e
-				e.index, e.partition = #seen, p
-				local okh, res = apply(def, state, e, ctx)
-				if not okh then
-					fail_i, fail_err = #seen, res
-					break
-				end
-				state = res
-			end
-			last = e.version
-			applied = applied + 1
-		end
-		if fail_i then break end
-		if applied > 0 then
-			local sj, serr = encode_state(def, state)
-			if not sj then
-				-- which of its events made it so is found below
-				fail_i, fail_err = #seen, serr
-				state_fail = { p = p, first = tonumber(cp.last_pos) + 1, applied = applied, err = serr }
-				break
-			end
-			up_p[#up_p + 1] = p
-			up_s[#up_s + 1] = sj
-			up_v[#up_v + 1] = last
-			total = total + applied
-		end
-		results[p] = { status, 0 }
-	end
-	if not fail_i and #seen > 0 then
-		local okf, ferr0 = flush_upserts(ctx)
-		if not okf then fail_i, fail_err = #seen, ferr0 end
-	end
-	if not fail_i then
-		-- the checkpoints and COMMIT ride the same sync as the handlers'
-		-- statements; after an error PostgreSQL skips them
-		if #up_p > 0 then
-			conn:send([[UPDATE projhost.checkpoints c SET state = u.s::jsonb, last_pos = u.v,
-				script_hash = $5, error = NULL, updated_at = now()
-				FROM unnest($2::text[], $3::text[], $4::bigint[]) AS u(p, s, v)
-				WHERE c.projection = $1 AND c.partition = u.p]],
-				def.cp, pg_text_array(up_p), pg_text_array(up_s), "{" .. table.concat(up_v, ",") .. "}", def.hash)
-		end
-		conn:send("COMMIT")
-	end
-	local fe, ferr = failure_of(seen, fail_i, fail_err, pipe_end())
-	if fe == false or (fe and db_fault()) then
-		local d = dberror(def, first_line(ferr), failed_code)
-		for _, p2 in ipairs(cps) do results[p2] = { "dberror", d } end
-		return 0, results
-	end
-	if fe and state_fail and ferr == state_fail.err and state_fail.applied > 1 then
-		-- a partition's state cannot be stored after its events: commit
-		-- only its first one (and every other partition's); the next job
-		-- goes on from there, until one event alone makes the state fail
-		ctx._discard()
-		rollback()
-		local s2 = {}
-		for k, v in pairs(stop_at or {}) do s2[k] = v end
-		s2[state_fail.p] = state_fail.first + 1
-		return run_partitions(def, parts, s2)
-	end
-	-- ctx:upsert's write of the batch failed: charged to the batch's last
-	-- event (partitioned batches do not bisect)
-	if fe == "flush" then fe = seen[#seen] end
-	if fe then
-		ctx._discard()
-		-- roll everything back, commit all but this event and what
-		-- follows it in its stream, then act on it
-		rollback()
-		local s2 = {}
-		for k, v in pairs(stop_at or {}) do s2[k] = v end
-		s2[fe.partition] = fe.version
-		local n2, res2 = run_partitions(def, parts, s2)
-		local st, delay = error_action(def, fe.partition, fe, ferr)
-		res2[fe.partition] = { st, delay }
-		return n2, res2
+	for _, g in ipairs(job.groups) do
+		results[g.part] = { g.status, 0 }
+		total = total + (g.last - g.start)
 	end
 
 	db_failures = 0
@@ -1442,7 +1753,7 @@ local function load_all()
 	for cp, def in pairs(defs) do
 		local kind = def.from.all and "all" or def.from.stream and "stream" or "category"
 		local value = def.from.stream or def.from.category or ""
-		local budget = tonumber(def.options.budget) or BUDGET
+		local budget = def.budget
 		out[#out + 1] = table.concat({ "proj", cp, kind, clean(value),
 			def.partition and "1" or "0", tostring(budget), def.hash }, "\t")
 	end
@@ -1483,22 +1794,9 @@ end
 function caught_up_partitioned(def)
 	local key = def.cp .. "\t*"
 	if caught[key] then return end
-	if def.caught_up then
-		local ctx = ctx_for(def)
-		x("BEGIN")
-		failed_sql = nil
-		ctx._discard()
-		local ok, err = xpcall(def.caught_up, traceback, ctx)
-		if ok then ok, err = ctx._flush() end
-		if not ok or failed_sql then
-			rollback()
-			log("error", def.cp, "caught_up failed: " .. first_line(err or failed_sql))
-			return
-		end
-		if not x("COMMIT") then return end
-	end
 	caught[key] = true
 	log("info", def.cp, "caught up (every partition)")
+	run_caught_up(def)
 end
 
 local function find(name, cursor)

@@ -74,7 +74,7 @@ describe("one failure path", function()
 	end)
 
 	local function run_once(env)
-		local code, out, err = h.run({ "run", "--once", "--db", dsn, dir }, { env = env })
+		local code, out, err = h.run({ "run", "--once", "--db", dsn, dir }, { env = env, timeout = 60 })
 		assert.equal(0, code, out .. err)
 		return err
 	end
@@ -263,33 +263,45 @@ describe("projections sharing a worker", function()
 	end)
 
 	it("one projection's session settings never reach another's statements", function()
-		-- a_... runs first (files load in name order; one worker)
-		h.write_file(dir .. "/a_setter.lua", [[
+		-- one worker, so one connection: the setter's batch runs first,
+		-- then the user's events arrive
+		h.write_file(dir .. "/setter.lua", [[
 return {
-	from = { category = "f" },
+	from = { category = "set" },
 	when = { ["*"] = function(s, e, ctx)
 		ctx:exec("SET search_path = nowhere")
 		ctx:exec("SET statement_timeout = 1")
 		ctx:exec("SET TimeZone = 'America/New_York'")
+		ctx:exec("SET DateStyle = 'SQL, DMY'")
 	end },
 }
 ]])
-		h.write_file(dir .. "/b_user.lua", [[
+		h.write_file(dir .. "/user.lua", [[
 return {
-	from = { category = "f" },
-	setup = "CREATE TABLE IF NOT EXISTS public.b_rows (position bigint PRIMARY KEY, t text)",
+	from = { category = "use" },
+	setup = "CREATE TABLE IF NOT EXISTS public.b_rows (position bigint PRIMARY KEY, t text, now text)",
 	when = { ["*"] = function(s, e, ctx)
 		ctx:exec("SELECT pg_sleep(0.01)")
-		ctx:exec("INSERT INTO b_rows VALUES ($1, $2)", e.position, e.time)
+		ctx:exec("INSERT INTO b_rows VALUES ($1, $2, now()::text)", e.position, e.time)
 	end },
 }
 ]])
-		for _ = 1, 3 do ins(conn, "f-1", "Ok") end
-		local code, out, err = h.run({ "run", "--once", "--db", dsn, dir })
-		assert.equal(0, code, out .. err)
-		assert.equal("3", scalar(conn, "SELECT count(*) FROM b_rows"))
-		assert.equal("0", scalar(conn, "SELECT count(*) FROM b_rows WHERE t NOT LIKE '%Z'"))
-		assert.equal("0", scalar(conn, "SELECT count(*) FROM projhost.parked"))
+		local host = h.spawn({ "run", "--db", dsn, dir })
+		h.wait_until(function() return host:output():find("serving 2", 1, true) end, 20, "the host")
+		ins(conn, "set-1", "Ok")
+		h.wait_until(function()
+			return scalar(conn, "SELECT last_pos FROM projhost.checkpoints WHERE projection = 'setter'") == "1"
+		end, 20, "the setter's batch")
+		for _ = 1, 3 do ins(conn, "use-1", "Ok") end
+		h.wait_until(function()
+			local r = conn:query("SELECT count(*) AS n FROM b_rows")
+			return r and r[1].n == "3"
+		end, 20, "the user's rows")
+		host:kill(15)
+		host:wait(10)
+		assert.is_nil(host:output():find("ERROR", 1, true), host:output())
+		-- times as the host writes them (UTC, ISO), in both columns
+		assert.equal("0", scalar(conn, "SELECT count(*) FROM b_rows WHERE t NOT LIKE '%Z' OR now NOT LIKE '%+00'"))
 	end)
 
 	it("setup may hold several statements; a failing setup is logged once per load", function()
@@ -309,10 +321,14 @@ return {
 ]])
 		for _ = 1, 3 do ins(conn, "f-1", "Ok") end
 		local host = h.spawn({ "run", "--db", dsn, dir })
-		h.wait_until(function() return scalar(conn, "SELECT count(*) FROM two_b") == "3" end, 20, "two_b rows")
+		local function rows_b()
+			local r = conn:query("SELECT count(*) AS n FROM two_b")
+			return r and tonumber(r[1].n)
+		end
+		h.wait_until(function() return rows_b() == 3 end, 20, "two_b rows")
 		-- wake-ups keep coming; the broken setup must not be logged for each
 		for _ = 1, 20 do ins(conn, "f-1", "Ok"); require("projhost.core").sleep(0.05) end
-		h.wait_until(function() return scalar(conn, "SELECT count(*) FROM two_b") == "23" end, 20, "two_b rows")
+		h.wait_until(function() return rows_b() == 23 end, 20, "two_b rows")
 		host:kill(15)
 		host:wait(10)
 		local _, n = host:output():gsub("nosuchtype", "")
