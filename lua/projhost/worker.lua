@@ -878,10 +878,14 @@ local function transact(def, job)
 		if fail_i == 0 then fail_i = 1 end
 		if is_memory(err) then
 			-- drop what the handler built before anything else runs
-			for _, g in ipairs(job.groups) do g.state, g.out = nil, nil end
+			-- (with no allocation: a new key, even for nil, may need one)
+			for _, g in ipairs(job.groups) do
+				if g.state ~= nil then g.state = nil end
+				if g.out ~= nil then g.out = nil end
+			end
 			collectgarbage("collect")
 			out_of_memory = true
-			fail_err = def.file .. ": not enough memory (" .. first_line(err) .. ")"
+			fail_err = def.file .. ": not enough memory"
 		end
 		cur = 0
 	end

@@ -221,6 +221,37 @@ return {
 		end)
 	end
 
+	it("a handler that runs out of memory fails its event with 'not enough memory' for on_error", function()
+		h.write_file(dir .. "/p.lua", [[
+return {
+	from = { category = "f" },
+	init = function() return { n = 0 } end,
+	when = {
+		Ok = function(s) s.n = s.n + 1 end,
+		-- millions of small tables, kept in the state
+		Hog = function(s) s.hog = {} for i = 1, 1e9 do s.hog[i] = { i } end end,
+	},
+	on_error = function(err) return "park" end,
+	options = { budget = 10 },
+}
+]])
+		ins(conn, "f-1", "Ok")
+		ins(conn, "f-1", "Hog")
+		ins(conn, "f-1", "Ok")
+		run_once({ PROJHOST_WORKER_MEMORY_MB = 300 })
+		local parked = assert(conn:query("SELECT global_position, error FROM projhost.parked"))
+		assert.equal(1, #parked)
+		assert.equal("2", parked[1].global_position)
+		if (os.getenv("PROJHOST_BIN") or ""):find("asan", 1, true) then
+			-- sanitizer builds run without the memory cap (see errors_spec)
+			assert.is_truthy(parked[1].error:find("not enough memory", 1, true)
+				or parked[1].error:find("overran its budget", 1, true))
+		else
+			assert.matches("p%.lua: not enough memory", parked[1].error)
+		end
+		assert.equal("2", scalar(conn, "SELECT state->>'n' FROM projhost.checkpoints WHERE projection = 'p'"))
+	end)
+
 	it("a failing caught_up never undoes a batch, shows in status, and --once ends", function()
 		h.write_file(dir .. "/p.lua", upserter("p", 'caught_up = function(ctx) error("hook broke") end,'))
 		for _ = 1, 5 do ins(conn, "f-1", "Ok", '{"amount": 1}') end
