@@ -67,6 +67,19 @@ local function log(level, who, msg)
 	core.log(level, who, msg)
 end
 
+-- The definition whose job runs (print names it, see below).
+local running
+
+-- print in a projection: one host log line naming the projection and the
+-- event being handled (core.log escapes what could break the line).
+loader.log_fn = function(level, msg, path)
+	local ctx = running and ctxs[running]
+	local ev = ctx and ctx.event
+	local at = ev and ("pos=" .. tostring(ev.position) .. " ") or ""
+	if path then at = at .. path .. ": " end
+	log(level, running and running.cp or "worker", at .. tostring(msg))
+end
+
 -- Our own session settings: set on every new connection, and again after a
 -- batch whose handlers sent SQL (see transact).
 local SESSION = {
@@ -1288,6 +1301,7 @@ end
 -- Two round trips: [BEGIN, lock the checkpoint row, read, held-back check],
 -- then [the handlers' statements, checkpoint, COMMIT].
 local function run_batch(def)
+	running = def
 	-- the full check (setup, version, status, shadows, parked retries) at
 	-- most once a second; the locked row is checked on every batch anyway
 	local now = core.monotime()
@@ -1578,6 +1592,7 @@ end
 
 -- Returns count, results { [part] = { status, delay } }.
 local function run_partitions(def, parts)
+	running = def
 	local results = {}
 	local function all(status, delay)
 		for _, p in ipairs(parts) do results[p] = { status, delay or 0 } end
