@@ -82,8 +82,11 @@ describe("usage errors", function()
 			assert.matches("^projhost: %-%-workers ", err)
 			assert.matches("\nusage: projhost run ", err)
 		end
-		local code, out, err = h.run({ "run", "--once", "--workers", "64", "--db", dsn, h.tmpdir() })
+		local dir = h.tmpdir()
+		h.write_file(dir .. "/noop.lua", 'return { from = { category = "noop" }, when = { ["*"] = function() end } }')
+		local code, out, err = h.run({ "run", "--once", "--workers", "64", "--db", h.fresh_db("cli_workers"), dir })
 		assert.equal(0, code, out .. err)
+		assert.matches("noop pos=0 caught up", err)
 	end)
 
 	it("help and version print to stdout and exit 0", function()
