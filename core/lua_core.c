@@ -133,15 +133,17 @@ static int ph_l_escape(lua_State *L)
 {
 	size_t len, off = 0, used;
 	const char *s = luaL_checklstring(L, 1, &len);
-	lua_Integer max = -1;
-	size_t left;
+	size_t left = (size_t)-1;
 	luaL_Buffer b;
 
 	if (!lua_isnoneornil(L, 2)) {
-		max = luaL_checkinteger(L, 2);
+		/* checked as a number: casting inf or NaN to an integer is undefined */
+		lua_Number max = luaL_checknumber(L, 2);
+
 		luaL_argcheck(L, max >= 0, 2, "must not be negative");
+		if (max < (lua_Number)len * 8)
+			left = (size_t)max;
 	}
-	left = max < 0 ? (size_t)-1 : (size_t)max;
 	luaL_buffinit(L, &b);
 	while (off < len) {
 		char *p = luaL_prepbuffer(&b);
