@@ -75,6 +75,8 @@ local function parse_number(kind, flag, text)
 		local max = require("projhost.core").max_workers
 		if n < 1 or n > max then return nil, ("--%s must be between 1 and %d, not %s"):format(flag, max, text) end
 	end
+	-- beyond 2^53 a double no longer holds every whole number
+	if n > 2 ^ 53 - 1 then return nil, ("--%s must be at most %d, not %s"):format(flag, 2 ^ 53 - 1, text) end
 	return n
 end
 

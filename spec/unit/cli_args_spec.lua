@@ -44,9 +44,15 @@ describe("cli.parse", function()
 		assert.equal("--workers must be between 1 and 64, not 0", select(2, parse("run", "--workers", "0")))
 		assert.equal("--workers must be between 1 and 64, not 65", select(2, parse("run", "--workers", "65")))
 		assert.equal("--workers must be between 1 and 64, not 1000", select(2, parse("run", "--workers=1000")))
+		assert.equal("--workers must be between 1 and 64, not 99999999999999999999",
+			select(2, parse("run", "--workers=99999999999999999999")))
 		assert.equal("--workers needs a whole number, not '-1'", select(2, parse("run", "--workers", "-1")))
 		assert.equal(64, assert(parse("run", "--workers", "64")).flags.workers)
 		assert.equal(2, assert(parse("run", "--workers", "0002")).flags.workers)
+		assert.equal("--expected-version must be at most 9007199254740991, not 9007199254740992",
+			select(2, parse("append", "s", "T", "--expected-version", "9007199254740992")))
+		assert.equal(9007199254740991, assert(parse("append", "s", "T", "--expected-version=9007199254740991"))
+			.flags["expected-version"])
 		assert.equal("--expected-version needs a whole number, not 'x'",
 			select(2, parse("append", "s", "T", "--expected-version=x")))
 		assert.equal("--once takes no value", select(2, parse("run", "--once=yes")))
