@@ -15,6 +15,7 @@
 
 #include "log.h"
 #include "lua_core.h"
+#include "master.h"
 
 static int traceback(lua_State *L)
 {
@@ -110,18 +111,60 @@ static int ph_l_hash(lua_State *L)
 }
 
 /* core.log(level, who, msg): level is "debug", "info", "warn" or "error".
- * One formatter for C and Lua, so every line of the host looks the same. */
+ * One formatter for C and Lua, so every line of the host looks the same;
+ * who and msg may hold any byte (NULs too): ph_log_text escapes them. */
 static int ph_l_log(lua_State *L)
 {
 	static const char *const levels[] = { "debug", "info", "warn", "error", NULL };
 	int level = luaL_checkoption(L, 1, "info", levels);
+	size_t who_len, msg_len;
+	const char *who = luaL_optlstring(L, 2, "host", &who_len);
+	const char *msg = luaL_checklstring(L, 3, &msg_len);
 
-	ph_log((enum ph_level)level, luaL_optstring(L, 2, "host"), "%s", luaL_checkstring(L, 3));
+	ph_log_text((enum ph_level)level, who, who_len, msg, msg_len);
 	return 0;
+}
+
+/* core.escape(s [, max]) -> s with control characters escaped by the log's
+ * own rule (ph_escape), for anything shown to people on one line (tables,
+ * error lines); with max, at most max bytes, never cutting an escape or a
+ * UTF-8 character. */
+static int ph_l_escape(lua_State *L)
+{
+	size_t len, off = 0, used;
+	const char *s = luaL_checklstring(L, 1, &len);
+	size_t left = (size_t)-1;
+	luaL_Buffer b;
+
+	if (!lua_isnoneornil(L, 2)) {
+		/* checked as a number: casting inf or NaN to an integer is undefined */
+		lua_Number max = luaL_checknumber(L, 2);
+
+		luaL_argcheck(L, max >= 0, 2, "must not be negative");
+		if (max < (lua_Number)len * 8)
+			left = (size_t)max;
+	}
+	luaL_buffinit(L, &b);
+	while (off < len) {
+		char *p = luaL_prepbuffer(&b);
+		size_t room = left < LUAL_BUFFERSIZE ? left : LUAL_BUFFERSIZE;
+		size_t n = ph_escape(p, room, s + off, len - off, &used);
+
+		luaL_addsize(&b, n);
+		left -= n;
+		off += used;
+		/* a whole buffer always takes the next unit (at most 8 bytes):
+		 * nothing taken means max is reached */
+		if (used == 0)
+			break;
+	}
+	luaL_pushresult(&b);
+	return 1;
 }
 
 static const luaL_Reg core_funcs[] = {
 	{ "log", ph_l_log },
+	{ "escape", ph_l_escape },
 	{ "connect", ph_l_connect },
 	{ "monotime", ph_l_monotime },
 	{ "sleep", ph_l_sleep },
@@ -141,5 +184,7 @@ int luaopen_projhost_core(lua_State *L)
 	luaL_register(L, NULL, core_funcs);
 	lua_pushstring(L, "0.1.0");
 	lua_setfield(L, -2, "version");
+	lua_pushinteger(L, PH_MAX_WORKERS);
+	lua_setfield(L, -2, "max_workers");
 	return 1;
 }

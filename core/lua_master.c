@@ -44,9 +44,9 @@ int ph_l_run_master(lua_State *L)
 	}
 	cfg.paths = paths;
 	cfg.npaths = n;
-	if (cfg.workers < 1 || cfg.workers > 256) {
+	if (cfg.workers < 1 || cfg.workers > PH_MAX_WORKERS) {
 		free(paths);
-		return luaL_error(L, "workers must be between 1 and 256");
+		return luaL_error(L, "workers must be between 1 and %d", PH_MAX_WORKERS);
 	}
 	rc = ph_master_run(&cfg);
 	free(paths);

@@ -5,13 +5,18 @@
 #ifndef PH_MASTER_H
 #define PH_MASTER_H
 
+/** PH_MAX_WORKERS - the most worker processes `run --workers` may ask for:
+ * each holds a PostgreSQL connection (and the master one more), and
+ * PostgreSQL's default max_connections is 100. */
+#define PH_MAX_WORKERS 64
+
 /** struct ph_master_cfg - what `projhost run` asked for. */
 struct ph_master_cfg {
 	const char *dsn;		/* libpq connection string */
 	const char *bin;		/* this executable, started as `bin __worker` */
 	const char *const *paths;	/* projection files and directories */
 	int npaths;
-	int workers;			/* worker processes, >= 1 */
+	int workers;			/* worker processes, 1..PH_MAX_WORKERS */
 	int once;			/* catch up, then exit */
 	double poll_interval;		/* fallback poll, seconds: a lost NOTIFY only delays */
 };

@@ -13,7 +13,7 @@ local USAGE = {
 	run = "projhost run [--db DSN] [--workers N] [--once] [--demo] [PATH...]",
 	append = "projhost append STREAM TYPE [JSON] [--expected-version N] [--metadata JSON] [--db DSN]\n"
 		.. "       projhost append [STREAM] --file EVENTS.ndjson|- [--db DSN]",
-	status = "projhost status [--json] [--db DSN]",
+	status = "projhost status [NAME] [--json] [--db DSN]",
 	reset = "projhost reset NAME [--db DSN]",
 	pause = "projhost pause NAME [--db DSN]",
 	resume = "projhost resume NAME [--db DSN]",
@@ -30,15 +30,17 @@ local HELP_TAIL = [[
 
 Database: --db DSN, else $PROJHOST_DB, else libpq's variables (PGHOST...) if set,
 else the embedded cluster under $PROJHOST_HOME (default ./.projhost), started on demand.
-Exit codes: 0 ok, 1 runtime failure, 2 usage.]]
+--workers: 1 to 64 worker processes. Exit codes: 0 ok, 1 runtime failure
+(an unknown projection NAME too), 2 usage.]]
 
--- Flag kinds: "string", "bool", "count" (integer >= 1), "version" (integer >= 0).
+-- Flag kinds: "string", "bool", "version" (integer >= 0), "workers" (an
+-- integer from 1 to core.max_workers, the master's limit).
 -- min/max bound the positional words; sub lists allowed first words.
 local SPECS = {
-	run = { flags = { db = "string", workers = "count", once = "bool", demo = "bool" }, min = 0, max = math.huge },
+	run = { flags = { db = "string", workers = "workers", once = "bool", demo = "bool" }, min = 0, max = math.huge },
 	append = { flags = { db = "string", ["expected-version"] = "version", metadata = "string", file = "string" },
 		min = 0, max = 3 },
-	status = { flags = { db = "string", json = "bool" }, min = 0, max = 0 },
+	status = { flags = { db = "string", json = "bool" }, min = 0, max = 1 },
 	reset = { flags = { db = "string" }, min = 1, max = 1 },
 	pause = { flags = { db = "string" }, min = 1, max = 1 },
 	resume = { flags = { db = "string" }, min = 1, max = 1 },
@@ -58,12 +60,23 @@ function M.usage(name)
 	return table.concat(lines, "\n") .. "\n" .. HELP_TAIL
 end
 
+-- Control characters of what people typed (and of anything else quoted
+-- in a message) are shown escaped, by the log's own rule (core.escape).
+local function escape(s, max)
+	return require("projhost.core").escape(s, max)
+end
+
 local function parse_number(kind, flag, text)
 	local n = tonumber(text)
 	if not text:match("^%d+$") or not n then
 		return nil, ("--%s needs a whole number, not '%s'"):format(flag, text)
 	end
-	if kind == "count" and n < 1 then return nil, ("--%s must be at least 1"):format(flag) end
+	if kind == "workers" then
+		local max = require("projhost.core").max_workers
+		if n < 1 or n > max then return nil, ("--%s must be between 1 and %d, not %s"):format(flag, max, text) end
+	end
+	-- beyond 2^53 a double no longer holds every whole number
+	if n > 2 ^ 53 - 1 then return nil, ("--%s must be at most %d, not %s"):format(flag, 2 ^ 53 - 1, text) end
 	return n
 end
 
@@ -106,7 +119,7 @@ function M.parse(words)
 					value = words[i]
 					if value == nil then return nil, ("--%s needs a value"):format(flag), M.usage(name) end
 				end
-				if kind == "count" or kind == "version" then
+				if kind == "workers" or kind == "version" then
 					local n, problem = parse_number(kind, flag, value)
 					if not n then return nil, problem, M.usage(name) end
 					value = n
@@ -144,8 +157,10 @@ end
 ---------------------------------------------------------------------------
 -- helpers
 
+-- One line, whatever the message holds (a multi-line one shows its
+-- newlines escaped).
 local function fail(what, msg)
-	io.stderr:write("projhost: ", what, ": ", tostring(msg):gsub("\n.*", ""), "\n")
+	io.stderr:write("projhost: ", what, ": ", escape((tostring(msg):gsub("%s+$", ""))), "\n")
 	return 1
 end
 
@@ -160,7 +175,7 @@ local function open_db(cmd)
 	local dsn, err = embedded.resolve{
 		db = cmd.flags.db,
 		on_start = function(_, home)
-			io.stderr:write("projhost: started the embedded PostgreSQL in ", home,
+			io.stderr:write("projhost: started the embedded PostgreSQL in ", escape(home),
 				" (projhost db stop stops it)\n")
 		end,
 	}
@@ -198,23 +213,29 @@ local function exe_path()
 	return arg and arg[0] or "projhost"
 end
 
--- A table of rows as aligned columns; cols = { {key, title}, ... }.
+-- A table of rows as aligned columns; cols = { {key, title, max?}, ... }:
+-- every cell escaped (no control character reaches the terminal, a row
+-- stays one line), and cut at max bytes when the column has one.
 local function print_table(rows, cols)
-	local width = {}
+	local width, cells = {}, {}
+	for i, r in ipairs(rows) do
+		cells[i] = {}
+		for c, col in ipairs(cols) do cells[i][c] = escape(tostring(r[col[1]] or ""), col[3]) end
+	end
 	for c, col in ipairs(cols) do
 		width[c] = #col[2]
-		for _, r in ipairs(rows) do width[c] = math.max(width[c], #tostring(r[col[1]] or "")) end
+		for i = 1, #rows do width[c] = math.max(width[c], #cells[i][c]) end
 	end
 	local function line(get)
 		local parts = {}
 		for c = 1, #cols do
-			local s = tostring(get(c) or "")
+			local s = get(c)
 			parts[c] = c == #cols and s or s .. string.rep(" ", width[c] - #s)
 		end
 		say((table.concat(parts, "  "):gsub("%s+$", "")))
 	end
 	line(function(c) return cols[c][2] end)
-	for _, r in ipairs(rows) do line(function(c) return r[cols[c][1]] end) end
+	for i = 1, #rows do line(function(c) return cells[i][c] end) end
 end
 
 ---------------------------------------------------------------------------
@@ -333,10 +354,77 @@ local function check_event(ev, default_stream)
 end
 
 local CHUNK = 5000
+local APPEND_MANY = "SELECT projhost.append_many($1::jsonb) AS n"
+
+local function as_array(chunk, n)
+	return "[" .. table.concat(chunk, ",", 1, n or #chunk) .. "]"
+end
+
+-- The 32 hex digits of a UUID in any of the spellings uuid_in accepts.
+local function uuid_digits(text)
+	return type(text) == "string" and text:lower():gsub("[^%x]", "") or nil
+end
+
+-- Which element of a chunk that failed as a whole (message msg, SQLSTATE
+-- code) made it fail? Only on the failure path, so the bulk path stays one
+-- statement per chunk: the load's transaction is aborted and is rolled
+-- back (the file is one transaction: nothing of it can commit any more),
+-- and in a fresh one, rolled back as well, ever shorter prefixes of the
+-- chunk are tried in a savepoint (a binary search: ~13 tries for 5,000
+-- lines) - a prefix fails once it holds the first failing element. When
+-- the chunk on its own goes in, the failure came from an earlier chunk of
+-- the file; for a duplicate "id" (23505, the only such conflict) the key
+-- in the message names the element.
+-- -> index, message of that failure, its code | nil (not found)
+local function failing_element(conn, chunk, msg, code)
+	conn:exec("ROLLBACK")
+	if not conn:exec("BEGIN") then return nil end
+	local broken = false -- a probe that could not run proves nothing
+	local function fails(n)
+		if not conn:exec("SAVEPOINT probe") then
+			broken = true
+			return false
+		end
+		local rows, m, c = conn:query(APPEND_MANY, as_array(chunk, n))
+		if not conn:exec("ROLLBACK TO SAVEPOINT probe") then broken = true end
+		if rows then return false end
+		return true, m, c
+	end
+	local bad, m, c = fails(#chunk)
+	if broken then return nil end
+	if bad then
+		local lo, hi = 1, #chunk
+		msg, code = m, c
+		while lo < hi do
+			local mid = math.floor((lo + hi) / 2)
+			bad, m, c = fails(mid)
+			if broken then return nil end
+			if bad then
+				hi, msg, code = mid, m, c
+			else
+				lo = mid + 1
+			end
+		end
+		return lo, msg, code
+	end
+	local key = code == "23505" and msg:match("%(event_id%)=%(([^)]*)%)")
+	if key then
+		key = uuid_digits(key)
+		for i, line in ipairs(chunk) do
+			local ok, ev = pcall(cjson.decode, line)
+			if ok and uuid_digits(ev.id) == key then return i, msg, code end
+		end
+	end
+	return nil
+end
 
 -- NDJSON bulk load: the whole file in one transaction, CHUNK events per
 -- append_many call. Lines are sent as they are (after validation) so the
--- server parses numbers and empty arrays exactly as written.
+-- server parses numbers and empty arrays exactly as written. Every error
+-- names the file's line: the Lua-side checks know it, the server's own
+-- event checks give an index into the chunk, and anything else the server
+-- finds (e.g. "\u0000", 22P05; a bad UUID, 22P02) is located by
+-- failing_element.
 local function append_file(conn, file, default_stream)
 	local name = file == "-" and "stdin" or file
 	local fh, err
@@ -356,14 +444,19 @@ local function append_file(conn, file, default_stream)
 	end
 	local function flush()
 		if #chunk == 0 then return true end
-		local rows, m = conn:query("SELECT projhost.append_many($1::jsonb) AS n", "[" .. table.concat(chunk, ",") .. "]")
+		local rows, m, code = conn:query(APPEND_MANY, as_array(chunk))
 		if not rows then
-			-- map the server's 0-based element index back to a line
+			-- the server's own event checks name a 0-based element index
 			local idx, rest = m:match("event at index (%d+): (.*)$")
 			if idx and lines[tonumber(idx) + 1] then
 				return nil, ("%s:%d: %s"):format(name, lines[tonumber(idx) + 1], rest)
 			end
-			return nil, m
+			local at, why, c = failing_element(conn, chunk, m, code)
+			if not at then return nil, ("%s:%d-%d: %s [%s]"):format(name, lines[1], lines[#lines], m, tostring(code)) end
+			-- a prefix may have met those checks first (index = its element)
+			rest = why:match("event at index %d+: (.*)$")
+			if rest then return nil, ("%s:%d: %s"):format(name, lines[at], rest) end
+			return nil, ("%s:%d: %s [%s]"):format(name, lines[at], why, tostring(c))
 		end
 		total = total + tonumber(rows[1].n)
 		chunk, lines = {}, {}
@@ -371,6 +464,8 @@ local function append_file(conn, file, default_stream)
 	end
 	for line in fh:lines() do
 		lineno = lineno + 1
+		-- a UTF-8 byte order mark is no part of the first line's JSON
+		if lineno == 1 then line = line:gsub("^\239\187\191", "") end
 		if line:match("%S") then
 			local dec, ev = pcall(cjson.decode, line)
 			if not dec then return abort(("%s:%d: invalid JSON: %s"):format(name, lineno, (tostring(ev):gsub("^.-:%d+: ", "")))) end
@@ -432,6 +527,19 @@ function commands.append(cmd)
 	return 0
 end
 
+-- A name is known when projhost.checkpoints has it (a projection that has
+-- run at least once). -> true | nil, "no projection named X (known: ...)"
+local function known(conn, name)
+	local rows, msg = conn:query("SELECT DISTINCT projection FROM projhost.checkpoints ORDER BY 1")
+	if not rows then return nil, msg end
+	local names = {}
+	for i, r in ipairs(rows) do
+		if r.projection == name then return true end
+		names[i] = r.projection
+	end
+	return nil, ("no projection named %s (known: %s)"):format(name, #names > 0 and table.concat(names, ", ") or "none")
+end
+
 local STATUS_SQL = [[
 SELECT projection, count(*) AS partitions,
 	count(*) FILTER (WHERE status = 'running') AS running,
@@ -444,6 +552,7 @@ SELECT projection, count(*) AS partitions,
 		ORDER BY updated_at DESC) FILTER (WHERE error IS NOT NULL))[1] AS error,
 	to_char(max(updated_at) AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS"Z"') AS updated_at
 FROM projhost.checkpoints
+WHERE $1::text IS NULL OR projection = $1
 GROUP BY projection
 ORDER BY projection]]
 
@@ -466,9 +575,15 @@ local function status_of(r)
 end
 
 function commands.status(cmd)
+	local name = cmd.args[1]
 	local conn, err = open_db(cmd)
 	if not conn then return fail("status", err) end
-	local rows, msg = conn:query(STATUS_SQL)
+	local rows, msg = conn:query(STATUS_SQL, name)
+	if rows and name and #rows == 0 then
+		local _, unknown = known(conn, name)
+		conn:close()
+		return fail("status", unknown)
+	end
 	local hz, top, parked
 	if rows then hz, msg = conn:query(HORIZON_SQL) end
 	if hz then
@@ -523,39 +638,29 @@ function commands.status(cmd)
 			if p.partitions > 1 and p[st] < p.partitions then st = ("%s %d/%d"):format(st, p[st], p.partitions) end
 			if p.reset_pending then st = st .. " (reset pending)" end
 			shown[i] = { name = p.name, partitions = p.partitions, status = st, position = p.position,
-				behind = p.behind, updated = p.updated_at, error = p.error and p.error:sub(1, 80) or "" }
+				behind = p.behind, updated = p.updated_at, error = p.error or "" }
 		end
 		print_table(shown, { { "name", "PROJECTION" }, { "partitions", "PARTITIONS" }, { "status", "STATUS" },
-			{ "position", "POSITION" }, { "behind", "BEHIND(~)" }, { "updated", "UPDATED" }, { "error", "ERROR" } })
+			{ "position", "POSITION" }, { "behind", "BEHIND(~)" }, { "updated", "UPDATED" }, { "error", "ERROR", 80 } })
 	end
 	say(("events: %d   parked: %d"):format(max_pos, parked))
 	if horizon then
+		-- another session's query text: anything can be in it
 		say(("horizon: pid %d (%s) has had a transaction open for %.1fs, %s: %s"):format(horizon.pid,
-			horizon.database or "?", horizon.age_s or 0, horizon.state or "?", (horizon.query or ""):gsub("%s+", " ")))
+			escape(horizon.database or "?"), horizon.age_s or 0, escape(horizon.state or "?"),
+			escape((horizon.query or ""):gsub("%s+", " "))))
 	else
 		say("horizon: no open transaction holds it back")
 	end
 	return 0
 end
 
--- Names known to the checkpoints table, for "no projection named X".
-local function known_names(conn)
-	local rows = conn:query("SELECT DISTINCT projection FROM projhost.checkpoints ORDER BY 1") or {}
-	local names = {}
-	for i, r in ipairs(rows) do names[i] = r.projection end
-	return names
-end
-
 -- Run sql (params: name) and NOTIFY in one transaction, after checking
 -- that the projection exists. -> affected rows | nil, msg
 local function change_projection(conn, name, sql)
-	local names = known_names(conn)
-	local found = false
-	for _, n in ipairs(names) do found = found or n == name end
-	if not found then
-		return nil, ("no projection named %s (known: %s)"):format(name, #names > 0 and table.concat(names, ", ") or "none")
-	end
-	local ok, msg = conn:exec("BEGIN")
+	local ok, msg = known(conn, name)
+	if not ok then return nil, msg end
+	ok, msg = conn:exec("BEGIN")
 	if not ok then return nil, msg end
 	local rows
 	rows, msg = conn:query(sql, name)
@@ -582,7 +687,7 @@ function commands.reset(cmd)
 	conn:close()
 	if not rows then return fail("reset", msg) end
 	say(("reset %s (%d partition%s): running hosts run its reset SQL and rebuild it from the start at their next batch")
-		:format(name, #rows, #rows == 1 and "" or "s"))
+		:format(escape(name), #rows, #rows == 1 and "" or "s"))
 	return 0
 end
 
@@ -598,9 +703,9 @@ function commands.pause(cmd)
 	conn:close()
 	if not rows then return fail("pause", msg) end
 	if #rows == 0 then
-		say(("%s: nothing to pause (no running partitions)"):format(name))
+		say(("%s: nothing to pause (no running partitions)"):format(escape(name)))
 	else
-		say(("paused %s (%d partition%s)"):format(name, #rows, #rows == 1 and "" or "s"))
+		say(("paused %s (%d partition%s)"):format(escape(name), #rows, #rows == 1 and "" or "s"))
 	end
 	return 0
 end
@@ -620,7 +725,7 @@ function commands.resume(cmd)
 	conn:close()
 	if not rows then return fail("resume", msg) end
 	if #rows == 0 then
-		say(("%s: already running"):format(name))
+		say(("%s: already running"):format(escape(name)))
 		return 0
 	end
 	local counts, parts = {}, {}
@@ -628,7 +733,7 @@ function commands.resume(cmd)
 	for _, s in ipairs({ "paused", "failed", "stopped" }) do
 		if counts[s] then parts[#parts + 1] = counts[s] .. " " .. s end
 	end
-	say(("resumed %s (%s)"):format(name, table.concat(parts, ", ")))
+	say(("resumed %s (%s)"):format(escape(name), table.concat(parts, ", ")))
 	return 0
 end
 
@@ -637,6 +742,13 @@ function commands.parked(cmd)
 	local what = "parked " .. sub
 	local conn, err = open_db(cmd)
 	if not conn then return fail(what, err) end
+	if name then
+		local ok, unknown = known(conn, name)
+		if not ok then
+			conn:close()
+			return fail(what, unknown)
+		end
+	end
 	if sub == "retry" then
 		-- Running hosts pick flagged events up at the partition's next batch
 		-- (woken by the NOTIFY) and run them before newer ones; an event
@@ -656,14 +768,14 @@ function commands.parked(cmd)
 		local n = #rows
 		say(("retrying %d parked event%s%s: running hosts apply %s at the next batch "
 			.. "(an event that fails again is parked again)"):format(n, n == 1 and "" or "s",
-			name and " of " .. name or "", n == 1 and "it" or "them"))
+			name and " of " .. escape(name) or "", n == 1 and "it" or "them"))
 		return 0
 	end
 	if sub == "skip" then
 		local n, msg = conn:exec("DELETE FROM projhost.parked WHERE $1::text IS NULL OR projection = $1", name)
 		conn:close()
 		if not n then return fail(what, msg) end
-		say(("skipped %d parked event%s%s"):format(n, n == 1 and "" or "s", name and " of " .. name or ""))
+		say(("skipped %d parked event%s%s"):format(n, n == 1 and "" or "s", name and " of " .. escape(name) or ""))
 		return 0
 	end
 	local rows, msg = conn:query([[
@@ -673,17 +785,16 @@ function commands.parked(cmd)
 	conn:close()
 	if not rows then return fail(what, msg) end
 	if #rows == 0 then
-		say(name and ("no parked events for " .. name) or "no parked events")
+		say(name and ("no parked events for " .. escape(name)) or "no parked events")
 		return 0
 	end
 	for _, r in ipairs(rows) do
 		r.event = ("%s@%s %s"):format(r.stream_id or "?", r.stream_version or "?", r.event_type or "?")
-		r.error = r.error:gsub("%s+", " "):sub(1, 100)
 		if r.partition == "" then r.partition = "-" end
 	end
 	print_table(rows, { { "id", "ID" }, { "projection", "PROJECTION" }, { "partition", "PARTITION" },
 		{ "global_position", "POSITION" }, { "event", "EVENT" }, { "attempts", "ATTEMPTS" },
-		{ "parked_at", "PARKED" }, { "error", "ERROR" } })
+		{ "parked_at", "PARKED" }, { "error", "ERROR", 100 } })
 	return 0
 end
 
@@ -706,14 +817,14 @@ function commands.db(cmd)
 	elseif sub == "start" then
 		local dsn, started = embedded.start()
 		if not dsn then return fail(what, started) end
-		say(started and ("started the embedded PostgreSQL in %s"):format(embedded.home())
-			or ("the embedded PostgreSQL in %s is already running"):format(embedded.home()))
+		say(started and ("started the embedded PostgreSQL in %s"):format(escape(embedded.home()))
+			or ("the embedded PostgreSQL in %s is already running"):format(escape(embedded.home())))
 		return 0
 	elseif sub == "stop" then
 		local ok, was = embedded.stop()
 		if not ok then return fail(what, was) end
-		say(was and ("stopped the embedded PostgreSQL in %s"):format(embedded.home())
-			or ("the embedded PostgreSQL in %s is not running"):format(embedded.home()))
+		say(was and ("stopped the embedded PostgreSQL in %s"):format(escape(embedded.home()))
+			or ("the embedded PostgreSQL in %s is not running"):format(escape(embedded.home())))
 		return 0
 	else -- psql
 		local dsn, err = embedded.start()
@@ -765,7 +876,7 @@ function M.main(argv)
 	for i = 1, #(argv or {}) do words[i] = argv[i] end
 	local cmd, problem, usage = M.parse(words)
 	if not cmd then
-		io.stderr:write("projhost: ", problem, "\n", usage, "\n")
+		io.stderr:write("projhost: ", escape(problem), "\n", usage, "\n")
 		return 2
 	end
 	return commands[cmd.name](cmd)

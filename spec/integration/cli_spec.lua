@@ -51,7 +51,7 @@ describe("usage errors", function()
 		local code, out, err = h.run({ "status", "--nope" })
 		assert.equal(2, code)
 		assert.equal("", out)
-		assert.equal("projhost: unknown flag '--nope' for status\nusage: projhost status [--json] [--db DSN]\n", err)
+		assert.equal("projhost: unknown flag '--nope' for status\nusage: projhost status [NAME] [--json] [--db DSN]\n", err)
 	end)
 
 	it("missing arguments and bad numbers exit 2", function()
@@ -71,6 +71,22 @@ describe("usage errors", function()
 			assert.equal("projhost: " .. c[2], err:match("^(.-)\n"))
 			assert.matches("\nusage: projhost " .. c[1][1], err)
 		end
+	end)
+
+	it("--workers outside 1..core.max_workers is misuse: exit 2 before anything runs", function()
+		assert.equal(64, require("projhost.core").max_workers)
+		for _, n in ipairs({ "0", "-1", "65", "1000", "99999999999999999999" }) do
+			local code, out, err = h.run({ "run", "--once", "--workers", n, "--db", dsn, h.tmpdir() })
+			assert.equal(2, code, n .. ": " .. err)
+			assert.equal("", out)
+			assert.matches("^projhost: %-%-workers ", err)
+			assert.matches("\nusage: projhost run ", err)
+		end
+		local dir = h.tmpdir()
+		h.write_file(dir .. "/noop.lua", 'return { from = { category = "noop" }, when = { ["*"] = function() end } }')
+		local code, out, err = h.run({ "run", "--once", "--workers", "64", "--db", h.fresh_db("cli_workers"), dir })
+		assert.equal(0, code, out .. err)
+		assert.matches("noop pos=0 caught up", err)
 	end)
 
 	it("help and version print to stdout and exit 0", function()
@@ -156,6 +172,111 @@ describe("reset, pause, resume", function()
 			assert.equal("projhost: " .. cmd .. ": no projection named nope (known: bal, other)\n", err)
 		end
 		assert.equal(3, checkpoints("bal").a.version)
+	end)
+end)
+
+describe("unknown projection names exit 1 and change nothing", function()
+	before_each(function()
+		seed_checkpoints()
+		assert(conn:exec("DELETE FROM projhost.parked"))
+		assert(conn:exec([[INSERT INTO projhost.parked (projection, partition, global_position, error)
+			VALUES ('bal', 'a', 5, 'no funds')]]))
+	end)
+
+	it("for status, parked list|retry|skip, reset, pause and resume", function()
+		for _, args in ipairs({ { "status", "NOPE" }, { "status", "NOPE", "--json" }, { "parked", "list", "NOPE" },
+			{ "parked", "retry", "NOPE" }, { "parked", "skip", "NOPE" }, { "reset", "NOPE" }, { "pause", "NOPE" },
+			{ "resume", "NOPE" } }) do
+			local what = args[1] == "parked" and (args[1] .. " " .. args[2]) or args[1]
+			args[#args + 1] = "--db"
+			args[#args + 1] = dsn
+			local code, out, err = h.run(args)
+			assert.equal(1, code, table.concat(args, " "))
+			assert.equal("", out)
+			assert.equal("projhost: " .. what .. ": no projection named NOPE (known: bal, other)\n", err)
+		end
+		assert.same({ { projection = "bal", retry_requested = "false" } },
+			rows("SELECT projection, retry_requested::text FROM projhost.parked"))
+		assert.equal(3, checkpoints("bal").a.version)
+	end)
+
+	it("status NAME shows that projection only", function()
+		local code, out, err = h.run({ "status", "other", "--json", "--db", dsn })
+		assert.equal(0, code, err)
+		local s = cjson.decode(out)
+		assert.equal(1, #s.projections)
+		assert.equal("other", s.projections[1].name)
+		code, out, err = h.run({ "status", "bal", "--db", dsn })
+		assert.equal(0, code, err)
+		assert.matches("\nbal%s", out)
+		assert.is_nil(out:find("\nother", 1, true))
+	end)
+end)
+
+describe("append --file", function()
+	local function count(pattern)
+		return tonumber(rows("SELECT count(*) AS n FROM projhost.events WHERE stream_id LIKE $1", pattern)[1].n)
+	end
+
+	local function file_of(lines, text)
+		return h.write_file(h.tmpdir() .. "/events.ndjson", text or (table.concat(lines, "\n") .. "\n"))
+	end
+
+	it("names the line of an error the server finds, and writes nothing", function()
+		local lines = {
+			'{"stream":"srv-1","type":"A"}',
+			'{"stream":"srv-1","type":"A","data":{"ok":"fine"}}',
+			'{"stream":"srv-1","type":"A","data":{"s":"nul \\u0000 here"}}',
+			'{"stream":"srv-2","type":"A"}',
+		}
+		local file = file_of(lines)
+		local code, out, err = h.run({ "append", "--file", file, "--db", dsn })
+		assert.equal(1, code)
+		assert.equal("", out)
+		assert.matches("^projhost: append: " .. file:gsub("%p", "%%%0") .. ":3: .*[Uu]nicode.*%[22P05%]\n$", err)
+		assert.equal(0, count("srv-%"))
+
+		-- a brace the UUID syntax check lets through, in the second chunk
+		lines = {}
+		for i = 1, 7000 do lines[i] = ('{"stream":"srv-%d","type":"A"}'):format(i % 7) end
+		lines[6543] = '{"stream":"srv-1","type":"A","id":"{a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11"}'
+		file = file_of(lines)
+		code, out, err = h.run({ "append", "--file", file, "--db", dsn })
+		assert.equal(1, code)
+		assert.matches("^projhost: append: " .. file:gsub("%p", "%%%0") .. ":6543: .*uuid.*%[22P02%]\n$", err)
+		assert.equal(0, count("srv-%"))
+	end)
+
+	it("names the line of a conflict with an earlier chunk of the same file (and from stdin)", function()
+		local lines = {}
+		for i = 1, 12000 do lines[i] = ('{"stream":"dup-%d","type":"A"}'):format(i % 3) end
+		local id = '"id":"6f1e2a8c-4b7d-4e0f-9a3b-2c5d8e1f0a47"'
+		lines[20] = '{"stream":"dup-1","type":"A",' .. id .. '}'
+		lines[11111] = '{"stream":"dup-2","type":"B",' .. id .. '}'
+		local file = file_of(lines)
+		local code, out, err = h.run({ "append", "--file", file, "--db", dsn })
+		assert.equal(1, code)
+		assert.equal("", out)
+		assert.matches("^projhost: append: " .. file:gsub("%p", "%%%0") .. ":11111: .*%[23505%]\n$", err)
+		assert.equal(0, count("dup-%"))
+		code, out, err = h.run({ "append", "--file", "-", "--db", dsn }, { stdin = h.read_file(file) })
+		assert.equal(1, code)
+		assert.matches("^projhost: append: stdin:11111: .*%[23505%]\n$", err)
+		assert.equal(0, count("dup-%"))
+	end)
+
+	it("accepts a UTF-8 byte order mark at the start of the file", function()
+		local file = file_of(nil, '\239\187\191{"stream":"bom-1","type":"A"}\n{"stream":"bom-1","type":"B"}\n')
+		local code, out, err = h.run({ "append", "--file", file, "--db", dsn })
+		assert.equal(0, code, err)
+		assert.equal("appended 2 events\n", out)
+		assert.equal(2, count("bom-%"))
+		-- only at the start: anywhere else it is not JSON
+		file = file_of(nil, '{"stream":"bom-2","type":"A"}\n\239\187\191{"stream":"bom-2","type":"B"}\n')
+		code, out, err = h.run({ "append", "--file", file, "--db", dsn })
+		assert.equal(1, code)
+		assert.matches(":2: invalid JSON", err)
+		assert.equal(0, count("bom-2"))
 	end)
 end)
 
