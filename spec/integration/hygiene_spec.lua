@@ -182,10 +182,9 @@ return {
 			assert.equal(1, tonumber(h.scalar(conn, "SELECT count(*) FROM projhost.parked WHERE projection = 'hyg'")))
 		end)
 
-		-- print goes through loader.log_fn, which another change of issue 10
-		-- routes to core.log (with projection and position); turn this into
-		-- an `it` when that lands.
-		pending("print output stays one escaped log line", function()
+		-- print goes through loader.log_fn, which the worker routes to
+		-- core.log with the projection and the event's position
+		it("print output stays one escaped log line, naming the projection and the event", function()
 			h.write_file(dir .. "/prt.lua", [[
 return {
 	name = "prt",
@@ -201,6 +200,7 @@ return {
 			assert.equal(0, code, out .. err)
 			assert_one_record_per_line(err)
 			assert.truthy(err:find("a\\nb\\tc\\x1b[31m x\\ny", 1, true), err)
+			assert.matches("INFO  prt pos=1 [^\n]*prt%.lua: a\\nb", err)
 		end)
 	end)
 end)
