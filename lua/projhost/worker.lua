@@ -842,7 +842,16 @@ end
 -- before it committed, and error_action gives it its action.
 
 local function outcome_of(job, fail_i, fail_err)
+	-- the handlers' statements still queued run under the budget too: the
+	-- watchdog charges an overrun to the first event that sent one
+	local first_sent
+	for _, tag in pairs(pipe.sent) do
+		if type(tag) == "number" and (not first_sent or tag < first_sent) then first_sent = tag end
+	end
+	local e = first_sent and job.events[first_sent]
+	if e then core.beat(e.position, "sql") end
 	local first = pipe_end()
+	if e then core.beat() end
 	if first then
 		local tag, code = first.tag, first.code
 		if db_fault(code) then return { status = "dberror", err = first.err, code = code } end
@@ -872,7 +881,7 @@ local function transact(def, job)
 	ctx._discard()
 	failed_sql = nil
 	local events, n = job.events, #job.events
-	for i = 1, n do
+	for i = 1, next(overrun[def.cp] or {}) and n or 0 do
 		local o = overrun_at(def, events[i].position, NOT_HOOKS)
 		if o then
 			-- counted as a failure without running the code again
