@@ -17,6 +17,7 @@ built with `make`.]],
 dependencies = {
 	"lua >= 5.1",
 	"lua-cjson",
+	"luafilesystem",
 }
 external_dependencies = {
 	LIBPQ = { header = "postgresql/libpq-fe.h", library = "pq" },
@@ -38,6 +39,7 @@ build = {
 		["projhost"] = "lua/projhost/init.lua",
 		["projhost.cli"] = "lua/projhost/cli.lua",
 		["projhost.embedded"] = "lua/projhost/embedded.lua",
+		["projhost.guard"] = "lua/projhost/guard.lua",
 		["projhost.loader"] = "lua/projhost/loader.lua",
 		["projhost.proc"] = "lua/projhost/proc.lua",
 		["projhost.projection"] = "lua/projhost/projection.lua",

@@ -54,9 +54,9 @@ describe("projhost.guard", function()
 			assert.equal("budget", kind)
 		end)
 
-		it("is not fooled by an xpcall whose handler loops too", function()
+		it("is not fooled by guard.xpcall (the sandbox's) whose handler loops too", function()
 			local ok, _, kind = guard.call(0.05, function()
-				while true do xpcall(spin, spin) end
+				while true do guard.xpcall(spin, spin) end
 			end)
 			assert.is_false(ok)
 			assert.equal("budget", kind)
@@ -207,6 +207,16 @@ describe("projhost.guard", function()
 			assert.equal(0, #body % 2) -- whole two-byte characters only
 			local huge = setmetatable({}, { __tostring = function() return big end })
 			assert.matches("%(200000 bytes in all%)$", guard.errtext(huge))
+		end)
+	end)
+
+	describe("xpcall", function()
+		it("returns f's results, or false and what the handler made of the error", function()
+			assert.same({ true, 1, 2 }, { guard.xpcall(function(a, b) return a, b end, error, 1, 2) })
+			assert.same({ false, "handled: boom" },
+				{ guard.xpcall(function() error("boom", 0) end, function(e) return "handled: " .. e end) })
+			assert.same({ false, "again" },
+				{ guard.xpcall(function() error("boom", 0) end, function() error("again", 0) end) })
 		end)
 	end)
 
