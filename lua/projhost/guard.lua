@@ -79,8 +79,11 @@ function M.errtext(v)
 	local ts = type(mt) == "table" and rawget(mt, "__tostring") or nil
 	if ts == nil then return plain_text(v) end
 	converting = true
-	local ok, s = call(M.TOSTRING_BUDGET, ts, v)
+	-- pcall: even if call() itself failed (out of memory in its
+	-- bookkeeping), converting must be reset
+	local pok, ok, s = pcall(call, M.TOSTRING_BUDGET, ts, v)
 	converting = false
+	if not pok then return plain_text(v) end
 	if not ok then
 		return "(error object is a " .. tv .. " value; its __tostring failed: " .. s .. ")"
 	end
