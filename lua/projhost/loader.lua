@@ -6,6 +6,12 @@
 -- `nil, "file:line: reason"`; only misuse of this module raises.  One bad
 -- file never stops the others from loading: the host keeps serving what is
 -- valid and reports the rest (hot reload relies on that).
+--
+-- A file is source text only ("file: bytecode is not accepted"); its top
+-- level runs under the host's budget (M.default_budget) and its init under
+-- options.budget, both through guard.call, so a file that loops at load is
+-- reported ("file: loading overran its budget of Xs") and left out. The
+-- table it returns is read without running any of its metamethods.
 
 local lfs = require "lfs"
 local guard = require "projhost.guard"
