@@ -17,6 +17,7 @@ built with `make`.]],
 dependencies = {
 	"lua >= 5.1",
 	"lua-cjson",
+	"luafilesystem",
 }
 external_dependencies = {
 	LIBPQ = { header = "postgresql/libpq-fe.h", library = "pq" },

@@ -956,15 +956,22 @@ static const luaL_Reg page_methods[] = {
 	{ NULL, NULL }
 };
 
-/* A userdata class: metatable @name, its own __index, @gc and @methods. */
+/* A userdata class: metatable @name with @gc, and @methods in a table of
+ * their own as __index. Events carry their page (e._page), so scripts can
+ * reach a page: the methods table holds no __gc (calling it would free the
+ * result under every other event of the page), and __metatable = false
+ * makes getmetatable() return false and keeps the metatable out of reach.
+ * luaL_checkudata reads the real metatable, so methods still work. */
 static void new_class(lua_State *L, const char *name, lua_CFunction gc, const luaL_Reg *methods)
 {
 	luaL_newmetatable(L, name);
-	lua_pushvalue(L, -1);
+	lua_newtable(L);
+	luaL_register(L, NULL, methods);
 	lua_setfield(L, -2, "__index");
 	lua_pushcfunction(L, gc);
 	lua_setfield(L, -2, "__gc");
-	luaL_register(L, NULL, methods);
+	lua_pushboolean(L, 0);
+	lua_setfield(L, -2, "__metatable");
 	lua_pop(L, 1);
 }
 

@@ -6,21 +6,44 @@
 -- `nil, "file:line: reason"`; only misuse of this module raises.  One bad
 -- file never stops the others from loading: the host keeps serving what is
 -- valid and reports the rest (hot reload relies on that).
+--
+-- A file is source text only ("file: bytecode is not accepted"); its top
+-- level runs under the host's budget (M.default_budget) and its init under
+-- options.budget, both through guard.call, so a file that loops at load is
+-- reported ("file: loading overran its budget of Xs") and left out. The
+-- table it returns is read without running any of its metamethods.
 
-local cjson = require "cjson"
+local lfs = require "lfs"
+local guard = require "projhost.guard"
+local P = require "projhost.projection"
 
--- LuaJIT is the target; these keep the module usable under a plain Lua
+-- LuaJIT is the target; this keeps the module usable under a plain Lua
 -- 5.2+ busted too.
 local unpack = unpack or table.unpack
-local setfenv = setfenv
+local getmetatable_raw = debug.getmetatable
 
 local M = {}
 
--- Where sandboxed `print` goes.  Looked up at call time so the host (or the
--- testing module) can redirect it after scripts are loaded.
-function M.log_fn(level, msg)
-	io.stderr:write("projhost: [", level, "] ", msg, "\n")
+-- Where sandboxed `print` goes: log_fn(level, msg, path), path = the file
+-- that printed. Looked up at call time so the host (or the testing module)
+-- can redirect it after scripts are loaded.
+function M.log_fn(level, msg, path)
+	io.stderr:write("projhost: [", level, "] ", path, ": ", msg, "\n")
 end
+
+-- The largest options.budget (seconds): a day. 0 = no limit.
+M.MAX_BUDGET = 86400
+-- checkpoints.version is an int (schema.lua)
+M.MAX_VERSION = 2147483647
+
+-- Seconds a file's top level may run when it is loaded (and its init, if
+-- options.budget does not say otherwise): PROJHOST_BUDGET, else 30.
+local function host_budget()
+	local b = tonumber(os.getenv("PROJHOST_BUDGET"))
+	if b and b == b and b >= 0 and b <= M.MAX_BUDGET then return b end
+	return 30
+end
+M.default_budget = host_budget()
 
 local FIELDS = {
 	name = true, version = true, from = true, partition = true, setup = true,
@@ -30,6 +53,11 @@ local FIELDS = {
 
 local FROM_FIELDS = { all = true, stream = true, category = true, types = true }
 
+-- options = { budget = seconds (0..MAX_BUDGET, 0 = no limit), own_events =
+-- boolean (receive the events this projection emitted itself) }
+local OPTIONS = { budget = true, own_events = true }
+local OPTIONS_LIST = "budget, own_events"
+
 -- Names a script asks for by habit; they get a hint instead of a bare
 -- "unknown global" so the author knows it is deliberate.
 local DENIED = {
@@ -38,10 +66,17 @@ local DENIED = {
 	setfenv = true, getfenv = true, collectgarbage = true, _G = true,
 }
 
+-- A raw copy (no metamethod of t runs).
 local function copy(t)
 	local c = {}
-	for k, v in pairs(t) do c[k] = v end
+	for k, v in next, t do c[k] = v end
 	return c
+end
+
+-- A key of a script's table, for a message, without calling anything of it.
+local function keyname(k)
+	if type(k) == "string" then return "'" .. k .. "'" end
+	return "(a " .. type(k) .. " key)"
 end
 
 local function basename(path)
@@ -91,76 +126,38 @@ end
 M.hash = hash_fn
 
 ---------------------------------------------------------------------------
--- Directory listing without a shell: LuaJIT ffi opendir/readdir.  The
--- struct layout below is Linux's 64-bit dirent (glibc and musl); elsewhere
--- we fall back to `ls`.  Symbols are redirected with asm() to private names
--- so we cannot clash with another module's cdef of opendir, and each cdef is
--- pcalled because busted re-runs this file per spec (redefinition errors).
-
-local list_dir -- list_dir(path) -> names | nil, reason
+-- Directory listing (lua-filesystem)
 
 local function lower_first(s)
 	return (s:gsub("^%u", string.lower))
 end
 
-do
-	local has_ffi, ffi = pcall(require, "ffi")
-	if has_ffi and ffi.os == "Linux" and ffi.abi("64bit") then
-		for _, decl in ipairs({
-			"typedef struct projhost_DIR projhost_DIR;",
-			[[struct projhost_dirent { uint64_t d_ino; int64_t d_off;
-				unsigned short d_reclen; unsigned char d_type; char d_name[256]; };]],
-			"projhost_DIR *projhost_opendir(const char *) __asm__(\"opendir\");",
-			"struct projhost_dirent *projhost_readdir(projhost_DIR *) __asm__(\"readdir\");",
-			"int projhost_closedir(projhost_DIR *) __asm__(\"closedir\");",
-			"char *projhost_strerror(int) __asm__(\"strerror\");",
-		}) do
-			pcall(ffi.cdef, decl)
-		end
-		local C = ffi.C
-		local ENOTDIR = 20
-		local DT_DIR = 4
+-- The reason of an lfs error ("cannot open x: No such file or directory"),
+-- as "no such file or directory".
+local function reason_of(err)
+	err = tostring(err)
+	return lower_first(err:match(": ([^:]*)$") or err)
+end
 
-		-- Returns names, or nil, reason, is_not_a_dir.
-		list_dir = function(path)
-			local dir = C.projhost_opendir(path)
-			if dir == nil then
-				local errno = ffi.errno()
-				return nil, lower_first(ffi.string(C.projhost_strerror(errno))),
-					errno == ENOTDIR
-			end
-			local names = {}
-			while true do
-				local ent = C.projhost_readdir(dir)
-				if ent == nil then break end
-				if ent.d_type ~= DT_DIR then
-					names[#names + 1] = ffi.string(ent.d_name)
-				end
-			end
-			C.projhost_closedir(dir)
-			return names
-		end
-	else
-		local function quote(s)
-			return "'" .. s:gsub("'", "'\\''") .. "'"
-		end
-		list_dir = function(path)
-			local f, err = io.open(path, "rb")
-			if not f then
-				return nil, lower_first(err:gsub("^.-: ", "")), false
-			end
-			local _, rerr = f:read(0)
-			f:close()
-			if not (rerr and rerr:lower():match("is a directory")) then
-				return nil, "not a directory", true
-			end
-			local p = io.popen("ls -1a " .. quote(path) .. " 2>/dev/null")
-			local names = {}
-			for line in p:lines() do names[#names + 1] = line end
-			p:close()
-			return names
+-- list_dir(path) -> names of the regular files in it (symbolic links
+-- followed; a dangling link is listed, so loading it reports it) | nil,
+-- reason, is_a_file
+local function list_dir(path)
+	local mode, err = lfs.attributes(path, "mode")
+	if not mode then return nil, reason_of(err), false end
+	if mode == "file" then return nil, "not a directory", true end
+	if mode ~= "directory" then return nil, "not a regular file or directory", false end
+	local ok, iter, dir = pcall(lfs.dir, path)
+	if not ok then return nil, reason_of(iter), false end
+	local prefix = path:sub(-1) == "/" and path or path .. "/"
+	local names = {}
+	for name in iter, dir do
+		if name ~= "." and name ~= ".." then
+			local m = lfs.attributes(prefix .. name, "mode")
+			if m == "file" or m == nil then names[#names + 1] = name end
 		end
 	end
+	return names
 end
 
 ---------------------------------------------------------------------------
@@ -188,8 +185,8 @@ local function line_of(src_lines, field, value)
 			return info.linedefined
 		end
 	end
-	if field then
-		local f = escape(tostring(field))
+	if type(field) == "string" then
+		local f = escape(field)
 		local pats = {
 			"^%s*" .. f .. "%s*=[^=]", "^%s*" .. f .. "%s*=$",
 			"[{,;]%s*" .. f .. "%s*=[^=]", "[{,;]%s*" .. f .. "%s*=$",
@@ -210,15 +207,26 @@ end
 ---------------------------------------------------------------------------
 -- Sandbox
 
+-- A name a script used, for a message (a global name is always a string;
+-- os[k] may be anything).
+local function namestr(k)
+	return type(k) == "string" and k or "(a " .. type(k) .. ")"
+end
+
 local function sandbox(path)
+	-- string methods lose dump VM-wide before any script runs (guard.lua)
+	guard.protect_strings()
 	local env = {
 		assert = assert, error = error, ipairs = ipairs, next = next,
 		pairs = pairs, pcall = pcall, select = select, tonumber = tonumber,
-		tostring = tostring, type = type, unpack = unpack, xpcall = xpcall,
+		tostring = tostring, type = type, unpack = unpack,
+		-- the handler runs after the error unwound, so the budget's hook can
+		-- stop a handler that loops (see guard.xpcall)
+		xpcall = guard.xpcall,
 		rawget = rawget, rawset = rawset, rawequal = rawequal, rawlen = rawlen,
 		setmetatable = setmetatable,
 		string = copy(string), table = copy(table), math = copy(math),
-		json = { encode = cjson.encode, decode = cjson.decode, null = cjson.null },
+		json = P.script_json(),
 	}
 	-- No bytecode round trips: loading is denied anyway, dumping has no use.
 	env.string.dump = nil
@@ -230,24 +238,24 @@ local function sandbox(path)
 	end
 	env.os = setmetatable({ time = os.time, clock = os.clock, date = os.date }, {
 		__index = function(_, k)
-			error("os." .. tostring(k) .. " is not available in the projection sandbox", 2)
+			error("os." .. namestr(k) .. " is not available in the projection sandbox", 2)
 		end,
 	})
 	env.print = function(...)
 		local parts = {}
 		for i = 1, select("#", ...) do parts[i] = tostring((select(i, ...))) end
-		M.log_fn("info", path .. ": " .. table.concat(parts, " "))
+		M.log_fn("info", table.concat(parts, " "), path)
 	end
 	return setmetatable(env, {
 		__index = function(_, k)
 			if DENIED[k] then
-				error("unknown global '" .. tostring(k)
+				error("unknown global '" .. namestr(k)
 					.. "' (not available in the projection sandbox)", 2)
 			end
-			error("unknown global '" .. tostring(k) .. "'", 2)
+			error("unknown global '" .. namestr(k) .. "'", 2)
 		end,
 		__newindex = function(_, k)
-			error("assignment to undeclared global '" .. tostring(k)
+			error("assignment to undeclared global '" .. namestr(k)
 				.. "' (declare it local)", 2)
 		end,
 	})
@@ -255,11 +263,22 @@ end
 
 ---------------------------------------------------------------------------
 -- Validation.  Each check returns a reason; the caller adds file:line.
+--
+-- The tables a script returns are read without running any of its code: a
+-- definition table (the projection, from, from.types, when, options, the
+-- setup and reset arrays) with a metatable is rejected (an __index could
+-- raise, loop or answer differently each time), keys are named without
+-- tostring, and the def keeps copies, so a handler that changes its tables
+-- later changes nothing. Numbers must be finite and in range.
+
+local function has_mt(t)
+	return getmetatable_raw(t) ~= nil
+end
 
 local function is_array_of_strings(t, allow_empty_strings)
 	if type(t) ~= "table" then return false end
 	local n = #t
-	for k, v in pairs(t) do
+	for k, v in next, t do
 		if type(k) ~= "number" or k < 1 or k > n or k % 1 ~= 0 then return false end
 		if type(v) ~= "string" or (not allow_empty_strings and v == "") then
 			return false
@@ -268,11 +287,21 @@ local function is_array_of_strings(t, allow_empty_strings)
 	return true
 end
 
+-- Keys in a stable order: strings sorted, then the others (named by type).
 local function sorted_keys(t)
 	local keys = {}
-	for k in pairs(t) do keys[#keys + 1] = k end
-	table.sort(keys, function(a, b) return tostring(a) < tostring(b) end)
+	for k in next, t do keys[#keys + 1] = k end
+	table.sort(keys, function(a, b)
+		local sa, sb = type(a) == "string", type(b) == "string"
+		if sa and sb then return a < b end
+		if sa ~= sb then return sa end
+		return type(a) < type(b)
+	end)
 	return keys
+end
+
+local function finite(x)
+	return type(x) == "number" and x == x and x > -math.huge and x < math.huge
 end
 
 -- Returns the normalized def, or nil, line, reason.
@@ -280,10 +309,18 @@ local function validate(t, path, src_lines)
 	local function fail(field, value, reason)
 		return nil, line_of(src_lines, field, value), reason
 	end
+	local function not_plain(what)
+		return "'" .. what .. "' must be a plain table (it has a metatable)"
+	end
 
+	if has_mt(t) then
+		return fail(nil, nil, "the projection table must not have a metatable")
+	end
 	for _, k in ipairs(sorted_keys(t)) do
-		if not FIELDS[k] then
-			return fail(k, t[k], "unknown field '" .. tostring(k) .. "'")
+		if type(k) ~= "string" then
+			return fail(nil, nil, "unknown field " .. keyname(k))
+		elseif not FIELDS[k] then
+			return fail(k, t[k], "unknown field " .. keyname(k))
 		end
 	end
 
@@ -305,10 +342,9 @@ local function validate(t, path, src_lines)
 	local version = t.version
 	if version == nil then
 		version = 1
-	elseif type(version) ~= "number" or version < 1 or version % 1 ~= 0
-		or version ~= version or version == math.huge then
-		return fail("version", version, "'version' must be a positive integer (got "
-			.. tostring(version) .. ")")
+	elseif not finite(version) or version < 1 or version > M.MAX_VERSION or version % 1 ~= 0 then
+		return fail("version", version, "'version' must be an integer from 1 to " .. M.MAX_VERSION
+			.. " (got " .. (type(version) == "number" and ("%.17g"):format(version) or type(version)) .. ")")
 	end
 	def.version = version
 
@@ -318,9 +354,12 @@ local function validate(t, path, src_lines)
 	elseif type(from) ~= "table" then
 		return fail("from", from, "'from' must be a table (got " .. type(from) .. ")")
 	end
+	if has_mt(from) then return fail("from", from, not_plain("from")) end
 	for _, k in ipairs(sorted_keys(from)) do
-		if not FROM_FIELDS[k] then
-			return fail(k, from[k], "unknown field 'from." .. tostring(k) .. "'")
+		if type(k) ~= "string" then
+			return fail("from", from, "unknown field in 'from' " .. keyname(k))
+		elseif not FROM_FIELDS[k] then
+			return fail(k, from[k], "unknown field 'from." .. k .. "'")
 		end
 	end
 	local kinds = {}
@@ -351,6 +390,7 @@ local function validate(t, path, src_lines)
 		def.from = { [kind] = v }
 	end
 	if from.types ~= nil then
+		if has_mt(from.types) then return fail("types", from.types, not_plain("from.types")) end
 		if not is_array_of_strings(from.types) or #from.types == 0 then
 			return fail("types", from.types, "'from.types' must be a non-empty array of "
 				.. "non-empty event type strings")
@@ -361,7 +401,7 @@ local function validate(t, path, src_lines)
 	local partition = t.partition
 	if partition ~= nil and partition ~= "stream" then
 		return fail("partition", partition, "'partition' must be \"stream\" or omitted (got "
-			.. tostring(partition) .. ")")
+			.. (type(partition) == "string" and partition or type(partition)) .. ")")
 	end
 	def.partition = partition
 
@@ -371,6 +411,8 @@ local function validate(t, path, src_lines)
 			def[field] = {}
 		elseif type(v) == "string" then
 			def[field] = { v }
+		elseif has_mt(v) then
+			return fail(field, v, not_plain(field))
 		elseif is_array_of_strings(v, true) then
 			def[field] = copy(v)
 		else
@@ -387,7 +429,12 @@ local function validate(t, path, src_lines)
 	local when = t.when
 	if when == nil then
 		return fail(nil, nil, "missing 'when' (a table of event type = handler function)")
-	elseif type(when) ~= "table" or next(when) == nil then
+	elseif type(when) ~= "table" then
+		return fail("when", when, "'when' must be a non-empty table of event type = "
+			.. "handler function")
+	elseif has_mt(when) then
+		return fail("when", when, not_plain("when"))
+	elseif next(when) == nil then
 		return fail("when", when, "'when' must be a non-empty table of event type = "
 			.. "handler function")
 	end
@@ -395,7 +442,7 @@ local function validate(t, path, src_lines)
 		local h = when[k]
 		if type(k) ~= "string" or k == "" then
 			return fail("when", when, "'when' keys must be event type strings or \"*\" (got "
-				.. tostring(k) .. ")")
+				.. (k == "" and "''" or "a " .. type(k) .. " key") .. ")")
 		end
 		if type(h) ~= "function" then
 			return fail(k, h, "handler for '" .. k .. "' must be a function (got "
@@ -412,24 +459,48 @@ local function validate(t, path, src_lines)
 		def[field] = v
 	end
 
-	if t.options ~= nil and type(t.options) ~= "table" then
-		return fail("options", t.options, "'options' must be a table")
+	local options = t.options
+	if options == nil then
+		options = {}
+	elseif type(options) ~= "table" then
+		return fail("options", options, "'options' must be a table")
+	elseif has_mt(options) then
+		return fail("options", options, not_plain("options"))
 	end
-	def.options = t.options or {}
+	for _, k in ipairs(sorted_keys(options)) do
+		if not OPTIONS[k] then
+			return fail(type(k) == "string" and k or "options", options[k], "unknown option " .. keyname(k)
+				.. " (known: " .. OPTIONS_LIST .. ")")
+		end
+	end
+	local budget = options.budget
+	if budget ~= nil and not (finite(budget) and budget >= 0 and budget <= M.MAX_BUDGET) then
+		return fail("budget", budget, "'options.budget' must be a number of seconds from 0 (no limit) to "
+			.. M.MAX_BUDGET .. " (got " .. (type(budget) == "number" and tostring(budget) or type(budget)) .. ")")
+	end
+	local own = options.own_events
+	if own ~= nil and type(own) ~= "boolean" then
+		return fail("own_events", own, "'options.own_events' must be true or false (got " .. type(own) .. ")")
+	end
+	def.options = copy(options)
+	-- resolved, so the worker has one place to look
+	def.budget = budget or M.default_budget
+	def.own_events = own == true
 
 	-- How a version change rebuilds: "shadow" (new state and checkpoints
 	-- beside the serving version, switched over once caught up) or
 	-- "in_place" (run `reset`, start over). A projection with `reset` SQL
 	-- clears shared tables, so it rebuilds in place unless it says otherwise.
-	if t.rebuild ~= nil and t.rebuild ~= "shadow" and t.rebuild ~= "in_place" then
-		return fail("rebuild", t.rebuild, "'rebuild' must be \"shadow\" or \"in_place\" (got "
-			.. tostring(t.rebuild) .. ")")
+	local rebuild = t.rebuild
+	if rebuild ~= nil and rebuild ~= "shadow" and rebuild ~= "in_place" then
+		return fail("rebuild", rebuild, "'rebuild' must be \"shadow\" or \"in_place\" (got "
+			.. (type(rebuild) == "string" and rebuild or type(rebuild)) .. ")")
 	end
-	def.rebuild = t.rebuild or (#def.reset > 0 and "in_place" or "shadow")
+	def.rebuild = rebuild or (#def.reset > 0 and "in_place" or "shadow")
 
 	-- The types this projection can see, for the worker's SQL filter.
 	local filter
-	if when["*"] then
+	if def.when["*"] then
 		filter = def.types and copy(def.types)
 	else
 		local allowed
@@ -438,7 +509,7 @@ local function validate(t, path, src_lines)
 			for _, ty in ipairs(def.types) do allowed[ty] = true end
 		end
 		filter = {}
-		for ty, h in pairs(when) do
+		for ty, h in next, def.when do
 			if allowed and not allowed[ty] then
 				-- Would never run: almost certainly a typo in one of the lists.
 				return fail(ty, h, "handler for '" .. ty .. "' can never run: '" .. ty
@@ -464,29 +535,42 @@ end
 ---------------------------------------------------------------------------
 -- Public API
 
+-- Text that LuaJIT would take for bytecode: it begins with "\27" (luajit -b
+-- writes "\27LJ"), also after a UTF-8 BOM and a "#!" line, which the lexer
+-- skips. LuaJIT does not verify bytecode: a crafted file escapes the
+-- sandbox, a corrupted one crashes the process. load(..., "t") refuses it
+-- too; this check is first so the message is always the same.
+local function is_bytecode(text)
+	local i = 1
+	if text:sub(1, 3) == "\239\187\191" then i = 4 end
+	if text:sub(i, i) == "#" then
+		local nl = text:find("\n", i, true)
+		if not nl then return false end
+		i = nl + 1
+	end
+	return text:sub(i, i) == "\27"
+end
+
 -- Load a projection from source text; `path` names it in messages.
 function M.load_source(source, path)
 	assert(type(source) == "string", "load_source: source must be a string")
 	assert(type(path) == "string", "load_source: path must be a string")
-	-- loadstring does not skip a "#!" line the way loadfile does; comment it
-	-- out so line numbers stay right.
+	if is_bytecode(source) then return nil, path .. ": bytecode is not accepted" end
+	-- Plain Lua's load does not skip a "#!" line the way loadfile does;
+	-- comment it out so line numbers stay right.
 	local text = source
 	if text:sub(1, 1) == "#" then text = "--" .. text end
 	local env = sandbox(path)
-	local chunk, err
-	if setfenv then
-		chunk, err = loadstring(text, "@" .. path)
-		if chunk then setfenv(chunk, env) end
-	else
-		chunk, err = load(text, "@" .. path, "t", env)
-	end
-	if not chunk then return nil, err end
+	local chunk, err = load(text, "@" .. path, "t", env)
+	if not chunk then return nil, guard.errtext(err) end
 
-	local ok, t = pcall(chunk)
+	-- A file's options.budget is not known before its top level ran, so
+	-- that runs under the host's budget.
+	local ok, t, kind = guard.call(M.default_budget, chunk)
 	if not ok then
-		local msg = tostring(t)
-		if msg:sub(1, #path + 1) ~= path .. ":" then msg = path .. ": " .. msg end
-		return nil, msg
+		if kind == "budget" then return nil, path .. ": loading " .. t end
+		if t:sub(1, #path + 1) ~= path .. ":" then t = path .. ": " .. t end
+		return nil, t
 	end
 	local src_lines = lines_of(source)
 	if type(t) ~= "table" then
@@ -501,16 +585,19 @@ function M.load_source(source, path)
 
 	-- Run init once now so a broken one is reported at load, not on the
 	-- first event.
-	local iok, state = pcall(def.init)
+	local init_line = line_of(src_lines, "init", t.init)
+	local iok, state, ikind = guard.call(def.budget, def.init)
 	if not iok then
-		local msg = tostring(state)
-		if msg:sub(1, #path + 1) ~= path .. ":" then
-			msg = ("%s:%d: init failed: %s"):format(path, line_of(src_lines, "init", t.init), msg)
+		if ikind == "budget" then
+			return nil, ("%s:%d: init %s"):format(path, init_line, state)
 		end
-		return nil, msg
+		if state:sub(1, #path + 1) ~= path .. ":" then
+			state = ("%s:%d: init failed: %s"):format(path, init_line, state)
+		end
+		return nil, state
 	elseif type(state) ~= "table" then
 		return nil, ("%s:%d: init must return a table (got %s)")
-			:format(path, line_of(src_lines, "init", t.init), type(state))
+			:format(path, init_line, type(state))
 	end
 
 	def.file = path

@@ -18,55 +18,123 @@
 -- (one statement per table per batch).
 
 local cjson = require "cjson"
+local guard = require "projhost.guard"
 local unpack = unpack or table.unpack
+local errtext = guard.errtext
+local getmetatable_raw = debug.getmetatable
 
 local M = {}
 
--- One JSON configuration for everything that crosses into the database
--- (table parameters, emitted data, state), matching what the worker stores:
--- 14 significant digits (integers up to 1e14 stay exact) and sparse arrays
--- encoded as objects instead of raising.  A private instance, so nobody
--- else's cjson settings change.
+-- One JSON configuration for everything a projection sees or sends (table
+-- parameters, emitted data, state, events, and the scripts' `json`
+-- global), matching what the worker stores: 14 significant digits
+-- (integers up to 1e14 stay exact) and sparse arrays encoded as objects
+-- instead of raising. A private instance, so nobody else's cjson settings
+-- change, and this is its only home: scripts get M.script_json(), which
+-- exposes encode, decode and null only.
 local json = cjson.new()
 json.encode_number_precision(14)
 json.encode_sparse_array(true)
 M.json = json
 
--- The worker's events fetch id, data, metadata and time on first use (see
--- worker.lua); M.event_mt is their metatable. Stored as JSON (kept in the
--- state, sent as a parameter) an event must still be the event, so when a
--- value cannot be encoded as it is, events in it are replaced by plain
--- tables of their fields and the encoding is tried again.
-M.event_mt = nil
+-- JSON null as it comes out of decode (the same value for every cjson
+-- instance).
+local null = cjson.null
+M.null = null
 
+---------------------------------------------------------------------------
+-- Events
+--
+-- The worker's events fetch id, data, metadata and time on first use: the
+-- worker gives the loader once (M.set_lazy) and makes each event with
+-- M.event(t). The metatable is this module's, one for every event, and
+-- protected: a script's getmetatable(e) returns false and setmetatable(e,
+-- ...) raises, so one projection cannot patch how another's events read.
+-- Host code that needs to recognize an event uses debug.getmetatable.
+local lazy -- fn(e, k) -> value of field k (nil: none), see set_lazy
+
+local EVENT_MT = {
+	__index = function(e, k)
+		local f = lazy
+		if not f then return nil end
+		local v = f(e, k)
+		if v ~= nil then rawset(e, k, v) end
+		return v
+	end,
+	__metatable = false,
+}
+
+-- Do not assign it: make events with M.event (it stays here for code that
+-- compares with debug.getmetatable).
+M.event_mt = EVENT_MT
+
+-- fn(e, k) loads the field k of event e the first time a handler reads a
+-- field the event table does not hold; its (non-nil) result is stored in
+-- e, so it is asked once per field and event. nil: no lazy fields.
+function M.set_lazy(fn)
+	assert(fn == nil or type(fn) == "function", "set_lazy: fn must be a function or nil")
+	lazy = fn
+end
+
+-- t (a table of the event's fields) as an event; returns t.
+function M.event(t)
+	return setmetatable(t, EVENT_MT)
+end
+
+local function is_event(v)
+	local mt = getmetatable_raw(v)
+	return mt ~= nil and mt == M.event_mt
+end
+
+-- Stored as JSON (kept in the state, sent as a parameter) an event must
+-- still be the event, so when a value cannot be encoded as it is, events
+-- in it are replaced by plain tables of their fields and the encoding is
+-- tried again.
 local function plain(v, seen)
 	if type(v) ~= "table" then return v end
-	if M.event_mt and getmetatable(v) == M.event_mt then
+	if is_event(v) then
 		return { id = v.id, stream = v.stream, version = v.version, position = v.position, type = v.type,
 			data = v.data, metadata = v.metadata, time = v.time }
 	end
 	if seen[v] then return seen[v] end
 	local t = {}
 	seen[v] = t
-	for k, x in pairs(v) do t[k] = plain(x, seen) end
+	for k, x in next, v do t[k] = plain(x, seen) end
 	return t
 end
 
 -- v as JSON text: true, text | false, message (like pcall(json.encode, v)).
 function M.encode(v)
 	local ok, s = pcall(json.encode, v)
-	if not ok and M.event_mt and type(v) == "table" then
+	if not ok and type(v) == "table" then
 		local ok2, s2 = pcall(json.encode, plain(v, {}))
 		if ok2 then return ok2, s2 end
 	end
+	if not ok then s = errtext(s) end
 	return ok, s
 end
 local encode = M.encode
 
+-- The `json` global of a sandbox: encode and decode as the host stores
+-- (M.json, events included), and null. A new table per call, so a script
+-- replacing json.encode changes its own file only; none of the instance's
+-- configuration functions are reachable from it.
+function M.script_json()
+	return {
+		encode = function(v)
+			local ok, s = encode(v)
+			if not ok then error(s, 2) end
+			return s
+		end,
+		decode = function(text) return json.decode(text) end,
+		null = null,
+	}
+end
+
 -- State as stored (jsonb text); nil, msg if the state cannot be stored.
 function M.encode_state(state)
 	local ok, s = encode(state)
-	if not ok then return nil, "state cannot be stored as JSON: " .. tostring(s) end
+	if not ok then return nil, "state cannot be stored as JSON: " .. s end
 	return s
 end
 
@@ -104,13 +172,14 @@ function M.apply(def, state, e, ctx)
 			where = info.short_src .. ":" .. info.linedefined .. ": "
 		end
 		error(("%shandler for '%s' returned a %s, expected a table or nothing")
-			:format(where, tostring(e.type), type(r)), 0)
+			:format(where, errtext(e.type), type(r)), 0)
 	end
 	return r
 end
 
--- Tables become JSON text (for jsonb columns); scalars pass through.  nils
--- in the middle are kept: the count comes from select('#').
+-- Tables become JSON text (for jsonb columns); JSON null (e.data.x of a
+-- {"x": null}) becomes nil, i.e. SQL NULL; other scalars pass through.
+-- nils in the middle are kept: the count comes from select('#').
 local function encode_params(method, ...)
 	local n = select("#", ...)
 	local args = { ... }
@@ -121,11 +190,12 @@ local function encode_params(method, ...)
 			local ok, s = encode(v)
 			if not ok then
 				error(("ctx:%s: parameter %d cannot be encoded as JSON: %s")
-					:format(method, i, tostring(s)), 3)
+					:format(method, i, s), 3)
 			end
 			args[i] = s
-		elseif not (tv == "nil" or tv == "number" or tv == "string" or tv == "boolean"
-			or v == cjson.null) then
+		elseif v == null then
+			args[i] = nil
+		elseif not (tv == "nil" or tv == "number" or tv == "string" or tv == "boolean") then
 			error(("ctx:%s: parameter %d is a %s (expected nil, boolean, number, string or table)")
 				:format(method, i, tv), 3)
 		end
@@ -134,8 +204,8 @@ local function encode_params(method, ...)
 end
 
 local function failure(method, msg, code)
-	local s = "ctx:" .. method .. ": " .. tostring(msg or "failed")
-	if code ~= nil then s = s .. " [" .. tostring(code) .. "]" end
+	local s = "ctx:" .. method .. ": " .. (msg == nil and "failed" or errtext(msg))
+	if code ~= nil then s = s .. " [" .. errtext(code) .. "]" end
 	return s
 end
 
@@ -146,7 +216,7 @@ local function check_json(method, what, v)
 	end
 	local ok, err = encode(v)
 	if not ok then
-		error(("ctx:%s: %s cannot be encoded as JSON: %s"):format(method, what, tostring(err)), 3)
+		error(("ctx:%s: %s cannot be encoded as JSON: %s"):format(method, what, err), 3)
 	end
 end
 
@@ -283,10 +353,10 @@ function M.new_ctx(def, backend)
 		for c, v in pairs(row) do
 			if not colset[c] then
 				error(("ctx:upsert: rows for %s in one batch must have the same columns (%s is new)")
-					:format(tbl, tostring(c)), 2)
+					:format(tbl, errtext(c)), 2)
 			end
 			local tv = type(v)
-			if tv == "function" or tv == "thread" or (tv == "userdata" and v ~= cjson.null) then
+			if tv == "function" or tv == "thread" or (tv == "userdata" and v ~= null) then
 				error(("ctx:upsert: column %s is a %s"):format(c, tv), 2)
 			end
 			copy[c] = v
@@ -343,7 +413,7 @@ function M.new_ctx(def, backend)
 				.. "ON CONFLICT (%s) DO %s"):format(b.qtbl, cl, cl, b.qtbl, table.concat(qkeys, ", "),
 				#sets > 0 and ("UPDATE SET " .. table.concat(sets, ", ")) or "NOTHING")
 			local ok, body = encode(rows)
-			if not ok then return nil, "ctx:upsert: rows cannot be encoded as JSON: " .. tostring(body) end
+			if not ok then return nil, "ctx:upsert: rows cannot be encoded as JSON: " .. body end
 			-- backend.flush, when there is one, knows the write is a set
 			-- of rows of several events (the worker charges a failure to
 			-- the right one)

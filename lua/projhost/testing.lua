@@ -16,11 +16,14 @@
 --  * a failing handler leaves no trace: its state change, SQL and emitted
 --    events are dropped, then the error is raised (logs are kept);
 --  * ctx:exec returns 1 (rows affected); ctx:query returns on_query stubs
---    or no rows.
+--    or no rows;
+--  * handlers, init and caught_up run under the projection's budget
+--    (options.budget, else the host's), so a handler that loops fails the
+--    spec with "overran its budget of Xs" instead of hanging it.
 
-local unpack = unpack or table.unpack
 local loader = require "projhost.loader"
 local P = require "projhost.projection"
+local guard = require "projhost.guard"
 
 local M = {}
 
@@ -174,13 +177,14 @@ function Harness:_rollback(mark)
 	self._versions = mark.versions
 end
 
--- pcall fn with the sandbox's print captured into logs.
+-- Run fn under the projection's budget with the sandbox's print captured
+-- into logs: true, result | false, message (a string, see guard.call).
 function Harness:_run(fn, ...)
 	local saved = loader.log_fn
-	loader.log_fn = function(_, msg) self._logs[#self._logs + 1] = msg end
-	local res = { pcall(fn, ...) }
+	loader.log_fn = function(_, msg, path) self._logs[#self._logs + 1] = path .. ": " .. msg end
+	local ok, res = guard.call(self.def.budget or loader.default_budget, fn, ...)
 	loader.log_fn = saved
-	return unpack(res, 1, 2)
+	return ok, res
 end
 
 function Harness:_sees(e)
@@ -224,11 +228,13 @@ function Harness:_apply(e)
 	local def = self.def
 	local key = def.partition == "stream" and e.stream or ""
 	local json = self._states[key]
-	local state = json and P.decode_state(json) or P.init_state(def)
 	local mark = self:_mark()
 	local ctx = P.new_ctx(def, self:_backend())
 
-	local ok, res = self:_run(P.apply, def, state, e, ctx)
+	local ok, res = self:_run(function()
+		local state = json and P.decode_state(json) or P.init_state(def)
+		return P.apply(def, state, e, ctx)
+	end)
 	if ok then
 		-- ctx:upsert writes at the end of a batch; here every event is one
 		local okf, ferr = ctx._flush()
@@ -241,7 +247,7 @@ function Harness:_apply(e)
 	end
 	if not ok then
 		self:_rollback(mark)
-		error(describe_event(def, e) .. ": " .. tostring(res), 0)
+		error(describe_event(def, e) .. ": " .. guard.errtext(res), 0)
 	end
 	self._states[key] = encoded
 end
@@ -284,7 +290,9 @@ function Harness:state(partition)
 	end
 	local json = self._states[""]
 	if json then return P.decode_state(json) end
-	return deepcopy(P.init_state(self.def))
+	local ok, s = self:_run(P.init_state, self.def)
+	if not ok then error(self.def.name .. ": init: " .. s, 0) end
+	return deepcopy(s)
 end
 
 -- Every ctx:exec and ctx:query so far: { sql =, params =, n = }, in order.
@@ -310,7 +318,7 @@ function Harness:caught_up()
 	local ok, err = self:_run(def.caught_up, ctx)
 	if not ok then
 		self:_rollback(mark)
-		error(def.name .. ": caught_up: " .. tostring(err), 0)
+		error(def.name .. ": caught_up: " .. err, 0)
 	end
 	return self
 end

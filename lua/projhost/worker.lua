@@ -32,9 +32,6 @@ local BATCH_GROWTH = 16
 local PAGE_BYTES = 16 * 1024 * 1024
 -- partitions listed per discovery query
 local FIND_PAGE = 1000
--- seconds a handler may run before the master kills its worker
--- (options.budget overrides it per projection; 0 = no limit)
-local BUDGET = tonumber(os.getenv("PROJHOST_BUDGET")) or 30
 -- runaway SQL (libpq syntax: "30s", "2min", or ms)
 local STATEMENT_TIMEOUT = os.getenv("PROJHOST_STATEMENT_TIMEOUT") or "60s"
 -- Batches in the middle of a catch-up (a full page: more events are
@@ -184,11 +181,10 @@ local function source_filter(def, first)
 	return s ~= "" and (" AND " .. s) or "", params
 end
 
--- Prepare the per-definition SQL and options once.
+-- Prepare the per-definition SQL once. (def.budget, the seconds its code
+-- may run before the master kills the worker, and def.own_events come
+-- resolved from the loader.)
 local function compile(def)
-	-- seconds its code may run before the master kills the worker
-	def.budget = tonumber(def.options.budget) or BUDGET
-	def.own_events = def.options.own_events == true
 	local f, fp = source_filter(def, 4)
 	def._read_sql = "SELECT " .. COLS .. [[
 	FROM projhost.events
@@ -212,27 +208,22 @@ end
 -- events never pays for strings or JSON it does not read.
 local LAZY = { id = true, tx = true, data = true, metadata = true, time = true }
 
-local EVENT_MT = {
-	__index = function(e, k)
-		if not LAZY[k] then return nil end
-		local page = rawget(e, "_page")
-		local v = page and page:text(rawget(e, "_row"), k)
-		if k == "data" or k == "metadata" then
-			v = v and json.decode(v) or {}
-		elseif k == "time" and v then
-			-- "2026-11-22 22:55:40.123456+00" -> "2026-11-22T22:55:40.123456Z"
-			v = v:gsub(" ", "T", 1):gsub("%+00$", "Z")
-		end
-		rawset(e, k, v)
-		return v
-	end,
-}
+-- The loader of those fields (see P.event: the event metatable is
+-- projection.lua's, protected from scripts).
+P.set_lazy(function(e, k)
+	if not LAZY[k] then return nil end
+	local page = rawget(e, "_page")
+	local v = page and page:text(rawget(e, "_row"), k)
+	if k == "data" or k == "metadata" then
+		v = v and json.decode(v) or {}
+	elseif k == "time" and v then
+		-- "2026-11-22 22:55:40.123456+00" -> "2026-11-22T22:55:40.123456Z"
+		v = v:gsub(" ", "T", 1):gsub("%+00$", "Z")
+	end
+	return v
+end)
 
-P.event_mt = EVENT_MT
-
-local function to_event(e)
-	return setmetatable(e, EVENT_MT)
-end
+local to_event = P.event
 
 -- ---------------------------------------------------------------------
 -- the ctx backend: the batch's own connection, inside its transaction

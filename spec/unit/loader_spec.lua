@@ -41,7 +41,9 @@ describe("projhost.loader", function()
 			assert.same({ category = "account" }, def.from)
 			assert.same({ "Opened", "Deposited", "Closed" }, def.types)
 			assert.equal("stream", def.partition)
-			assert.same({ batch_size = 50 }, def.options)
+			assert.same({ budget = 5, own_events = true }, def.options)
+			assert.equal(5, def.budget)
+			assert.is_true(def.own_events)
 			assert.is_function(def.on_error)
 			assert.is_function(def.caught_up)
 		end)
@@ -88,6 +90,8 @@ describe("projhost.loader", function()
 			assert.same({}, def.setup)
 			assert.same({}, def.reset)
 			assert.same({}, def.options)
+			assert.equal(loader.default_budget, def.budget)
+			assert.is_false(def.own_events)
 			assert.is_nil(def.partition)
 			assert.is_nil(def.on_error)
 		end)
@@ -174,14 +178,18 @@ describe("projhost.loader", function()
 		end)
 
 		it("a version that is not a positive integer", function()
-			assert.equal(BAD .. "bad_version.lua:3: 'version' must be a positive integer (got 1.5)",
+			assert.equal(BAD .. "bad_version.lua:3: 'version' must be an integer from 1 to 2147483647 (got 1.5)",
 				load_error("bad_version"))
-			for _, v in ipairs({ "0", "-1", "'1'" }) do
+			assert.equal(BAD .. "big_version.lua:3: 'version' must be an integer from 1 to 2147483647 "
+				.. "(got 3000000000)", load_error("big_version"))
+			for _, v in ipairs({ "0", "-1", "'1'", "0/0", "math.huge", "-math.huge", "2^31", "2147483647.5" }) do
 				local def, err = loader.load_source("return { version = " .. v
 					.. ", from = { all = true }, when = { A = function() end } }", "v.lua")
 				assert.is_nil(def)
-				assert.matches("^v%.lua:1: 'version' must be a positive integer", err)
+				assert.matches("^v%.lua:1: 'version' must be an integer from 1 to 2147483647", err)
 			end
+			assert.equal(2147483647, assert(loader.load_source("return { version = 2147483647, "
+				.. "from = { all = true }, when = { A = function() end } }", "v.lua")).version)
 		end)
 
 		it("a bad name", function()
@@ -272,22 +280,22 @@ describe("projhost.loader", function()
 			local def = assert(loader.load_source([[
 				local t = json.decode(json.encode({ a = 1 }))
 				return { from = { all = true }, when = { A = function() end },
-					options = { a = t.a } }
+					options = { budget = t.a } }
 			]], "json.lua"))
-			assert.same({ a = 1 }, def.options)
+			assert.same({ budget = 1 }, def.options)
 		end)
 
-		it("routes print to loader.log_fn", function()
+		it("routes print to loader.log_fn, with the file apart", function()
 			local got = {}
 			local saved = loader.log_fn
-			loader.log_fn = function(level, msg) got[#got + 1] = { level, msg } end
+			loader.log_fn = function(level, msg, path) got[#got + 1] = { level, msg, path } end
 			local def = loader.load_source([[
 				print("hello", 42, nil)
 				return { from = { all = true }, when = { A = function() end } }
 			]], "print.lua")
 			loader.log_fn = saved
 			assert.truthy(def)
-			assert.same({ { "info", "print.lua: hello 42 nil" } }, got)
+			assert.same({ { "info", "hello 42 nil", "print.lua" } }, got)
 		end)
 
 		it("keeps the sandbox for handlers at run time", function()
@@ -392,5 +400,184 @@ describe("loader: rebuild", function()
 		local def, err = loader.load_source(src('rebuild = "later",'), "d.lua")
 		assert.is_nil(def)
 		assert.matches("^d%.lua:1: 'rebuild' must be \"shadow\" or \"in_place\"", err)
+	end)
+end)
+
+describe("loader: definitions with metatables", function()
+	local function load_error(name)
+		local def, err = loader.load_file(BAD .. name .. ".lua")
+		assert.is_nil(def)
+		assert.is_string(err)
+		return err
+	end
+
+	-- Each of these raises or loops in a metamethod; reading the definition
+	-- must not invoke any of them (a crash or hang of the loader otherwise).
+	it("rejects a projection table with a metatable, at the return", function()
+		assert.equal(BAD .. "mt_top.lua:3: the projection table must not have a metatable",
+			load_error("mt_top"))
+	end)
+
+	it("rejects from, when, from.types and options with a metatable, at their lines", function()
+		assert.equal(BAD .. "mt_when.lua:3: 'when' must be a plain table (it has a metatable)", load_error("mt_when"))
+		assert.equal(BAD .. "mt_from.lua:2: 'from' must be a plain table (it has a metatable)", load_error("mt_from"))
+		assert.equal(BAD .. "mt_types.lua:3: 'from.types' must be a plain table (it has a metatable)",
+			load_error("mt_types"))
+		assert.equal(BAD .. "mt_options.lua:4: 'options' must be a plain table (it has a metatable)",
+			load_error("mt_options"))
+	end)
+
+	it("rejects setup and reset arrays with a metatable", function()
+		local def, err = loader.load_source([[return { from = { all = true }, when = { A = function() end },
+			setup = setmetatable({ "SELECT 1" }, { __index = function() while true do end end }) }]], "s.lua")
+		assert.is_nil(def)
+		assert.equal("s.lua:2: 'setup' must be a plain table (it has a metatable)", err)
+	end)
+
+	it("names a key of any type without calling its metamethods", function()
+		assert.equal(BAD .. "mt_key.lua:4: unknown field (a table key)", load_error("mt_key"))
+		assert.equal(BAD .. "mt_when_key.lua:4: 'when' keys must be event type strings or \"*\" (got a table key)",
+			load_error("mt_when_key"))
+	end)
+
+	it("keeps its own copies: a script changing its tables later changes nothing", function()
+		local def = assert(loader.load_source([[
+			local opts = { budget = 2 }
+			local when = {}
+			when.A = function() when.B = function() end; setmetatable(opts, { __index = function() while true do end end }) end
+			return { from = { all = true }, when = when, options = opts }
+		]], "c.lua"))
+		def.when.A({}, {})
+		assert.is_nil(def.when.B)
+		assert.is_nil(getmetatable(def.options))
+		assert.equal(2, def.options.budget)
+	end)
+end)
+
+describe("loader: error objects at load", function()
+	it("turns an error object whose __tostring raises into a message", function()
+		local def, err = loader.load_source(
+			[[error(setmetatable({}, { __tostring = function() error("no", 0) end }))]], "e.lua")
+		assert.is_nil(def)
+		assert.equal("e.lua: (error object is a table value; its __tostring failed: no)", err)
+	end)
+
+	it("turns nil, a coroutine and a huge string into messages", function()
+		for src, want in pairs({
+			["error(nil)"] = "^n%.lua: %(error object is a nil value%)$",
+			["error(coroutine.create(print))"] = "unknown global 'coroutine'",
+			["error(('x'):rep(1e6))"] = "^n%.lua:1: xxxx.* %.%.%. %(1000009 bytes in all%)$",
+		}) do
+			local def, err = loader.load_source(src, "n.lua")
+			assert.is_nil(def)
+			assert.matches(want, err)
+		end
+	end)
+
+	it("stops an error object's __tostring that loops", function()
+		local guard = require "projhost.guard"
+		local saved = guard.TOSTRING_BUDGET
+		guard.TOSTRING_BUDGET = 0.05
+		local def, err = loader.load_source(
+			[[error(setmetatable({}, { __tostring = function() while true do end end }))]], "l.lua")
+		guard.TOSTRING_BUDGET = saved
+		assert.is_nil(def)
+		assert.equal("l.lua: (error object is a table value; its __tostring failed: overran its budget of 0.05s)", err)
+	end)
+end)
+
+describe("loader: budget at load", function()
+	local saved
+	before_each(function()
+		saved = loader.default_budget
+		loader.default_budget = 0.1
+	end)
+	after_each(function() loader.default_budget = saved end)
+
+	it("defaults to PROJHOST_BUDGET or 30 s", function()
+		local env = tonumber(os.getenv("PROJHOST_BUDGET"))
+		assert.equal(env or 30, saved)
+	end)
+
+	it("reports a file that loops at its top level", function()
+		local def, err = loader.load_source("while true do end", "loop.lua")
+		assert.is_nil(def)
+		assert.equal("loop.lua: loading overran its budget of 0.1s", err)
+	end)
+
+	it("is not fooled by a top level that swallows the overrun with pcall", function()
+		local def, err = loader.load_source([[
+			while true do pcall(function() while true do end end) end
+		]], "loop.lua")
+		assert.is_nil(def)
+		assert.equal("loop.lua: loading overran its budget of 0.1s", err)
+	end)
+
+	it("reports an init that loops, with options.budget as its budget", function()
+		local def, err = loader.load_source([[return { from = { all = true }, when = { A = function() end },
+			options = { budget = 0.05 },
+			init = function() while true do end end }]], "init.lua")
+		assert.is_nil(def)
+		assert.equal("init.lua:3: init overran its budget of 0.05s", err)
+	end)
+
+	it("reports an init that runs out of memory", function()
+		local def, err = loader.load_source([[return { from = { all = true }, when = { A = function() end },
+			init = function() error("not enough memory", 0) end }]], "mem.lua")
+		assert.is_nil(def)
+		assert.equal("mem.lua:2: init failed: not enough memory", err)
+	end)
+
+	it("leaves the looping file out and loads the others", function()
+		local dir = tmpdir()
+		write(dir .. "/a.lua", "while true do end")
+		write(dir .. "/b.lua", "return { from = { all = true }, when = { A = function() end } }")
+		write(dir .. "/c.lua", [[
+			local t = {} while true do t[#t + 1] = {} if #t > 1e5 then t = {} end end]])
+		local defs, errors = loader.load_paths({ dir })
+		os.execute("rm -rf '" .. dir .. "'")
+		assert.equal(1, #defs)
+		assert.equal("b", defs[1].name)
+		assert.same({ dir .. "/a.lua: loading overran its budget of 0.1s",
+			dir .. "/c.lua: loading overran its budget of 0.1s" }, errors)
+	end)
+end)
+
+describe("loader: options", function()
+	local function opts(text)
+		return loader.load_source("return { from = { all = true }, when = { A = function() end },\n"
+			.. "options = " .. text .. " }", "o.lua")
+	end
+
+	it("accepts budget and own_events", function()
+		local def = assert(opts("{ budget = 0, own_events = false }"))
+		assert.same({ budget = 0, own_events = false }, def.options)
+		assert.equal(0, def.budget)
+		assert.is_false(def.own_events)
+		assert.equal(86400, assert(opts("{ budget = 86400 }")).budget)
+		assert.equal(0.5, assert(opts("{ budget = 0.5 }")).budget)
+	end)
+
+	it("rejects an unknown option with its line", function()
+		assert.equal(BAD .. "bad_option.lua:4: unknown option 'batch_sise' (known: budget, own_events)",
+			select(2, loader.load_file(BAD .. "bad_option.lua")))
+		local def, err = opts("{ [1] = true }")
+		assert.is_nil(def)
+		assert.equal("o.lua:2: unknown option (a number key) (known: budget, own_events)", err)
+	end)
+
+	it("rejects a budget that is not a finite number of seconds from 0 to 86400", function()
+		assert.equal(BAD .. "bad_budget.lua:4: 'options.budget' must be a number of seconds from 0 (no limit) "
+			.. "to 86400 (got inf)", select(2, loader.load_file(BAD .. "bad_budget.lua")))
+		for _, v in ipairs({ "0/0", "-math.huge", "-1", "86401", "'5'", "true" }) do
+			local def, err = opts("{ budget = " .. v .. " }")
+			assert.is_nil(def, v)
+			assert.matches("^o%.lua:2: 'options%.budget' must be a number of seconds from 0 %(no limit%) to 86400", err)
+		end
+	end)
+
+	it("rejects an own_events that is not a boolean", function()
+		assert.equal(BAD .. "bad_own_events.lua:4: 'options.own_events' must be true or false (got string)",
+			select(2, loader.load_file(BAD .. "bad_own_events.lua")))
 	end)
 end)

@@ -259,6 +259,45 @@ describe("projhost.testing", function()
 		end)
 	end)
 
+	describe("budget and error objects", function()
+		local guard = require "projhost.guard"
+
+		it("fails a handler that loops with the budget message instead of hanging", function()
+			local h = T.load_source([[return { from = { all = true }, options = { budget = 0.05 },
+				when = { A = function() while true do pcall(function() while true do end end) end end } }]], "loop.lua")
+			local ok, err = pcall(h.given, h, { type = "A", stream = "s-1" })
+			assert.is_false(ok)
+			assert.equal("loop: event s-1@1 (A): overran its budget of 0.05s", err)
+		end)
+
+		it("fails an init that loops", function()
+			local h = T.load_source([[local first = true
+				return { from = { all = true }, options = { budget = 0.05 },
+				init = function() if first then first = false return {} end while true do end end,
+				when = { A = function() end } }]], "init.lua")
+			local ok, err = pcall(h.state, h)
+			assert.is_false(ok)
+			assert.equal("init: init: overran its budget of 0.05s", err)
+		end)
+
+		it("turns an error object with a bad __tostring into a message", function()
+			local h = T.load_source([[return { from = { all = true },
+				when = { A = function() error(setmetatable({}, { __tostring = function() error("no", 0) end })) end },
+				caught_up = function() error(setmetatable({}, { __tostring = function() while true do end end })) end }]],
+				"obj.lua")
+			local ok, err = pcall(h.given, h, { type = "A", stream = "s-1" })
+			assert.is_false(ok)
+			assert.equal("obj: event s-1@1 (A): (error object is a table value; its __tostring failed: no)", err)
+			local saved = guard.TOSTRING_BUDGET
+			guard.TOSTRING_BUDGET = 0.05
+			ok, err = pcall(h.caught_up, h)
+			guard.TOSTRING_BUDGET = saved
+			assert.is_false(ok)
+			assert.equal("obj: caught_up: (error object is a table value; its __tostring failed: "
+				.. "overran its budget of 0.05s)", err)
+		end)
+	end)
+
 	describe("caught_up", function()
 		it("runs the hook with a recording ctx", function()
 			p:caught_up()
