@@ -76,8 +76,11 @@ function M.set_lazy(fn)
 	lazy = fn
 end
 
--- t (a table of the event's fields) as an event; returns t.
+-- t (a table of the event's fields) as an event; returns t. An event
+-- already (the worker looks at a page's last event before the page's
+-- events are made) stays as it is: its metatable is protected.
 function M.event(t)
+	if getmetatable_raw(t) == EVENT_MT then return t end
 	return setmetatable(t, EVENT_MT)
 end
 
