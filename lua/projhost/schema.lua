@@ -224,10 +224,15 @@ $fn$]]):gsub("@MAX@", tostring(M.JSON_MAX_DEPTH))
 -- event chunk costs one scan. Returns the first problem as "event at index
 -- I: ..." or NULL. JSON null for data/metadata counts as absent. STABLE
 -- like json_too_deep.
+--
+-- PL/pgSQL rather than SQL (as in version 1): its plan is cached for the
+-- session, where a SQL function is parsed, planned and its callees inlined
+-- again in every transaction - that cost more than the checks themselves.
 local CHECK_EVENTS = ([[
 CREATE OR REPLACE FUNCTION projhost.check_events(p_events jsonb, p_with_stream boolean)
-RETURNS text LANGUAGE sql STABLE AS $fn$
-	SELECT 'event at index ' || (ord - 1) || ': ' || problem
+RETURNS text LANGUAGE plpgsql STABLE AS $fn$
+BEGIN
+	RETURN (SELECT 'event at index ' || (ord - 1) || ': ' || problem
 	FROM (
 		SELECT ord, CASE
 			WHEN jsonb_typeof(e) <> 'object' THEN 'is a JSON ' || jsonb_typeof(e) || ', not an object'
@@ -242,15 +247,15 @@ RETURNS text LANGUAGE sql STABLE AS $fn$
 			WHEN e ? 'id' AND (jsonb_typeof(e->'id') IS DISTINCT FROM 'string' OR NOT (e->>'id') ~*
 				'^\{?[0-9a-f]{8}-?[0-9a-f]{4}-?[0-9a-f]{4}-?[0-9a-f]{4}-?[0-9a-f]{12}\}?$')
 				THEN '"id" must be a UUID string'
-			-- last, and written once: an inlined function costs its size
-			-- on every call, also when p_with_stream is false
+			-- last, so it is written (inlined, planned) once
 			WHEN p_with_stream THEN projhost.check_stream(e->>'stream')
 			END AS problem
 		FROM jsonb_array_elements(p_events) WITH ORDINALITY AS t(e, ord)
 	) checked
 	WHERE problem IS NOT NULL
 	ORDER BY ord
-	LIMIT 1
+	LIMIT 1);
+END
 $fn$]]):gsub("@MAX@", tostring(M.JSON_MAX_DEPTH))
 
 local APPEND = [[
