@@ -155,6 +155,39 @@ return {
 		assert.equal("in\n", o)
 	end)
 
+	it("works the same for a user who is not root, whose cluster no other user reaches", function()
+		if not is_root() then
+			pending("needs root to act as two other OS users (setpriv)")
+			return
+		end
+		-- the cluster of `daemon` (not root, so no runuser/nobody), tried by `nobody`
+		local proc = require "projhost.proc"
+		local base = h.tmpdir()
+		assert(os.execute("chown daemon '" .. base .. "'"))
+		local dhome = base .. "/d $(touch " .. mark .. ")"
+		local out = base .. "/out"
+		local function as(user, group, prog, args)
+			local argv = { "--reuid=" .. user, "--regid=" .. group, "--clear-groups", "--", prog }
+			for _, a in ipairs(args) do argv[#argv + 1] = a end
+			local pid = proc.spawn("/usr/bin/setpriv", argv,
+				{ "PATH=/usr/bin:/bin", "PROJHOST_HOME=" .. dhome, "PROJHOST_PG_OPTS=" .. PG_OPTS },
+				{ stdout = out, stderr = out, cwd = base })
+			return proc.wait(pid, 120), h.read_file(out)
+		end
+		local code, text = as("daemon", "daemon", h.bin, { "db", "start" })
+		finally(function() as("daemon", "daemon", h.bin, { "db", "stop" }) end)
+		assert.equal(0, code, text)
+		code, text = as("daemon", "daemon", h.bin, { "db", "psql", "-Atc",
+			"SELECT current_user || ' ' || current_setting('is_superuser')" })
+		assert.equal(0, code, text)
+		assert.equal("projhost off\n", text)
+		assert.equal("rwx------", lfs.attributes(dhome .. "/run/.s.PGSQL.5432", "permissions"))
+		code, text = as("nobody", "nogroup", embedded.psql_path(), { embedded.admin_dsn(dhome), "-Atc", "SELECT 'in'" })
+		assert.is_not.equal(0, code, text)
+		assert.matches("Permission denied", text, 1, true)
+		assert.is_false(exists(mark))
+	end)
+
 	it("warns once at run start when --db connects as a superuser", function()
 		local dir = h.tmpdir()
 		h.write_file(dir .. "/noop.lua", [[return { from = { category = "noop" }, when = { ["*"] = function() end } }]])
