@@ -293,7 +293,8 @@ local function write_settings(p)
 		"# Only the socket, and only for the OS user who runs the cluster: trust\n",
 		"# authentication must not reach other local users.\n",
 		"listen_addresses = ''\n",
-		"unix_socket_directories = ", conf_string(p.run), "\n",
+		-- a list: the one element double-quoted, so nothing in it separates
+		"unix_socket_directories = ", conf_string('"' .. p.run:gsub('"', '""') .. '"'), "\n",
 		"unix_socket_permissions = 0700\n",
 		"port = ", tostring(M.PORT), "\n")
 	f:close()
@@ -468,6 +469,11 @@ local start
 -- fine, and pg_ctl itself deals with a stale postmaster.pid.
 function M.start(home)
 	local p = paths(home)
+	-- libpq splits host= at commas (a list of hosts), whatever the quoting
+	if p.home:find("[%c,]") then
+		return nil, "the embedded home's path holds a comma or a control character, which libpq cannot "
+			.. "take as a socket directory: set PROJHOST_HOME to another directory"
+	end
 	if #(p.run .. "/.s.PGSQL." .. M.PORT) > SUN_PATH_MAX then
 		return nil, ("socket path %s/.s.PGSQL.%d is longer than %d bytes: set PROJHOST_HOME to a shorter path")
 			:format(p.run, M.PORT, SUN_PATH_MAX)
@@ -476,9 +482,6 @@ function M.start(home)
 end
 
 function start(p)
-	if p.home:find("%c") then
-		return nil, "the embedded home's path holds a control character: set PROJHOST_HOME to another directory"
-	end
 	local bin, err = pgbin()
 	if not bin then return nil, err end
 	local ok

@@ -213,6 +213,17 @@ describe("projhost db", function()
 		check()
 	end)
 
+	it("refuses a home libpq cannot name (a comma or a control character) in one line", function()
+		for _, bad in ipairs({ h.tmpdir() .. "/a,b", h.tmpdir() .. "/a\nb" }) do
+			local code, out, err = h.run({ "db", "start" }, { env = { PROJHOST_HOME = bad } })
+			assert.equal(1, code)
+			assert.equal("", out)
+			assert.equal("projhost: db start: the embedded home's path holds a comma or a control character, "
+				.. "which libpq cannot take as a socket directory: set PROJHOST_HOME to another directory\n", err)
+			assert.is_false(exists(bad))
+		end
+	end)
+
 	it("says so in one line when nobody cannot reach the home (as root)", function()
 		if io.popen("id -u"):read("*l") ~= "0" then
 			pending("only meaningful as root: PostgreSQL then runs as nobody")

@@ -61,7 +61,9 @@ describe("security", function()
 		assert.is_true(exists(home .. "/run/.s.PGSQL.5432"))
 		local admin = h.connect(embedded.admin_dsn(home))
 		assert.equal(home .. "/data", h.scalar(admin, "SELECT current_setting('data_directory')"))
-		assert.equal(home .. "/run", h.scalar(admin, "SELECT current_setting('unix_socket_directories')"))
+		-- one element of a list, double-quoted
+		assert.equal('"' .. (home .. "/run"):gsub('"', '""') .. '"',
+			h.scalar(admin, "SELECT current_setting('unix_socket_directories')"))
 		admin:close()
 		-- run resolves its relative paths without a shell too
 		local dir = home .. "/projections"
