@@ -19,7 +19,8 @@
 -- M.USER: not a superuser (no COPY ... PROGRAM, no server files, no ALTER
 -- SYSTEM), owner of database M.DBNAME, CREATEDB (throwaway databases for
 -- tests), member of pg_read_all_stats (status names the transaction that
--- holds the horizon back, whoever runs it). Authentication is trust, so
+-- holds the horizon back, whoever runs it) and of pg_checkpoint (PostgreSQL
+-- 15 on: CHECKPOINT, which `make bench` runs). Authentication is trust, so
 -- the socket is the gate: only over it (listen_addresses = ''), and only
 -- for the OS user who runs the cluster (directory and socket 0700).
 -- A cluster made before M.ADMIN existed (M.USER was its superuser) is
@@ -336,6 +337,11 @@ BEGIN
 	END IF;
 	IF NOT pg_has_role('@USER@', 'pg_read_all_stats', 'MEMBER') THEN
 		GRANT pg_read_all_stats TO @USER@;
+	END IF;
+	-- PostgreSQL 15 on; `make bench` checkpoints between its loads
+	IF EXISTS (SELECT FROM pg_roles WHERE rolname = 'pg_checkpoint')
+		AND NOT pg_has_role('@USER@', 'pg_checkpoint', 'MEMBER') THEN
+		GRANT pg_checkpoint TO @USER@;
 	END IF;
 	IF EXISTS (SELECT FROM pg_roles WHERE rolname = '@UPGRADE@') THEN
 		DROP ROLE @UPGRADE@;
