@@ -10,7 +10,11 @@
 --
 -- Errors raised by the SQL functions (clients may rely on these):
 --   22023 invalid_parameter_value  a malformed argument; the message names
---                                  the element by its 0-based array index
+--                                  the element by its 0-based array index.
+--                                  Also a stream name that is empty, longer
+--                                  than STREAM_MAX_BYTES or holds a control
+--                                  character, and data/metadata nested deeper
+--                                  than JSON_MAX_DEPTH (version 2 on)
 --   P0001 raise_exception          "wrong expected version for stream 'S':
 --                                  expected E, actual A"
 --   23505 unique_violation         an event "id" that already exists
@@ -21,10 +25,12 @@ local M = {}
 -- under concurrency). 0x70726f6a686f7374 is "projhost" in ASCII.
 M.LOCK_KEY = "8102654201364165492"
 
--- Shared element checks of append and append_many, set-based so a 5,000
--- event chunk costs one scan. Returns the first problem as "event at index
--- I: ..." or NULL. JSON null for data/metadata counts as absent.
-local CHECK_EVENTS = [[
+---------------------------------------------------------------------------
+-- Version 1 of the SQL functions, as released (step 1 below). Never edit
+-- these: a store at version 1 has exactly these bodies, and step 2
+-- replaces them with the current ones further down.
+
+local CHECK_EVENTS_V1 = [[
 CREATE OR REPLACE FUNCTION projhost.check_events(p_events jsonb, p_with_stream boolean)
 RETURNS text LANGUAGE sql IMMUTABLE AS $fn$
 	SELECT 'event at index ' || (ord - 1) || ': ' || problem
@@ -48,7 +54,7 @@ RETURNS text LANGUAGE sql IMMUTABLE AS $fn$
 	LIMIT 1
 $fn$]]
 
-local APPEND = [[
+local APPEND_V1 = [[
 CREATE OR REPLACE FUNCTION projhost.append(p_stream text, p_expected_version bigint, p_events jsonb)
 RETURNS bigint LANGUAGE plpgsql AS $fn$
 DECLARE
@@ -105,6 +111,7 @@ BEGIN
 END
 $fn$]]
 
+-- append_many is unchanged since: its checks are all in check_events.
 local APPEND_MANY = [[
 CREATE OR REPLACE FUNCTION projhost.append_many(p_events jsonb)
 RETURNS bigint LANGUAGE plpgsql AS $fn$
@@ -161,6 +168,151 @@ BEGIN
 
 	PERFORM pg_notify('projhost', v_last || ' *');
 	RETURN v_count;
+END
+$fn$]]
+
+
+---------------------------------------------------------------------------
+-- The current SQL functions (step 2). A later change to one of them is a
+-- new step that replaces it again.
+
+-- The stream name rule, the one place it is written: a name is 1 to
+-- STREAM_MAX_BYTES bytes without control characters (C0 U+0001-U+001F,
+-- DEL U+007F; text cannot hold U+0000). Names travel in NOTIFY payloads,
+-- log lines and the host's job messages, so they must stay short and
+-- printable. Returns the problem or NULL; the error path alone pays for
+-- finding the character. Every part of the body is immutable (numbers are
+-- cast to text: text || integer is only STABLE), so the planner inlines it.
+M.STREAM_MAX_BYTES = 1024
+local CHECK_STREAM = ([[
+CREATE OR REPLACE FUNCTION projhost.check_stream(p_stream text)
+RETURNS text LANGUAGE sql IMMUTABLE AS $fn$
+	SELECT CASE
+		WHEN p_stream IS NULL OR p_stream = '' THEN 'stream must be a non-empty string'
+		WHEN octet_length(p_stream) > @MAX@ THEN 'stream name is ' || octet_length(p_stream)::text
+			|| ' bytes, longer than the limit of @MAX@ bytes'
+		WHEN p_stream ~ '[\x01-\x1f\x7f]' THEN 'stream name contains a control character (U+'
+			|| lpad(upper(to_hex(ascii(substring(p_stream FROM '[\x01-\x1f\x7f]')))), 4, '0')
+			|| ' at character ' || position(substring(p_stream FROM '[\x01-\x1f\x7f]') IN p_stream)::text
+			|| '); control characters U+0000-U+001F and U+007F are not allowed'
+		END
+$fn$]]):gsub("@MAX@", tostring(M.STREAM_MAX_BYTES))
+
+-- Nesting limit of data and metadata: the host decodes events with
+-- lua-cjson, which stops at 1000 levels, and the worker wraps events in
+-- a few levels of its own; 512 leaves room. depth({}) = 1.
+--
+-- Cheap for ordinary events: a jsonb nested d levels takes at least 8
+-- bytes per level (container header and the parent's entry), so below
+-- 2 KB it cannot be 513 deep and only pg_column_size is paid. Above, the
+-- jsonpath walk stops at level JSON_MAX_DEPTH: a container there means a
+-- depth of JSON_MAX_DEPTH + 1.
+-- STABLE, not IMMUTABLE, because pg_column_size is: the planner inlines
+-- a SQL function only when its body is no more volatile than declared,
+-- and a call that is not inlined costs more than the whole check.
+M.JSON_MAX_DEPTH = 512
+local JSON_TOO_DEEP = ([[
+CREATE OR REPLACE FUNCTION projhost.json_too_deep(p_value jsonb)
+RETURNS boolean LANGUAGE sql STABLE AS $fn$
+	SELECT CASE
+		WHEN p_value IS NULL OR pg_column_size(p_value) < 2048 THEN false
+		ELSE jsonb_path_exists(p_value, 'strict $.**{@MAX@} ? (@.type() == "object" || @.type() == "array")')
+		END
+$fn$]]):gsub("@MAX@", tostring(M.JSON_MAX_DEPTH))
+
+-- Shared element checks of append and append_many, set-based so a 5,000
+-- event chunk costs one scan. Returns the first problem as "event at index
+-- I: ..." or NULL. JSON null for data/metadata counts as absent. STABLE
+-- like json_too_deep.
+--
+-- PL/pgSQL rather than SQL (as in version 1): its plan is cached for the
+-- session, where a SQL function is parsed, planned and its callees inlined
+-- again in every transaction - that cost more than the checks themselves.
+local CHECK_EVENTS = ([[
+CREATE OR REPLACE FUNCTION projhost.check_events(p_events jsonb, p_with_stream boolean)
+RETURNS text LANGUAGE plpgsql STABLE AS $fn$
+BEGIN
+	RETURN (SELECT 'event at index ' || (ord - 1) || ': ' || problem
+	FROM (
+		SELECT ord, CASE
+			WHEN jsonb_typeof(e) <> 'object' THEN 'is a JSON ' || jsonb_typeof(e) || ', not an object'
+			WHEN p_with_stream AND (jsonb_typeof(e->'stream') IS DISTINCT FROM 'string' OR e->>'stream' = '')
+				THEN 'needs a non-empty string "stream"'
+			WHEN jsonb_typeof(e->'type') IS DISTINCT FROM 'string' OR e->>'type' = ''
+				THEN 'needs a non-empty string "type"'
+			WHEN jsonb_typeof(e->'data') NOT IN ('object', 'null') THEN '"data" must be an object'
+			WHEN jsonb_typeof(e->'metadata') NOT IN ('object', 'null') THEN '"metadata" must be an object'
+			WHEN projhost.json_too_deep(e->'data') THEN '"data" is nested deeper than the limit of @MAX@ levels'
+			WHEN projhost.json_too_deep(e->'metadata') THEN '"metadata" is nested deeper than the limit of @MAX@ levels'
+			WHEN e ? 'id' AND (jsonb_typeof(e->'id') IS DISTINCT FROM 'string' OR NOT (e->>'id') ~*
+				'^\{?[0-9a-f]{8}-?[0-9a-f]{4}-?[0-9a-f]{4}-?[0-9a-f]{4}-?[0-9a-f]{12}\}?$')
+				THEN '"id" must be a UUID string'
+			-- last, so it is written (inlined, planned) once
+			WHEN p_with_stream THEN projhost.check_stream(e->>'stream')
+			END AS problem
+		FROM jsonb_array_elements(p_events) WITH ORDINALITY AS t(e, ord)
+	) checked
+	WHERE problem IS NOT NULL
+	ORDER BY ord
+	LIMIT 1);
+END
+$fn$]]):gsub("@MAX@", tostring(M.JSON_MAX_DEPTH))
+
+local APPEND = [[
+CREATE OR REPLACE FUNCTION projhost.append(p_stream text, p_expected_version bigint, p_events jsonb)
+RETURNS bigint LANGUAGE plpgsql AS $fn$
+DECLARE
+	v_current bigint;
+	v_count bigint;
+	v_last bigint;
+	v_problem text;
+BEGIN
+	v_problem := projhost.check_stream(p_stream);
+	IF v_problem IS NOT NULL THEN
+		RAISE EXCEPTION 'projhost.append: %', v_problem USING ERRCODE = '22023';
+	END IF;
+	IF p_expected_version < 0 THEN
+		RAISE EXCEPTION 'projhost.append: expected version must be NULL (any), 0 (no stream) or a version, not %',
+			p_expected_version USING ERRCODE = '22023';
+	END IF;
+	IF jsonb_typeof(p_events) IS DISTINCT FROM 'array' OR jsonb_array_length(p_events) = 0 THEN
+		RAISE EXCEPTION 'projhost.append: events must be a non-empty JSON array of objects' USING ERRCODE = '22023';
+	END IF;
+	v_problem := projhost.check_events(p_events, false);
+	IF v_problem IS NOT NULL THEN
+		RAISE EXCEPTION 'projhost.append: %', v_problem USING ERRCODE = '22023';
+	END IF;
+
+	-- The stream row is the per-stream lock, held until commit: version v
+	-- can only commit after v-1 did, which partitioned readers rely on.
+	INSERT INTO projhost.streams (stream_id, version, last_position)
+	VALUES (p_stream, 0, 0) ON CONFLICT (stream_id) DO NOTHING;
+	SELECT version INTO v_current FROM projhost.streams WHERE stream_id = p_stream FOR UPDATE;
+
+	IF p_expected_version IS NOT NULL AND p_expected_version <> v_current THEN
+		RAISE EXCEPTION 'wrong expected version for stream ''%'': expected %, actual %',
+			p_stream, p_expected_version, v_current USING ERRCODE = 'P0001';
+	END IF;
+
+	WITH ins AS (
+		INSERT INTO projhost.events (event_id, stream_id, stream_version, event_type, data, metadata)
+		SELECT coalesce((e->>'id')::uuid, gen_random_uuid()), p_stream, v_current + ord, e->>'type',
+			coalesce(nullif(e->'data', 'null'), '{}'), coalesce(nullif(e->'metadata', 'null'), '{}')
+		FROM jsonb_array_elements(p_events) WITH ORDINALITY AS t(e, ord)
+		ORDER BY ord
+		RETURNING global_position
+	)
+	SELECT count(*), max(global_position) INTO v_count, v_last FROM ins;
+
+	UPDATE projhost.streams
+	SET version = v_current + v_count, last_position = v_last, updated_at = now()
+	WHERE stream_id = p_stream;
+
+	-- NOTIFY payloads are capped at 8000 bytes; "*" (some stream) keeps an
+	-- absurdly long stream id from failing the append.
+	PERFORM pg_notify('projhost', v_last || ' ' ||
+		CASE WHEN octet_length(p_stream) < 7900 THEN p_stream ELSE '*' END);
+	RETURN v_current + v_count;
 END
 $fn$]]
 
@@ -224,9 +376,16 @@ M.steps = {
 			retry_requested boolean NOT NULL DEFAULT false
 		)]],
 		[[CREATE INDEX ON projhost.parked (projection, partition) WHERE retry_requested]],
+		CHECK_EVENTS_V1,
+		APPEND_V1,
+		APPEND_MANY,
+	},
+	-- issue 10: stream names and nesting are checked (the current bodies)
+	{
+		CHECK_STREAM,
+		JSON_TOO_DEEP,
 		CHECK_EVENTS,
 		APPEND,
-		APPEND_MANY,
 	},
 }
 

@@ -133,6 +133,141 @@ describe("projhost.append", function()
 	end)
 end)
 
+-- Stream names (README "SQL"): no control characters (C0 U+0001-U+001F,
+-- DEL U+007F; text cannot hold U+0000) and at most 1024 bytes.
+local BAD_NAMES = {
+	{ "tab", "acct-\t1", "U+0009 at character 6" },
+	{ "newline", "acct-1\n", "U+000A at character 7" },
+	{ "carriage return", "\racct", "U+000D at character 1" },
+	{ "U+0001", "a\1b", "U+0001 at character 2" },
+	{ "escape", "a\27[31mred", "U+001B at character 2" },
+	{ "U+001F", "x\31", "U+001F at character 2" },
+	{ "DEL", "del-\127", "U+007F at character 5" },
+}
+local CONTROL_RULE = "control characters U+0000-U+001F and U+007F are not allowed"
+
+-- JSON text of an object nested `depth` levels deep ({"a":{...}} counts
+-- each object; the innermost holds an array chain when `arrays`).
+local function nested(depth, arrays)
+	if arrays then
+		return '{"a":' .. ("["):rep(depth - 1) .. ("]"):rep(depth - 1) .. "}"
+	end
+	return ('{"a":'):rep(depth - 1) .. "{}" .. ("}"):rep(depth - 1)
+end
+
+describe("stream names and nesting", function()
+	local function nothing_written(stream)
+		assert.equal(0, tonumber(one("SELECT count(*) AS n FROM projhost.events WHERE stream_id = $1", stream).n))
+		assert.is_nil(one("SELECT 1 AS x FROM projhost.streams WHERE stream_id = $1", stream))
+	end
+
+	for _, c in ipairs(BAD_NAMES) do
+		it("append refuses a stream name with a " .. c[1] .. " (22023, nothing written)", function()
+			local rows, msg, code = append(c[2], nil, { { type = "A" } })
+			assert.is_nil(rows)
+			assert.equal("22023", code)
+			assert.equal("projhost.append: stream name contains a control character (" .. c[3] .. "); "
+				.. CONTROL_RULE, msg)
+			nothing_written(c[2])
+		end)
+	end
+
+	it("append_many refuses control characters in any element's stream, writing nothing", function()
+		for _, c in ipairs(BAD_NAMES) do
+			local rows, msg, code = conn:query("SELECT projhost.append_many($1::jsonb) AS n", cjson.encode{
+				{ stream = "okmany-1", type = "A" }, { stream = c[2], type = "B" } })
+			assert.is_nil(rows, c[1])
+			assert.equal("22023", code)
+			assert.equal("projhost.append_many: event at index 1: stream name contains a control character ("
+				.. c[3] .. "); " .. CONTROL_RULE, msg)
+			nothing_written(c[2])
+			nothing_written("okmany-1")
+		end
+	end)
+
+	it("accepts a 1024-byte stream name and refuses 1025 bytes (bytes, not characters)", function()
+		local max = "long-" .. ("x"):rep(1019)
+		assert.equal(1024, #max)
+		assert.equal("1", assert(append(max, nil, { { type = "A" } }))[1].v)
+		for _, name in ipairs({ max .. "y", "long-" .. ("\195\169"):rep(510) }) do
+			assert.equal(1025, #name)
+			local rows, msg, code = append(name, nil, { { type = "A" } })
+			assert.is_nil(rows)
+			assert.equal("22023", code)
+			assert.equal("projhost.append: stream name is 1025 bytes, longer than the limit of 1024 bytes", msg)
+			nothing_written(name)
+			rows, msg, code = conn:query("SELECT projhost.append_many($1::jsonb) AS n",
+				cjson.encode{ { stream = name, type = "A" } })
+			assert.is_nil(rows)
+			assert.equal("22023", code)
+			assert.equal("projhost.append_many: event at index 0: stream name is 1025 bytes, "
+				.. "longer than the limit of 1024 bytes", msg)
+			nothing_written(name)
+		end
+		-- a 1024-byte name also through append_many
+		assert.equal("1", assert(conn:query("SELECT projhost.append_many($1::jsonb) AS n",
+			cjson.encode{ { stream = "lmany-" .. ("z"):rep(1018), type = "A" } }))[1].n)
+	end)
+
+	it("accepts data and metadata nested 512 levels deep and refuses 513 (22023, nothing written)", function()
+		for _, field in ipairs({ "data", "metadata" }) do
+			for _, arrays in ipairs({ false, true }) do
+				local ok = ('[{"type":"A","%s":%s}]'):format(field, nested(512, arrays))
+				assert(append("deep-ok", nil, ok))
+				assert(conn:query("SELECT projhost.append_many($1::jsonb) AS n",
+					('[{"stream":"deep-ok","type":"A","%s":%s}]'):format(field, nested(512, arrays))))
+				local bad = ('[{"type":"A"},{"type":"B","%s":%s}]'):format(field, nested(513, arrays))
+				local rows, msg, code = append("deep-bad", nil, bad)
+				assert.is_nil(rows)
+				assert.equal("22023", code)
+				assert.equal(('projhost.append: event at index 1: "%s" is nested deeper than the limit '
+					.. "of 512 levels"):format(field), msg)
+				rows, msg, code = conn:query("SELECT projhost.append_many($1::jsonb) AS n",
+					('[{"stream":"deep-bad","type":"A","%s":%s}]'):format(field, nested(2000, arrays)))
+				assert.is_nil(rows)
+				assert.equal("22023", code)
+				assert.equal(('projhost.append_many: event at index 0: "%s" is nested deeper than the limit '
+					.. "of 512 levels"):format(field), msg)
+			end
+		end
+		assert.equal(8, count("deep-ok"))
+		nothing_written("deep-bad")
+		-- a wide (not deep) event of the same size is fine
+		local wide = {}
+		for i = 1, 3000 do wide[i] = '"k' .. i .. '":[{"v":' .. i .. "}]" end
+		assert(append("deep-ok", nil, '[{"type":"W","data":{' .. table.concat(wide, ",") .. "}}]"))
+	end)
+
+	it("an older store (schema version 1) gets the new rules when migrated", function()
+		local old = h.connect(h.fresh_db("append_v1"))
+		-- what the previous release's migrate left behind: step 1 only
+		assert(old:exec("CREATE SCHEMA projhost"))
+		assert(old:exec("CREATE TABLE projhost.schema_version (version int PRIMARY KEY, "
+			.. "applied_at timestamptz NOT NULL DEFAULT now())"))
+		for _, sql in ipairs(schema.steps[1]) do assert(old:exec(sql)) end
+		assert(old:exec("INSERT INTO projhost.schema_version (version) VALUES (1)"))
+		-- the old functions let the bad names in
+		assert(old:query("SELECT projhost.append($1, NULL, '[{\"type\":\"A\"}]') AS v", "old\tstream"))
+		assert(schema.migrate(old))
+		local rows, msg, code = old:query("SELECT projhost.append($1, NULL, '[{\"type\":\"A\"}]') AS v", "new\tstream")
+		assert.is_nil(rows)
+		assert.equal("22023", code)
+		assert.matches("control character", msg)
+		rows, msg, code = old:query("SELECT projhost.append_many($1::jsonb) AS n",
+			cjson.encode{ { stream = ("n"):rep(1025), type = "A" } })
+		assert.is_nil(rows)
+		assert.equal("22023", code)
+		assert.matches("longer than the limit of 1024 bytes", msg)
+		rows, msg, code = old:query("SELECT projhost.append('deep', NULL, $1::jsonb) AS v",
+			'[{"type":"A","data":' .. nested(513) .. "}]")
+		assert.is_nil(rows)
+		assert.equal("22023", code)
+		assert.matches("nested deeper than the limit of 512 levels", msg)
+		assert.equal(tostring(schema.latest), h.scalar(old, "SELECT max(version)::text FROM projhost.schema_version"))
+		old:close()
+	end)
+end)
+
 describe("projhost.append_many", function()
 	it("appends in array order, continuing each stream, with one NOTIFY", function()
 		assert(append("many-a", nil, { { type = "A0" } }))
@@ -201,6 +336,31 @@ describe("projhost append (CLI)", function()
 		assert.equal(1, code)
 		assert.matches("^projhost: append: invalid JSON metadata: ", err)
 		assert.equal(0, count("cli-2"))
+	end)
+
+	it("exits 1 with the server's message for a bad stream name or nesting, writing nothing", function()
+		local code, out, err = h.run({ "append", "cli\tbad", "X", "--db", dsn })
+		assert.equal(1, code)
+		assert.equal("", out)
+		assert.equal("projhost: append: projhost.append: stream name contains a control character "
+			.. "(U+0009 at character 4); control characters U+0000-U+001F and U+007F are not allowed\n", err)
+		code, out, err = h.run({ "append", ("c"):rep(1025), "X", "--db", dsn })
+		assert.equal(1, code)
+		assert.equal("projhost: append: projhost.append: stream name is 1025 bytes, longer than the limit "
+			.. "of 1024 bytes\n", err)
+		code, out, err = h.run({ "append", "cli-deep", "X", nested(513), "--db", dsn })
+		assert.equal(1, code)
+		assert.equal('projhost: append: projhost.append: event at index 0: "data" is nested deeper than the '
+			.. "limit of 512 levels\n", err)
+		code, out, err = h.run({ "append", "cli-5", "--file", "-", "--db", dsn },
+			{ stdin = '{"type":"A"}\n{"stream":"cli\\u007f5","type":"B"}\n' })
+		assert.equal(1, code)
+		assert.equal("projhost: append: stdin:2: stream name contains a control character (U+007F at character 4); "
+			.. "control characters U+0000-U+001F and U+007F are not allowed\n", err)
+		assert.equal(0, count("cli\t%") + count("cli-deep") + count("cli-5") + count("cli\1275"))
+		code, out, err = h.run({ "append", "cli-deep", "X", nested(512), "--db", dsn })
+		assert.equal(0, code, err)
+		assert.equal("1\n", out)
 	end)
 
 	it("loads NDJSON from stdin, with STREAM as the default stream", function()

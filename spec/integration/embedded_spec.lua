@@ -50,6 +50,19 @@ describe("projhost db", function()
 		assert.same({ u = "projhost", d = "projhost", l = "", f = "off" }, r)
 	end)
 
+	it("the role of url is not a superuser, owns the database, and only the owner reaches the socket", function()
+		local _, out = h.run({ "db", "url" }, { env = env })
+		local conn = h.connect(out:match("^(.-)%s*$"))
+		local r = conn:query([[SELECT current_setting('is_superuser') AS su,
+			(SELECT pg_get_userbyid(datdba) FROM pg_database WHERE datname = current_database()) AS owner,
+			current_setting('unix_socket_permissions') AS mode]])[1]
+		conn:close()
+		assert.same({ su = "off", owner = "projhost", mode = "0700" }, r)
+		assert.equal("rwx------", lfs.attributes(home .. "/run", "permissions"))
+		assert.equal("rwx------", lfs.attributes(home .. "/run/.s.PGSQL.5432", "permissions"))
+		assert.equal("rwx------", lfs.attributes(home .. "/log", "permissions"))
+	end)
+
 	it("commands without --db use (and migrate) the embedded cluster", function()
 		local code, out, err = h.run({ "append", "emb-1", "Created" }, { env = env })
 		assert.equal(0, code, err)
@@ -98,6 +111,117 @@ describe("projhost db", function()
 		local both = a:output() .. b:output()
 		assert.matches("started the embedded PostgreSQL", both)
 		assert.matches("is already running", both)
+	end)
+
+	it("upgrades a cluster made by an older projhost in place (superuser role projhost)", function()
+		local old = h.tmpdir() .. "/old"
+		local oenv = { PROJHOST_HOME = old, PROJHOST_PG_OPTS = PG_OPTS }
+		local root = io.popen("id -u"):read("*l") == "0"
+		-- what the previous embedded.lua did: initdb -U projhost (the
+		-- bootstrap superuser), trust, socket in run/ with the default mode
+		local as = root and "runuser -u nobody -- " or ""
+		lfs.mkdir(old)
+		local function sh(cmd)
+			local ok = os.execute(cmd .. " >>'" .. old .. "/setup.log' 2>&1")
+			if ok ~= true and ok ~= 0 then error(cmd .. "\n" .. h.read_file(old .. "/setup.log")) end
+		end
+		sh("mkdir -p '" .. old .. "/data' '" .. old .. "/run' '" .. old .. "/log'")
+		if root then sh("chown nobody '" .. old .. "/data' '" .. old .. "/run' '" .. old .. "/log'") end
+		sh("cd '" .. old .. "' && " .. as .. "'" .. h.pgbin("initdb") .. "' -D '" .. old .. "/data' -U projhost "
+			.. "--auth=trust -E UTF8 --locale=C --no-instructions")
+		sh("cd '" .. old .. "' && " .. as .. "'" .. h.pgbin("pg_ctl") .. "' -D '" .. old .. "/data' -l '" .. old
+			.. "/log/postgresql.log' -w -o \"-c listen_addresses='' -k '" .. old .. "/run' -p 5432 " .. PG_OPTS
+			.. "\" start")
+		-- a failing assertion must not leave the old cluster running
+		finally(function() h.run({ "db", "stop" }, { env = oenv }) end)
+		local function dsn_as(user, db)
+			return ("host=%s/run port=5432 dbname=%s user=%s"):format(old, db, user)
+		end
+		local c = h.connect(dsn_as("projhost", "postgres"))
+		assert(c:exec("CREATE DATABASE projhost"))
+		c:close()
+		c = h.connect(dsn_as("projhost", "projhost"))
+		assert.equal("on", h.scalar(c, "SELECT current_setting('is_superuser')"))
+		assert(require("projhost.schema").migrate(c))
+		for _, sql in ipairs({
+			"CREATE TABLE model (id text PRIMARY KEY, n int)",
+			"CREATE TABLE counter (id serial PRIMARY KEY, at bigint GENERATED ALWAYS AS IDENTITY)",
+			"CREATE SEQUENCE free_seq",
+			"CREATE VIEW model_view AS SELECT * FROM model",
+			"CREATE MATERIALIZED VIEW model_mat AS SELECT * FROM model",
+			"CREATE TYPE mood AS ENUM ('ok')",
+			"CREATE TYPE pair AS (a int, b int)",
+			"CREATE DOMAIN posint AS int CHECK (VALUE > 0)",
+			"CREATE FUNCTION twice(int) RETURNS int LANGUAGE sql AS 'SELECT $1 * 2'",
+			"CREATE PROCEDURE noop() LANGUAGE sql AS 'SELECT 1'",
+			"CREATE SCHEMA mine",
+			"CREATE TABLE mine.t (x int)",
+			"SELECT projhost.append('old-1', NULL, '[{\"type\":\"A\"},{\"type\":\"B\"}]')",
+			"INSERT INTO model VALUES ('a', 1)",
+		}) do assert(c:exec(sql)) end
+		c:close()
+
+		-- the next start, with the old cluster still running
+		local code, out, err = h.run({ "db", "start" }, { env = oenv })
+		assert.equal(0, code, out .. err)
+		assert.equal("the embedded PostgreSQL in " .. old .. " is already running\n", out)
+		local _, url = h.run({ "db", "url" }, { env = oenv })
+		assert.equal(dsn_as("projhost", "projhost") .. "\n", url)
+		local function check()
+			c = h.connect(dsn_as("projhost", "projhost"))
+			local r = c:query([[SELECT current_setting('is_superuser') AS su,
+				(SELECT pg_get_userbyid(datdba) FROM pg_database WHERE datname = current_database()) AS owner,
+				(SELECT rolsuper::text FROM pg_roles WHERE oid = 10) AS bootstrap_super,
+				(SELECT rolname FROM pg_roles WHERE oid = 10) AS bootstrap,
+				(SELECT string_agg(rolname, ',' ORDER BY rolname) FROM pg_roles WHERE rolname !~ '^pg_') AS roles]])[1]
+			assert.same({ su = "off", owner = "projhost", bootstrap_super = "true", bootstrap = "projhost_admin",
+				roles = "projhost,projhost_admin" }, r)
+			-- everything the old superuser made in the database is the role's now
+			local foreign = c:query([[
+				SELECT 'schema ' || nspname AS o FROM pg_namespace
+				WHERE nspowner NOT IN (current_user::regrole, 'pg_database_owner'::regrole)
+					AND nspname !~ '^(pg_|information_schema$)'
+				UNION ALL SELECT 'relation ' || c.oid::regclass FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+				WHERE relowner <> current_user::regrole AND nspname !~ '^(pg_|information_schema$)'
+				UNION ALL SELECT 'routine ' || p.oid::regprocedure FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace
+				WHERE proowner <> current_user::regrole AND nspname !~ '^(pg_|information_schema$)'
+				UNION ALL SELECT 'type ' || t.oid::regtype FROM pg_type t JOIN pg_namespace n ON n.oid = t.typnamespace
+				WHERE typowner <> current_user::regrole AND nspname !~ '^(pg_|information_schema$)']])
+			assert.same({}, foreign)
+			assert(c:exec("INSERT INTO model VALUES ('b', 2) ON CONFLICT (id) DO UPDATE SET n = model.n + 1"))
+			assert(c:exec("INSERT INTO counter DEFAULT VALUES"))
+			assert(c:exec("REFRESH MATERIALIZED VIEW model_mat"))
+			assert(c:exec("INSERT INTO mine.t VALUES (1)"))
+			assert.equal("4", h.scalar(c, "SELECT twice(2)::text"))
+			local ok, _, sqlstate = c:exec("COPY (SELECT 1) TO PROGRAM 'true'")
+			assert.is_nil(ok)
+			assert.equal("42501", sqlstate)
+			c:close()
+		end
+		check()
+		code, out, err = h.run({ "append", "old-1", "C", "--expected-version", "2" }, { env = oenv })
+		assert.equal(0, code, err)
+		assert.equal("3\n", out)
+		assert.equal("rwx------", lfs.attributes(old .. "/run", "permissions"))
+
+		-- after a restart the settings are in effect too, and a second
+		-- upgrade finds nothing to do
+		assert.equal(0, (h.run({ "db", "stop" }, { env = oenv })))
+		code, out, err = h.run({ "db", "start" }, { env = oenv })
+		assert.equal(0, code, out .. err)
+		assert.equal("rwx------", lfs.attributes(old .. "/run/.s.PGSQL.5432", "permissions"))
+		check()
+	end)
+
+	it("refuses a home libpq cannot name (a comma or a control character) in one line", function()
+		for _, bad in ipairs({ h.tmpdir() .. "/a,b", h.tmpdir() .. "/a\nb" }) do
+			local code, out, err = h.run({ "db", "start" }, { env = { PROJHOST_HOME = bad } })
+			assert.equal(1, code)
+			assert.equal("", out)
+			assert.equal("projhost: db start: the embedded home's path holds a comma or a control character, "
+				.. "which libpq cannot take as a socket directory: set PROJHOST_HOME to another directory\n", err)
+			assert.is_false(exists(bad))
+		end
 	end)
 
 	it("says so in one line when nobody cannot reach the home (as root)", function()
