@@ -47,9 +47,13 @@ struct master;
 /* Partitions of one projection handed to a worker as one batch (one
  * transaction): catching up many small streams is not one BEGIN/COMMIT each. */
 #define PH_GROUP 128
-/* Queue entries above which discovery of more partitions waits: memory
- * stays bounded when millions of partitions are behind, and a page is
- * listed only when the workers are about to need it. */
+/* Queued partitions of one projection above which its discovery of more
+ * waits: memory stays bounded when millions of partitions are behind (at
+ * most this plus one page per projection), and a page is listed only when
+ * the workers are about to need it. Counted per projection, never over the
+ * whole queue: another projection's entries (its own discovery included)
+ * must not hold this one back, or two partitioned projections in one host
+ * wait for each other for ever. */
 #define PH_FIND_AHEAD 4000
 
 struct worker {
@@ -78,6 +82,7 @@ struct proj {
 	int partitioned;
 	int settled;		/* last batch found nothing more to do (for --once) */
 	char *cursor;		/* partition discovery resumes after this stream */
+	long nparts;		/* its partition entries in the queue (waiting or running) */
 	double budget;		/* seconds a handler may run before its worker is killed */
 	char hash[24];		/* of the script, for "reloaded NAME (hash a->b)" */
 };
@@ -169,12 +174,32 @@ static int split_tabs(char *s, char **f, int max)
 	return n;
 }
 
+/* The queue's entry count tells whether a wake-up made a new entry and
+ * whether ph_queue_done() freed one: p->nparts follows it without a second
+ * copy of the queue's rules. */
 static void wake(struct master *m, struct proj *p, const char *part, uint64_t at)
 {
+	size_t before = m->q.count;
+
 	if (!*part)
 		p->settled = 0;
 	if (ph_queue_wake(&m->q, p->name, part, at, 0) != 0)
 		ph_log(PH_ERROR, p->name, "cannot queue a wake-up: out of memory");
+	else if (*part && m->q.count > before)
+		p->nparts++;
+}
+
+/* ph_queue_done() for an entry of @p (NULL: look it up). */
+static void requeue(struct master *m, struct proj *p, struct ph_qentry *e, uint64_t at, int hard)
+{
+	size_t before = m->q.count;
+	int part = *ph_queue_entry_part(e) != '\0';
+
+	if (part && !p)
+		p = find_proj(m, ph_queue_entry_proj(e));
+	ph_queue_done(&m->q, e, at, hard);
+	if (part && p && m->q.count < before && p->nparts > 0)
+		p->nparts--;
 }
 
 /* Unpartitioned projections have one entry (partition ""); partitioned
@@ -344,6 +369,8 @@ static void handle_ready(struct worker *w, char *msg)
 			ph_log(PH_INFO, p->name, "reloaded (hash %s -> %s)", o->hash, p->hash);
 		if (o && o->cursor)
 			p->cursor = strdup(o->cursor);
+		if (o)
+			p->nparts = o->nparts;
 	}
 	for (int j = 0; !initial && j < nold; j++) {
 		if (!find_proj(m, old[j].name) && !strchr(old[j].name, '@'))
@@ -432,7 +459,7 @@ static void entry_done(struct master *m, struct ph_qentry *e, const char *status
 	p = find_proj(m, ph_queue_entry_proj(e));
 	if (p && !*ph_queue_entry_part(e))
 		p->settled = settled;
-	ph_queue_done(&m->q, e, at, hard);
+	requeue(m, p, e, at, hard);
 }
 
 static struct ph_qentry *take_job(struct worker *w, const char *part)
@@ -502,17 +529,17 @@ static void handle_done(struct worker *w, char *msg)
 		struct ph_qentry *e = take_job(w, "");
 
 		m->round_work += nfound;
-		if (e && strcmp(find_status, "more") == 0 && m->q.count > PH_FIND_AHEAD)
-			/* back-pressure: the next page once the queue has drained
-			 * (memory stays bounded, and workers process partitions
-			 * instead of listing ones already queued) */
-			ph_queue_done(&m->q, e, now + 50, 1);
+		if (e && strcmp(find_status, "more") == 0 && p && p->nparts > PH_FIND_AHEAD)
+			/* back-pressure: the next page once its partitions have
+			 * drained (memory stays bounded, and workers process
+			 * partitions instead of listing ones already queued) */
+			requeue(m, p, e, now + 50, 1);
 		else if (e && strcmp(find_status, "more") == 0)
 			entry_done(m, e, "more", 0);
 		else if (e && nfound)
 			/* look again once these are done: the projection has
 			 * caught up when a look finds nothing behind */
-			ph_queue_done(&m->q, e, now + 500, 1);
+			requeue(m, p, e, now + 500, 1);
 		else if (e)
 			entry_done(m, e, find_status, 0);
 	}
@@ -603,7 +630,7 @@ static void on_worker_exit(uv_process_t *proc, int64_t status, int sig)
 				e->overrun_budget = w->killed_budget;
 			}
 			e->attempts++;
-			ph_queue_done(&m->q, e, now_ms(m) + 100u * (e->attempts < 50 ? e->attempts : 50), 1);
+			requeue(m, NULL, e, now_ms(m) + 100u * (e->attempts < 50 ? e->attempts : 50), 1);
 		}
 		w->njobs = 0;
 	} else if (!w->quitting) {
@@ -747,16 +774,16 @@ static int give_work(struct master *m, struct worker *w, uint64_t now)
 	p = find_proj(m, ph_queue_entry_proj(e));
 	if (!p) {
 		/* its file was removed or broke on reload */
-		ph_queue_done(&m->q, e, UINT64_MAX, 0);
+		requeue(m, NULL, e, UINT64_MAX, 0);
 		return 1;
 	}
 	if (p->partitioned && !*ph_queue_entry_part(e) &&
-	    (m->q.count > PH_FIND_AHEAD || (!p->cursor && m->q.count > 1))) {
+	    (p->nparts > PH_FIND_AHEAD || (!p->cursor && p->nparts > 0))) {
 		/* back-pressure before the query, not after it: while enough
-		 * partitions wait, the workers process them instead of listing;
-		 * a new round from the first stream waits for the queue to
-		 * drain, or it would list again what is already queued */
-		ph_queue_done(&m->q, e, now + 50, 1);
+		 * of its partitions wait, the workers process them instead of
+		 * listing; a new round from the first stream waits for its
+		 * partitions to drain, or it would list again what is queued */
+		requeue(m, p, e, now + 50, 1);
 		return 1;
 	}
 	w->jobs[0] = e;
