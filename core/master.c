@@ -10,6 +10,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <unistd.h>
+#include <sys/resource.h>
 #include <sys/stat.h>
 
 #include <uv.h>
@@ -35,6 +36,17 @@ struct master;
  * must not hold this one back, or two partitioned projections in one host
  * wait for each other for ever. */
 #define PH_FIND_AHEAD 4000
+
+/* Workers one master runs at most, whatever it is asked for. A worker
+ * holds one descriptor in the master (its pipe; a second one while it is
+ * being replaced, and a few while it is spawned), so the soft
+ * RLIMIT_NOFILE less a reserve for the loop, the LISTEN connection and the
+ * watchers is the real limit; the fixed cap keeps the worker table and the
+ * watchdog's scan small. Each worker also holds a PostgreSQL connection:
+ * the cluster's max_connections is usually reached first, and a worker
+ * that cannot connect only retries (its jobs answer dberror). */
+#define PH_WORKERS_MAX 4096
+#define PH_FDS_RESERVED 64
 
 struct worker {
 	struct master *m;
@@ -1136,6 +1148,29 @@ static int build_init(struct master *m)
 	return m->init_msg.failed || m->init_msg.len > PH_FRAME_MAX ? -1 : 0;
 }
 
+/* @asked workers, or as many as this process can run (see PH_WORKERS_MAX). */
+static int clamp_workers(int asked)
+{
+	struct rlimit rl;
+	long fds = PH_WORKERS_MAX * 2L + PH_FDS_RESERVED, max;
+
+	if (getrlimit(RLIMIT_NOFILE, &rl) == 0 && rl.rlim_cur != RLIM_INFINITY && rl.rlim_cur < (rlim_t)fds)
+		fds = (long)rl.rlim_cur;
+	max = (fds - PH_FDS_RESERVED) / 2;
+	if (max > PH_WORKERS_MAX)
+		max = PH_WORKERS_MAX;
+	if (max < 1)
+		max = 1;
+	if (asked < 1)
+		return 1;
+	if (asked > max) {
+		ph_log(PH_WARN, "host", "%d workers asked for; starting %ld, the most this process can run (open files limit %ld, at most %d)",
+		       asked, max, fds, PH_WORKERS_MAX);
+		return (int)max;
+	}
+	return asked;
+}
+
 int ph_master_run(const struct ph_master_cfg *cfg)
 {
 	struct master m;
@@ -1149,8 +1184,15 @@ int ph_master_run(const struct ph_master_cfg *cfg)
 	}
 	m.loop = &loop;
 	signal(SIGPIPE, SIG_IGN);
-	m.nworkers = cfg->workers > 0 ? cfg->workers : 1;
+	m.nworkers = clamp_workers(cfg->workers);
 	m.workers = calloc((size_t)m.nworkers, sizeof(*m.workers));
+	if (!m.workers) {
+		ph_log(PH_ERROR, "host", "cannot start: out of memory");
+		uv_loop_close(&loop);
+		ph_queue_free(&m.q);
+		ph_msg_free(&m.init_msg);
+		return 1;
+	}
 
 	uv_timer_init(&loop, &m.reconnect);
 	uv_timer_init(&loop, &m.fallback);

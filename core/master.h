@@ -11,7 +11,7 @@ struct ph_master_cfg {
 	const char *bin;		/* this executable, started as `bin __worker` */
 	const char *const *paths;	/* projection files and directories */
 	int npaths;
-	int workers;			/* worker processes, >= 1 */
+	int workers;			/* worker processes; clamped to 1..what it can run */
 	int once;			/* catch up, then exit */
 	double poll_interval;		/* fallback poll, seconds: a lost NOTIFY only delays */
 };
