@@ -804,6 +804,7 @@ static int give_work(struct master *m, struct worker *w, uint64_t now)
 	w->njobs = 1;
 	if (p->partitioned && !*ph_queue_entry_part(e)) {
 		ph_proto_find(&mb, p->name, p->cursor ? p->cursor : "");
+		add_overruns(&mb, w);	/* a death in its caught_up hook */
 	} else {
 		/* a batch of partitions, bounded by bytes as well as by count:
 		 * long stream names must not push the job (or its answer, which

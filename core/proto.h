@@ -11,10 +11,11 @@
  *     init   <dsn> <path>...            load projections, connect
  *     job    <projection> <partition>...  one batch; an unpartitioned
  *                                      projection has partition ""
- *       overrun <position> <kind> <reason>  (lines after job) the worker
- *                                      died while running <kind> code
- *                                      (see beat.h) on that event: count it
- *                                      as a failure instead of running it
+ *       overrun <position> <kind> <reason>  (lines after job or find) a
+ *                                      worker died while running <kind>
+ *                                      code (see beat.h) on that event:
+ *                                      count it as a failure instead of
+ *                                      running it again (for this job only)
  *     find   <projection> <cursor>     list partitions that are behind
  *     reload                           load the files again (between jobs)
  *     quit                             exit after this

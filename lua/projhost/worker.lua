@@ -1578,6 +1578,7 @@ function M.handle(msg)
 		-- then exit so the master starts a fresh worker
 		return reply, out_of_memory
 	elseif verb == "find" then
+		overrun[f[2]] = overruns_of(lines)
 		local reply = find(f[2], f[3] or "")
 		if relist then reply, relist = reply .. "\n" .. wire.line("relist"), false end
 		return reply
