@@ -506,7 +506,7 @@ static void handle_done(struct worker *w, char *msg)
 			break;
 		default:
 			ph_log(PH_ERROR, "host", "worker %d: unexpected '%s' line in an answer", w->slot,
-			       v == PH_V_UNKNOWN && n ? "?" : ph_proto_verb_name(v));
+			       ph_proto_verb_name(v));
 		}
 	}
 	if (found) {
