@@ -110,6 +110,23 @@ describe("master/worker messages", function()
 		assert.same(truth(conn, "true"), applied(conn, "wp"))
 	end)
 
+	it("carry a dsn and projection paths with tabs and newlines", function()
+		local odd = h.tmpdir() .. "/dir\twith tab\nand\\newline"
+		assert(require("lfs").mkdir(odd))
+		h.write_file(odd .. "/wu.lua", projection("wu", "{ all = true }", false))
+		h.write_file(odd .. "/wp.lua", projection("wp", "{ all = true }", true))
+		-- libpq reads a tab between keywords like a space
+		local tabbed = dsn:gsub(" ", "\t")
+		local code, out, err = h.run({ "run", "--once", "--db", tabbed, odd }, { timeout = 60 })
+		assert.equal(0, code, out .. err)
+		insert(conn, { ["s-1"] = 2 })
+		code, out, err = h.run({ "run", "--once", "--db", tabbed, odd .. "/wu.lua", odd .. "/wp.lua" }, { timeout = 60 })
+		assert.equal(0, code, out .. err)
+		assert_clean_log(out .. err)
+		assert.same(truth(conn, "true"), applied(conn, "wu"))
+		assert.same(truth(conn, "true"), applied(conn, "wp"))
+	end)
+
 	it("keep every job and answer under the frame limit with 100 stream names of 200 KB", function()
 		h.write_file(dir .. "/big.lua", projection("big", '{ category = "big" }', true))
 		local code, out, err = h.run({ "run", "--once", "--db", dsn, dir }, { timeout = 60 })
