@@ -36,6 +36,10 @@ struct master;
  * must not hold this one back, or two partitioned projections in one host
  * wait for each other for ever. */
 #define PH_FIND_AHEAD 4000
+/* ...but a new round from the first stream waits at most this long for
+ * them: a partition held back by a long retry delay must not stop the
+ * discovery of others (it costs one page listed again per wait). */
+#define PH_FIND_WAIT_MS 5000
 
 /* Workers one master runs at most, whatever it is asked for. A worker
  * holds one descriptor in the master (its pipe; a second one while it is
@@ -76,6 +80,7 @@ struct proj {
 	int settled;		/* last batch found nothing more to do (for --once) */
 	char *cursor;		/* partition discovery resumes after this stream */
 	long nparts;		/* its partition entries in the queue (waiting or running) */
+	uint64_t round_wait;	/* since when a new discovery round waits for them (0: not) */
 	double budget;		/* seconds a handler may run before its worker is killed */
 	char hash[24];		/* of the script, for "reloaded NAME (hash a->b)" */
 };
@@ -791,14 +796,20 @@ static int give_work(struct master *m, struct worker *w, uint64_t now)
 		requeue(m, NULL, e, UINT64_MAX, 0);
 		return 1;
 	}
-	if (p->partitioned && !*ph_queue_entry_part(e) &&
-	    (p->nparts > PH_FIND_AHEAD || (!p->cursor && p->nparts > 0))) {
+	if (p->partitioned && !*ph_queue_entry_part(e)) {
 		/* back-pressure before the query, not after it: while enough
 		 * of its partitions wait, the workers process them instead of
 		 * listing; a new round from the first stream waits for its
 		 * partitions to drain, or it would list again what is queued */
-		requeue(m, p, e, now + 50, 1);
-		return 1;
+		int wait_round = !p->cursor && p->nparts > 0;
+
+		if (wait_round && !p->round_wait)
+			p->round_wait = now ? now : 1;
+		if (p->nparts > PH_FIND_AHEAD || (wait_round && now - p->round_wait < PH_FIND_WAIT_MS)) {
+			requeue(m, p, e, now + 50, 1);
+			return 1;
+		}
+		p->round_wait = 0;
 	}
 	w->jobs[0] = e;
 	w->njobs = 1;

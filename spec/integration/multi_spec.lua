@@ -148,4 +148,34 @@ describe("many projections in one host", function()
 		assert.not_matches("internal error", out, 1, true)
 		assert_matches_truth(conn)
 	end)
+
+	it("a partition waiting on a long retry delay does not stop the discovery of others", function()
+		local d2 = h.tmpdir()
+		h.write_file(d2 .. "/r.lua", [[
+return {
+	name = "r",
+	from = { category = "r" },
+	partition = "stream",
+	setup = "CREATE TABLE IF NOT EXISTS r_applied (stream text, version bigint, PRIMARY KEY (stream, version))",
+	when = {
+		Inc = function(s, e, ctx) ctx:exec("INSERT INTO r_applied VALUES ($1, $2)", e.stream, e.version) end,
+		Bad = function() error("not now") end,
+	},
+	on_error = function() return "retry", 3600 end,
+}
+]])
+		local code, out, err = h.run({ "run", "--once", "--db", dsn, d2 }, { timeout = 60 })
+		assert.equal(0, code, out .. err)
+		local p = h.spawn({ "run", "--db", dsn, d2 })
+		h.wait_until(function() return p:output():find("listening", 1, true) end, 30, "the host to listen")
+		assert(conn:query([[SELECT projhost.append('r-a', NULL, '[{"type":"Bad"}]')]]))
+		h.wait_until(function() return p:output():find("retry", 1, true) end, 30, "r-a to wait for its retry")
+		-- no NOTIFY: only a discovery round (the fallback poll) finds it
+		h.insert_events(conn, "r", 3, 1)
+		h.wait_until(function()
+			return tonumber(scalar(conn, "SELECT count(*) FROM r_applied WHERE stream = 'r-0'")) == 3
+		end, 40, "r-0 found and applied")
+		p:kill(15)
+		assert.equal(0, p:wait(15), p:output())
+	end)
 end)
