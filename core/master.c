@@ -4,6 +4,7 @@
  * workers are described in proto.h.
  */
 #include <errno.h>
+#include <math.h>
 #include <signal.h>
 #include <stdint.h>
 #include <stdio.h>
@@ -314,6 +315,11 @@ static void handle_ready(struct worker *w, char *msg)
 			np->value = strdup(f[2]);
 			np->partitioned = atoi(f[3]);
 			np->budget = n >= 5 ? atof(f[4]) : 0;
+			/* the watchdog converts it to ms: nothing past int64 */
+			if (!(np->budget > 0) || !isfinite(np->budget))
+				np->budget = 0;
+			else if (np->budget > 1e9)
+				np->budget = 1e9;
 			snprintf(np->hash, sizeof(np->hash), "%s", n >= 6 ? f[5] : "");
 			if (!np->name || !np->value) {
 				ph_log(PH_ERROR, "host", "out of memory reading the projection list");
