@@ -15,7 +15,7 @@ BUILD     ?= build
 BIN       ?= projhost
 
 # The same sources make the binary and the Lua module projhost.core.
-LIB_SRCS  := core/log.c core/beat.c core/pg.c core/stmt.c core/frame.c core/queue.c core/master.c \
+LIB_SRCS  := core/log.c core/beat.c core/pg.c core/stmt.c core/frame.c core/proto.c core/queue.c core/master.c \
              core/lua_core.c core/lua_pg.c core/lua_master.c core/lua_worker.c
 HDRS      := $(wildcard core/*.h)
 LIB_OBJS  := $(LIB_SRCS:core/%.c=$(BUILD)/obj/%.o)
@@ -44,7 +44,7 @@ deps:
 		DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq --no-install-recommends $$missing >/dev/null || exit 1; \
 	fi
 
-build: $(BIN) $(BUILD)/lib/projhost/core.so $(BUILD)/queue_test
+build: $(BIN) $(BUILD)/lib/projhost/core.so $(BUILD)/queue_test $(BUILD)/proto_test
 
 $(BUILD)/obj/%.o: core/%.c $(HDRS) | deps
 	@mkdir -p $(dir $@)
@@ -60,6 +60,10 @@ $(BUILD)/lib/projhost/core.so: $(LIB_OBJS)
 # C checks of the queue and framing, run by spec/core/queue_spec.lua
 $(BUILD)/queue_test: spec/core/queue_test.c $(BUILD)/obj/queue.o $(BUILD)/obj/frame.o $(HDRS)
 	$(CC) $(CFLAGS) $(LDFLAGS) -o $@ $< $(BUILD)/obj/queue.o $(BUILD)/obj/frame.o
+
+# C checks of the master/worker messages, run by spec/core/proto_spec.lua
+$(BUILD)/proto_test: spec/core/proto_test.c $(BUILD)/obj/proto.o $(HDRS)
+	$(CC) $(CFLAGS) $(LDFLAGS) -o $@ $< $(BUILD)/obj/proto.o
 
 asan:
 	$(MAKE) BUILD=build-asan BIN=build-asan/projhost \

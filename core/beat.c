@@ -2,11 +2,35 @@
  * beat.c - the shared heartbeat page (see beat.h).
  */
 #include <errno.h>
+#include <string.h>
 #include <time.h>
 #include <unistd.h>
 #include <sys/mman.h>
 
 #include "beat.h"
+
+static const char *const kinds[PH_BEAT_NKINDS] = {
+	[PH_BEAT_NONE] = "code",
+	[PH_BEAT_HANDLER] = "handler",
+	[PH_BEAT_ON_ERROR] = "on_error",
+	[PH_BEAT_CAUGHT_UP] = "caught_up",
+	[PH_BEAT_INIT] = "init",
+	[PH_BEAT_SQL] = "sql",
+	[PH_BEAT_LOAD] = "load",
+};
+
+const char *ph_beat_kind_name(int kind)
+{
+	return kind > 0 && kind < PH_BEAT_NKINDS ? kinds[kind] : kinds[PH_BEAT_NONE];
+}
+
+int ph_beat_kind_of(const char *name)
+{
+	for (int i = 1; i < PH_BEAT_NKINDS; i++)
+		if (strcmp(kinds[i], name) == 0)
+			return i;
+	return -1;
+}
 
 int64_t ph_beat_now_ms(void)
 {
@@ -54,9 +78,10 @@ void ph_beat_release(struct ph_beat *b)
 		munmap(b, sizeof(*b));
 }
 
-void ph_beat_set(struct ph_beat *b, int64_t position)
+void ph_beat_set(struct ph_beat *b, int64_t position, int kind)
 {
 	__atomic_store_n(&b->position, position, __ATOMIC_RELAXED);
+	__atomic_store_n(&b->kind, (int32_t)kind, __ATOMIC_RELAXED);
 	__atomic_store_n(&b->started_ms, ph_beat_now_ms(), __ATOMIC_RELEASE);
 }
 
@@ -65,12 +90,13 @@ void ph_beat_clear(struct ph_beat *b)
 	__atomic_store_n(&b->started_ms, 0, __ATOMIC_RELEASE);
 }
 
-int64_t ph_beat_read(const struct ph_beat *b, int64_t *position)
+int64_t ph_beat_read(const struct ph_beat *b, int64_t *position, int *kind)
 {
 	int64_t t = __atomic_load_n(&b->started_ms, __ATOMIC_ACQUIRE);
 
 	if (!t)
 		return -1;
 	*position = __atomic_load_n(&b->position, __ATOMIC_RELAXED);
+	*kind = __atomic_load_n(&b->kind, __ATOMIC_RELAXED);
 	return ph_beat_now_ms() - t;
 }

@@ -2,7 +2,7 @@
  * frame.h - length-prefixed messages between the master and its workers.
  *
  * A frame is a 4-byte big-endian length followed by that many bytes of
- * payload (tab-separated text; see lua/projhost/worker.lua for the verbs).
+ * payload (the messages of proto.h).
  */
 #ifndef PH_FRAME_H
 #define PH_FRAME_H

@@ -25,7 +25,7 @@ int ph_l_run_master(lua_State *L);
  */
 int ph_l_serve(lua_State *L);
 
-/** ph_l_beat() - core.beat([position]): stamp the heartbeat page. */
+/** ph_l_beat() - core.beat([position[, kind]]): stamp the heartbeat page (see beat.h). */
 int ph_l_beat(lua_State *L);
 
 /**

@@ -1,6 +1,7 @@
 /*
  * lua_master.c - core.run_master(opts): hands `projhost run` to the C master.
  */
+#include <limits.h>
 #include <stdlib.h>
 
 #include <lua.h>
@@ -22,7 +23,12 @@ int ph_l_run_master(lua_State *L)
 	lua_getfield(L, 1, "bin");
 	cfg.bin = luaL_checkstring(L, -1);
 	lua_getfield(L, 1, "workers");
-	cfg.workers = (int)luaL_optinteger(L, -1, 1);
+	{
+		/* any number: the master clamps it to what it can run */
+		lua_Number w = luaL_optnumber(L, -1, 1);
+
+		cfg.workers = !(w >= 1) ? 1 : w >= INT_MAX ? INT_MAX : (int)w;
+	}
 	lua_getfield(L, 1, "once");
 	cfg.once = lua_toboolean(L, -1);
 	lua_getfield(L, 1, "poll_interval");
@@ -44,10 +50,6 @@ int ph_l_run_master(lua_State *L)
 	}
 	cfg.paths = paths;
 	cfg.npaths = n;
-	if (cfg.workers < 1 || cfg.workers > PH_MAX_WORKERS) {
-		free(paths);
-		return luaL_error(L, "workers must be between 1 and %d", PH_MAX_WORKERS);
-	}
 	rc = ph_master_run(&cfg);
 	free(paths);
 	lua_pushinteger(L, rc);

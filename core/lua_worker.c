@@ -31,15 +31,28 @@
 /* The heartbeat page the master watches (fd 4), when there is one. */
 static struct ph_beat *beat;
 
-/* core.beat(position) before a handler runs, core.beat() after it. */
+/* core.beat(position[, kind]) before projection code runs (kind: "handler"
+ * when omitted, or "on_error", "caught_up", "init", "sql", "load"; see
+ * beat.h), core.beat() after it. Called per event: no string work for the
+ * common case. */
 int ph_l_beat(lua_State *L)
 {
-	if (!beat)
+	int kind = PH_BEAT_HANDLER;
+	int64_t pos;
+
+	if (lua_isnoneornil(L, 1)) {
+		if (beat)
+			ph_beat_clear(beat);
 		return 0;
-	if (lua_isnoneornil(L, 1))
-		ph_beat_clear(beat);
-	else
-		ph_beat_set(beat, (int64_t)luaL_checknumber(L, 1));
+	}
+	pos = (int64_t)luaL_checknumber(L, 1);
+	if (!lua_isnoneornil(L, 2)) {
+		kind = ph_beat_kind_of(luaL_checkstring(L, 2));
+		if (kind < 0)
+			return luaL_argerror(L, 2, "unknown kind of code");
+	}
+	if (beat)
+		ph_beat_set(beat, pos, kind);
 	return 0;
 }
 

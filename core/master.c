@@ -1,36 +1,17 @@
 /*
  * master.c - libuv loop: LISTEN connection, work queue, worker processes,
- * signals and the fallback poll.
- *
- * Worker protocol (frames of tab-separated text, see frame.h):
- *   master -> worker  "init\t<dsn>\t<path>..."      load projections, connect
- *                     "job\t<projection>\t<overrun>\t<partition>..."  one batch;
- *                                                  unpartitioned projections have
- *                                                  partition ""; overrun is "" or
- *                                                  "<position>:<budget>", an event
- *                                                  whose handler was killed
- *                     "find\t<projection>\t<cursor>"  list partitions that are behind
- *                     "reload"                      load the files again (between jobs)
- *                     "quit"                        exit after this
- *   worker -> master  "proj\t<name>\t<kind>\t<value>\t<partitioned>\t<budget>\t<hash>"
- *                     and "error\t<message>\t<kept projection>" lines, then "ready"
- *                     "done\t<projection>\t<count>" then a line
- *                     "<partition>\t<status>\t<delay>" per partition of the job
- *                     "found\t<projection>\t<more|idle>\t<cursor>" then one
- *                     partition per line
- * A "\t!relist" line in any answer asks for a reload of every worker (a
- * shadow rebuild switched over).
- * Statuses: more (batch was full), idle (caught up), held (events waiting
- * behind the xmin horizon), locked (another worker or instance has it),
- * retry (handler asked for a delay), dberror, failed, stopped, paused.
+ * signals and the fallback poll. The messages it exchanges with its
+ * workers are described in proto.h.
  */
 #include <errno.h>
+#include <math.h>
 #include <signal.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <unistd.h>
+#include <sys/resource.h>
 #include <sys/stat.h>
 
 #include <uv.h>
@@ -40,6 +21,7 @@
 #include "log.h"
 #include "master.h"
 #include "pg.h"
+#include "proto.h"
 #include "queue.h"
 
 struct master;
@@ -47,10 +29,29 @@ struct master;
 /* Partitions of one projection handed to a worker as one batch (one
  * transaction): catching up many small streams is not one BEGIN/COMMIT each. */
 #define PH_GROUP 128
-/* Queue entries above which discovery of more partitions waits: memory
- * stays bounded when millions of partitions are behind, and a page is
- * listed only when the workers are about to need it. */
+/* Queued partitions of one projection above which its discovery of more
+ * waits: memory stays bounded when millions of partitions are behind (at
+ * most this plus one page per projection), and a page is listed only when
+ * the workers are about to need it. Counted per projection, never over the
+ * whole queue: another projection's entries (its own discovery included)
+ * must not hold this one back, or two partitioned projections in one host
+ * wait for each other for ever. */
 #define PH_FIND_AHEAD 4000
+/* ...but a new round from the first stream waits at most this long for
+ * them: a partition held back by a long retry delay must not stop the
+ * discovery of others (it costs one page listed again per wait). */
+#define PH_FIND_WAIT_MS 5000
+
+/* Workers one master runs at most, whatever it is asked for. A worker
+ * holds one descriptor in the master (its pipe; a second one while it is
+ * being replaced, and a few while it is spawned), so the soft
+ * RLIMIT_NOFILE less a reserve for the loop, the LISTEN connection and the
+ * watchers is the real limit; the fixed cap keeps the worker table and the
+ * watchdog's scan small. Each worker also holds a PostgreSQL connection:
+ * the cluster's max_connections is usually reached first, and a worker
+ * that cannot connect only retries (its jobs answer dberror). */
+#define PH_WORKERS_MAX 4096
+#define PH_FDS_RESERVED 64
 
 struct worker {
 	struct master *m;
@@ -66,8 +67,9 @@ struct worker {
 	struct ph_beat *beat;	/* shared heartbeat page (see beat.h) */
 	unsigned gen;		/* load generation of its last init/reload */
 	int reload_pending;	/* reload once its job is done */
-	int killed_pos_valid;
-	int64_t killed_pos;	/* the watchdog killed it on this event */
+	int killed_pos_valid;	/* the watchdog killed it: */
+	int64_t killed_pos;	/* on this event */
+	int killed_kind;	/* running this kind of code (beat.h) */
 	double killed_budget;
 };
 
@@ -78,6 +80,8 @@ struct proj {
 	int partitioned;
 	int settled;		/* last batch found nothing more to do (for --once) */
 	char *cursor;		/* partition discovery resumes after this stream */
+	long nparts;		/* its partition entries in the queue (waiting or running) */
+	uint64_t round_wait;	/* since when a new discovery round waits for them (0: not) */
 	double budget;		/* seconds a handler may run before its worker is killed */
 	char hash[24];		/* of the script, for "reloaded NAME (hash a->b)" */
 };
@@ -117,8 +121,7 @@ struct master {
 	unsigned long round_work;	/* --once: events applied since the last full round */
 	int load_errors;
 
-	char *init_msg;
-	size_t init_len;
+	struct ph_msg init_msg;
 };
 
 static void dispatch(struct master *m);
@@ -154,27 +157,32 @@ static void free_projs(struct master *m)
 	m->nprojs = 0;
 }
 
-/* Split @s in place at tabs into at most @max fields. */
-static int split_tabs(char *s, char **f, int max)
-{
-	int n = 0;
-
-	while (n < max) {
-		f[n++] = s;
-		s = strchr(s, '\t');
-		if (!s)
-			break;
-		*s++ = '\0';
-	}
-	return n;
-}
-
+/* The queue's entry count tells whether a wake-up made a new entry and
+ * whether ph_queue_done() freed one: p->nparts follows it without a second
+ * copy of the queue's rules. */
 static void wake(struct master *m, struct proj *p, const char *part, uint64_t at)
 {
+	size_t before = m->q.count;
+
 	if (!*part)
 		p->settled = 0;
 	if (ph_queue_wake(&m->q, p->name, part, at, 0) != 0)
 		ph_log(PH_ERROR, p->name, "cannot queue a wake-up: out of memory");
+	else if (*part && m->q.count > before)
+		p->nparts++;
+}
+
+/* ph_queue_done() for an entry of @p (NULL: look it up). */
+static void requeue(struct master *m, struct proj *p, struct ph_qentry *e, uint64_t at, int hard)
+{
+	size_t before = m->q.count;
+	int part = *ph_queue_entry_part(e) != '\0';
+
+	if (part && !p)
+		p = find_proj(m, ph_queue_entry_proj(e));
+	ph_queue_done(&m->q, e, at, hard);
+	if (part && p && m->q.count < before && p->nparts > 0)
+		p->nparts--;
 }
 
 /* Unpartitioned projections have one entry (partition ""); partitioned
@@ -241,7 +249,7 @@ static int send_frame(struct worker *w, const char *s, size_t n)
 static void send_quit(struct worker *w)
 {
 	w->quitting = 1;
-	send_frame(w, "quit", 4);
+	send_frame(w, ph_proto_verb_name(PH_V_QUIT), strlen(ph_proto_verb_name(PH_V_QUIT)));
 }
 
 static void on_handle_closed(uv_handle_t *h)
@@ -280,7 +288,9 @@ static void handle_ready(struct worker *w, char *msg)
 	struct proj *old = m->projs, *np;
 	int nold = m->nprojs, initial = !m->have_projs;
 	uint64_t sig = 0;
-	char *line, *save = NULL;
+	char *f[8];
+	int n;
+	enum ph_verb v;
 
 	if (w->gen != m->gen)
 		adopt = 0;	/* an answer to an older request: a newer one is on its way */
@@ -289,12 +299,9 @@ static void handle_ready(struct worker *w, char *msg)
 		m->nprojs = 0;
 		m->load_errors = 0;
 	}
-	for (line = strtok_r(msg, "\n", &save); line; line = strtok_r(NULL, "\n", &save)) {
-		char *f[8];
-		int n = split_tabs(line, f, 8);
-
-		if (strcmp(f[0], "proj") == 0 && n >= 5) {
-			sig ^= fnv(n >= 7 ? f[6] : "", fnv(f[1], 1469598103934665603ULL));
+	while ((v = ph_proto_next(&msg, f, 8, &n)) != PH_V_END) {
+		if (v == PH_V_PROJ && n >= 4) {
+			sig ^= fnv(n >= 6 ? f[5] : "", fnv(f[0], 1469598103934665603ULL));
 			if (!adopt)
 				continue;
 			np = realloc(m->projs, sizeof(*np) * (size_t)(m->nprojs + 1));
@@ -303,18 +310,29 @@ static void handle_ready(struct worker *w, char *msg)
 			m->projs = np;
 			np = &m->projs[m->nprojs++];
 			memset(np, 0, sizeof(*np));
-			np->name = strdup(f[1]);
-			np->kind = f[2][0];
-			np->value = strdup(f[3]);
-			np->partitioned = atoi(f[4]);
-			np->budget = n >= 6 ? atof(f[5]) : 0;
-			snprintf(np->hash, sizeof(np->hash), "%s", n >= 7 ? f[6] : "");
-		} else if (strcmp(f[0], "error") == 0 && adopt) {
+			np->name = strdup(f[0]);
+			np->kind = f[1][0];
+			np->value = strdup(f[2]);
+			np->partitioned = atoi(f[3]);
+			np->budget = n >= 5 ? atof(f[4]) : 0;
+			/* the watchdog converts it to ms: nothing past int64 */
+			if (!(np->budget > 0) || !isfinite(np->budget))
+				np->budget = 0;
+			else if (np->budget > 1e9)
+				np->budget = 1e9;
+			snprintf(np->hash, sizeof(np->hash), "%s", n >= 6 ? f[5] : "");
+			if (!np->name || !np->value) {
+				ph_log(PH_ERROR, "host", "out of memory reading the projection list");
+				free(np->name);
+				free(np->value);
+				m->nprojs--;
+			}
+		} else if (v == PH_V_ERROR && adopt) {
 			m->load_errors++;
-			if (n >= 3 && *f[2])
-				ph_log(PH_ERROR, "host", "%s; keeping the previous version of %s", f[1], f[2]);
+			if (n >= 2 && *f[1])
+				ph_log(PH_ERROR, "host", "%s; keeping the previous version of %s", f[0], f[1]);
 			else
-				ph_log(PH_ERROR, "host", "projection not loaded: %s", n >= 2 ? f[1] : "?");
+				ph_log(PH_ERROR, "host", "projection not loaded: %s", n >= 1 ? f[0] : "?");
 		}
 	}
 	w->ready = 1;
@@ -344,6 +362,8 @@ static void handle_ready(struct worker *w, char *msg)
 			ph_log(PH_INFO, p->name, "reloaded (hash %s -> %s)", o->hash, p->hash);
 		if (o && o->cursor)
 			p->cursor = strdup(o->cursor);
+		if (o)
+			p->nparts = o->nparts;
 	}
 	for (int j = 0; !initial && j < nold; j++) {
 		if (!find_proj(m, old[j].name) && !strchr(old[j].name, '@'))
@@ -372,7 +392,7 @@ static void send_reload(struct worker *w)
 	w->reload_pending = 0;
 	w->ready = 0;		/* no jobs until it answers */
 	w->gen = w->m->gen;
-	send_frame(w, "reload", 6);
+	send_frame(w, ph_proto_verb_name(PH_V_RELOAD), strlen(ph_proto_verb_name(PH_V_RELOAD)));
 }
 
 /* Reload every worker between batches: idle ones now, busy ones when
@@ -432,7 +452,7 @@ static void entry_done(struct master *m, struct ph_qentry *e, const char *status
 	p = find_proj(m, ph_queue_entry_proj(e));
 	if (p && !*ph_queue_entry_part(e))
 		p->settled = settled;
-	ph_queue_done(&m->q, e, at, hard);
+	requeue(m, p, e, at, hard);
 }
 
 static struct ph_qentry *take_job(struct worker *w, const char *part)
@@ -452,67 +472,69 @@ static struct ph_qentry *take_job(struct worker *w, const char *part)
 static void handle_done(struct worker *w, char *msg)
 {
 	struct master *m = w->m;
-	char *line, *save = NULL, *f[4];
-	int found = strncmp(msg, "found\t", 6) == 0;
+	char *f[4];
+	int n, found = ph_proto_first(msg) == PH_V_FOUND;
 	struct proj *p = NULL;
-	int first = 1;
 	unsigned long nfound = 0;
 	char find_status[16] = "idle";
 	uint64_t now = now_ms(m);
-
 	int relist = 0;
+	enum ph_verb v;
 
-	for (line = strtok_r(msg, "\n", &save); line; line = strtok_r(NULL, "\n", &save)) {
-		if (strcmp(line, "\t!relist") == 0) {
+	while ((v = ph_proto_next(&msg, f, 4, &n)) != PH_V_END) {
+		switch (v) {
+		case PH_V_RELIST:
 			relist = 1;
-			continue;
-		}
-		if (first) {
-			int n = split_tabs(line, f, 4);
-
-			first = 0;
-			p = n >= 2 ? find_proj(m, f[1]) : NULL;
-			if (!found && n >= 3)
-				m->round_work += strtoul(f[2], NULL, 10);
-			if (found && n >= 4) {
-				snprintf(find_status, sizeof(find_status), "%s", f[2]);
+			break;
+		case PH_V_DONE:
+			p = n >= 1 ? find_proj(m, f[0]) : NULL;
+			if (n >= 2)
+				m->round_work += strtoul(f[1], NULL, 10);
+			break;
+		case PH_V_FOUND:
+			p = n >= 1 ? find_proj(m, f[0]) : NULL;
+			if (n >= 3) {
+				snprintf(find_status, sizeof(find_status), "%s", f[1]);
 				if (p) {
 					free(p->cursor);
-					p->cursor = strcmp(f[2], "more") == 0 ? strdup(f[3]) : NULL;
+					p->cursor = strcmp(f[1], "more") == 0 ? strdup(f[2]) : NULL;
 				}
 			}
-			continue;
-		}
-		if (found) {
-			if (p)
-				wake(m, p, line, now);
-			nfound++;
-			continue;
-		}
-		if (split_tabs(line, f, 3) == 3) {
-			struct ph_qentry *e = take_job(w, f[0]);
+			break;
+		case PH_V_PART:
+			if (found && n >= 1) {
+				if (p)
+					wake(m, p, f[0], now);
+				nfound++;
+			} else if (!found && n >= 3) {
+				struct ph_qentry *e = take_job(w, f[0]);
 
-			if (e)
-				entry_done(m, e, f[1], atof(f[2]));
-			else if (p)	/* the worker asks for more work, e.g. after a reset */
-				wake(m, p, f[0], now);
+				if (e)
+					entry_done(m, e, f[1], atof(f[2]));
+				else if (p)	/* the worker asks for more work, e.g. after a reset */
+					wake(m, p, f[0], now);
+			}
+			break;
+		default:
+			ph_log(PH_ERROR, "host", "worker %d: unexpected '%s' line in an answer", w->slot,
+			       ph_proto_verb_name(v));
 		}
 	}
 	if (found) {
 		struct ph_qentry *e = take_job(w, "");
 
 		m->round_work += nfound;
-		if (e && strcmp(find_status, "more") == 0 && m->q.count > PH_FIND_AHEAD)
-			/* back-pressure: the next page once the queue has drained
-			 * (memory stays bounded, and workers process partitions
-			 * instead of listing ones already queued) */
-			ph_queue_done(&m->q, e, now + 50, 1);
+		if (e && strcmp(find_status, "more") == 0 && p && p->nparts > PH_FIND_AHEAD)
+			/* back-pressure: the next page once its partitions have
+			 * drained (memory stays bounded, and workers process
+			 * partitions instead of listing ones already queued) */
+			requeue(m, p, e, now + 50, 1);
 		else if (e && strcmp(find_status, "more") == 0)
 			entry_done(m, e, "more", 0);
 		else if (e && nfound)
 			/* look again once these are done: the projection has
 			 * caught up when a look finds nothing behind */
-			ph_queue_done(&m->q, e, now + 500, 1);
+			requeue(m, p, e, now + 500, 1);
 		else if (e)
 			entry_done(m, e, find_status, 0);
 	}
@@ -546,13 +568,19 @@ static void on_worker_read(uv_stream_t *s, ssize_t nread, const uv_buf_t *buf)
 		return;
 	}
 	while ((rc = ph_frame_next(&w->fb, &msg, &len)) == 1) {
-		if (strncmp(msg, "done\t", 5) == 0 || strncmp(msg, "found\t", 6) == 0)
+		switch (ph_proto_first(msg)) {
+		case PH_V_DONE:
+		case PH_V_FOUND:
 			handle_done(w, msg);
-		else if (strncmp(msg, "ready", 5) == 0 || strncmp(msg, "proj\t", 5) == 0 ||
-			 strncmp(msg, "error\t", 6) == 0)
+			break;
+		case PH_V_READY:
+		case PH_V_PROJ:
+		case PH_V_ERROR:
 			handle_ready(w, msg);
-		else
-			ph_log(PH_ERROR, "host", "worker %d: unknown message '%.60s'", w->slot, msg);
+			break;
+		default:
+			ph_log(PH_ERROR, "host", "worker %d: unknown message of %zu bytes", w->slot, len);
+		}
 		free(msg);
 	}
 	if (rc < 0) {
@@ -587,23 +615,42 @@ static void on_worker_exit(uv_process_t *proc, int64_t status, int sig)
 	if (w->njobs) {
 		/* Its transaction died with its connection: nothing of the
 		 * batch committed. Run it again after a pause that grows
-		 * with repeated crashes. */
-		ph_log(PH_WARN, ph_queue_entry_proj(w->jobs[0]),
-		       "worker %d died during a batch (%s %d); the batch rolled back and will be redone",
-		       w->slot, sig ? "signal" : "exit", sig ? sig : (int)status);
+		 * with repeated crashes. When it died inside projection code
+		 * (the watchdog's kill, exit() in a C library, a signal), the
+		 * next batch charges that event with it instead of running it
+		 * again, or the batch would be redone for ever. */
+		int64_t pos = 0;
+		int kind = 0;
+
+		if (w->killed_pos_valid) {
+			pos = w->killed_pos;
+			kind = w->killed_kind;
+		} else if (!w->beat || ph_beat_read(w->beat, &pos, &kind) < 0) {
+			kind = 0;
+		}
+		if (kind)
+			ph_log(PH_WARN, ph_queue_entry_proj(w->jobs[0]),
+			       "pos=%lld worker %d died during a batch (%s %d) running %s code; the batch rolled back and the event is charged with it",
+			       (long long)pos, w->slot, sig ? "signal" : "exit", sig ? sig : (int)status,
+			       ph_beat_kind_name(kind));
+		else
+			ph_log(PH_WARN, ph_queue_entry_proj(w->jobs[0]),
+			       "worker %d died during a batch (%s %d); the batch rolled back and will be redone",
+			       w->slot, sig ? "signal" : "exit", sig ? sig : (int)status);
 		for (int i = 0; i < w->njobs; i++) {
 			struct ph_qentry *e = w->jobs[i];
 
 			if (!e)
 				continue;
-			if (w->killed_pos_valid) {
-				/* the next batch counts it as a failure of
-				 * that event instead of running it again */
-				e->overrun_pos = w->killed_pos;
-				e->overrun_budget = w->killed_budget;
+			if (kind) {
+				e->overrun_kind = kind;
+				e->overrun_pos = pos;
+				e->overrun_budget = w->killed_pos_valid ? w->killed_budget : 0;
+				e->overrun_exit = sig ? 0 : (int)status;
+				e->overrun_signal = sig;
 			}
 			e->attempts++;
-			ph_queue_done(&m->q, e, now_ms(m) + 100u * (e->attempts < 50 ? e->attempts : 50), 1);
+			requeue(m, NULL, e, now_ms(m) + 100u * (e->attempts < 50 ? e->attempts : 50), 1);
 		}
 		w->njobs = 0;
 	} else if (!w->quitting) {
@@ -691,7 +738,7 @@ static void spawn_worker(struct master *m, int slot)
 	m->alive++;
 	ph_log(PH_DEBUG, "host", "worker %d started (pid %d)", slot, w->proc.pid);
 	uv_read_start((uv_stream_t *)&w->pipe, alloc_buf, on_worker_read);
-	send_frame(w, m->init_msg, m->init_len);
+	send_frame(w, m->init_msg.buf, m->init_msg.len);
 }
 
 /* ---- dispatch ---- */
@@ -701,37 +748,41 @@ static void on_due(uv_timer_t *t)
 	dispatch(t->data);
 }
 
-/* A message under construction: fields joined by tabs. */
-struct msgbuf {
-	char *buf;
-	size_t len, cap;
-	int failed;
-};
-
-static void msg_add(struct msgbuf *mb, const char *s)
+/* Why a worker died on an event, as the next job tells it (see proto.h). */
+static void death_reason(const struct ph_qentry *e, char *buf, size_t cap)
 {
-	size_t n = strlen(s);
+	if (e->overrun_budget > 0)
+		snprintf(buf, cap, "overran its budget of %gs", e->overrun_budget);
+	else if (e->overrun_signal)
+		snprintf(buf, cap, "the worker died (signal %d)", e->overrun_signal);
+	else if (e->overrun_exit == 255)
+		/* lua-cjson's strbuf calls exit(-1) when an allocation fails */
+		snprintf(buf, cap, "the worker died (exit 255, e.g. out of memory in lua-cjson)");
+	else
+		snprintf(buf, cap, "the worker died (exit %d)", e->overrun_exit);
+}
 
-	if (mb->failed)
-		return;
-	if (mb->len + n + 2 > mb->cap) {
-		size_t c = mb->cap ? mb->cap * 2 : 256;
-		char *b;
+/* The overrun lines of the job in @mb: each death once (every entry of the
+ * batch that died carries it; the worker keeps it for this job only). */
+static void add_overruns(struct ph_msg *mb, struct worker *w)
+{
+	int64_t last_pos = 0;
+	int last_kind = 0;
+	char reason[128];
 
-		while (c < mb->len + n + 2)
-			c *= 2;
-		b = realloc(mb->buf, c);
-		if (!b) {
-			mb->failed = 1;
-			return;
+	for (int i = 0; i < w->njobs; i++) {
+		struct ph_qentry *j = w->jobs[i];
+
+		if (!j->overrun_kind)
+			continue;
+		if (j->overrun_kind != last_kind || j->overrun_pos != last_pos) {
+			death_reason(j, reason, sizeof(reason));
+			ph_proto_overrun(mb, j->overrun_pos, ph_beat_kind_name(j->overrun_kind), reason);
+			last_kind = j->overrun_kind;
+			last_pos = j->overrun_pos;
 		}
-		mb->buf = b;
-		mb->cap = c;
+		j->overrun_kind = 0;
 	}
-	if (mb->len)
-		mb->buf[mb->len++] = '\t';
-	memcpy(mb->buf + mb->len, s, n + 1);
-	mb->len += n;
 }
 
 /* Give @w the next due work: a discovery, an unpartitioned batch, or up to
@@ -739,59 +790,74 @@ static void msg_add(struct msgbuf *mb, const char *s)
 static int give_work(struct master *m, struct worker *w, uint64_t now)
 {
 	struct ph_qentry *e = ph_queue_pop(&m->q, now), *n;
-	struct msgbuf mb = { 0 };
+	struct ph_msg mb = { 0 };
 	struct proj *p;
+	size_t bytes;
 
 	if (!e)
 		return 0;
 	p = find_proj(m, ph_queue_entry_proj(e));
 	if (!p) {
 		/* its file was removed or broke on reload */
-		ph_queue_done(&m->q, e, UINT64_MAX, 0);
+		requeue(m, NULL, e, UINT64_MAX, 0);
 		return 1;
 	}
-	if (p->partitioned && !*ph_queue_entry_part(e) &&
-	    (m->q.count > PH_FIND_AHEAD || (!p->cursor && m->q.count > 1))) {
+	if (p->partitioned && !*ph_queue_entry_part(e)) {
 		/* back-pressure before the query, not after it: while enough
-		 * partitions wait, the workers process them instead of listing;
-		 * a new round from the first stream waits for the queue to
-		 * drain, or it would list again what is already queued */
-		ph_queue_done(&m->q, e, now + 50, 1);
-		return 1;
+		 * of its partitions wait, the workers process them instead of
+		 * listing; a new round from the first stream waits for its
+		 * partitions to drain, or it would list again what is queued */
+		int wait_round = !p->cursor && p->nparts > 0;
+
+		if (wait_round && !p->round_wait)
+			p->round_wait = now ? now : 1;
+		if (p->nparts > PH_FIND_AHEAD || (wait_round && now - p->round_wait < PH_FIND_WAIT_MS)) {
+			requeue(m, p, e, now + 50, 1);
+			return 1;
+		}
+		p->round_wait = 0;
 	}
 	w->jobs[0] = e;
 	w->njobs = 1;
 	if (p->partitioned && !*ph_queue_entry_part(e)) {
-		msg_add(&mb, "find");
-		msg_add(&mb, p->name);
-		msg_add(&mb, p->cursor ? p->cursor : "");
+		ph_proto_find(&mb, p->name, p->cursor ? p->cursor : "");
+		add_overruns(&mb, w);	/* a death in its caught_up hook */
 	} else {
+		/* a batch of partitions, bounded by bytes as well as by count:
+		 * long stream names must not push the job (or its answer, which
+		 * lists the same partitions) past the frame limit */
+		bytes = ph_proto_escaped_len(ph_queue_entry_part(e), strlen(ph_queue_entry_part(e)));
 		while (p->partitioned && w->njobs < PH_GROUP && (n = ph_queue_peek(&m->q, now)) &&
-		       *ph_queue_entry_part(n) && strcmp(ph_queue_entry_proj(n), p->name) == 0)
+		       *ph_queue_entry_part(n) && strcmp(ph_queue_entry_proj(n), p->name) == 0) {
+			const char *part = ph_queue_entry_part(n);
+			size_t b = ph_proto_escaped_len(part, strlen(part)) + 1;
+
+			if (bytes + b > PH_PROTO_BUDGET)
+				break;
+			bytes += b;
 			w->jobs[w->njobs++] = ph_queue_pop(&m->q, now);
-		char overrun[64] = "";
-
-		for (int i = 0; i < w->njobs; i++) {
-			struct ph_qentry *j = w->jobs[i];
-
-			if (j->overrun_pos) {
-				snprintf(overrun, sizeof(overrun), "%lld:%g",
-					 (long long)j->overrun_pos, j->overrun_budget);
-				j->overrun_pos = 0;
-			}
 		}
-		msg_add(&mb, "job");
-		msg_add(&mb, p->name);
-		msg_add(&mb, overrun);
+		ph_proto_job(&mb, p->name);
 		for (int i = 0; i < w->njobs; i++)
-			msg_add(&mb, ph_queue_entry_part(w->jobs[i]));
+			ph_msg_str(&mb, ph_queue_entry_part(w->jobs[i]));
+		add_overruns(&mb, w);
+	}
+	if (!mb.failed && mb.len > PH_FRAME_MAX) {
+		/* only a partition name of megabytes gets here (discovery and
+		 * NOTIFY payloads bring shorter ones): it cannot be sent */
+		ph_log(PH_ERROR, p->name, "a partition name of %zu bytes is too long to be processed; left behind",
+		       strlen(ph_queue_entry_part(e)));
+		requeue(m, p, e, UINT64_MAX, 0);
+		w->njobs = 0;
+		ph_msg_free(&mb);
+		return 1;
 	}
 	if (mb.failed || send_frame(w, mb.buf, mb.len) != 0) {
 		/* its entries come back through the exit callback */
 		ph_log(PH_ERROR, "host", "worker %d: cannot send a job (out of memory?); replacing it", w->slot);
 		uv_process_kill(&w->proc, SIGKILL);
 	}
-	free(mb.buf);
+	ph_msg_free(&mb);
 	return 1;
 }
 
@@ -971,19 +1037,21 @@ static void on_watchdog(uv_timer_t *t)
 		struct worker *w = m->workers[i];
 		struct proj *p;
 		int64_t pos, ms;
+		int kind;
 
 		if (!w || !w->beat || !w->njobs || w->killed_pos_valid || !w->jobs[0])
 			continue;
 		p = find_proj(m, ph_queue_entry_proj(w->jobs[0]));
 		if (!p || p->budget <= 0)
 			continue;
-		ms = ph_beat_read(w->beat, &pos);
+		ms = ph_beat_read(w->beat, &pos, &kind);
 		if (ms < 0 || ms < (int64_t)(p->budget * 1000))
 			continue;
-		ph_log(PH_ERROR, p->name, "pos=%lld handler overran its budget of %gs; killing worker %d",
-		       (long long)pos, p->budget, w->slot);
+		ph_log(PH_ERROR, p->name, "pos=%lld %s overran its budget of %gs; killing worker %d",
+		       (long long)pos, ph_beat_kind_name(kind), p->budget, w->slot);
 		w->killed_pos_valid = 1;
 		w->killed_pos = pos;
+		w->killed_kind = kind ? kind : PH_BEAT_HANDLER;
 		w->killed_budget = p->budget;
 		uv_process_kill(&w->proc, SIGKILL);
 	}
@@ -1094,19 +1162,31 @@ static void close_walk(uv_handle_t *h, void *arg)
 
 static int build_init(struct master *m)
 {
-	size_t len = strlen("init\t") + strlen(m->cfg->dsn) + 1;
-	char *p;
+	ph_proto_init(&m->init_msg, m->cfg->dsn, m->cfg->paths, m->cfg->npaths);
+	return m->init_msg.failed || m->init_msg.len > PH_FRAME_MAX ? -1 : 0;
+}
 
-	for (int i = 0; i < m->cfg->npaths; i++)
-		len += strlen(m->cfg->paths[i]) + 1;
-	m->init_msg = p = malloc(len + 1);
-	if (!p)
-		return -1;
-	p += sprintf(p, "init\t%s", m->cfg->dsn);
-	for (int i = 0; i < m->cfg->npaths; i++)
-		p += sprintf(p, "\t%s", m->cfg->paths[i]);
-	m->init_len = (size_t)(p - m->init_msg);
-	return 0;
+/* @asked workers, or as many as this process can run (see PH_WORKERS_MAX). */
+static int clamp_workers(int asked)
+{
+	struct rlimit rl;
+	long fds = PH_WORKERS_MAX * 2L + PH_FDS_RESERVED, max;
+
+	if (getrlimit(RLIMIT_NOFILE, &rl) == 0 && rl.rlim_cur != RLIM_INFINITY && rl.rlim_cur < (rlim_t)fds)
+		fds = (long)rl.rlim_cur;
+	max = (fds - PH_FDS_RESERVED) / 2;
+	if (max > PH_WORKERS_MAX)
+		max = PH_WORKERS_MAX;
+	if (max < 1)
+		max = 1;
+	if (asked < 1)
+		return 1;
+	if (asked > max) {
+		ph_log(PH_WARN, "host", "%d workers asked for; starting %ld, the most this process can run (open files limit %ld, at most %d)",
+		       asked, max, fds, PH_WORKERS_MAX);
+		return (int)max;
+	}
+	return asked;
 }
 
 int ph_master_run(const struct ph_master_cfg *cfg)
@@ -1122,8 +1202,15 @@ int ph_master_run(const struct ph_master_cfg *cfg)
 	}
 	m.loop = &loop;
 	signal(SIGPIPE, SIG_IGN);
-	m.nworkers = cfg->workers > 0 ? cfg->workers : 1;
+	m.nworkers = clamp_workers(cfg->workers);
 	m.workers = calloc((size_t)m.nworkers, sizeof(*m.workers));
+	if (!m.workers) {
+		ph_log(PH_ERROR, "host", "cannot start: out of memory");
+		uv_loop_close(&loop);
+		ph_queue_free(&m.q);
+		ph_msg_free(&m.init_msg);
+		return 1;
+	}
 
 	uv_timer_init(&loop, &m.reconnect);
 	uv_timer_init(&loop, &m.fallback);
@@ -1167,6 +1254,6 @@ int ph_master_run(const struct ph_master_cfg *cfg)
 	free_projs(&m);
 	free(m.workers);
 	free(m.watchers);
-	free(m.init_msg);
+	ph_msg_free(&m.init_msg);
 	return m.rc;
 }

@@ -16,7 +16,8 @@ struct ph_master_cfg {
 	const char *bin;		/* this executable, started as `bin __worker` */
 	const char *const *paths;	/* projection files and directories */
 	int npaths;
-	int workers;			/* worker processes, 1..PH_MAX_WORKERS */
+	int workers;			/* worker processes (the CLI allows 1..PH_MAX_WORKERS);
+					 * clamped to what the process can run */
 	int once;			/* catch up, then exit */
 	double poll_interval;		/* fallback poll, seconds: a lost NOTIFY only delays */
 };

@@ -166,36 +166,59 @@ static struct ph_qentry *lookup(struct ph_queue *q, const char *key, size_t n, s
 	return NULL;
 }
 
-static size_t make_key(char *buf, size_t cap, const char *proj, const char *part)
+/* The key of (proj, part) in @buf, or in a malloc'd buffer when it does
+ * not fit (stream names may be long); NULL when out of memory. */
+static char *key_of(char *buf, size_t cap, const char *proj, const char *part, size_t *n)
 {
 	size_t a = strlen(proj), b = strlen(part);
+	char *k = a + b + 2 <= cap ? buf : malloc(a + b + 2);
 
-	if (a + b + 2 > cap)
-		return 0;
-	memcpy(buf, proj, a + 1);
-	memcpy(buf + a + 1, part, b + 1);
-	return a + b + 2;
+	if (k) {
+		memcpy(k, proj, a + 1);
+		memcpy(k + a + 1, part, b + 1);
+	}
+	*n = a + b + 2;
+	return k;
 }
 
 struct ph_qentry *ph_queue_find(struct ph_queue *q, const char *proj, const char *part)
 {
-	char key[1024];
-	size_t n = make_key(key, sizeof(key), proj, part), b;
+	char buf[1024], *key;
+	size_t n, b;
+	struct ph_qentry *e;
 
-	return n ? lookup(q, key, n, &b) : NULL;
+	key = key_of(buf, sizeof(buf), proj, part, &n);
+	e = key ? lookup(q, key, n, &b) : NULL;
+	if (key != buf)
+		free(key);
+	return e;
 }
+
+static int wake_key(struct ph_queue *q, const char *key, size_t n, uint64_t valid_after, int hard);
 
 int ph_queue_wake(struct ph_queue *q, const char *proj, const char *part,
 		  uint64_t valid_after, int hard)
 {
-	char key[1024];
-	size_t n = make_key(key, sizeof(key), proj, part), b;
-	struct ph_qentry *e;
+	char buf[1024], *key;
+	size_t n;
+	int r;
 
-	if (!n) {
-		errno = ENAMETOOLONG;
+	key = key_of(buf, sizeof(buf), proj, part, &n);
+	if (!key) {
+		errno = ENOMEM;
 		return -1;
 	}
+	r = wake_key(q, key, n, valid_after, hard);
+	if (key != buf)
+		free(key);
+	return r;
+}
+
+static int wake_key(struct ph_queue *q, const char *key, size_t n, uint64_t valid_after, int hard)
+{
+	size_t b;
+	struct ph_qentry *e;
+
 	e = lookup(q, key, n, &b);
 	if (e) {
 		if (e->state == PH_Q_RUNNING) {

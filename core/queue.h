@@ -29,8 +29,13 @@ struct ph_qentry {
 	size_t heap_idx;
 	unsigned attempts;	/* consecutive failures, for backoff */
 	unsigned holds;		/* consecutive horizon hold-backs */
-	int64_t overrun_pos;	/* a handler overran its budget on this event (0: none) */
-	double overrun_budget;	/* that budget, seconds */
+	/* A worker died while running projection code on an event of this
+	 * entry (see beat.h); the next job charges that event with it. */
+	int overrun_kind;	/* enum ph_beat_kind; 0: nothing to charge */
+	int64_t overrun_pos;	/* the event's global position */
+	double overrun_budget;	/* > 0: the watchdog killed it past this budget (s) */
+	int overrun_exit;	/* else its exit status, */
+	int overrun_signal;	/* or the signal that ended it */
 	struct ph_qentry *next;	/* hash chain */
 };
 

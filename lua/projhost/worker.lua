@@ -627,7 +627,7 @@ local retry_parked
 
 -- Set when the master's list of projections is out of date (a shadow was
 -- switched over, a definition must be registered as a shadow): the reply
--- then carries a "\t!relist" line and the master reloads every worker.
+-- then carries a "relist" line and the master reloads every worker.
 local relist = false
 
 -- Another worker switched the shadow def over: serve it under its name.
@@ -1698,11 +1698,9 @@ local function find_partitions(def, cursor)
 end
 
 -- ---------------------------------------------------------------------
--- protocol (see core/master.c)
+-- protocol (see core/proto.h; the Lua side is projhost.wire)
 
-local function clean(s)
-	return (tostring(s):gsub("[\t\n]", " "))
-end
+local wire = require "projhost.wire"
 
 -- The paths served, and the definitions as last loaded (by checkpoint name).
 local paths = {}
@@ -1750,7 +1748,7 @@ local function load_all()
 		for _, old in pairs(previous) do
 			if old._kept and e:sub(1, #old.file + 1) == old.file .. ":" then kept = old.name end
 		end
-		out[#out + 1] = "error\t" .. clean(e) .. "\t" .. kept
+		out[#out + 1] = wire.line("error", wire.truncate(e, wire.ERROR_MAX), kept)
 	end
 	for name, def in pairs(by_name) do
 		def._kept = nil
@@ -1773,8 +1771,15 @@ local function load_all()
 		local kind = def.from.all and "all" or def.from.stream and "stream" or "category"
 		local value = def.from.stream or def.from.category or ""
 		local budget = def.budget
-		out[#out + 1] = table.concat({ "proj", cp, kind, clean(value),
-			def.partition and "1" or "0", tostring(budget), def.hash }, "\t")
+		local line = wire.line("proj", cp, kind, value, def.partition and "1" or "0", tostring(budget), def.hash)
+		if #line > wire.BUDGET then
+			-- a name or source of megabytes would push the answer past
+			-- the frame limit: refused like a file that fails to load
+			defs[cp] = nil
+			line = wire.line("error", wire.truncate(string.format(
+				"%s: the projection's name or source is too long (%d bytes)", def.file, #line), wire.ERROR_MAX), "")
+		end
+		out[#out + 1] = line
 	end
 	out[#out + 1] = "ready"
 	return table.concat(out, "\n")
@@ -1787,23 +1792,26 @@ local function init(fields)
 	return load_all()
 end
 
+-- The answer to a job lists the partitions it was given (so it is bounded
+-- by the job, which the master bounds by bytes).
+
 local function job(name, parts)
 	local def = defs[name]
 	local out = {}
 	if not def then
 		-- the master's list is older than ours (reload): nothing to do
-		out[1] = "done\t" .. name .. "\t0"
-		for _, p in ipairs(parts) do out[#out + 1] = p .. "\tidle\t0" end
+		out[1] = wire.line("done", name, 0)
+		for _, p in ipairs(parts) do out[#out + 1] = wire.line("part", p, "idle", 0) end
 	elseif def.partition then
 		local n, results = run_partitions(def, parts)
-		out[1] = "done\t" .. name .. "\t" .. n
+		out[1] = wire.line("done", name, n)
 		for p, r in pairs(results) do
-			out[#out + 1] = string.format("%s\t%s\t%.3f", p, r[1], r[2] or 0)
+			out[#out + 1] = wire.line("part", p, r[1], string.format("%.3f", r[2] or 0))
 		end
 	else
 		local status, n, delay = run_batch(def)
-		out[1] = "done\t" .. name .. "\t" .. (n or 0)
-		out[2] = string.format("\t%s\t%.3f", status, delay or 0)
+		out[1] = wire.line("done", name, n or 0)
+		out[2] = wire.line("part", "", status, string.format("%.3f", delay or 0))
 	end
 	return table.concat(out, "\n")
 end
@@ -1820,7 +1828,7 @@ end
 
 local function find(name, cursor)
 	local def = defs[name]
-	if not def or not def.partition then return "found\t" .. name .. "\tidle\t" end
+	if not def or not def.partition then return wire.line("found", name, "idle", "") end
 	local status, list = find_partitions(def, cursor)
 	if status ~= "more" and status ~= "idle" then
 		-- paused, stopped, failed, dberror: the master waits for a wake-up
@@ -1833,32 +1841,60 @@ local function find(name, cursor)
 	elseif #list > 0 then
 		caught[def.cp .. "\t*"] = nil
 	end
-	local out = { table.concat({ "found", name, status, list[#list] or "" }, "\t") }
-	for i, s in ipairs(list) do out[i + 1] = s end
+	-- bounded by bytes as well as by count: the answer stops at the
+	-- budget and its cursor is the last stream included, so the next page
+	-- goes on from there and nothing is skipped
+	local out, bytes, last = { "" }, 0, nil
+	for _, s in ipairs(list) do
+		local line = wire.line("part", s)
+		if #line > wire.BUDGET then
+			log("error", def.cp, string.format("a stream name of %d bytes is too long to be processed; left behind", #s))
+			last = s
+		elseif bytes + #line + 1 > wire.BUDGET then
+			status = "more"
+			break
+		else
+			out[#out + 1] = line
+			bytes, last = bytes + #line + 1, s
+		end
+	end
+	out[1] = wire.line("found", name, status, last or "")
 	return table.concat(out, "\n")
 end
 
+-- The "overrun" lines of a job: projection name -> { [position] = { kind =,
+-- reason = } } for this job only (see overrun).
+local function overruns_of(lines)
+	local o
+	for i = 2, #lines do
+		local l = lines[i]
+		local pos = l[1] == "overrun" and tonumber(l[2])
+		if pos then
+			o = o or {}
+			o[pos] = { kind = l[3] or "handler", reason = l[4] or "" }
+		end
+	end
+	return o
+end
+
 function M.handle(msg)
-	local f = {}
-	for field in (msg .. "\t"):gmatch("([^\t]*)\t") do f[#f + 1] = field end
+	local lines = wire.parse(msg)
+	local f = lines[1] or {}
 	local verb = f[1]
 	if verb == "job" then
 		local parts = {}
-		for i = 4, #f do parts[#parts + 1] = f[i] end
+		for i = 3, #f do parts[#parts + 1] = f[i] end
 		if #parts == 0 then parts[1] = "" end
-		local pos, budget = (f[3] or ""):match("^(%d+):(.*)$")
-		if pos then
-			overrun[f[2]] = overrun[f[2]] or {}
-			overrun[f[2]][tonumber(pos)] = tonumber(budget) or 0
-		end
+		overrun[f[2]] = overruns_of(lines)
 		local reply = job(f[2], parts)
-		if relist then reply, relist = reply .. "\n\t!relist", false end
+		if relist then reply, relist = reply .. "\n" .. wire.line("relist"), false end
 		-- after "not enough memory" this state cannot be trusted: answer,
 		-- then exit so the master starts a fresh worker
 		return reply, out_of_memory
 	elseif verb == "find" then
+		overrun[f[2]] = overruns_of(lines)
 		local reply = find(f[2], f[3] or "")
-		if relist then reply, relist = reply .. "\n\t!relist", false end
+		if relist then reply, relist = reply .. "\n" .. wire.line("relist"), false end
 		return reply
 	elseif verb == "init" then
 		return init(f)

@@ -13,6 +13,6 @@ describe("core queue and frames", function()
 		for line in out:gmatch("[^\n]+") do
 			if line:match("^ok ") then oks = oks + 1 end
 		end
-		assert.equal(6, oks, out)
+		assert.equal(7, oks, out)
 	end)
 end)

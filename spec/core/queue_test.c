@@ -146,6 +146,34 @@ static void frames(void)
 	puts("ok frames: split reads, empty payloads, oversized lengths rejected");
 }
 
+/* Stream names have no length limit the queue would know of. */
+static void long_keys(void)
+{
+	struct ph_queue q;
+	size_t n = 200000;
+	char *part = malloc(n + 1);
+	struct ph_qentry *e;
+
+	CHECK(part);
+	memset(part, 'x', n);
+	part[n] = '\0';
+	CHECK(ph_queue_init(&q) == 0);
+	CHECK(ph_queue_wake(&q, "p", part, 1, 0) == 0);
+	CHECK(ph_queue_wake(&q, "p", part, 0, 0) == 0);	/* merges */
+	CHECK(q.count == 1);
+	CHECK(ph_queue_find(&q, "p", part) != NULL);
+	part[n - 1] = 'y';
+	CHECK(ph_queue_find(&q, "p", part) == NULL);
+	part[n - 1] = 'x';
+	e = ph_queue_pop(&q, 0);
+	CHECK(is(e, "p", part));
+	ph_queue_done(&q, e, UINT64_MAX, 0);
+	CHECK(q.count == 0);
+	ph_queue_free(&q);
+	free(part);
+	puts("ok keys of any length");
+}
+
 int main(void)
 {
 	merges_wakeups();
@@ -154,5 +182,6 @@ int main(void)
 	hard_delays_hold();
 	many_entries();
 	frames();
+	long_keys();
 	return 0;
 }

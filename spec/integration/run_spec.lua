@@ -297,11 +297,11 @@ COMMIT;
 		end)
 		W.handle("init\t" .. dsn .. "\t" .. dir)
 		-- events 1-10; 11-20 are read ahead
-		assert.equal("done\ttally\t10\n\tmore\t0.000", W.handle("job\ttally\t"))
+		assert.equal("done\ttally\t10\npart\t\tmore\t0.000", W.handle("job\ttally\t"))
 		-- the other instance applies 11-40
 		assert.equal(0, (h.run({ "run", "--once", "--db", dsn, dir })))
 		-- the page read ahead is stale now: nothing is left to apply
-		assert.equal("done\ttally\t0\n\tidle\t0.000", W.handle("job\ttally\t"))
+		assert.equal("done\ttally\t0\npart\t\tidle\t0.000", W.handle("job\ttally\t"))
 		assert_matches_truth(conn)
 	end)
 
