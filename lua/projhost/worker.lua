@@ -878,8 +878,8 @@ local function transact(def, job)
 			-- counted as a failure without running the code again
 			pipe_end()
 			rollback()
-			return { lo = i, hi = i, err = ("%s: %s for '%s' %s"):format(def.file, o.kind or "handler",
-				tostring(events[i].type), tostring(o.reason)), overrun = events[i].position }
+			return { lo = i, hi = i, err = ("%s: %s %s"):format(def.file, o.kind or "handler",
+				tostring(o.reason)), overrun = events[i].position }
 		end
 	end
 	local fail_i, fail_err
@@ -957,6 +957,11 @@ local function error_action(def, part, e, err, prev)
 	if not ensure_conn() then return "dberror", backoff() end
 	local ok, xerr, xcode = x("BEGIN")
 	local row
+	if ok and part ~= "" then
+		-- a new partition's row was made by the batch that rolled back
+		ok, xerr, xcode = x([[INSERT INTO projhost.checkpoints (projection, partition, version)
+			VALUES ($1, $2, $3) ON CONFLICT DO NOTHING]], def.cp, part, def.version)
+	end
 	if ok then
 		row, xerr, xcode = lock_checkpoint(def, part)
 		ok = row
@@ -1033,7 +1038,13 @@ local function tail_of(plan, m)
 	for p, s in pairs(plan.start) do start[p] = s end
 	for i = 1, m do
 		local e = plan.events[i]
-		start[e.partition] = { tx = e.tx, pos = plan.kind == "parts" and e.version or e.position }
+		-- unpartitioned checkpoints are (tx, position), partitioned ones
+		-- the stream version
+		if plan.kind == "parts" then
+			start[e.partition] = { pos = e.version }
+		else
+			start[e.partition] = { tx = e.tx, pos = e.position }
+		end
 	end
 	local t = { events = {}, start = start, kind = plan.kind, next = plan.next }
 	for i = m + 1, #plan.events do t.events[#t.events + 1] = plan.events[i] end
@@ -1472,6 +1483,7 @@ local function open_parts(def, job, wanted, plan)
 		return "dberror", dberror(def, res, code)
 	end
 	local rows, evrows = res[4], res[5]
+	io.stderr:write("DBG ", tostring(res[3]), " ", tostring(#rows), " ", tostring(#evrows), " ", arr, "\n")
 	new_checkpoints = new_checkpoints + (tonumber(res[3]) or 0)
 	pipe.sent = {}
 

@@ -135,6 +135,15 @@ describe("one failure path", function()
 		assert.equal("2", scalar(conn, "SELECT state->>'n' FROM projhost.checkpoints WHERE partition = 'f-3'"))
 	end)
 
+	it("the first event of a new partition that fails gets its action at once", function()
+		h.write_file(dir .. "/p.lua", upserter("p", 'partition = "stream", on_error = function() return "park" end,'))
+		ins(conn, "f-1", "Boom")
+		ins(conn, "f-1", "Ok", '{"amount": 1}')
+		run_once()
+		assert.same({ 1 }, positions(conn, "SELECT global_position FROM projhost.parked"))
+		assert.same({ 2 }, positions(conn, "SELECT position FROM p_rows"))
+	end)
+
 	it("with the default action only the bad stream fails; the other streams go on", function()
 		h.write_file(dir .. "/p.lua", upserter("p", 'partition = "stream", on_error = function() return "fail" end,'))
 		for round = 1, 2 do
