@@ -310,9 +310,10 @@ return {
 	from = { category = "set" },
 	when = { ["*"] = function(s, e, ctx)
 		ctx:exec("SET search_path = nowhere")
-		ctx:exec("SET statement_timeout = 1")
 		ctx:exec("SET TimeZone = 'America/New_York'")
 		ctx:exec("SET DateStyle = 'SQL, DMY'")
+		-- last: 1 ms would cancel its own next statements now and then
+		ctx:exec("SET statement_timeout = 1")
 	end },
 }
 ]])
