@@ -100,3 +100,13 @@ int64_t ph_beat_read(const struct ph_beat *b, int64_t *position, int *kind)
 	*kind = __atomic_load_n(&b->kind, __ATOMIC_RELAXED);
 	return ph_beat_now_ms() - t;
 }
+
+void ph_beat_set_backend(struct ph_beat *b, int32_t pid)
+{
+	__atomic_store_n(&b->backend_pid, pid, __ATOMIC_RELAXED);
+}
+
+int32_t ph_beat_backend(const struct ph_beat *b)
+{
+	return __atomic_load_n(&b->backend_pid, __ATOMIC_RELAXED);
+}

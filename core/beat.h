@@ -29,7 +29,18 @@ struct ph_beat {
 	int64_t started_ms;	/* CLOCK_MONOTONIC ms when the call began, 0 when idle */
 	int64_t position;	/* global position of the event being handled */
 	int32_t kind;		/* enum ph_beat_kind */
+	int32_t backend_pid;	/* the worker's PostgreSQL backend, 0 when unknown */
 };
+
+/**
+ * ph_beat_set_backend() - the PostgreSQL backend the worker talks to (worker
+ * side): a statement it left running when it died may still hold its
+ * batch's locks, and the next worker ends it (see proto.h, overrun).
+ */
+void ph_beat_set_backend(struct ph_beat *b, int32_t pid);
+
+/** ph_beat_backend() - the pid set by ph_beat_set_backend(), or 0. */
+int32_t ph_beat_backend(const struct ph_beat *b);
 
 /** ph_beat_kind_name() - "handler", "on_error", ...; "code" for an unknown kind. */
 const char *ph_beat_kind_name(int kind);

@@ -174,6 +174,7 @@ static const luaL_Reg core_funcs[] = {
 	{ "run_master", ph_l_run_master },
 	{ "serve", ph_l_serve },
 	{ "beat", ph_l_beat },
+	{ "beat_backend", ph_l_beat_backend },
 	{ NULL, NULL }
 };
 

@@ -27,6 +27,8 @@ int ph_l_serve(lua_State *L);
 
 /** ph_l_beat() - core.beat([position[, kind]]): stamp the heartbeat page (see beat.h). */
 int ph_l_beat(lua_State *L);
+/** ph_l_beat_backend() - core.beat_backend(pid): the worker's backend (see beat.h). */
+int ph_l_beat_backend(lua_State *L);
 
 /**
  * ph_lua_pcall() - the one way C calls into Lua: pcall with a traceback.

@@ -56,6 +56,17 @@ int ph_l_beat(lua_State *L)
 	return 0;
 }
 
+/* core.beat_backend(pid): the worker's backend, for the next worker to end
+ * a statement this one may leave running (see beat.h). */
+int ph_l_beat_backend(lua_State *L)
+{
+	lua_Integer pid = luaL_checkinteger(L, 1);
+
+	if (beat && pid >= 0 && pid <= INT32_MAX)
+		ph_beat_set_backend(beat, (int32_t)pid);
+	return 0;
+}
+
 /* A projection that allocates without bound must hit a wall in its own
  * process (Lua raises "not enough memory", the worker is rebuilt), not
  * push the machine into the OOM killer. LuaJIT allocates with mmap, which

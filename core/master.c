@@ -648,6 +648,7 @@ static void on_worker_exit(uv_process_t *proc, int64_t status, int sig)
 				e->overrun_budget = w->killed_pos_valid ? w->killed_budget : 0;
 				e->overrun_exit = sig ? 0 : (int)status;
 				e->overrun_signal = sig;
+				e->overrun_backend = w->beat ? ph_beat_backend(w->beat) : 0;
 			}
 			e->attempts++;
 			requeue(m, NULL, e, now_ms(m) + 100u * (e->attempts < 50 ? e->attempts : 50), 1);
@@ -777,7 +778,8 @@ static void add_overruns(struct ph_msg *mb, struct worker *w)
 			continue;
 		if (j->overrun_kind != last_kind || j->overrun_pos != last_pos) {
 			death_reason(j, reason, sizeof(reason));
-			ph_proto_overrun(mb, j->overrun_pos, ph_beat_kind_name(j->overrun_kind), reason);
+			ph_proto_overrun(mb, j->overrun_pos, ph_beat_kind_name(j->overrun_kind), reason,
+					 j->overrun_backend);
 			last_kind = j->overrun_kind;
 			last_pos = j->overrun_pos;
 		}

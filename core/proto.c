@@ -234,10 +234,12 @@ void ph_proto_job(struct ph_msg *mb, const char *proj)
 	ph_msg_str(mb, proj);
 }
 
-void ph_proto_overrun(struct ph_msg *mb, int64_t position, const char *kind, const char *reason)
+void ph_proto_overrun(struct ph_msg *mb, int64_t position, const char *kind, const char *reason,
+		      int32_t backend)
 {
 	ph_msg_line(mb, PH_V_OVERRUN);
 	ph_msg_int(mb, position);
 	ph_msg_str(mb, kind);
 	ph_msg_str(mb, reason);
+	ph_msg_int(mb, backend);
 }

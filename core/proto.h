@@ -11,11 +11,15 @@
  *     init   <dsn> <path>...            load projections, connect
  *     job    <projection> <partition>...  one batch; an unpartitioned
  *                                      projection has partition ""
- *       overrun <position> <kind> <reason>  (lines after job or find) a
- *                                      worker died while running <kind>
- *                                      code (see beat.h) on that event:
- *                                      count it as a failure instead of
- *                                      running it again (for this job only)
+ *       overrun <position> <kind> <reason> <backend>  (lines after job or
+ *                                      find) a worker died while running
+ *                                      <kind> code (see beat.h) on that
+ *                                      event: count it as a failure instead
+ *                                      of running it again (for this job
+ *                                      only); <backend> is its PostgreSQL
+ *                                      backend's pid (0: unknown), which
+ *                                      may still run a statement of the
+ *                                      batch and hold its locks
  *     find   <projection> <cursor>     list partitions that are behind
  *     reload                           load the files again (between jobs)
  *     quit                             exit after this
@@ -141,6 +145,7 @@ void ph_proto_find(struct ph_msg *mb, const char *proj, const char *cursor);
 void ph_proto_job(struct ph_msg *mb, const char *proj);
 
 /** ph_proto_overrun() - an "overrun" line for the job in @mb. */
-void ph_proto_overrun(struct ph_msg *mb, int64_t position, const char *kind, const char *reason);
+void ph_proto_overrun(struct ph_msg *mb, int64_t position, const char *kind, const char *reason,
+		      int32_t backend);
 
 #endif

@@ -36,6 +36,7 @@ struct ph_qentry {
 	double overrun_budget;	/* > 0: the watchdog killed it past this budget (s) */
 	int overrun_exit;	/* else its exit status, */
 	int overrun_signal;	/* or the signal that ended it */
+	int32_t overrun_backend;	/* its PostgreSQL backend (0: unknown) */
 	struct ph_qentry *next;	/* hash chain */
 };
 

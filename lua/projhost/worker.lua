@@ -51,6 +51,7 @@ local DEFAULT_RETRIES = 3
 
 local dsn
 local conn
+local end_orphan
 local defs = {}            -- name -> def
 local setup_done = {}      -- name -> true once setup ran on this connection
 local db_down = false
@@ -114,6 +115,8 @@ local function ensure_conn()
 	if db_down then log("info", "worker", "database reachable again") end
 	db_down = false
 	conn = c
+	-- the master hands it to the next worker if this one dies (see end_orphans)
+	core.beat_backend(conn:pid() or 0)
 	for _, kv in ipairs(SESSION) do
 		local ok, err = conn:exec("SELECT set_config($1, $2, false)", kv[1], kv[2])
 		if not ok then log("warn", "worker", kv[1] .. " = " .. kv[2] .. ": " .. err) end
@@ -464,7 +467,20 @@ local function overrun_clear(def, position)
 end
 
 local HOOKS = { on_error = true, caught_up = true }
-local NOT_HOOKS = { handler = true, init = true, sql = true }
+local NOT_HOOKS = { handler = true, init = true }
+local SQL = { sql = true }
+
+-- A worker died while the handlers' queued statements ran (kind sql): which
+-- of them was too slow is not known, so the job runs them one at a time,
+-- each under its own event's beat - the next overrun names the event.
+local function serial(def, events)
+	local o = overrun[def.cp]
+	if not o or not next(o) then return false end
+	for _, e in ipairs(events or {}) do
+		if overrun_at(def, e.position, SQL) then return true end
+	end
+	return events == nil
+end
 
 -- Ask the projection's on_error what to do; fall back to the default when
 -- it is missing, fails, overruns its budget or answers nonsense (and say so).
@@ -501,6 +517,18 @@ end
 
 -- ---------------------------------------------------------------------
 -- checkpoints, setup, reset
+
+-- A worker that died (killed past its budget, mostly) may have left its
+-- backend running a statement of the batch - a pg_sleep after SET LOCAL
+-- statement_timeout = 0 - that still holds the batch's row locks: end it
+-- before the batch runs again. Only a backend of a projhost worker, and
+-- never our own.
+function end_orphan(pid)
+	if not pid or pid <= 0 or not ensure_conn() then return end
+	local rows = q([[SELECT pg_terminate_backend(pid, 5000) AS ended FROM pg_stat_activity
+		WHERE pid = $1 AND application_name = 'projhost worker' AND pid <> pg_backend_pid()]], pid)
+	if rows and rows[1] then log("info", "worker", "ended backend " .. pid .. " of the worker that died") end
+end
 
 local function lock_checkpoint(def, part)
 	local rows, err, code = q([[SELECT version, state::text AS state, last_tx::text AS last_tx,
@@ -883,7 +911,13 @@ local function transact(def, job)
 		end
 	end
 	local fail_i, fail_err
+	local one_by_one = serial(def, events)
+	if one_by_one and pipe.on then
+		pipe_end()
+		pipe.first = nil
+	end
 	local ok, err = xpcall(apply_groups, traceback, def, job, ctx)
+	if one_by_one and conn:ok() then pipe.on = conn:pipeline(true) and true or false end
 	if not ok then
 		core.beat()
 		ctx.event = nil
@@ -1201,7 +1235,7 @@ local function open_page(def, job, plan)
 	end
 
 	pipe.sent = {}
-	if not limit and (ahead or #rows == want) then
+	if not limit and not serial(def) and (ahead or #rows == want) then
 		-- Read the next page now, inside this transaction, so the server
 		-- reads it while this page is handled here (make bench: worker
 		-- and server took turns before). Below the horizon nothing
@@ -1884,6 +1918,7 @@ local function overruns_of(lines)
 		if pos then
 			o = o or {}
 			o[pos] = { kind = l[3] or "handler", reason = l[4] or "" }
+			end_orphan(tonumber(l[5]))
 		end
 	end
 	return o

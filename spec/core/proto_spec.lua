@@ -81,7 +81,7 @@ describe("core proto", function()
 		out = out:gsub("exit=0\n$", "")
 		assert.same({
 			{ "job", every, "", every },
-			{ "overrun", "42", "sql", every },
+			{ "overrun", "42", "sql", every, "2147483647" },
 		}, wire.parse(out))
 	end)
 end)

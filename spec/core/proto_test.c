@@ -141,13 +141,13 @@ static void master_messages(void)
 	ph_proto_job(&mb, "p\n");
 	ph_msg_str(&mb, "");
 	ph_msg_str(&mb, every);
-	ph_proto_overrun(&mb, 9007199254740993LL, "on_error", "died\n(signal 11)\t\\");
+	ph_proto_overrun(&mb, 9007199254740993LL, "on_error", "died\n(signal 11)\t\\", 0);
 	cur = mb.buf;
 	CHECK(ph_proto_next(&cur, f, 8, &n) == PH_V_JOB && n == 3);
 	CHECK(strcmp(f[0], "p\n") == 0 && strcmp(f[1], "") == 0 && strcmp(f[2], every) == 0);
-	CHECK(ph_proto_next(&cur, f, 8, &n) == PH_V_OVERRUN && n == 3);
+	CHECK(ph_proto_next(&cur, f, 8, &n) == PH_V_OVERRUN && n == 4);
 	CHECK(strcmp(f[0], "9007199254740993") == 0 && strcmp(f[1], "on_error") == 0);
-	CHECK(strcmp(f[2], "died\n(signal 11)\t\\") == 0);
+	CHECK(strcmp(f[2], "died\n(signal 11)\t\\") == 0 && strcmp(f[3], "0") == 0);
 	CHECK(ph_proto_next(&cur, f, 8, &n) == PH_V_END);
 	ph_msg_free(&mb);
 
@@ -198,7 +198,7 @@ static int sample(void)
 	ph_proto_job(&mb, every);
 	ph_msg_str(&mb, "");
 	ph_msg_str(&mb, every);
-	ph_proto_overrun(&mb, 42, "sql", every);
+	ph_proto_overrun(&mb, 42, "sql", every, 2147483647);
 	fwrite(mb.buf, 1, mb.len, stdout);
 	ph_msg_free(&mb);
 	return 0;

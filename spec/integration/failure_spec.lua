@@ -404,3 +404,109 @@ return {
 		assert.equal("3", scalar(conn, "SELECT state->>'n' FROM projhost.checkpoints WHERE projection = 'own'"))
 	end)
 end)
+
+describe("the budget covers all projection code", function()
+	local dsn, conn, dir
+
+	before_each(function()
+		dsn = h.fresh_db("failure_budget")
+		conn = h.connect(dsn)
+		assert(require("projhost.schema").migrate(conn))
+		dir = h.tmpdir()
+	end)
+
+	after_each(function()
+		h.stop_all()
+		if conn then conn:close() end
+	end)
+
+	local function run_once()
+		local code, out, err = h.run({ "run", "--once", "--db", dsn, dir }, { timeout = 90 })
+		assert.equal(0, code, out .. err)
+		return err
+	end
+
+	it("an endless on_error gets the default action, logged with the projection and file", function()
+		h.write_file(dir .. "/p.lua", [[
+return {
+	from = { category = "f" },
+	options = { budget = 1 },
+	when = { ["*"] = function(s, e) if e.type == "Boom" then error("boom") end end },
+	on_error = function() local n = 0 while true do n = n + 1 end end,
+}
+]])
+		ins(conn, "f-1", "Boom")
+		local err = run_once()
+		assert.matches("p pos=1 [^\n]*p%.lua: on_error[^\n]*budget[^\n]*default action", err)
+		-- the default: three retries, then fail
+		assert.equal("failed", scalar(conn, "SELECT status FROM projhost.checkpoints WHERE projection = 'p'"))
+	end)
+
+	it("an endless caught_up is reported and the projection keeps its batches", function()
+		h.write_file(dir .. "/p.lua", [[
+return {
+	from = { category = "f" },
+	options = { budget = 1 },
+	init = function() return { n = 0 } end,
+	when = { ["*"] = function(s) s.n = s.n + 1 end },
+	caught_up = function() while true do end end,
+}
+]])
+		ins(conn, "f-1", "Ok")
+		ins(conn, "f-1", "Ok")
+		local err = run_once()
+		assert.matches("caught_up failed: [^\n]*budget", err)
+		assert.equal("2", scalar(conn, "SELECT state->>'n' FROM projhost.checkpoints WHERE projection = 'p'"))
+	end)
+
+	it("handler SQL that turns the statement timeout off still runs under the budget", function()
+		h.write_file(dir .. "/p.lua", [[
+return {
+	from = { category = "f" },
+	options = { budget = 2 },
+	setup = "CREATE TABLE IF NOT EXISTS t (position bigint PRIMARY KEY)",
+	when = { ["*"] = function(s, e, ctx)
+		if e.type == "Slow" then
+			ctx:exec("SET LOCAL statement_timeout = 0")
+			ctx:exec("SELECT pg_sleep(600)")
+		end
+		ctx:exec("INSERT INTO t VALUES ($1)", e.position)
+	end },
+	on_error = function() return "park" end,
+}
+]])
+		ins(conn, "f-1", "Ok")
+		ins(conn, "f-1", "Slow")
+		ins(conn, "f-1", "Ok")
+		run_once()
+		local parked = assert(conn:query("SELECT global_position, error FROM projhost.parked"))
+		assert.equal(1, #parked)
+		assert.equal("2", parked[1].global_position)
+		assert.matches("overran its budget of 2s", parked[1].error)
+		assert.same({ 1, 3 }, positions(conn, "SELECT position FROM t"))
+	end)
+
+	it("a file that loops at load is reported and left out; saving one into a running host keeps it serving", function()
+		h.write_file(dir .. "/good.lua", [[
+return { from = { category = "f" }, init = function() return { n = 0 } end,
+	when = { ["*"] = function(s) s.n = s.n + 1 end } }
+]])
+		h.write_file(dir .. "/loops.lua", "while true do end\nreturn {}\n")
+		local host = h.spawn({ "run", "--db", dsn, dir }, { env = { PROJHOST_BUDGET = 1 } })
+		h.wait_until(function() return host:output():find("serving 1 projection", 1, true) end, 30, "the host")
+		assert.matches("loops%.lua: loading overran its budget", host:output())
+		ins(conn, "f-1", "Ok")
+		h.wait_until(function()
+			return scalar(conn, "SELECT state->>'n' FROM projhost.checkpoints WHERE projection = 'good'") == "1"
+		end, 20, "the good projection")
+		-- a hot reload of another looping file
+		h.write_file(dir .. "/loops2.lua", "local x = 0 while true do x = x + 1 end\nreturn {}\n")
+		h.wait_until(function() return host:output():find("loops2%.lua: loading overran") end, 30, "the reload")
+		ins(conn, "f-1", "Ok")
+		h.wait_until(function()
+			return scalar(conn, "SELECT state->>'n' FROM projhost.checkpoints WHERE projection = 'good'") == "2"
+		end, 20, "the good projection after the reload")
+		host:kill(15)
+		assert.equal(0, host:wait(15), host:output())
+	end)
+end)
