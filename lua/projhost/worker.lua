@@ -1142,6 +1142,20 @@ local function settle(def, plan, o, attempt)
 	end
 end
 
+-- A job opened for a plan reads exactly the plan's events (below the
+-- horizon, and in a stream below its last version, nothing changes); if it
+-- does not, a checkpoint moved meanwhile: give the job up, it runs again.
+local function same_events(plan, events)
+	for i, e in ipairs(plan.events) do
+		if not events[i] or events[i].position ~= e.position then
+			pipe_end()
+			rollback()
+			return false
+		end
+	end
+	return true
+end
+
 -- ---------------------------------------------------------------------
 -- unpartitioned projections: read in (transaction_id, global_position)
 -- order below the xmin horizon (design §2)
@@ -1270,16 +1284,7 @@ local function open_page(def, job, plan)
 		local e = to_event(events[i])
 		e.index, e.partition = i, ""
 	end
-	if plan then
-		-- exactly the plan's events (below the horizon nothing changes)
-		for i, e in ipairs(plan.events) do
-			if not events[i] or events[i].position ~= e.position then
-				pipe_end()
-				rollback()
-				return "more", 0
-			end
-		end
-	end
+	if plan and not same_events(plan, events) then return "more", 0 end
 	job.events, job.row, job.want, job.held, job.limit = events, row, want, held, limit
 	job.groups = { { part = "", state = state, i0 = 1, i1 = #events } }
 	job.start = { [""] = { tx = row.last_tx, pos = tonumber(row.last_pos) } }
@@ -1590,15 +1595,7 @@ local function open_parts(def, job, wanted, plan)
 			results[p] = { g.status, 0 }
 		end
 	end
-	if plan then
-		for i, e in ipairs(plan.events) do
-			if not events[i] or events[i].position ~= e.position then
-				pipe_end()
-				rollback()
-				return "more", 0
-			end
-		end
-	end
+	if plan and not same_events(plan, events) then return "more", 0 end
 	job.events, job.groups = events, groups
 	job.start = {}
 	for _, cp in ipairs(locked) do job.start[cp.partition] = { pos = tonumber(cp.last_pos) } end
