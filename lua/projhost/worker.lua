@@ -143,7 +143,8 @@ end
 local function pg_text_array(list)
 	local out = {}
 	for i, s in ipairs(list) do
-		out[i] = '"' .. s:gsub('[\\"]', '\\%0') .. '"'
+		-- false: NULL
+		out[i] = s == false and "NULL" or ('"' .. s:gsub('[\\"]', '\\%0') .. '"')
 	end
 	return "{" .. table.concat(out, ",") .. "}"
 end
@@ -824,8 +825,14 @@ local function apply_groups(def, job, ctx)
 	local events = job.events
 	for _, g in ipairs(job.groups) do
 		local state = g.state
-		if state == nil then state = init_state(def, events[g.i0] and events[g.i0].position) end
-		if g.i1 >= g.i0 then state = apply_range(def, state, events, ctx, g.i0, g.i1) end
+		if g.i1 >= g.i0 then
+			-- init for a new partition is charged to its first event
+			cur = g.i0
+			if state == nil then state = init_state(def, events[g.i0].position) end
+			state = apply_range(def, state, events, ctx, g.i0, g.i1)
+		end
+		-- nil: a partition that had only events of other types and no
+		-- state yet keeps none (see store_parts)
 		g.out = state
 	end
 	core.beat()
@@ -946,8 +953,9 @@ local function transact(def, job)
 	if not fail_i then
 		local states = {}
 		for i, g in ipairs(job.groups) do
-			local sj, serr = encode_state(def, g.out)
-			if not sj then
+			local sj, serr = false, nil
+			if g.out ~= nil then sj, serr = encode_state(def, g.out) end
+			if sj == nil then
 				local o = outcome_of(job)
 				rollback()
 				return o or { lo = g.i0, hi = math.max(g.i0, g.i1), err = serr }
@@ -1610,7 +1618,7 @@ local function store_parts(job, states)
 	if #up_p == 0 then return end
 	-- the checkpoints and COMMIT ride the same sync as the handlers'
 	-- statements; after an error PostgreSQL skips them
-	local idx = conn:send([[UPDATE projhost.checkpoints c SET state = u.s::jsonb, last_pos = u.v,
+	local idx = conn:send([[UPDATE projhost.checkpoints c SET state = coalesce(u.s::jsonb, c.state), last_pos = u.v,
 		script_hash = $5, error = NULL, updated_at = now()
 		FROM unnest($2::text[], $3::text[], $4::bigint[]) AS u(p, s, v)
 		WHERE c.projection = $1 AND c.partition = u.p]],

@@ -144,6 +144,32 @@ describe("one failure path", function()
 		assert.same({ 2 }, positions(conn, "SELECT position FROM p_rows"))
 	end)
 
+	it("a failing init of a new partition is charged to that partition's first event", function()
+		h.write_file(dir .. "/p.lua", [[
+local calls = 0
+return {
+	from = { category = "f" },
+	partition = "stream",
+	-- runs at load; after that it breaks
+	init = function() calls = calls + 1 if calls > 1 then error("init broke") end return { n = 0 } end,
+	when = { ["*"] = function(s) s.n = s.n + 1 end },
+	on_error = function() return "park" end,
+}
+]])
+		ins(conn, "f-1", "Ok")
+		ins(conn, "f-1", "Ok")
+		ins(conn, "f-2", "Ok")
+		-- f-1 has a state already: only f-2 needs init
+		assert(conn:exec([[INSERT INTO projhost.checkpoints (projection, partition, version, state, last_pos)
+			VALUES ('p', 'f-1', 1, '{"n": 0}', 0)]]))
+		run_once()
+		local parked = assert(conn:query("SELECT stream_id, stream_version, error FROM projhost.parked"))
+		assert.equal(1, #parked)
+		assert.equal("f-2", parked[1].stream_id)
+		assert.matches("init broke", parked[1].error)
+		assert.equal("2", scalar(conn, "SELECT state->>'n' FROM projhost.checkpoints WHERE partition = 'f-1'"))
+	end)
+
 	it("with the default action only the bad stream fails; the other streams go on", function()
 		h.write_file(dir .. "/p.lua", upserter("p", 'partition = "stream", on_error = function() return "fail" end,'))
 		for round = 1, 2 do
