@@ -758,7 +758,7 @@ static void death_reason(const struct ph_qentry *e, char *buf, size_t cap)
 		snprintf(buf, cap, "the worker died (signal %d)", e->overrun_signal);
 	else if (e->overrun_exit == 255)
 		/* lua-cjson's strbuf calls exit(-1) when an allocation fails */
-		snprintf(buf, cap, "the worker died (exit 255, e.g. out of memory in lua-cjson)");
+		snprintf(buf, cap, "not enough memory (the worker died with exit 255, as lua-cjson exits when an allocation fails)");
 	else
 		snprintf(buf, cap, "the worker died (exit %d)", e->overrun_exit);
 }

@@ -341,6 +341,17 @@ local function pipe_synced()
 	if pipe.on then pipe.sent, pipe.ahead = {}, nil end
 end
 
+-- SESSION in one statement (set again after a batch's RESET ALL)
+local SESSION_SQL, SESSION_PARAMS
+do
+	local calls, params = {}, {}
+	for i, kv in ipairs(SESSION) do
+		calls[i] = ("set_config($%d, $%d, false)"):format(2 * i - 1, 2 * i)
+		params[2 * i - 1], params[2 * i] = kv[1], kv[2]
+	end
+	SESSION_SQL, SESSION_PARAMS = "SELECT " .. table.concat(calls, ", "), params
+end
+
 local function backend_for(def)
 	local b = {}
 	local function note(err, code, idx)
@@ -973,7 +984,7 @@ local function transact(def, job)
 			-- connection: undo them, so they never reach another
 			-- projection's statements
 			conn:send("RESET ALL")
-			for _, kv in ipairs(SESSION) do conn:send("SELECT set_config($1, $2, false)", kv[1], kv[2]) end
+			conn:send(SESSION_SQL, unpack(SESSION_PARAMS))
 		end
 		if job.after_commit then job.after_commit(job) end
 	end
@@ -1515,10 +1526,11 @@ local function open_parts(def, job, wanted, plan)
 	-- like events of other types, unless it opts in (options.own_events)
 	conn:send_events([[SELECT c.partition AS partition, e.global_position, e.tx, e.event_id, e.stream_id,
 			e.stream_version, e.event_type, e.data, e.metadata, e.created_at,
-			CASE WHEN $4 AND split_part(e.metadata::jsonb->>'projection', '@', 1) = $5 THEN 1 END AS _own
+			CASE WHEN $4 AND e.origin = $5 THEN 1 END AS _own
 		FROM projhost.checkpoints c
 		CROSS JOIN LATERAL (
-			SELECT ]] .. COLS .. [[ FROM projhost.events ev
+			SELECT ]] .. COLS .. [[, split_part(ev.metadata->>'projection', '@', 1) AS origin
+			FROM projhost.events ev
 			WHERE ev.stream_id = c.partition AND ev.stream_version > c.last_pos
 			ORDER BY ev.stream_version LIMIT $3) e
 		WHERE c.projection = $1 AND c.partition = ANY($2::text[])

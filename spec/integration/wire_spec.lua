@@ -195,7 +195,7 @@ return {
 			assert.matches("died during a batch (exit 255) running handler code", err, 1, true)
 			assert.equal(2, #applied(conn, "dies"))
 			local perr = scalar(conn, "SELECT error FROM projhost.parked")
-			assert.matches("dies.lua: handler the worker died (exit 255, e.g. out of memory in lua-cjson)", perr, 1, true)
+			assert.matches("dies.lua: handler not enough memory (the worker died with exit 255, as lua-cjson exits when an allocation fails)", perr, 1, true)
 			assert.equal("1", scalar(conn, "SELECT count(*) FROM projhost.parked"))
 		end)
 
