@@ -1542,7 +1542,6 @@ local function open_parts(def, job, wanted, plan)
 		return "dberror", dberror(def, res, code)
 	end
 	local rows, evrows = res[4], res[5]
-	io.stderr:write("DBG ", tostring(res[3]), " ", tostring(#rows), " ", tostring(#evrows), " ", arr, "\n")
 	new_checkpoints = new_checkpoints + (tonumber(res[3]) or 0)
 	pipe.sent = {}
 
