@@ -1355,6 +1355,11 @@ local function run_caught_up(def)
 		if ok and failed_sql then ok, err = false, "SQL error (caught by the hook): " .. failed_sql end
 		if ok then ok, err = x("COMMIT") end
 		if not ok then rollback() end
+		-- what the hook SET stays with the connection otherwise (see transact)
+		if conn and conn:ok() then
+			x("RESET ALL")
+			x(SESSION_SQL, unpack(SESSION_PARAMS))
+		end
 	end
 	if not ok then
 		local msg = "caught_up failed: " .. first_line(err)
