@@ -58,20 +58,24 @@ return {
 ]]):format(name, name, name, extra or "")
 end
 
+-- One database per spec; every spec here runs hosts with --db on it.
+local dsn, conn, dir
+
+local function fresh()
+	dsn = h.fresh_db("failure")
+	conn = h.connect(dsn)
+	assert(require("projhost.schema").migrate(conn))
+	dir = h.tmpdir()
+end
+
+local function stop()
+	h.stop_all()
+	if conn then conn:close() end
+end
+
 describe("one failure path", function()
-	local dsn, conn, dir
-
-	before_each(function()
-		dsn = h.fresh_db("failure")
-		conn = h.connect(dsn)
-		assert(require("projhost.schema").migrate(conn))
-		dir = h.tmpdir()
-	end)
-
-	after_each(function()
-		h.stop_all()
-		if conn then conn:close() end
-	end)
+	before_each(fresh)
+	after_each(stop)
 
 	local function run_once(env)
 		local code, out, err = h.run({ "run", "--once", "--db", dsn, dir }, { env = env, timeout = 60 })
@@ -314,19 +318,8 @@ return {
 end)
 
 describe("projections sharing a worker", function()
-	local dsn, conn, dir
-
-	before_each(function()
-		dsn = h.fresh_db("failure_shared")
-		conn = h.connect(dsn)
-		assert(require("projhost.schema").migrate(conn))
-		dir = h.tmpdir()
-	end)
-
-	after_each(function()
-		h.stop_all()
-		if conn then conn:close() end
-	end)
+	before_each(fresh)
+	after_each(stop)
 
 	it("one projection's session settings never reach another's statements", function()
 		-- one worker, so one connection: the setter's batch runs first,
@@ -432,19 +425,8 @@ return {
 end)
 
 describe("the budget covers all projection code", function()
-	local dsn, conn, dir
-
-	before_each(function()
-		dsn = h.fresh_db("failure_budget")
-		conn = h.connect(dsn)
-		assert(require("projhost.schema").migrate(conn))
-		dir = h.tmpdir()
-	end)
-
-	after_each(function()
-		h.stop_all()
-		if conn then conn:close() end
-	end)
+	before_each(fresh)
+	after_each(stop)
 
 	local function run_once()
 		local code, out, err = h.run({ "run", "--once", "--db", dsn, dir }, { timeout = 90 })
