@@ -291,7 +291,14 @@ local function arm_cleanup()
 	state.sentinel = sentinel
 end
 
+-- server options for every throwaway cluster: durability is not what specs test
 local PG_OPTS = "-c fsync=off -c synchronous_commit=off -c full_page_writes=off"
+h.PG_OPTS = PG_OPTS
+
+-- Whether anything (file, directory, socket) is at path.
+function h.exists(path)
+	return require("lfs").attributes(path, "mode") ~= nil
+end
 
 function h.pg()
 	if state.pg then return state.pg end

@@ -115,11 +115,11 @@ local function ensure_conn()
 	if db_down then log("info", "worker", "database reachable again") end
 	db_down = false
 	conn = c
-	-- the master hands it to the next worker if this one dies (see end_orphans)
+	-- the master hands it to the next worker if this one dies (see end_orphan)
 	core.beat_backend(conn:pid() or 0)
 	for _, kv in ipairs(SESSION) do
-		local ok, err = conn:exec("SELECT set_config($1, $2, false)", kv[1], kv[2])
-		if not ok then log("warn", "worker", kv[1] .. " = " .. kv[2] .. ": " .. err) end
+		local ok, serr = conn:exec("SELECT set_config($1, $2, false)", kv[1], kv[2])
+		if not ok then log("warn", "worker", kv[1] .. " = " .. kv[2] .. ": " .. serr) end
 	end
 	return true
 end

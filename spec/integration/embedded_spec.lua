@@ -4,11 +4,9 @@ local h = require "helpers"
 local embedded = require "projhost.embedded"
 local lfs = require "lfs"
 
-local PG_OPTS = "-c fsync=off -c synchronous_commit=off -c full_page_writes=off"
+local PG_OPTS = h.PG_OPTS
 
-local function exists(path)
-	return lfs.attributes(path, "mode") ~= nil
-end
+local exists = h.exists
 
 describe("projhost db", function()
 	local home, env

@@ -75,7 +75,7 @@ end
 local function db(cmd)
 	local code, out, err = h.run({ "db", cmd }, { env = {
 		PROJHOST_HOME = h.pg().home,
-		PROJHOST_PG_OPTS = "-c fsync=off -c synchronous_commit=off -c full_page_writes=off",
+		PROJHOST_PG_OPTS = h.PG_OPTS,
 	} })
 	assert.equal(0, code, "projhost db " .. cmd .. ": " .. out .. err)
 end

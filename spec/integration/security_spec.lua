@@ -10,11 +10,9 @@ local core = require "projhost.core"
 local embedded = require "projhost.embedded"
 local lfs = require "lfs"
 
-local PG_OPTS = "-c fsync=off -c synchronous_commit=off -c full_page_writes=off"
+local PG_OPTS = h.PG_OPTS
 
-local function exists(path)
-	return lfs.attributes(path, "mode") ~= nil
-end
+local exists = h.exists
 
 local function is_root()
 	local p = io.popen("id -u")
