@@ -79,7 +79,10 @@ struct proj {
 	char *value;
 	int partitioned;
 	int settled;		/* last batch found nothing more to do (for --once) */
-	char *cursor;		/* partition discovery resumes after this stream */
+	char *cursor;		/* partition discovery: the round goes on from this token */
+	char *since;		/* ...and the next round starts from this one (the
+				 * worker's token, see find_partitions in worker.lua;
+				 * NULL: walk every stream) */
 	long nparts;		/* its partition entries in the queue (waiting or running) */
 	uint64_t round_wait;	/* since when a new discovery round waits for them (0: not) */
 	double budget;		/* seconds a handler may run before its worker is killed */
@@ -151,6 +154,7 @@ static void free_projs(struct master *m)
 		free(m->projs[i].name);
 		free(m->projs[i].value);
 		free(m->projs[i].cursor);
+		free(m->projs[i].since);
 	}
 	free(m->projs);
 	m->projs = NULL;
@@ -362,6 +366,10 @@ static void handle_ready(struct worker *w, char *msg)
 			ph_log(PH_INFO, p->name, "reloaded (hash %s -> %s)", o->hash, p->hash);
 		if (o && o->cursor)
 			p->cursor = strdup(o->cursor);
+		/* the same script reads the same streams: its next round can
+		 * look at what changed; new code walks them all */
+		if (o && o->since && strcmp(o->hash, p->hash) == 0)
+			p->since = strdup(o->since);
 		if (o)
 			p->nparts = o->nparts;
 	}
@@ -373,6 +381,7 @@ static void handle_ready(struct worker *w, char *msg)
 		free(old[j].name);
 		free(old[j].value);
 		free(old[j].cursor);
+		free(old[j].since);
 	}
 	free(old);
 	if (initial)
@@ -495,9 +504,14 @@ static void handle_done(struct worker *w, char *msg)
 			p = n >= 1 ? find_proj(m, f[0]) : NULL;
 			if (n >= 3) {
 				snprintf(find_status, sizeof(find_status), "%s", f[1]);
-				if (p) {
+				if (p && strcmp(f[1], "more") == 0) {
 					free(p->cursor);
-					p->cursor = strcmp(f[1], "more") == 0 ? strdup(f[2]) : NULL;
+					p->cursor = strdup(f[2]);
+				} else if (p) {
+					free(p->cursor);
+					p->cursor = NULL;
+					free(p->since);
+					p->since = *f[2] ? strdup(f[2]) : NULL;
 				}
 			}
 			break;
@@ -822,7 +836,7 @@ static int give_work(struct master *m, struct worker *w, uint64_t now)
 	w->jobs[0] = e;
 	w->njobs = 1;
 	if (p->partitioned && !*ph_queue_entry_part(e)) {
-		ph_proto_find(&mb, p->name, p->cursor ? p->cursor : "");
+		ph_proto_find(&mb, p->name, p->cursor ? p->cursor : p->since ? p->since : "");
 		add_overruns(&mb, w);	/* a death in its caught_up hook */
 	} else {
 		/* a batch of partitions, bounded by bytes as well as by count:
@@ -958,6 +972,14 @@ static void on_listen_readable(uv_poll_t *h, int status, int events)
 
 		if (strcmp(stream, "*") == 0)
 			all = 1;
+		/* "0 *": an operator changed checkpoints (reset, resume, parked
+		 * retry): streams that got no events may be behind now, so the
+		 * next discovery walks them all */
+		if (strcmp(n->extra, "0 *") == 0)
+			for (int i = 0; i < m->nprojs; i++) {
+				free(m->projs[i].since);
+				m->projs[i].since = NULL;
+			}
 		for (int i = 0; !all && i < m->nprojs; i++) {
 			struct proj *p = &m->projs[i];
 

@@ -184,12 +184,15 @@ local function open_db(cmd)
 	local conn, code
 	conn, err, code = core.connect(dsn)
 	if not conn then return nil, err, code end
+	local function note(text) io.stderr:write("projhost: ", escape(text), "\n") end
 	local ok
-	ok, err, code = require("projhost.schema").migrate(conn)
+	ok, err, code = require("projhost.schema").migrate(conn, note)
 	if not ok then
 		conn:close()
 		return nil, err, code
 	end
+	-- an index build failed: reads work, slower; the next start retries
+	if err then note(err .. " (reads go on without it; the next start builds it again)") end
 	return conn, dsn
 end
 

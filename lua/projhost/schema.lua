@@ -1,7 +1,7 @@
 -- projhost.schema: the SQL contract (design §2), created and migrated
 -- idempotently by every host and CLI command that touches the database.
 --
--- schema.migrate(conn) -> true | nil, msg, sqlstate
+-- schema.migrate(conn [, note]) -> true [, warning, sqlstate] | nil, msg, sqlstate
 --
 -- Migrations are numbered steps; each is a list of single statements
 -- because conn:exec uses the extended protocol, which takes one statement
@@ -391,13 +391,85 @@ M.steps = {
 
 M.latest = #M.steps
 
+-- Indexes that are not steps: built with CREATE INDEX CONCURRENTLY, which
+-- does not stop appends (a plain CREATE INDEX holds a SHARE lock on the
+-- table for the whole build: minutes on a store of millions of events).
+-- CONCURRENTLY cannot run inside the migration's transaction, and a build
+-- that fails or is killed leaves an INVALID index, so every migrate()
+-- checks them after its steps (one catalog query) and builds what is
+-- missing or invalid. Readers work without them, only slower.
+M.INDEXES = {
+	-- category reads, see projhost.reads
+	{ name = "events_category_idx", on = "projhost.events",
+		columns = "(split_part(stream_id, '-', 1), transaction_id, global_position)" },
+}
+
+-- One builder at a time (another key than LOCK_KEY: a CLI command that
+-- migrates must not wait for a build); the others go on without.
+M.BUILD_KEY = "8102654201364165493"
+
+-- -> true | nil, msg, sqlstate (a build that failed: the index is left
+-- for the next migrate; nothing else depends on it)
+local function ensure_indexes(conn, note)
+	local names = {}
+	for i, ix in ipairs(M.INDEXES) do names[i] = ix.name end
+	local function missing()
+		local rows, msg, code = conn:query([[SELECT c.relname AS name, i.indisvalid AS valid
+			FROM pg_index i JOIN pg_class c ON c.oid = i.indexrelid
+			JOIN pg_namespace n ON n.oid = c.relnamespace
+			WHERE n.nspname = 'projhost' AND c.relname = ANY($1::text[])]],
+			"{" .. table.concat(names, ",") .. "}")
+		if not rows then return nil, msg, code end
+		local have, out = {}, {}
+		for _, r in ipairs(rows) do have[r.name] = r.valid == "t" and "valid" or "invalid" end
+		for _, ix in ipairs(M.INDEXES) do
+			if have[ix.name] ~= "valid" then out[#out + 1] = { ix = ix, invalid = have[ix.name] == "invalid" } end
+		end
+		return out
+	end
+	local todo, msg, code = missing()
+	if not todo then return nil, msg, code end
+	if #todo == 0 then return true end
+	local rows
+	rows, msg, code = conn:query("SELECT pg_try_advisory_lock($1::bigint) AS got, "
+		.. "current_setting('statement_timeout') AS timeout", M.BUILD_KEY)
+	if not rows then return nil, msg, code end
+	if rows[1].got ~= "t" then return true end -- another session builds them
+	local timeout = rows[1].timeout
+	-- a build takes as long as it takes; the session's limit would
+	-- cancel it (and leave it INVALID) on a large store
+	conn:exec("SET statement_timeout = 0")
+	local ok = true
+	todo, msg, code = missing() -- built by another session meanwhile?
+	if not todo then ok = nil end
+	for _, t in ipairs(todo or {}) do
+		local ix = t.ix
+		if note then note(("building index %s on %s concurrently (appends go on meanwhile)"):format(ix.name, ix.on)) end
+		if t.invalid then
+			ok, msg, code = conn:exec("DROP INDEX CONCURRENTLY IF EXISTS projhost." .. ix.name)
+		end
+		if ok then
+			ok, msg, code = conn:exec(("CREATE INDEX CONCURRENTLY IF NOT EXISTS %s ON %s %s")
+				:format(ix.name, ix.on, ix.columns))
+		end
+		if not ok then msg = ("building index %s: %s"):format(ix.name, msg) break end
+	end
+	conn:exec("SELECT set_config('statement_timeout', $1, false)", timeout)
+	conn:exec("SELECT pg_advisory_unlock($1::bigint)", M.BUILD_KEY)
+	if not ok then return nil, msg, code end
+	return true
+end
+
 local function rollback(conn, msg, code)
 	conn:exec("ROLLBACK")
 	return nil, msg, code
 end
 
--- Apply the steps above the recorded version, all in one transaction.
-function M.migrate(conn)
+-- Apply the steps above the recorded version, all in one transaction, then
+-- build the INDEXES that are missing. note(text), if given, hears about a
+-- build before it starts. -> true [, warning, sqlstate] | nil, msg, sqlstate
+-- (a warning: an index build failed; the store works without it)
+function M.migrate(conn, note)
 	if conn:in_transaction() then
 		error("schema.migrate: the connection is already inside a transaction", 2)
 	end
@@ -438,6 +510,8 @@ function M.migrate(conn)
 	end
 	ok, msg, code = conn:exec("COMMIT")
 	if not ok then return nil, "migrating the schema: " .. msg, code end
+	ok, msg, code = ensure_indexes(conn, note)
+	if not ok then return true, msg, code end
 	return true
 end
 

@@ -30,8 +30,6 @@ local BATCH_GROWTH = 16
 -- ...but a page (two are in memory while reading ahead) stays below this
 -- many bytes of event data, however large the state
 local PAGE_BYTES = 16 * 1024 * 1024
--- partitions listed per discovery query
-local FIND_PAGE = 1000
 -- runaway SQL (libpq syntax: "30s", "2min", or ms)
 local STATEMENT_TIMEOUT = os.getenv("PROJHOST_STATEMENT_TIMEOUT") or "60s"
 -- Batches in the middle of a catch-up (a full page: more events are
@@ -100,6 +98,11 @@ local function drop_conn()
 	for _, def in pairs(defs) do def._ok_at = nil end
 end
 
+local reads = require "projhost.reads"
+local pg_text_array, COLS = reads.pg_text_array, reads.COLS
+-- the session's values of reads.PLANNER, read when the connection opens
+local planner_session = {}
+
 local function ensure_conn()
 	if conn and conn:ok() then return true end
 	drop_conn()
@@ -121,6 +124,9 @@ local function ensure_conn()
 		local ok, serr = conn:exec("SELECT set_config($1, $2, false)", kv[1], kv[2])
 		if not ok then log("warn", "worker", kv[1] .. " = " .. kv[2] .. ": " .. serr) end
 	end
+	-- what the reads' planner settings are set back to (projhost.reads)
+	local rows = conn:query(reads.SESSION_SQL)
+	for i, name in ipairs(reads.PLANNER) do planner_session[i] = rows and rows[1][name] or "on" end
 	return true
 end
 
@@ -140,69 +146,15 @@ end
 -- ---------------------------------------------------------------------
 -- reading events
 
-local function pg_text_array(list)
-	local out = {}
-	for i, s in ipairs(list) do
-		-- false: NULL
-		out[i] = s == false and "NULL" or ('"' .. s:gsub('[\\"]', '\\%0') .. '"')
-	end
-	return "{" .. table.concat(out, ",") .. "}"
-end
-
--- created_at comes as the server prints it (UTC, see ensure_conn) and is
--- turned into ISO 8601 only when a handler reads e.time.
-local COLS = [[global_position, transaction_id::text AS tx, event_id, stream_id,
-	stream_version, event_type, data::text AS data, metadata::text AS metadata, created_at]]
-
--- The filter for def's source and event types, as SQL text plus the
--- parameters it needs, numbered from `first`.
-local function source_filter(def, first)
-	local sql, params = {}, {}
-	local n = first
-	if def.from.stream then
-		sql[#sql + 1] = "stream_id = $" .. n
-		params[#params + 1] = def.from.stream
-		n = n + 1
-	elseif def.from.category then
-		-- category = the part of the stream before the first '-'
-		sql[#sql + 1] = "split_part(stream_id, '-', 1) = $" .. n
-		params[#params + 1] = def.from.category
-		n = n + 1
-	end
-	if def.type_filter then
-		sql[#sql + 1] = "event_type = ANY($" .. n .. "::text[])"
-		params[#params + 1] = pg_text_array(def.type_filter)
-		n = n + 1
-	end
-	if not def.own_events then
-		-- the events it emitted itself (ctx:emit marks them, "name" or
-		-- "name@version" in a shadow): a projection that emits what it
-		-- reads cannot feed itself for ever
-		sql[#sql + 1] = "split_part(metadata->>'projection', '@', 1) IS DISTINCT FROM $" .. n
-		params[#params + 1] = def.name
-	end
-	local s = table.concat(sql, " AND ")
-	return s ~= "" and (" AND " .. s) or "", params
-end
-
--- Prepare the per-definition SQL once. (def.budget, the seconds its code
--- may run before the master kills the worker, and def.own_events come
+-- Prepare the per-definition SQL once (projhost.reads has the text and
+-- says why each read is an index range). (def.budget, the seconds its
+-- code may run before the master kills the worker, and def.own_events come
 -- resolved from the loader.)
 local function compile(def)
-	local f, fp = source_filter(def, 4)
-	def._read_sql = "SELECT " .. COLS .. [[
-	FROM projhost.events
-	WHERE transaction_id < pg_snapshot_xmin(pg_current_snapshot())
-	  AND (transaction_id, global_position) > ($1::xid8, $2::bigint)]] .. f .. [[
-	ORDER BY transaction_id, global_position
-	LIMIT $3]]
-	def._read_params = fp
-	local hf, hp = source_filter(def, 1)
+	def._read_sql, def._read_params = reads.page_sql(def)
 	-- committed events we may not read yet because an older transaction is
 	-- still running somewhere in the cluster
-	def._held_sql = [[SELECT 1 AS held FROM projhost.events
-	WHERE transaction_id >= pg_snapshot_xmin(pg_current_snapshot())]] .. hf .. " LIMIT 1"
-	def._held_params = hp
+	def._held_sql, def._held_params = reads.held_sql(def)
 end
 
 -- Events come from conn:events (core/lua_pg.c) as tables with the fields
@@ -1200,6 +1152,9 @@ local function open_page(def, job, plan)
 	def._last = nil
 	if plan then guess = nil end
 	conn:send("BEGIN")
+	-- the reads below run with the alternatives to their index ranges
+	-- priced out; set back before any handler's SQL (see projhost.reads)
+	conn:send(reads.PLANNER_SQL)
 	-- xmin tells whether anyone (a parked retry, another instance, an
 	-- operator) wrote the row since our last commit
 	conn:send_query([[SELECT version, CASE WHEN $2 THEN state::text END AS state, last_tx::text AS last_tx,
@@ -1224,7 +1179,7 @@ local function open_page(def, job, plan)
 		if conn:ok() then conn:pipeline(false) end
 		return "dberror", dberror(def, res, code)
 	end
-	local row, rows, held = res[2][1], res[3], #res[4] > 0
+	local row, rows, held = res[3][1], res[4], #res[5] > 0
 	local hit = row and guess and guess.rx == row.rx and guess.tx == row.last_tx
 		and guess.pos == tonumber(row.last_pos)
 	if row and plan and (row.last_tx ~= plan.start[""].tx or tonumber(row.last_pos) ~= plan.start[""].pos) then
@@ -1296,6 +1251,8 @@ local function open_page(def, job, plan)
 			conn:flush()
 		end
 	end
+	local idx = conn:send(reads.RESTORE_SQL, unpack(planner_session))
+	if idx then pipe.sent[idx] = false end
 	if ahead then rows = ahead.events or ahead.page:events() end
 
 	local events = rows
@@ -1520,6 +1477,9 @@ local function open_parts(def, job, wanted, plan)
 	pipe_begin()
 	if not pipe.on then return "dberror", dberror(def, "cannot enter pipeline mode") end
 	conn:send("BEGIN")
+	-- the partitions' reads run with the alternatives to their index
+	-- ranges priced out; set back before any handler's SQL (projhost.reads)
+	conn:send(reads.PLANNER_SQL)
 	-- shared: a version reset (exclusive) waits for batches in flight
 	conn:send("SELECT pg_advisory_xact_lock_shared(hashtext('projhost:' || $1))", def.cp)
 	conn:send([[INSERT INTO projhost.checkpoints (projection, partition, version)
@@ -1529,26 +1489,18 @@ local function open_parts(def, job, wanted, plan)
 		ORDER BY partition FOR UPDATE SKIP LOCKED]], def.cp, arr)
 	-- a projection's own emitted events are marked (_own) and passed over
 	-- like events of other types, unless it opts in (options.own_events)
-	conn:send_events([[SELECT c.partition AS partition, e.global_position, e.tx, e.event_id, e.stream_id,
-			e.stream_version, e.event_type, e.data, e.metadata, e.created_at,
-			CASE WHEN $4 AND e.origin = $5 THEN 1 END AS _own
-		FROM projhost.checkpoints c
-		CROSS JOIN LATERAL (
-			SELECT ]] .. COLS .. [[, split_part(ev.metadata->>'projection', '@', 1) AS origin
-			FROM projhost.events ev
-			WHERE ev.stream_id = c.partition AND ev.stream_version > c.last_pos
-			ORDER BY ev.stream_version LIMIT $3) e
-		WHERE c.projection = $1 AND c.partition = ANY($2::text[])
-		ORDER BY c.partition, e.stream_version]], def.cp, arr, BATCH, not def.own_events, def.name)
+	conn:send_events(reads.PARTS_SQL, def.cp, arr, BATCH, not def.own_events, def.name)
 	local ok, res, code = conn:sync(true)
 	if not ok then
 		pipe.on = false
 		if conn:ok() then conn:pipeline(false) end
 		return "dberror", dberror(def, res, code)
 	end
-	local rows, evrows = res[4], res[5]
-	new_checkpoints = new_checkpoints + (tonumber(res[3]) or 0)
+	local rows, evrows = res[5], res[6]
+	new_checkpoints = new_checkpoints + (tonumber(res[4]) or 0)
 	pipe.sent = {}
+	local ri = conn:send(reads.RESTORE_SQL, unpack(planner_session))
+	if ri then pipe.sent[ri] = false end
 
 	local results = job.results
 	local locked = {}
@@ -1581,11 +1533,19 @@ local function open_parts(def, job, wanted, plan)
 		return "empty", 0
 	end
 
-	local by_part = {}
+	-- each partition's rows come in version order (reads.PARTS_SQL); a
+	-- plan that ever did otherwise is sorted here, not taken for a gap
+	local by_part, unordered = {}, nil
 	for _, r in ipairs(evrows) do
 		local l = by_part[r.partition]
 		if not l then l = {}; by_part[r.partition] = l end
+		if #l > 0 and l[#l].version >= r.version then unordered = true end
 		l[#l + 1] = r
+	end
+	if unordered then
+		for _, l in pairs(by_part) do
+			table.sort(l, function(a, b) return a.version < b.version end)
+		end
 	end
 	local events, groups = {}, {}
 	for _, cp in ipairs(locked) do
@@ -1732,36 +1692,127 @@ local function run_partitions(def, parts)
 	return total, results
 end
 
--- Partitions of def that are behind: streams of its source whose version
--- is past their checkpoint (goengine's LoadOutOfSync), a page at a time,
--- from the streams table (never a scan of the events).
-local function find_partitions(def, cursor)
-	local ready, why = prepare(def)
-	if ready ~= true then return ready, {} end
-	if why == "reset" then cursor = "" end
-	local filter, params = "", {}
-	if def.from.stream then
-		filter = " AND s.stream_id = $4"
-		params[1] = def.from.stream
-	elseif def.from.category then
-		-- streams of category C sort between "C" and "C." ('.' follows
-		-- '-'): a range on the primary key, then the exact test
-		filter = " AND s.stream_id >= $4 AND s.stream_id < $4 || '.' AND split_part(s.stream_id, '-', 1) = $4"
-		params[1] = def.from.category
+-- Partition discovery: the streams of def's source whose version is past
+-- their checkpoint (goengine's LoadOutOfSync), found from the streams
+-- table or the events, never by a scan of either. A round of finds is one
+-- of two kinds (issue 11, "idle costs nothing"):
+--
+--   a walk    every stream of the source in key order, FIND_WALK a page
+--             (reads.walk_sql): when the projection starts, after a reset,
+--             an operator's command ('0 *' wakes the master that way),
+--             after a walk that found streams behind, and every
+--             FULL_WALK_EVERY seconds as a safety net (paced: a page at a
+--             time, other jobs run between pages);
+--   a window  only the streams that got events since the last round: the
+--             events after a position, below the horizon, in the order
+--             pages read them (reads.window_sql). Every event committed
+--             after a round's snapshot is past its horizon then (its
+--             transaction was running or had not begun), so nothing is
+--             missed; and the next round starts before the first event of
+--             a stream still behind, so a stream found but not yet caught
+--             up is looked at again. An idle host reads an empty window.
+--
+-- The round's place travels as a token: the master keeps the one a round
+-- ends with and starts the next round from it (core/master.c, since):
+--   ""                                   walk, from the first stream
+--   "w XMIN FOUND T STREAM"              walk, going on after STREAM
+--   "i TX POS T"                         window after (TX, POS), a new round
+--   "e TX POS HTX HPOS FOUND T"          window, going on after (TX, POS)
+-- XMIN: the horizon when the last walk began (its window starts there); T:
+-- when (os.time); FOUND: 1 once the round found a stream behind; HTX HPOS:
+-- where the next round starts ("-": after this round's last event).
+local FIND_WALK = 5000
+local FIND_WINDOW = 5000
+local FULL_WALK_EVERY = 600
+
+local function parse_token(s)
+	local k = s:sub(1, 2)
+	if k == "w " then
+		local xmin, found, t, stream = s:match("^w (%d+) ([01]) (%d+) (.*)$")
+		if xmin then return { kind = "w", xmin = xmin, found = found == "1", t = tonumber(t), stream = stream } end
+	elseif k == "i " then
+		local tx, pos, t = s:match("^i (%d+) (%d+) (%d+)$")
+		if tx then return { kind = "i", tx = tx, pos = pos, t = tonumber(t) } end
+	elseif k == "e " then
+		local tx, pos, htx, hpos, found, t = s:match("^e (%d+) (%d+) (%S+) (%S+) ([01]) (%d+)$")
+		if tx then
+			return { kind = "e", tx = tx, pos = pos, htx = htx ~= "-" and htx or nil,
+				hpos = hpos ~= "-" and hpos or nil, found = found == "1", t = tonumber(t) }
+		end
 	end
-	-- Walk the streams in key order from the cursor and look each one's
-	-- checkpoint up by primary key: a page costs what it returns (plus
-	-- the caught-up streams it passes), never a join over every stream.
-	local rows, err, code = q([[SELECT s.stream_id FROM projhost.streams s
-		WHERE s.stream_id > $2]] .. filter .. [[
-		  AND s.version > coalesce((SELECT CASE WHEN c.status = 'running' THEN c.last_pos
-				ELSE 9223372036854775807 END
-			FROM projhost.checkpoints c WHERE c.projection = $1 AND c.partition = s.stream_id), 0)
-		ORDER BY s.stream_id LIMIT $3]], def.cp, cursor, FIND_PAGE, unpack(params))
-	if not rows then return "dberror", {}, dberror(def, err, code) end
+	return nil -- "" or unknown: a walk from the start
+end
+
+local function walk_token(xmin, found, t, stream)
+	return ("w %s %d %d %s"):format(xmin, found and 1 or 0, t, stream)
+end
+
+-- One page of a round. -> status ("more": the round goes on, "idle": it
+-- ended, else the projection's status), the streams behind, the token to go
+-- on with (or to start the next round from), whether the round found any,
+-- and for a walk's page the walk (xmin, t, stream: where the page began).
+-- A read of our own outside a batch, in one round trip under the reads'
+-- planner settings (see projhost.reads). -> rows | nil, msg, code
+local function planned(sql, ...)
+	if not conn:pipeline(true) then return nil, "cannot enter pipeline mode" end
+	conn:send("BEGIN")
+	conn:send(reads.PLANNER_SQL)
+	conn:send_query(sql, ...)
+	conn:send("COMMIT")
+	local ok, res, code = conn:sync(true)
+	if conn:ok() then conn:pipeline(false) end
+	if not ok then
+		rollback()
+		return nil, res, code
+	end
+	return res[3]
+end
+
+local function find_partitions(def, token)
+	local ready, why = prepare(def)
+	if ready ~= true then return ready, {}, token end
+	local t = why ~= "reset" and parse_token(token) or nil
+	if t and t.kind == "i" and os.time() - t.t >= FULL_WALK_EVERY then t = nil end
 	local out = {}
-	for i, r in ipairs(rows) do out[i] = r.stream_id end
-	return #out == FIND_PAGE and "more" or "idle", out
+	if not t or t.kind == "w" then
+		if not t then
+			local rows, err, code = q("SELECT pg_snapshot_xmin(pg_current_snapshot())::text AS xmin")
+			if not rows then return "dberror", {}, token, false, dberror(def, err, code) end
+			t = { kind = "w", xmin = rows[1].xmin, found = false, t = os.time(), stream = "" }
+		end
+		local sql, params = reads.walk_sql(def)
+		local rows, err, code = planned(sql, def.cp, t.stream, FIND_WALK, unpack(params))
+		if not rows then return "dberror", {}, token, false, dberror(def, err, code) end
+		local tail = rows[#rows]
+		for i = 1, #rows - 1 do out[i] = rows[i].stream_id end
+		local found = t.found or #out > 0
+		if tonumber(tail.n) == FIND_WALK then
+			return "more", out, walk_token(t.xmin, found, t.t, tail.last), found, t
+		end
+		-- the walk is over: a clean one hands over to windows from its
+		-- start; after one that found streams behind, walk again
+		return "idle", out, found and "" or ("i %s 0 %d"):format(t.xmin, t.t), found, t
+	end
+	local sql, params = reads.window_sql(def)
+	local rows, err, code = planned(sql, def.cp, t.tx, t.pos, FIND_WINDOW, unpack(params))
+	if not rows then return "dberror", {}, token, false, dberror(def, err, code) end
+	local tail = rows[#rows]
+	if not tail or tail.stream_id then tail = nil end
+	local htx, hpos = t.htx, t.hpos
+	for i = 1, #rows - (tail and 1 or 0) do
+		out[i] = rows[i].stream_id
+		-- just before the first event of the first stream behind
+		if i == 1 and not htx then htx, hpos = rows[i].tx, tostring(tonumber(rows[i].pos) - 1) end
+	end
+	local found = t.found or #out > 0
+	if tail and tonumber(tail.n) == FIND_WINDOW then
+		return "more", out, ("e %s %s %s %s %d %d"):format(tail.tx, tail.pos, htx or "-", hpos or "-",
+			found and 1 or 0, t.t), found
+	end
+	local etx, epos = t.tx, t.pos
+	if tail then etx, epos = tail.tx, tail.pos end
+	if htx then etx, epos = htx, hpos end
+	return "idle", out, ("i %s %s %d"):format(etx, epos, t.t), found
 end
 
 -- ---------------------------------------------------------------------
@@ -1893,24 +1944,26 @@ function caught_up_partitioned(def)
 	run_caught_up(def)
 end
 
-local function find(name, cursor)
+local function find(name, token)
 	local def = defs[name]
 	if not def or not def.partition then return wire.line("found", name, "idle", "") end
-	local status, list = find_partitions(def, cursor)
+	local status, list, next_token, found, walk = find_partitions(def, token)
 	if status ~= "more" and status ~= "idle" then
 		-- paused, stopped, failed, dberror: the master waits for a wake-up
-		-- (or the fallback poll) before looking again
-		status = "idle"
-	elseif #list == 0 and cursor == "" and def.shadow_of then
+		-- (or the fallback poll) before looking again, from where it was
+		status, next_token = "idle", token
+	elseif status == "idle" and not found and def.shadow_of then
+		-- a whole round found nothing behind
 		if not promote(def) then status = "more" end
-	elseif #list == 0 and cursor == "" then
+	elseif status == "idle" and not found then
 		caught_up_partitioned(def)
 	elseif #list > 0 then
 		caught[def.cp .. "\t*"] = nil
 	end
-	-- bounded by bytes as well as by count: the answer stops at the
-	-- budget and its cursor is the last stream included, so the next page
-	-- goes on from there and nothing is skipped
+	-- bounded by bytes as well as by count. A walk's page stops at the
+	-- budget and goes on after the last stream included; a window's streams
+	-- left out are still behind when the next round looks (it starts
+	-- before the first of them), so nothing is skipped either way
 	local out, bytes, last = { "" }, 0, nil
 	for _, s in ipairs(list) do
 		local line = wire.line("part", s)
@@ -1918,14 +1971,16 @@ local function find(name, cursor)
 			log("error", def.cp, string.format("a stream name of %d bytes is too long to be processed; left behind", #s))
 			last = s
 		elseif bytes + #line + 1 > wire.BUDGET then
-			status = "more"
+			if walk then
+				next_token, status = walk_token(walk.xmin, true, walk.t, last or walk.stream), "more"
+			end
 			break
 		else
 			out[#out + 1] = line
 			bytes, last = bytes + #line + 1, s
 		end
 	end
-	out[1] = wire.line("found", name, status, last or "")
+	out[1] = wire.line("found", name, status, next_token)
 	return table.concat(out, "\n")
 end
 

@@ -1,0 +1,222 @@
+-- projhost.reads: the SQL of every read the worker makes of the event store
+-- (issue 11): a page of an unpartitioned projection, the "held back" probe,
+-- a job's partitions, and partition discovery. One home for the text, so
+-- the worker runs and spec/integration/plans_spec.lua explains the same
+-- statements.
+--
+-- Every read is an index range walked in the order it is consumed, whatever
+-- the statistics say (a store imported in bulk is read before autovacuum
+-- analyzed it), so a page costs the rows it returns plus the rows of other
+-- sources interleaved in the range it walks - never the events after it:
+--
+--   all        events (transaction_id, global_position)
+--   category   events (split_part(stream_id, '-', 1), transaction_id,
+--              global_position): the category index (schema.INDEXES)
+--   stream     the category index of the stream's category, stream_id as a
+--              filter: it walks the events of the other streams of that
+--              category (a third index on every append would cost every
+--              store; a stream is a category's part by definition)
+--   partition  events (stream_id, stream_version), the unique key, from the
+--              checkpoint's version (see PARTS_SQL)
+--   discovery  projhost.streams' primary key (a walk, see walk_sql), or
+--              the page's own range over the events since the last pass
+--              (see window_sql)
+--
+-- Index conditions alone give the planner no cheaper-looking plan. Filters
+-- do: `event_type = ANY(...)`, and a category without statistics, make it
+-- expect fewer rows than a page, and then a bitmap or sequential scan
+-- plus a sort of everything after the checkpoint looks cheaper than
+-- walking the index - for every page, which makes a catch-up quadratic
+-- (measured: 100,000 events, category and types, just loaded: 8.8 s; the
+-- index walk: 1.4 s). So the page read and the probe run with the
+-- alternatives priced out: PLANNER_SQL sets enable_seqscan, enable_bitmapscan
+-- and enable_sort off for the batch transaction (set_config(..., true))
+-- before them, and the worker sets them back (restore_sql) before the first
+-- handler statement. Custom and generic plans alike: the settings hold
+-- while the statement is planned, whichever plan it gets.
+local M = {}
+
+-- created_at comes as the server prints it (UTC, see the worker's session)
+-- and is turned into ISO 8601 only when a handler reads e.time.
+M.COLS = [[global_position, transaction_id::text AS tx, event_id, stream_id,
+	stream_version, event_type, data::text AS data, metadata::text AS metadata, created_at]]
+
+-- The settings a read runs under, and their names (the worker reads their
+-- session values once per connection to set them back).
+M.PLANNER = { "enable_seqscan", "enable_bitmapscan", "enable_sort" }
+
+local function planner_sql()
+	local on, back, now = {}, {}, {}
+	for i, name in ipairs(M.PLANNER) do
+		on[i] = ("set_config('%s', 'off', true)"):format(name)
+		back[i] = ("set_config('%s', $%d, true)"):format(name, i)
+		now[i] = ("current_setting('%s') AS %s"):format(name, name)
+	end
+	return "SELECT " .. table.concat(on, ", "), "SELECT " .. table.concat(back, ", "),
+		"SELECT " .. table.concat(now, ", ")
+end
+
+--- PLANNER_SQL: price the alternatives out, for this transaction.
+--- RESTORE_SQL: set them back; parameters = the session values in
+--- M.PLANNER order, read with SESSION_SQL when the connection opens.
+M.PLANNER_SQL, M.RESTORE_SQL, M.SESSION_SQL = planner_sql()
+
+--- A PostgreSQL text[] literal of a Lua list (false = NULL).
+function M.pg_text_array(list)
+	local out = {}
+	for i, s in ipairs(list) do
+		out[i] = s == false and "NULL" or ('"' .. s:gsub('[\\"]', '\\%0') .. '"')
+	end
+	return "{" .. table.concat(out, ",") .. "}"
+end
+
+--- A stream's category: the part before its first '-', all of it without
+--- one - what split_part(stream_id, '-', 1) computes on the server.
+function M.category(stream)
+	return (stream:match("^[^-]*"))
+end
+
+-- The index terms of def's source (table alias `a`, parameters from
+-- `first`): SQL text joined with AND, and their parameters.
+local function source_terms(def, a, first, sql, params)
+	local n = first
+	if def.from.stream then
+		-- the category term lets the category index serve the range
+		sql[#sql + 1] = ("split_part(%sstream_id, '-', 1) = $%d AND %sstream_id = $%d"):format(a, n, a, n + 1)
+		params[#params + 1] = M.category(def.from.stream)
+		params[#params + 1] = def.from.stream
+		n = n + 2
+	elseif def.from.category then
+		sql[#sql + 1] = ("split_part(%sstream_id, '-', 1) = $%d"):format(a, n)
+		params[#params + 1] = def.from.category
+		n = n + 1
+	end
+	return n
+end
+
+-- def's whole filter for pages and the probe: source, event types and its
+-- own emitted events, as " AND ..." text plus its parameters.
+local function page_filter(def, first)
+	local sql, params = {}, {}
+	local n = source_terms(def, "", first, sql, params)
+	if def.type_filter then
+		sql[#sql + 1] = "event_type = ANY($" .. n .. "::text[])"
+		params[#params + 1] = M.pg_text_array(def.type_filter)
+		n = n + 1
+	end
+	if not def.own_events then
+		-- the events it emitted itself (ctx:emit marks them, "name" or
+		-- "name@version" in a shadow): a projection that emits what it
+		-- reads cannot feed itself for ever
+		sql[#sql + 1] = "split_part(metadata->>'projection', '@', 1) IS DISTINCT FROM $" .. n
+		params[#params + 1] = def.name
+	end
+	local s = table.concat(sql, " AND ")
+	return s ~= "" and (" AND " .. s) or "", params
+end
+
+--- The next page of an unpartitioned projection: $1 xid8 and $2 position
+--- of the checkpoint, $3 the page size, then the returned parameters.
+--- Events below the xmin horizon only (design §2: gap-free).
+function M.page_sql(def)
+	local f, fp = page_filter(def, 4)
+	return "SELECT " .. M.COLS .. [[
+	FROM projhost.events
+	WHERE transaction_id < pg_snapshot_xmin(pg_current_snapshot())
+	  AND (transaction_id, global_position) > ($1::xid8, $2::bigint)]] .. f .. [[
+	ORDER BY transaction_id, global_position
+	LIMIT $3]], fp
+end
+
+--- Whether committed events of def's source wait above the horizon (an
+--- older transaction is still running somewhere). ORDER BY makes it the
+--- first entry of the index range from the horizon; without it, a store
+--- with no statistics got a sequential scan of the table (0.7 s a batch at
+--- 3,000,000 events).
+function M.held_sql(def)
+	local f, fp = page_filter(def, 1)
+	return [[SELECT 1 AS held FROM projhost.events
+	WHERE transaction_id >= pg_snapshot_xmin(pg_current_snapshot())]] .. f .. [[
+	ORDER BY transaction_id LIMIT 1]], fp
+end
+
+--- A job's partitions, each read from its checkpoint (a dense range of the
+--- unique key): $1 projection, $2 text[] partitions, $3 events per
+--- partition, $4 mark own events, $5 the projection's name. Types are left
+--- to the worker (an index range per stream is as short as it gets). Run
+--- under PLANNER_SQL: with few events per stream, a bitmap scan and a sort
+--- of all of a stream's events after the checkpoint looks cheaper than its
+--- range. Rows come partition after partition, each in version order (a
+--- LATERAL subquery runs per checkpoint row, in its own order); no ORDER BY
+--- over them, which would be a sort of every event of the job.
+M.PARTS_SQL = [[SELECT c.partition AS partition, e.global_position, e.tx, e.event_id, e.stream_id,
+		e.stream_version, e.event_type, e.data, e.metadata, e.created_at,
+		CASE WHEN $4 AND e.origin = $5 THEN 1 END AS _own
+	FROM projhost.checkpoints c
+	CROSS JOIN LATERAL (
+		SELECT ]] .. M.COLS .. [[, split_part(ev.metadata->>'projection', '@', 1) AS origin
+		FROM projhost.events ev
+		WHERE ev.stream_id = c.partition AND ev.stream_version > c.last_pos
+		ORDER BY ev.stream_version LIMIT $3) e
+	WHERE c.projection = $1 AND c.partition = ANY($2::text[])]]
+
+-- "is the stream past its checkpoint" for streams row `s` ($1 projection):
+-- a checkpoint that is not running never is (an operator wakes it).
+local BEHIND = [[s.version > coalesce((SELECT CASE WHEN c.status = 'running' THEN c.last_pos
+		ELSE 9223372036854775807 END
+	FROM projhost.checkpoints c WHERE c.projection = $1 AND c.partition = s.stream_id), 0)]]
+
+--- A page of the walk over def's streams in key order: $1 projection, $2
+--- the stream after which to go on, $3 streams per page. Rows: the streams
+--- behind, then one row without a stream: `last`, the last stream walked,
+--- and `n`, how many were. A page costs the streams it walks, one
+--- primary-key lookup of a checkpoint each.
+function M.walk_sql(def)
+	local filter, params = "", {}
+	if def.from.stream then
+		filter = " AND s.stream_id = $4"
+		params[1] = def.from.stream
+	elseif def.from.category then
+		-- streams of category C sort between "C" and "C." ('.' follows
+		-- '-'): a range on the primary key, then the exact test
+		filter = " AND s.stream_id >= $4 AND s.stream_id < $4 || '.' AND split_part(s.stream_id, '-', 1) = $4"
+		params[1] = def.from.category
+	end
+	return [[WITH w AS MATERIALIZED (
+		SELECT s.stream_id, ]] .. BEHIND .. [[ AS behind
+		FROM projhost.streams s
+		WHERE s.stream_id > $2]] .. filter .. [[
+		ORDER BY s.stream_id LIMIT $3)
+	SELECT stream_id, NULL AS last, NULL::bigint AS n FROM w WHERE behind
+	UNION ALL
+	SELECT NULL, max(stream_id), count(*) FROM w]], params
+end
+
+--- The streams of def's source that got events since the last pass: the
+--- window of events (transaction_id, global_position) > ($2, $3) below the
+--- horizon, $4 events at most, walked like a page (same index range, all
+--- conditions in the index). Rows: each stream of the window that is
+--- behind with the first of its events in the window (tx, pos), in window
+--- order; then, unless the window is empty, one row without a stream: the
+--- window's last event (tx, pos) and `n`, its size.
+function M.window_sql(def)
+	local terms, params = {}, {}
+	source_terms(def, "e.", 5, terms, params)
+	local f = #terms > 0 and (" AND " .. table.concat(terms, " AND ")) or ""
+	return [[WITH w AS MATERIALIZED (
+		SELECT e.stream_id, e.transaction_id AS tx, e.global_position AS pos
+		FROM projhost.events e
+		WHERE e.transaction_id < pg_snapshot_xmin(pg_current_snapshot())
+		  AND (e.transaction_id, e.global_position) > ($2::xid8, $3::bigint)]] .. f .. [[
+		ORDER BY e.transaction_id, e.global_position LIMIT $4),
+	firsts AS (SELECT DISTINCT ON (stream_id) stream_id, tx, pos FROM w ORDER BY stream_id, tx, pos)
+	SELECT * FROM (
+		SELECT s.stream_id, f.tx::text AS tx, f.pos, NULL::bigint AS n
+		FROM firsts f JOIN projhost.streams s ON s.stream_id = f.stream_id
+		WHERE ]] .. BEHIND .. [[
+		ORDER BY f.tx, f.pos) behind
+	UNION ALL
+	SELECT * FROM (SELECT NULL, tx::text, pos, count(*) OVER () FROM w ORDER BY tx DESC, pos DESC LIMIT 1) tail]], params
+end
+
+return M

@@ -1,0 +1,203 @@
+-- Every read the worker makes is an index range in the order it is
+-- consumed, whatever the statistics say (issue 11): on a store loaded in
+-- bulk and never analyzed, and again after ANALYZE, with the source 100%,
+-- 10% and 0.1% of the store, with and without a types filter - for pages,
+-- the "held back" probe, discovery (walks and windows) and partition reads.
+-- The statements and the settings are projhost.reads', the ones the worker
+-- runs, under the same planner settings; plans are checked custom (values
+-- known) and generic.
+local h = require "helpers"
+local cjson = require "cjson"
+local reads = require "projhost.reads"
+local schema = require "projhost.schema"
+
+local N = 100000
+
+local conn
+
+-- A definition as the loader makes it, for the parts reads looks at.
+local function def(from, types, partition)
+	return { name = "p", cp = "p", from = from, type_filter = types, own_events = false,
+		partition = partition }
+end
+
+local SOURCES = {
+	{ "all (100%)", { all = true } },
+	{ "category of 10%", { category = "ten" } },
+	{ "category of 0.1%", { category = "tiny" } },
+	{ "category of 89.9%", { category = "big" } },
+	{ "stream", { stream = "ten-1" } },
+	{ "a category that has no events", { category = "none" } },
+}
+
+local function quote(v)
+	if type(v) == "number" then return tostring(v) end
+	return "'" .. tostring(v):gsub("'", "''") .. "'"
+end
+
+-- Every node of a plan (JSON), with the path of node types above it.
+local function walk(node, above, out)
+	out[#out + 1] = { node = node, above = above }
+	local path = {}
+	for i, t in ipairs(above) do path[i] = t end
+	path[#path + 1] = node
+	for _, child in ipairs(node.Plans or {}) do walk(child, path, out) end
+	return out
+end
+
+local BAD_SCAN = { ["Seq Scan"] = true, ["Bitmap Heap Scan"] = true, ["Parallel Seq Scan"] = true,
+	["Parallel Bitmap Heap Scan"] = true }
+
+-- The reasons plan text is not made of index ranges over the event store.
+local function problems(plan_json)
+	local plan = cjson.decode(plan_json)[1].Plan
+	local bad = {}
+	for _, n in ipairs(walk(plan, {}, {})) do
+		local t, rel = n.node["Node Type"], n.node["Relation Name"]
+		if BAD_SCAN[t] and (rel == "events" or rel == "streams") then
+			bad[#bad + 1] = t .. " on " .. rel
+		end
+		if rel == "events" then
+			for _, up in ipairs(n.above) do
+				if up["Node Type"] == "Sort" or up["Node Type"] == "Incremental Sort" then
+					bad[#bad + 1] = up["Node Type"] .. " over the events"
+				end
+			end
+		end
+	end
+	return bad
+end
+
+local function explain(sql, params, generic, planner)
+	assert(conn:exec("BEGIN"))
+	if planner then assert(conn:exec(reads.PLANNER_SQL)) end
+	local rows, err
+	if generic then
+		assert(conn:exec("SET LOCAL plan_cache_mode = force_generic_plan"))
+		assert(conn:exec("PREPARE plan_spec AS " .. sql))
+		local vals = {}
+		for i, v in ipairs(params) do vals[i] = quote(v) end
+		rows, err = conn:query("EXPLAIN (FORMAT JSON) EXECUTE plan_spec(" .. table.concat(vals, ", ") .. ")")
+		conn:exec("ROLLBACK")
+		assert(conn:exec("DEALLOCATE plan_spec"))
+		assert(rows, err)
+		return rows[1]["QUERY PLAN"]
+	else
+		rows, err = conn:query("EXPLAIN (FORMAT JSON) " .. sql, unpack(params))
+	end
+	assert(conn:exec("ROLLBACK"))
+	assert(rows, err)
+	return rows[1]["QUERY PLAN"]
+end
+
+local function check(what, sql, params, planner)
+	for _, generic in ipairs({ false, true }) do
+		local text = explain(sql, params, generic, planner)
+		local bad = problems(text)
+		assert.same({}, bad, ("%s (%s plan):\n%s"):format(what, generic and "generic" or "custom", text))
+	end
+end
+
+local function concat(a, b)
+	local out = {}
+	for _, v in ipairs(a) do out[#out + 1] = v end
+	for _, v in ipairs(b) do out[#out + 1] = v end
+	return out
+end
+
+local function all_reads(stage)
+	-- a checkpoint at the start and one in the middle of the store
+	local mid = assert(conn:query([[SELECT transaction_id::text AS tx, global_position AS pos
+		FROM projhost.events ORDER BY global_position OFFSET $1 LIMIT 1]], math.floor(N / 2)))[1]
+	local starts = { { "0", 0 }, { mid.tx, tonumber(mid.pos) } }
+	for _, src in ipairs(SOURCES) do
+		for _, types in ipairs({ false, { "Rare" } }) do
+			local d = def(src[2], types or nil)
+			local label = ("%s, %s%s"):format(stage, src[1], types and ", types" or "")
+			local sql, fp = reads.page_sql(d)
+			for _, st in ipairs(starts) do
+				check(label .. ": page from " .. st[1], sql, concat({ st[1], st[2], 1000 }, fp), true)
+			end
+			sql, fp = reads.held_sql(d)
+			check(label .. ": held-back probe", sql, fp, true)
+		end
+		if not src[2].all then
+			-- discovery and partition reads of a partitioned projection
+			local d = def(src[2], nil, "stream")
+			local sql, fp = reads.walk_sql(d)
+			check(stage .. ", " .. src[1] .. ": discovery walk", sql, concat({ "p", "", 5000 }, fp), true)
+			sql, fp = reads.window_sql(d)
+			for _, st in ipairs(starts) do
+				check(stage .. ", " .. src[1] .. ": discovery window", sql,
+					concat({ "p", st[1], st[2], 5000 }, fp), true)
+			end
+		end
+	end
+	check(stage .. ": partition reads", reads.PARTS_SQL,
+		{ "p", reads.pg_text_array({ "ten-1", "tiny-7", "big-2" }), 1000, true, "p" }, true)
+end
+
+describe("every read is an index range", function()
+	setup(function()
+		conn = h.connect(h.fresh_db())
+		assert(schema.migrate(conn))
+		-- the shape of a store just imported: never analyzed, and
+		-- autovacuum kept from analyzing it while the spec runs
+		assert(conn:exec("ALTER TABLE projhost.events SET (autovacuum_enabled = false)"))
+		assert(conn:exec("ALTER TABLE projhost.streams SET (autovacuum_enabled = false)"))
+		assert(conn:exec("ALTER TABLE projhost.checkpoints SET (autovacuum_enabled = false)"))
+		-- 0.1% tiny, 0.9% one, 9% ten... categories by i mod 1000; 1% Rare
+		assert(conn:exec([[INSERT INTO projhost.events (stream_id, stream_version, event_type, data)
+			SELECT CASE WHEN i % 1000 = 7 THEN 'tiny' WHEN i % 10 = 1 THEN 'ten' ELSE 'big' END
+				|| '-' || (i % 1000), i / 1000 + 1,
+				CASE WHEN i % 100 = 5 THEN 'Rare' ELSE 'Inc' END, jsonb_build_object('n', i)
+			FROM generate_series(0, $1 - 1) i]], N))
+		assert(conn:exec([[INSERT INTO projhost.streams (stream_id, version, last_position)
+			SELECT stream_id, max(stream_version), max(global_position) FROM projhost.events GROUP BY 1]]))
+		assert(conn:exec([[INSERT INTO projhost.checkpoints (projection, partition, version)
+			SELECT 'p', stream_id, 1 FROM projhost.streams WHERE stream_id LIKE 'ten-%']]))
+		assert(conn:exec("INSERT INTO projhost.checkpoints (projection, partition, version) VALUES ('p', '', 1)"))
+	end)
+	teardown(function() if conn then conn:close() end end)
+
+	it("the store is the shape the spec means", function()
+		assert.equal(-1, tonumber(h.scalar(conn,
+			"SELECT reltuples FROM pg_class WHERE oid = 'projhost.events'::regclass")))
+		assert.equal(N / 10, tonumber(h.scalar(conn,
+			"SELECT count(*) FROM projhost.events WHERE split_part(stream_id, '-', 1) = 'ten'")))
+		assert.equal(N / 1000, tonumber(h.scalar(conn,
+			"SELECT count(*) FROM projhost.events WHERE split_part(stream_id, '-', 1) = 'tiny'")))
+	end)
+
+	it("on a store loaded in bulk, before any statistics", function()
+		all_reads("no statistics")
+	end)
+
+	it("after ANALYZE", function()
+		assert(conn:exec("ANALYZE projhost.events"))
+		assert(conn:exec("ANALYZE projhost.streams"))
+		assert(conn:exec("ANALYZE projhost.checkpoints"))
+		all_reads("analyzed")
+	end)
+end)
+
+describe("the category index", function()
+	it("is built by migrate, and again when a build left it invalid", function()
+		local c = h.connect(h.fresh_db("plans_index"))
+		assert(schema.migrate(c))
+		local valid = "SELECT indisvalid::text FROM pg_index WHERE indexrelid = 'projhost.events_category_idx'::regclass"
+		assert.equal("true", h.scalar(c, valid))
+		-- what a failed build leaves: an INVALID index of that name (here a
+		-- unique one over duplicates)
+		assert(c:exec("DROP INDEX projhost.events_category_idx"))
+		assert(c:exec("SELECT projhost.append('a-1', NULL, '[{\"type\": \"T\"}, {\"type\": \"T\"}]')"))
+		assert.is_nil(c:exec("CREATE UNIQUE INDEX CONCURRENTLY events_category_idx ON projhost.events (event_type)"))
+		assert.equal("false", h.scalar(c, valid))
+		local notes = {}
+		assert(schema.migrate(c, function(t) notes[#notes + 1] = t end))
+		assert.equal("true", h.scalar(c, valid))
+		assert.matches("building index events_category_idx", notes[1])
+		assert.matches("split_part", h.scalar(c, "SELECT pg_get_indexdef('projhost.events_category_idx'::regclass)"))
+		c:close()
+	end)
+end)
