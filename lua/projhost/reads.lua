@@ -160,11 +160,14 @@ M.PARTS_SQL = [[SELECT c.partition AS partition, e.global_position, e.tx, e.even
 		ORDER BY ev.stream_version LIMIT $3) e
 	WHERE c.projection = $1 AND c.partition = ANY($2::text[])]]
 
--- "is the stream past its checkpoint" for streams row `s` ($1 projection):
--- a checkpoint that is not running never is (an operator wakes it).
-local BEHIND = [[s.version > coalesce((SELECT CASE WHEN c.status = 'running' THEN c.last_pos
+-- "is stream `a`.stream_id at `a`.version past its checkpoint" ($1
+-- projection): a checkpoint that is not running never is (an operator
+-- wakes it).
+local function behind(a)
+	return (a .. [[.version > coalesce((SELECT CASE WHEN c.status = 'running' THEN c.last_pos
 		ELSE 9223372036854775807 END
-	FROM projhost.checkpoints c WHERE c.projection = $1 AND c.partition = s.stream_id), 0)]]
+	FROM projhost.checkpoints c WHERE c.projection = $1 AND c.partition = ]] .. a .. ".stream_id), 0)")
+end
 
 --- A page of the walk over def's streams in key order: $1 projection, $2
 --- the stream after which to go on, $3 streams per page. Rows: the streams
@@ -183,7 +186,7 @@ function M.walk_sql(def)
 		params[1] = def.from.category
 	end
 	return [[WITH w AS MATERIALIZED (
-		SELECT s.stream_id, ]] .. BEHIND .. [[ AS behind
+		SELECT s.stream_id, ]] .. behind("s") .. [[ AS behind
 		FROM projhost.streams s
 		WHERE s.stream_id > $2]] .. filter .. [[
 		ORDER BY s.stream_id LIMIT $3)
@@ -195,8 +198,11 @@ end
 --- The streams of def's source that got events since the last pass: the
 --- window of events (transaction_id, global_position) > ($2, $3) below the
 --- horizon, $4 events at most, walked like a page (same index range, all
---- conditions in the index). Rows: each stream of the window that is
---- behind with the first of its events in the window (tx, pos), in window
+--- conditions in the index). A stream is behind when its last event in the
+--- window is past its checkpoint: the events alone decide, in the snapshot
+--- that read them (the streams table may be written by another transaction
+--- when events are imported with plain SQL). Rows: each stream of the
+--- window that is behind with the first of its events in the window (tx, pos), in window
 --- order; then, unless the window is empty, one row without a stream: the
 --- window's last event (tx, pos) and `n`, its size.
 function M.window_sql(def)
@@ -204,16 +210,17 @@ function M.window_sql(def)
 	source_terms(def, "e.", 5, terms, params)
 	local f = #terms > 0 and (" AND " .. table.concat(terms, " AND ")) or ""
 	return [[WITH w AS MATERIALIZED (
-		SELECT e.stream_id, e.transaction_id AS tx, e.global_position AS pos
+		SELECT e.stream_id, e.stream_version AS version, e.transaction_id AS tx, e.global_position AS pos
 		FROM projhost.events e
 		WHERE e.transaction_id < pg_snapshot_xmin(pg_current_snapshot())
 		  AND (e.transaction_id, e.global_position) > ($2::xid8, $3::bigint)]] .. f .. [[
 		ORDER BY e.transaction_id, e.global_position LIMIT $4),
-	firsts AS (SELECT DISTINCT ON (stream_id) stream_id, tx, pos FROM w ORDER BY stream_id, tx, pos)
+	f AS (SELECT DISTINCT ON (stream_id) stream_id, tx, pos,
+			max(version) OVER (PARTITION BY stream_id) AS version
+		FROM w ORDER BY stream_id, tx, pos)
 	SELECT * FROM (
-		SELECT s.stream_id, f.tx::text AS tx, f.pos, NULL::bigint AS n
-		FROM firsts f JOIN projhost.streams s ON s.stream_id = f.stream_id
-		WHERE ]] .. BEHIND .. [[
+		SELECT f.stream_id, f.tx::text AS tx, f.pos, NULL::bigint AS n FROM f
+		WHERE ]] .. behind("f") .. [[
 		ORDER BY f.tx, f.pos) behind
 	UNION ALL
 	SELECT * FROM (SELECT NULL, tx::text, pos, count(*) OVER () FROM w ORDER BY tx DESC, pos DESC LIMIT 1) tail]], params

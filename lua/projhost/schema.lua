@@ -444,7 +444,11 @@ local function ensure_indexes(conn, note)
 	if not todo then ok = nil end
 	for _, t in ipairs(todo or {}) do
 		local ix = t.ix
-		if note then note(("building index %s on %s concurrently (appends go on meanwhile)"):format(ix.name, ix.on)) end
+		-- said when it takes a while (a store of 10,000 events is ~2 MB)
+		local size = conn:query("SELECT pg_relation_size($1::regclass) AS b", ix.on)
+		if note and size and tonumber(size[1].b) >= 64 * 1024 * 1024 then
+			note(("building index %s on %s concurrently (appends go on meanwhile)"):format(ix.name, ix.on))
+		end
 		if t.invalid then
 			ok, msg, code = conn:exec("DROP INDEX CONCURRENTLY IF EXISTS projhost." .. ix.name)
 		end
