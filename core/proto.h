@@ -20,7 +20,7 @@
  *                                      backend's pid (0: unknown), which
  *                                      may still run a statement of the
  *                                      batch and hold its locks
- *     find   <projection> <cursor>     list partitions that are behind
+ *     find   <projection> <token>      list partitions that are behind
  *     reload                           load the files again (between jobs)
  *     quit                             exit after this
  *   worker -> master
@@ -29,7 +29,7 @@
  *     ready                            the answer to init and reload
  *     done   <projection> <count>      the answer to job, then a line
  *       part <partition> <status> <delay>  per partition of the job
- *     found  <projection> <more|idle> <cursor>  the answer to find, then
+ *     found  <projection> <more|idle> <token>  the answer to find, then
  *       part <partition>               per partition that is behind
  *     relist                           (in any answer) a shadow rebuild
  *                                      switched over: reload every worker
@@ -38,10 +38,15 @@
  * behind the xmin horizon), locked (another worker or instance has it),
  * retry (handler asked for a delay), dberror, failed, stopped, paused.
  *
+ * Discovery tokens are the worker's (find_partitions in worker.lua says
+ * what they hold): the master sends a round's pages the token of the page
+ * before ("more"), and starts the next round from the token the last one
+ * ended with ("idle"); "" walks every stream.
+ *
  * Sizes: user data (stream names, error text) must never push a message
  * past PH_FRAME_MAX, so a job holds partitions only up to PH_PROTO_BUDGET
  * bytes, a find answer stops adding partitions past that budget (its
- * cursor is the last one included), and an error line is cut at
+ * token goes on after the last one included), and an error line is cut at
  * PH_PROTO_ERROR_MAX bytes.
  */
 #ifndef PH_PROTO_H
