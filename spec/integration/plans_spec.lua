@@ -199,3 +199,57 @@ describe("the category index", function()
 		c:close()
 	end)
 end)
+
+describe("the reads of each source", function()
+	-- one projection per source kind; each counts what it sees in a table,
+	-- which must be exactly its events in gap-free order
+	local SRC = {
+		all = "{ all = true }",
+		cat = '{ category = "acc" }',
+		stream = '{ stream = "acc-7" }',
+		solo = '{ stream = "solo" }',
+		typed = '{ category = "acc", types = { "Rare" } }',
+	}
+	local TRUTH = {
+		all = "SELECT count(*) FROM projhost.events",
+		cat = "SELECT count(*) FROM projhost.events WHERE stream_id LIKE 'acc-%'",
+		stream = "SELECT count(*) FROM projhost.events WHERE stream_id = 'acc-7'",
+		solo = "SELECT count(*) FROM projhost.events WHERE stream_id = 'solo'",
+		typed = "SELECT count(*) FROM projhost.events WHERE stream_id LIKE 'acc-%' AND event_type = 'Rare'",
+	}
+
+	it("are exactly its events, in order, once", function()
+		local dsn = h.fresh_db("plans_sources")
+		local c = h.connect(dsn)
+		assert(schema.migrate(c))
+		assert(c:exec([[CREATE TABLE seen (projection text, position bigint, PRIMARY KEY (projection, position))]]))
+		h.insert_events(c, "acc", 3000, 40)
+		h.insert_events(c, "accx", 500, 5) -- "accx-1": not category acc
+		h.insert_events(c, "other", 2000, 10)
+		assert(c:exec("SELECT projhost.append('solo', NULL, '[{\"type\": \"Inc\"}, {\"type\": \"Rare\"}]')"))
+		assert(c:exec("UPDATE projhost.events SET event_type = 'Rare' WHERE global_position % 37 = 0"))
+		local dir = h.tmpdir()
+		for name, from in pairs(SRC) do
+			h.write_file(dir .. "/" .. name .. ".lua", ([[
+return {
+	name = "src_%s",
+	from = %s,
+	init = function() return { last = 0 } end,
+	on_error = function() return "stop" end,
+	when = { ["*"] = function(s, e, ctx)
+		-- one transaction per load here: positions in commit order
+		if e.position <= s.last then error("out of order: " .. e.position .. " after " .. s.last) end
+		s.last = e.position
+		ctx:exec("INSERT INTO seen VALUES ($1, $2)", "%s", e.position)
+	end },
+}]]):format(name, from, name))
+		end
+		local code, out, err = h.run({ "run", "--once", "--db", dsn, dir })
+		assert.equal(0, code, out .. err)
+		for name in pairs(SRC) do
+			assert.equal(h.scalar(c, TRUTH[name]),
+				h.scalar(c, "SELECT count(*) FROM seen WHERE projection = $1", name), name)
+		end
+		c:close()
+	end)
+end)
