@@ -1747,10 +1747,6 @@ local function walk_token(xmin, found, t, stream)
 	return ("w %s %d %d %s"):format(xmin, found and 1 or 0, t, stream)
 end
 
--- One page of a round. -> status ("more": the round goes on, "idle": it
--- ended, else the projection's status), the streams behind, the token to go
--- on with (or to start the next round from), whether the round found any,
--- and for a walk's page the walk (xmin, t, stream: where the page began).
 -- A read of our own outside a batch, in one round trip under the reads'
 -- planner settings (see projhost.reads). -> rows | nil, msg, code
 local function planned(sql, ...)
@@ -1768,6 +1764,10 @@ local function planned(sql, ...)
 	return res[3]
 end
 
+-- One page of a round. -> status ("more": the round goes on, "idle": it
+-- ended, else the projection's status), the streams behind, the token to go
+-- on with (or to start the next round from), whether the round found any,
+-- and for a walk's page the walk (xmin, t, stream: where the page began).
 local function find_partitions(def, token)
 	local ready, why = prepare(def)
 	if ready ~= true then return ready, {}, token end
@@ -1777,12 +1777,12 @@ local function find_partitions(def, token)
 	if not t or t.kind == "w" then
 		if not t then
 			local rows, err, code = q("SELECT pg_snapshot_xmin(pg_current_snapshot())::text AS xmin")
-			if not rows then return "dberror", {}, token, false, dberror(def, err, code) end
+			if not rows then dberror(def, err, code); return "dberror", {}, token end
 			t = { kind = "w", xmin = rows[1].xmin, found = false, t = os.time(), stream = "" }
 		end
 		local sql, params = reads.walk_sql(def)
 		local rows, err, code = planned(sql, def.cp, t.stream, FIND_WALK, unpack(params))
-		if not rows then return "dberror", {}, token, false, dberror(def, err, code) end
+		if not rows then dberror(def, err, code); return "dberror", {}, token end
 		local tail = rows[#rows]
 		for i = 1, #rows - 1 do out[i] = rows[i].stream_id end
 		local found = t.found or #out > 0
@@ -1795,7 +1795,7 @@ local function find_partitions(def, token)
 	end
 	local sql, params = reads.window_sql(def)
 	local rows, err, code = planned(sql, def.cp, t.tx, t.pos, FIND_WINDOW, unpack(params))
-	if not rows then return "dberror", {}, token, false, dberror(def, err, code) end
+	if not rows then dberror(def, err, code); return "dberror", {}, token end
 	local tail = rows[#rows]
 	if not tail or tail.stream_id then tail = nil end
 	local htx, hpos = t.htx, t.hpos
