@@ -515,8 +515,8 @@ local function append_file(conn, file, default_stream)
 	if not ok then return nil, msg end
 	-- outside the load's transaction (see analyze_if_grown); the load is in
 	-- whatever this says
-	local _, why = conn:query("SELECT analyzed FROM projhost.analyze_if_grown()")
-	if why then fail("append", "loaded, but analyzing afterwards failed: " .. why) end
+	local analyzed, why = conn:query("SELECT analyzed FROM projhost.analyze_if_grown()")
+	if not analyzed then fail("append", "loaded, but analyzing afterwards failed: " .. why) end
 	return tonumber(rows[1].n)
 end
 
