@@ -318,6 +318,21 @@ $fn$]]
 
 ---------------------------------------------------------------------------
 -- Bulk loads at scale (issue 11).
+--
+-- append keeps one NOTIFY per transaction. PostgreSQL serializes notifying
+-- commits (PreCommit_Notify takes a cluster-wide lock and holds it until
+-- the commit record is flushed), which costs concurrent appenders group
+-- commit. Deciding at commit time instead (a deferred constraint trigger;
+-- one committer at a time takes an advisory lock and notifies '*' after
+-- waiting for those that skipped) was measured at 60-67% of the rate
+-- without NOTIFY (8 pgbench clients, bench/append.sql), short of the 80%
+-- aimed for and no faster than one NOTIFY per transaction on a quieter
+-- machine (the skippers' commits and the notifier's queue up behind each
+-- other), and it is not safe enough:
+-- SET CONSTRAINTS ... IMMEDIATE fires the trigger long before commit (the
+-- waits would then block every appender for a whole transaction), and a
+-- notifier whose transaction fails after its trigger leaves those it
+-- covered to the fallback poll.
 
 -- The one home of appending checked events to many streams: append_many
 -- (p_events, a JSON array; ord = its 1-based index) and append_staged
