@@ -15,7 +15,12 @@
 --
 -- Environment: BENCH_RUNS (default 3), BENCH_SCALE (default 1; smaller for
 -- a quick check of the harness), BENCH_KEEP=1 keeps the cluster's
--- directory (and leaves the cluster running) for a look afterwards.
+-- directory (and leaves the cluster running) for a look afterwards,
+-- BENCH_ONLY=row,group,... runs only those rows (see GROUPS below).
+--
+-- Rows 8-12 (issue 11) are the same work at scale: a 3,000,000-event
+-- store, 1,000,000 streams, concurrent and bulk appends; the rows that
+-- load or read a large store run once, within their own timeout.
 package.path = "lua/?.lua;lua/?/init.lua;" .. package.path
 package.cpath = "build/lib/?.so;" .. package.cpath
 
@@ -45,6 +50,77 @@ local ALLOW = {
 	partitioned_w1 = 60, partitioned_w2 = 60,
 }
 local T_LIMIT = 60 -- any other single run of bench/limit
+
+-- Issue 11's rows (8-12): the same events in a large store, a small share
+-- of it, many streams, concurrent and bulk appends. Their sizes follow
+-- BENCH_SCALE too; where they are smaller than the issue's the table's
+-- label says so.
+local STORE_N = math.floor(3000000 * SCALE / 100) * 100 -- rows 8-11: one store of 3,000,000 events
+local WIDE_STREAMS = math.floor(1000000 * SCALE)        -- row 10: its 1,320,000 "wide" events
+local DEEP_STREAMS = math.floor(100000 * SCALE)         -- ... and 1,350,000 "deep" ones
+local STORE_LIVE_SECONDS = math.max(2, math.floor(8 * SCALE)) -- row 9: 8 s (row 5: 20 s)
+local PGBENCH_SECONDS = math.max(2, math.floor(3 * SCALE))     -- row 11: each of 8 runs
+local PGBENCH_CLIENTS = 8
+-- row 12: 50,000 and 500,000 lines (the issue's 100,000 and 1,000,000 do
+-- not fit the 10 minutes: the large file alone takes 40-120 s)
+local FILE_LINES = { math.floor(50000 * SCALE), math.floor(500000 * SCALE) }
+local FILE_FULL = { 100000, 1000000 }
+local FILE_STREAMS = 10000
+-- row 8-12 allowances (seconds for all runs of a row, or the one run of a
+-- large one): loading (~60 s at scale 1) comes on top
+local ALLOW_NEW = {
+	store_all_cold = 25, store_all = 25,
+	share10_own = 10, share10 = 15, share1_own = 5, share1 = 8, types1_own = 5, types1 = 8,
+	partitioned_wide = 30, partitioned_deep = 30,
+	file_small = 15, file_large = 35,
+}
+
+-- BENCH_ONLY=name,name: run only these rows (a row's name as in
+-- bench/results.json, or a group's: main, partitioned, live, reload,
+-- store, streams, pgbench, file), e.g. BENCH_ONLY=share10,share10_own.
+-- Only the data sets those rows need are loaded.
+local GROUPS = {
+	main = { "limit_read", "state_only", "limit_pipeline", "read_model_exec", "limit_setupsert",
+		"read_model_upsert" },
+	partitioned = { "partitioned_w1", "partitioned_w2" },
+	live = { "notify", "live" },
+	reload = { "reload" },
+	store = { "store_all_cold", "store_all", "share10_own", "share10", "share1_own", "share1",
+		"types1_own", "types1", "store_live" },
+	streams = { "partitioned_deep", "partitioned_wide" },
+	pgbench = { "append_empty", "append_empty_nonotify", "append_store", "append_store_nonotify" },
+	file = { "file_small", "file_large" },
+}
+local ONLY
+do
+	local v = os.getenv("BENCH_ONLY")
+	if v and v:match("%S") then
+		ONLY = {}
+		local known = {}
+		for g, list in pairs(GROUPS) do
+			known[g] = true
+			for _, r in ipairs(list) do known[r] = true end
+		end
+		for name in v:gmatch("[^,%s]+") do
+			if not known[name] then
+				io.stderr:write("bench: BENCH_ONLY: no row or group named ", name, "\n")
+				os.exit(2)
+			end
+			for _, r in ipairs(GROUPS[name] or { name }) do ONLY[r] = true end
+		end
+	end
+end
+
+-- wanted(label) -> should this row run? wanted_any(group) -> any of its rows?
+local function wanted(label)
+	return not ONLY or ONLY[label] == true
+end
+local function wanted_any(group)
+	for _, r in ipairs(GROUPS[group]) do
+		if wanted(r) then return true end
+	end
+	return false
+end
 
 ffi.cdef [[
 typedef struct { long tv_sec; long tv_nsec; } bench_timespec_t;
@@ -315,14 +391,16 @@ end
 -- timeout is what is left of it, and no run starts that would not fit if
 -- it took as long as the slowest so far. Stops at the first timeout or
 -- failure (the figure then says so).
-local function repeated(label, fn, allowance)
+local function repeated(label, fn, allowance, max_runs)
+	if not wanted(label) then return nil end
+	local nmax = math.min(RUNS, max_runs or RUNS)
 	local runs, out = {}, {}
 	local t0 = core.monotime()
 	local slowest = 0
-	for i = 1, RUNS do
+	for i = 1, nmax do
 		local left = allowance and allowance - (core.monotime() - t0)
 		if left and i > 1 and slowest > left then
-			say("%s: %d of %d runs fit in its %d s; reporting those", label, i - 1, RUNS, allowance)
+			say("%s: %d of %d runs fit in its %d s; reporting those", label, i - 1, nmax, allowance)
 			out.cut = true
 			break
 		end
@@ -331,13 +409,13 @@ local function repeated(label, fn, allowance)
 		slowest = math.max(slowest, core.monotime() - t1)
 		runs[#runs + 1] = r
 		if r.timeout then
-			say("%s run %d/%d: timeout after %.0f s%s", label, i, RUNS, r.seconds or 0,
+			say("%s run %d/%d: timeout after %.0f s%s", label, i, nmax, r.seconds or 0,
 				r.partial_events_per_s and (" (%s ev/s until then)"):format(commas(r.partial_events_per_s)) or "")
 			out.timeout = true
 			out.partial_events_per_s = r.partial_events_per_s
 			break
 		elseif r.failed then
-			say("%s run %d/%d FAILED: %s", label, i, RUNS, r.failed)
+			say("%s run %d/%d FAILED: %s", label, i, nmax, r.failed)
 			out.failed = r.failed
 			break
 		end
@@ -346,7 +424,7 @@ local function repeated(label, fn, allowance)
 			if type(v) == "number" then parts[#parts + 1] = ("%s=%.4g"):format(k, v) end
 		end
 		table.sort(parts)
-		say("%s run %d/%d: %s", label, i, RUNS, table.concat(parts, " "))
+		say("%s run %d/%d: %s", label, i, nmax, table.concat(parts, " "))
 	end
 	out.runs = runs
 	out.nruns = #runs
@@ -454,6 +532,7 @@ end
 -- row 4 -----------------------------------------------------------------
 
 local function partitioned_rows()
+	if not wanted_any("partitioned") then return end
 	local db = "bench_part"
 	sql(admin, "CREATE DATABASE " .. db)
 	local pdsn = dsn_for(db)
@@ -481,6 +560,7 @@ local function partitioned_rows()
 		end, ALLOW["partitioned_w" .. w])
 	end
 	conn:close()
+	sql(admin, "DROP DATABASE " .. db .. " WITH (FORCE)")
 end
 
 -- rows 5 and 7: a live host ------------------------------------------------
@@ -501,11 +581,38 @@ local function start_host(dsn, paths, env, ready_pattern)
 	return pid, log
 end
 
+-- Row 5's measurement: limit write appends LIVE_RATE events/s for seconds
+-- into category "lat" while the host on latency.lua runs; every event must
+-- be applied, then the commit-time differences give the percentiles.
+local function measure_live(conn, ldsn, seconds)
+	local before = tonumber(sql(conn, "SELECT coalesce(max(global_position), 0) AS p FROM projhost.events")[1].p)
+	local w = limit_mode("write", ldsn, { LIVE_RATE, seconds, "lat" }, seconds + 30)
+	if not w.events then return w end
+	-- every event applied? (allow a few seconds for a backlog)
+	local deadline = core.monotime() + 30
+	local n
+	repeat
+		n = tonumber(sql(conn, "SELECT count(*) AS n FROM latency WHERE position > $1", before)[1].n)
+		if n >= w.events then break end
+		core.sleep(0.05)
+	until core.monotime() > deadline
+	if n < w.events then return { timeout = true, seconds = 30 } end
+	local r = sql(conn, [[SELECT percentile_disc(0.5) WITHIN GROUP (ORDER BY ms) AS p50,
+			percentile_disc(0.99) WITHIN GROUP (ORDER BY ms) AS p99, max(ms) AS max, count(*) AS n
+		FROM (SELECT extract(epoch FROM pg_xact_commit_timestamp(l.xmin)
+				- pg_xact_commit_timestamp(e.xmin)) * 1000 AS ms
+			FROM latency l JOIN projhost.events e ON e.global_position = l.position
+			WHERE l.position > $1) t]], before)[1]
+	return { p50_ms = tonumber(r.p50), p99_ms = tonumber(r.p99), max_ms = tonumber(r.max),
+		events = tonumber(r.n), writer_events_per_s = w.events_per_s }
+end
+
 local function latency_row()
 	local db = "bench_live"
 	sql(admin, "CREATE DATABASE " .. db)
 	local ldsn = dsn_for(db)
 	must(run(BIN, { "status", "--db", ldsn }, { name = "status" }), "projhost status")
+	if not wanted_any("live") then return ldsn end
 	local conn = connect(ldsn)
 	local pid = start_host(ldsn, { ROOT .. "/bench/projections/latency.lua" }, nil, "bench_latency pos=0 caught up")
 
@@ -514,26 +621,7 @@ local function latency_row()
 		return r.p50_ms and { p50_ms = r.p50_ms, p99_ms = r.p99_ms, max_ms = r.max_ms } or r
 	end)
 	repeated("live", function()
-		local before = tonumber(sql(conn, "SELECT coalesce(max(global_position), 0) AS p FROM projhost.events")[1].p)
-		local w = limit_mode("write", ldsn, { LIVE_RATE, LIVE_SECONDS, "lat" }, LIVE_SECONDS + 30)
-		if not w.events then return w end
-		-- every event applied? (allow a few seconds for a backlog)
-		local deadline = core.monotime() + 30
-		local n
-		repeat
-			n = tonumber(sql(conn, "SELECT count(*) AS n FROM latency WHERE position > $1", before)[1].n)
-			if n >= w.events then break end
-			core.sleep(0.05)
-		until core.monotime() > deadline
-		if n < w.events then return { timeout = true, seconds = 30 } end
-		local r = sql(conn, [[SELECT percentile_disc(0.5) WITHIN GROUP (ORDER BY ms) AS p50,
-				percentile_disc(0.99) WITHIN GROUP (ORDER BY ms) AS p99, max(ms) AS max, count(*) AS n
-			FROM (SELECT extract(epoch FROM pg_xact_commit_timestamp(l.xmin)
-					- pg_xact_commit_timestamp(e.xmin)) * 1000 AS ms
-				FROM latency l JOIN projhost.events e ON e.global_position = l.position
-				WHERE l.position > $1) t]], before)[1]
-		return { p50_ms = tonumber(r.p50), p99_ms = tonumber(r.p99), max_ms = tonumber(r.max),
-			events = tonumber(r.n), writer_events_per_s = w.events_per_s }
+		return measure_live(conn, ldsn, LIVE_SECONDS)
 	end)
 	kill_child(pid)
 	conn:close()
@@ -568,6 +656,7 @@ return {
 ]]
 
 local function reload_row(dsn)
+	if not wanted("reload") then return end
 	local dir = TMP .. "/reload"
 	os.execute("mkdir -p " .. shell_quote(dir))
 	local file = dir .. "/reload.lua"
@@ -600,6 +689,480 @@ local function reload_row(dsn)
 		return { ms = (ts - t0) * 1000 }
 	end)
 	kill_child(pid)
+end
+
+-- ---------------------------------------------------------------------
+-- rows 8-12 (issue 11): reads and appends at scale
+
+-- Events of the mixed store, one generate_series index i each: of every
+-- hundred, 10 are of category "ten" (10,000 streams), 1 of "one" (1,000
+-- streams), 45 of "deep" (DEEP_STREAMS: 100,000) - one of them "Rare" (1%
+-- of the store), the others "Noise" - and 44 of "wide" (WIDE_STREAMS:
+-- 1,000,000; "Noise"). j numbers the events within their category, so a
+-- stream's versions are dense in the whole store and every event's stream,
+-- version, type and data are the same wherever it is loaded. Ids are
+-- sequential (uuid from i): random ones make the load a third slower.
+local MIX_SQL = [[
+INSERT INTO projhost.events (event_id, stream_id, stream_version, event_type, data)
+SELECT lpad(to_hex(i), 32, '0')::uuid, m.cat || '-' || (m.j %% m.n), m.j / m.n + 1,
+	CASE WHEN m.k = 11 THEN 'Rare' WHEN m.k > 10 THEN 'Noise'
+		WHEN m.j %% 3 = 2 THEN 'Withdrawn' ELSE 'Deposited' END,
+	jsonb_build_object('amount', m.j %% 100 + 1)
+FROM generate_series(0, %d) AS i,
+	LATERAL (SELECT i %% 100 AS k) AS kk,
+	LATERAL (SELECT kk.k,
+		CASE WHEN kk.k < 10 THEN 'ten' WHEN kk.k = 10 THEN 'one' WHEN kk.k < 56 THEN 'deep' ELSE 'wide' END AS cat,
+		CASE WHEN kk.k < 10 THEN i / 100 * 10 + kk.k
+			WHEN kk.k = 10 THEN i / 100
+			WHEN kk.k < 56 THEN i / 100 * 45 + kk.k - 11
+			ELSE i / 100 * 44 + kk.k - 56 END AS j,
+		CASE WHEN kk.k < 10 THEN 10000 WHEN kk.k = 10 THEN 1000 WHEN kk.k < 56 THEN %d ELSE %d END AS n) AS m
+WHERE %s]]
+
+-- the three shares of rows 8: projection file, its table, which events of
+-- the mix (a WHERE on i), the share's name in the table, at most how many
+-- runs (the 10% share takes 5-10 s a run)
+local SHARES = {
+	{ label = "share10", file = "share10.lua", table = "share10", where = "i % 100 < 10",
+		what = "category 10% of it", runs = 1 },
+	{ label = "share1", file = "share1.lua", table = "share1", where = "i % 100 = 10", what = "category 1% of it" },
+	{ label = "types1", file = "types1.lua", table = "types1", where = "i % 100 = 11",
+		what = "types 1% of it (category 45%)" },
+}
+
+-- Mixed events (those of `where`) into a database of their own; the
+-- streams rows as load_events makes them. analyze: VACUUM ANALYZE as
+-- load_events does; without it nothing reads statistics into the tables
+-- and autovacuum is off for them (until the database is dropped), so they
+-- stay as a bulk import leaves them.
+local function load_mix(dsn, where, analyze)
+	must(run(BIN, { "status", "--db", dsn }, { name = "status" }), "projhost status")
+	local c = connect(dsn)
+	local t0 = core.monotime()
+	if not analyze then
+		sql(c, [[ALTER TABLE projhost.events SET (autovacuum_enabled = off, toast.autovacuum_enabled = off)]])
+		sql(c, [[ALTER TABLE projhost.streams SET (autovacuum_enabled = off, toast.autovacuum_enabled = off)]])
+	end
+	-- conn:exec returns the row count: nothing reads the new events yet
+	local n, err = c:exec(MIX_SQL:format(STORE_N - 1, DEEP_STREAMS, WIDE_STREAMS, where))
+	if not n then error("loading the mixed store: " .. tostring(err), 0) end
+	n = tonumber(n)
+	-- in key order: 1,100,000 rows go in in 7 s instead of 12
+	sql(c, [[INSERT INTO projhost.streams (stream_id, version, last_position)
+		SELECT stream_id, max(stream_version), max(global_position) FROM projhost.events GROUP BY stream_id
+		ORDER BY stream_id]])
+	if analyze then sql(c, "VACUUM ANALYZE") end
+	sql(c, "CHECKPOINT")
+	say("loaded %s events (%s) in %.1f s%s", commas(n), where, core.monotime() - t0,
+		analyze and "" or ", no ANALYZE, autovacuum off")
+	return c, n
+end
+
+-- what a share's projection must end with: rows (streams) and their sum
+local function share_expect(c)
+	local r = sql(c, [[SELECT count(DISTINCT stream_id) AS n,
+		sum(CASE event_type WHEN 'Withdrawn' THEN -1 ELSE 1 END * (data->>'amount')::bigint) AS s
+		FROM projhost.events]])[1]
+	return { rows = tonumber(r.n), sum = tonumber(r.s) }
+end
+
+local function check_share(share, expect)
+	return function(c)
+		local r = sql(c, ("SELECT count(*) AS n, sum(amount) AS s FROM %s"):format(share.table))[1]
+		if tonumber(r.n) ~= expect.rows or tonumber(r.s) ~= expect.sum then
+			return nil, ("%s has %s rows summing to %s, expected %d rows summing to %s"):format(
+				share.table, r.n, tostring(r.s), expect.rows, tostring(expect.sum))
+		end
+		return true
+	end
+end
+
+-- events a projection committed so far: those of its source up to its
+-- checkpoint (only read on a timeout)
+local function progress_of(name, where_sql)
+	return function(c)
+		local r = sql(c, ([[SELECT count(*) AS n FROM projhost.events
+			WHERE global_position <= (SELECT last_pos FROM projhost.checkpoints
+				WHERE projection = $1 AND partition = '') AND %s]]):format(where_sql), name)[1]
+		return tonumber(r.n) or 0
+	end
+end
+
+-- After a timeout: a killed client's backend runs its query on to the end,
+-- which would slow the rows after it down. Ends every other session of c's
+-- database (the bench cluster's own).
+local function end_backends(c)
+	sql(c, [[SELECT pg_terminate_backend(pid) FROM pg_stat_activity
+		WHERE datname = current_database() AND pid <> pg_backend_pid() AND backend_type = 'client backend']])
+end
+
+local function forget(c, projection, tbl)
+	sql(c, "DELETE FROM projhost.checkpoints WHERE projection = $1", projection)
+	if tbl then sql(c, ("DROP TABLE IF EXISTS %s"):format(tbl)) end
+end
+
+-- a catch-up row: events_per_s = events / wall time of `run --once`
+local function catchup_row(label, dsn, c, file, projection, tbl, n_events, check, progress, allowance, max_runs)
+	return repeated(label, function(_, timeout)
+		forget(c, projection, tbl)
+		local r = host_catchup(dsn, file, nil, timeout, check, c, progress)
+		if r.timeout then end_backends(c) end
+		if r.seconds and not r.timeout then r.events_per_s = n_events / r.seconds end
+		return r
+	end, allowance, max_runs)
+end
+
+local SHARE_WHERE = {
+	share10 = "split_part(stream_id, '-', 1) = 'ten'",
+	share1 = "split_part(stream_id, '-', 1) = 'one'",
+	types1 = "event_type = 'Rare'",
+}
+
+local notes = {} -- lines printed under the table (e.g. why a figure is missing)
+
+-- pgbench: PGBENCH_CLIENTS clients calling script for `seconds`; checks
+-- that every transaction it counts appended the same number of events and
+-- that the streams rows account for every one of them.
+local function pgbench(dsn, c, script, seconds)
+	local before = sql(c, [[SELECT (SELECT coalesce(max(global_position), 0) FROM projhost.events) AS p,
+		(SELECT coalesce(sum(version), 0) FROM projhost.streams) AS v]])[1]
+	local r = run("/usr/bin/pgbench", { "-n", "-c", tostring(PGBENCH_CLIENTS), "-j", "2",
+		"-T", tostring(seconds), "-f", script, dsn }, { name = "pgbench", timeout = seconds + 60 })
+	if r.timeout then
+		end_backends(c)
+		return { timeout = true, seconds = r.seconds }
+	end
+	if r.code ~= 0 then return { failed = "pgbench: exit code " .. r.code .. ": " .. tail(r.out, 3) } end
+	local tps = tonumber(r.out:match("tps = ([%d%.]+) %(without initial connection time%)"))
+	local n_tx = tonumber(r.out:match("number of transactions actually processed: (%d+)"))
+	local n_failed = tonumber(r.out:match("number of failed transactions: (%d+)") or "0")
+	if not tps or not n_tx or n_tx == 0 then return { failed = "pgbench said: " .. tail(r.out, 5) } end
+	if n_failed ~= 0 then return { failed = ("pgbench: %d failed transactions"):format(n_failed) } end
+	local after = sql(c, [[SELECT (SELECT count(*) FROM projhost.events WHERE global_position > $1) AS n,
+		(SELECT coalesce(sum(version), 0) FROM projhost.streams) AS v]], before.p)[1]
+	local n_ev, dv = tonumber(after.n), tonumber(after.v) - tonumber(before.v)
+	if n_ev < n_tx or n_ev % n_tx ~= 0 or dv ~= n_ev then
+		return { failed = ("pgbench counted %d transactions; %d new events, stream versions up by %d")
+			:format(n_tx, n_ev, dv) }
+	end
+	return { appends_per_s = tps, events_per_s = n_ev / seconds, transactions = n_tx }
+end
+
+-- The pgbench script (bench/append.sql, or one append of one event to one
+-- of 100,000 streams) and the same calling the NOTIFY-less copy.
+local function append_scripts()
+	local text = read_file(ROOT .. "/bench/append.sql")
+	local from = "bench/append.sql"
+	if not text:match("%S") then
+		text = [[SELECT projhost.append('bench-' || (random()*100000)::int, NULL, '[{"type":"t","data":{"n":1}}]');]] .. "\n"
+		from = "built-in script"
+	end
+	local plain = scratch("append.sql")
+	write_file(plain, text)
+	local quiet, n = text:gsub("projhost%.append%(", "bench_nonotify.append(")
+	if n == 0 then return plain, nil, from .. " calls no projhost.append(" end
+	local qpath = scratch("append-nonotify.sql")
+	write_file(qpath, quiet)
+	return plain, qpath, from
+end
+
+-- projhost.append as the current schema step defines it, minus its
+-- pg_notify statement, as bench_nonotify.append: the same appends without
+-- NOTIFY, following any change of the function. nil, why when the text
+-- has not exactly one pg_notify statement to remove.
+local function nonotify_sql()
+	local schema = require "projhost.schema"
+	local text
+	for v = #schema.steps, 1, -1 do
+		for _, st in ipairs(schema.steps[v]) do
+			if type(st) == "string" and st:find("FUNCTION%s+projhost%.append%s*%(") then text = st end
+		end
+		if text then break end
+	end
+	if not text then return nil, "no projhost.append in projhost.schema's steps" end
+	local _, calls = text:gsub("pg_notify", "")
+	if calls ~= 1 then
+		return nil, ("projhost.append's text has %d pg_notify calls, not one to remove"):format(calls)
+	end
+	-- from the start of the line with the call to the end of its statement
+	local at = text:find("[^\n]*pg_notify")
+	local stop = text:find(";", at, true)
+	if not stop then return nil, "projhost.append's pg_notify statement has no end" end
+	local quiet = text:sub(1, at - 1) .. text:sub(stop + 1)
+	local n
+	quiet, n = quiet:gsub("FUNCTION%s+projhost%.append%s*%(", "FUNCTION bench_nonotify.append(", 1)
+	if n ~= 1 then return nil, "cannot rename projhost.append" end
+	return quiet
+end
+
+-- Rows measured in turns (A B A B ...), n runs each, each figure the
+-- median of its row's runs; a row stops at its first timeout or failure.
+local function in_turns(list, n)
+	local rows = {}
+	for i = 1, n do
+		for _, it in ipairs(list) do
+			local label, fn = it[1], it[2]
+			local out = rows[label]
+			if wanted(label) and not (out and (out.timeout or out.failed)) then
+				out = out or { runs = {} }
+				rows[label] = out
+				local r = fn()
+				out.runs[#out.runs + 1] = r
+				if r.timeout then
+					out.timeout = true
+					say("%s run %d/%d: timeout", label, i, n)
+				elseif r.failed then
+					out.failed = r.failed
+					say("%s run %d/%d FAILED: %s", label, i, n, r.failed)
+				else
+					local parts = {}
+					for k, v in pairs(r) do
+						if type(v) == "number" then parts[#parts + 1] = ("%s=%.4g"):format(k, v) end
+					end
+					table.sort(parts)
+					say("%s run %d/%d: %s", label, i, n, table.concat(parts, " "))
+				end
+			end
+		end
+	end
+	for label, out in pairs(rows) do
+		out.nruns = #out.runs
+		if not out.timeout and not out.failed then
+			for k, v in pairs(out.runs[1]) do
+				if type(v) == "number" then
+					local l = {}
+					for _, r in ipairs(out.runs) do l[#l + 1] = r[k] end
+					out[k] = median(l)
+				end
+			end
+		end
+		results.rows[label] = out
+	end
+end
+
+-- rows 11: appends/s of pgbench, with and without NOTIFY, on c's store
+local function append_rows(label, dsn, c, reset)
+	if not (wanted(label) or wanted(label .. "_nonotify")) then return end
+	local plain, quiet, from = append_scripts()
+	local fn, why = nonotify_sql()
+	if fn then
+		sql(c, "CREATE SCHEMA IF NOT EXISTS bench_nonotify")
+		sql(c, fn)
+	end
+	results.append_script = from
+	local list = { { label, function()
+		if reset then reset(c) end
+		return pgbench(dsn, c, plain, PGBENCH_SECONDS)
+	end } }
+	if not quiet or not fn then
+		notes.nonotify = "no-NOTIFY appends not measured: " .. (why or from)
+		results.rows[label .. "_nonotify"] = wanted(label .. "_nonotify") and { failed = notes.nonotify } or nil
+	else
+		list[2] = { label .. "_nonotify", function()
+			if reset then reset(c) end
+			return pgbench(dsn, c, quiet, PGBENCH_SECONDS)
+		end }
+	end
+	-- with and without NOTIFY in turns: a change in the machine's load
+	-- falls on both
+	in_turns(list, 2)
+end
+
+-- row 10: what a partitioned count must end with
+local function pcount_check(projection, n_streams, total)
+	local function check(c)
+		local r = sql(c, [[SELECT count(*) AS n, sum((state->>'n')::bigint) AS s FROM projhost.checkpoints
+			WHERE projection = $1 AND partition <> '']], projection)[1]
+		if tonumber(r.n) ~= n_streams or tonumber(r.s) ~= total then
+			return nil, ("bench_pcount: %s partitions, %s events (expected %d, %d)"):format(
+				r.n, tostring(r.s), n_streams, total)
+		end
+		return true
+	end
+	local function progress(c)
+		local r = sql(c, [[SELECT sum((state->>'n')::bigint) AS s FROM projhost.checkpoints
+			WHERE projection = $1 AND partition <> '']], projection)[1]
+		return tonumber(r.s) or 0
+	end
+	return check, progress
+end
+
+-- row 10: a partitioned catch-up of category cat of the store (file
+-- pcount_<cat>.lua); what it must count comes from the streams rows
+local function pcount_row(label, dsn, c, cat)
+	if not wanted(label) then return end
+	local e = sql(c, [[SELECT count(*) AS n, sum(version) AS v FROM projhost.streams
+		WHERE stream_id LIKE $1 || '-%']], cat)[1]
+	local n_streams, total = tonumber(e.n), tonumber(e.v)
+	local projection = "bench_p" .. cat
+	local check, progress = pcount_check(projection, n_streams, total)
+	repeated(label, function(_, timeout)
+		sql(c, "DELETE FROM projhost.checkpoints WHERE projection = $1", projection)
+		local r = host_catchup(dsn, "pcount_" .. cat .. ".lua", { "--workers", 1 }, timeout, check, c, progress)
+		if r.timeout then end_backends(c) end
+		if r.seconds and not r.timeout then r.events_per_s = total / r.seconds end
+		return r
+	end, ALLOW_NEW[label], 1)
+	if results.rows[label] then
+		results.rows[label].streams, results.rows[label].events = n_streams, total
+	end
+end
+
+-- rows 8-11 on the store of STORE_N events
+local function store_rows()
+	if not (wanted_any("store") or wanted_any("streams") or wanted("append_store")
+		or wanted("append_store_nonotify")) then return end
+	-- the store of their own first: each share's events alone, analyzed
+	local own = {}
+	for _, sh in ipairs(SHARES) do
+		if wanted(sh.label) or wanted(sh.label .. "_own") then
+			local db = "bench_own_" .. sh.label
+			sql(admin, "CREATE DATABASE " .. db)
+			local odsn = dsn_for(db)
+			local c, n = load_mix(odsn, sh.where, true)
+			own[sh.label] = { dsn = odsn, conn = c, n = n, expect = share_expect(c), db = db }
+		end
+	end
+	local db = "bench_store"
+	sql(admin, "CREATE DATABASE " .. db)
+	local sdsn = dsn_for(db)
+	local c = load_mix(sdsn, "true", false)
+
+	-- 8. { all = true } state only, just loaded, then analyzed
+	local function check_all(conn)
+		local rows = sql(conn, [[SELECT (state->>'total')::bigint AS n FROM projhost.checkpoints
+			WHERE projection = 'bench_count' AND partition = '']])
+		local n = rows[1] and tonumber(rows[1].n)
+		if n ~= STORE_N then return nil, "bench_count counted " .. tostring(n) .. " events" end
+		return true
+	end
+	local function stats(conn)
+		return tonumber(sql(conn, [[SELECT count(*) AS n FROM pg_stats
+			WHERE schemaname = 'projhost' AND tablename IN ('events', 'streams')]])[1].n)
+	end
+	if stats(c) > 0 then
+		results.rows.store_all_cold = wanted("store_all_cold") and { failed = "the store has statistics already" } or nil
+	else
+		catchup_row("store_all_cold", sdsn, c, "count.lua", "bench_count", nil, STORE_N, check_all,
+			progress_of("bench_count", "true"), ALLOW_NEW.store_all_cold, 1)
+		if stats(c) > 0 then
+			notes.cold = "row 8: projhost.events or projhost.streams had statistics after the no-ANALYZE run"
+		end
+	end
+	local t0 = core.monotime()
+	sql(c, "ANALYZE projhost.events")
+	sql(c, "ANALYZE projhost.streams")
+	say("ANALYZE in %.1f s", core.monotime() - t0)
+	catchup_row("store_all", sdsn, c, "count.lua", "bench_count", nil, STORE_N, check_all,
+		progress_of("bench_count", "true"), ALLOW_NEW.store_all, 1)
+
+	-- 8. each share in the store and in a store of its own
+	for _, sh in ipairs(SHARES) do
+		local o = own[sh.label]
+		if o then
+			local projection = "bench_" .. sh.label
+			catchup_row(sh.label .. "_own", o.dsn, o.conn, sh.file, projection, sh.table, o.n,
+				check_share(sh, o.expect), progress_of(projection, "true"), ALLOW_NEW[sh.label .. "_own"], sh.runs)
+			catchup_row(sh.label, sdsn, c, sh.file, projection, sh.table, o.n,
+				check_share(sh, o.expect), progress_of(projection, SHARE_WHERE[sh.label]), ALLOW_NEW[sh.label],
+				sh.runs)
+			o.conn:close()
+			sql(admin, "DROP DATABASE " .. o.db .. " WITH (FORCE)")
+		end
+	end
+
+	-- 10. partitioned: the same number of events over 10x the streams
+	pcount_row("partitioned_deep", sdsn, c, "deep")
+	pcount_row("partitioned_wide", sdsn, c, "wide")
+
+	-- 9. live latency with the store's events all projected: latency.lua's
+	-- checkpoint is set to the store's last event before the host starts
+	-- (as if it had projected all of them; it has no events of its own)
+	if wanted("store_live") then
+		forget(c, "bench_latency", "latency")
+		sql(c, [[INSERT INTO projhost.checkpoints (projection, partition, last_tx, last_pos)
+			SELECT 'bench_latency', '', transaction_id, global_position FROM projhost.events
+			ORDER BY transaction_id DESC, global_position DESC LIMIT 1]])
+		local ok, pid = pcall(start_host, sdsn, { ROOT .. "/bench/projections/latency.lua" }, nil,
+			"bench_latency pos=%d+ caught up")
+		if ok then
+			repeated("store_live", function()
+				return measure_live(c, sdsn, STORE_LIVE_SECONDS)
+			end, nil, 1)
+			kill_child(pid)
+		else
+			say("store_live: %s", tostring(pid))
+			results.rows.store_live = { failed = tostring(pid) }
+		end
+	end
+
+	-- 11. concurrent appends onto the store (last: they add events)
+	append_rows("append_store", sdsn, c)
+	c:close()
+	sql(admin, "DROP DATABASE " .. db .. " WITH (FORCE)")
+end
+
+-- row 11 on an empty store (emptied again before each run)
+local function append_empty_rows()
+	if not (wanted("append_empty") or wanted("append_empty_nonotify")) then return end
+	local db = "bench_append"
+	sql(admin, "CREATE DATABASE " .. db)
+	local adsn = dsn_for(db)
+	must(run(BIN, { "status", "--db", adsn }, { name = "status" }), "projhost status")
+	local c = connect(adsn)
+	append_rows("append_empty", adsn, c, function(conn) sql(conn, "TRUNCATE projhost.events, projhost.streams") end)
+	c:close()
+	sql(admin, "DROP DATABASE " .. db .. " WITH (FORCE)")
+end
+
+-- row 12: `projhost append --file` of n lines into an emptied store
+local function file_rows()
+	if not (wanted("file_small") or wanted("file_large")) then return end
+	local db = "bench_file"
+	sql(admin, "CREATE DATABASE " .. db)
+	local fdsn = dsn_for(db)
+	must(run(BIN, { "status", "--db", fdsn }, { name = "status" }), "projhost status")
+	local c = connect(fdsn)
+	for i, label in ipairs({ "file_small", "file_large" }) do
+		local n = FILE_LINES[i]
+		if wanted(label) then
+			local path = scratch(label .. ".ndjson")
+			local f = assert(io.open(path, "wb"))
+			local buf = {}
+			for k = 0, n - 1 do
+				buf[#buf + 1] = ('{"stream":"imp-%d","type":"Imported","data":{"n":%d}}\n'):format(k % FILE_STREAMS, k)
+				if #buf == 10000 then
+					f:write(table.concat(buf))
+					buf = {}
+				end
+			end
+			f:write(table.concat(buf))
+			f:close()
+			local streams = math.min(n, FILE_STREAMS)
+			repeated(label, function(_, timeout)
+				sql(c, "TRUNCATE projhost.events, projhost.streams")
+				sql(c, "CHECKPOINT")
+				local r = run(BIN, { "append", "--db", fdsn, "--file", path }, { name = "append-file", timeout = timeout })
+				if r.timeout then
+					end_backends(c)
+					return { timeout = true, seconds = r.seconds }
+				end
+				if r.code ~= 0 then return { failed = ("exit code %d: %s"):format(r.code, tail(r.out, 3)) } end
+				local q = sql(c, [[SELECT (SELECT count(*) FROM projhost.events) AS n,
+					(SELECT sum((data->>'n')::bigint) FROM projhost.events) AS s,
+					(SELECT count(*) FROM projhost.streams) AS ns, (SELECT sum(version) FROM projhost.streams) AS v]])[1]
+				if tonumber(q.n) ~= n or tonumber(q.s) ~= n * (n - 1) / 2 or tonumber(q.ns) ~= streams
+					or tonumber(q.v) ~= n then
+					return { failed = ("%s events summing to %s, %s streams of %s versions; expected %d lines")
+						:format(q.n, tostring(q.s), q.ns, tostring(q.v), n) }
+				end
+				return { events_per_s = n / r.seconds, seconds = r.seconds }
+			end, ALLOW_NEW[label], 1)
+			os.remove(path)
+		end
+	end
+	c:close()
+	sql(admin, "DROP DATABASE " .. db .. " WITH (FORCE)")
 end
 
 -- ---------------------------------------------------------------------
@@ -711,7 +1274,75 @@ local function report(m)
 	row("7 reload (rename -> 'reloaded' logged)", fig("reload", "ms", function(v) return ("%.0f ms"):format(v) end),
 		"", "", "", "", nruns("reload"))
 
+	-- rows 8-12 (issue 11): "ratio" is the cost per event against the
+	-- comparison (its rate / this rate) unless the target says otherwise
+	local function cost(a, b)
+		local x, y = num(a, "events_per_s"), num(b, "events_per_s")
+		return x and y and y / x
+	end
+	local function x_s(v) return v and ("%.2fx"):format(v) or "-" end
+	local sub = #lines + 1
+	local M3 = commas(STORE_N)
+	local function scaled(n, full)
+		return n == full and "" or (" (scaled from %s)"):format(commas(full))
+	end
+	local cold = cost("store_all_cold", "store_all")
+	row(("8 catch-up, { all }, %s-ev store, no ANALYZE, autovacuum off%s"):format(M3, scaled(STORE_N, 3000000)),
+		fig("store_all_cold", "events_per_s", ev), "after ANALYZE " .. fig("store_all", "events_per_s", ev),
+		x_s(cold), "cost <= 1.5x analyzed", verdict(cold and cold <= 1.5), nruns("store_all_cold", "store_all"))
+	for _, sh in ipairs(SHARES) do
+		local c = cost(sh.label, sh.label .. "_own")
+		row(("  catch-up, %s, ctx:upsert"):format(sh.what), fig(sh.label, "events_per_s", ev),
+			"own store " .. fig(sh.label .. "_own", "events_per_s", ev), x_s(c), "cost <= 1.5x own store",
+			verdict(c and c <= 1.5), nruns(sh.label, sh.label .. "_own"))
+	end
+	local sp50, sp99 = num("store_live", "p50_ms"), num("store_live", "p99_ms")
+	local swrote = num("store_live", "writer_events_per_s")
+	row(("9 live p50, %s ev projected (%s ev/s, %d s)"):format(M3,
+		swrote and ("%.0f"):format(swrote) or LIVE_RATE, STORE_LIVE_SECONDS), fig("store_live", "p50_ms", ms),
+		"empty store " .. fig("live", "p50_ms", ms), "", "<= 2 ms", verdict(sp50 and sp50 <= 2), nruns("store_live", "live"))
+	row("  live p99", fig("store_live", "p99_ms", ms), "empty store " .. fig("live", "p99_ms", ms), "",
+		"<= 10 ms", verdict(sp99 and sp99 <= 10), nruns("store_live", "live"))
+	local wide = cost("partitioned_wide", "partitioned_deep")
+	local function per(label)
+		local r = results.rows[label]
+		return r and r.events and r.streams and ("%s streams x %.1f ev"):format(commas(r.streams), r.events / r.streams)
+			or "?"
+	end
+	row(("10 partitioned, %s, in the store"):format(per("partitioned_wide")),
+		fig("partitioned_wide", "events_per_s", ev), per("partitioned_deep") .. " " .. fig("partitioned_deep", "events_per_s", ev),
+		x_s(wide), "cost <= 2x", verdict(wide and wide <= 2), nruns("partitioned_wide", "partitioned_deep"))
+	local aps = function(v) return commas(v) .. " appends/s" end
+	for _, a in ipairs({ { "append_empty", ("11 append, %d clients, empty store"):format(PGBENCH_CLIENTS) },
+		{ "append_store", ("  append, %d clients, %s-ev store"):format(PGBENCH_CLIENTS, M3) } }) do
+		local x, y = num(a[1], "appends_per_s"), num(a[1] .. "_nonotify", "appends_per_s")
+		local share = x and y and x / y
+		row(a[2], fig(a[1], "appends_per_s", aps), "no NOTIFY " .. fig(a[1] .. "_nonotify", "appends_per_s", aps),
+			pct_s(share), ">= 80% of no NOTIFY", verdict(share and share >= 0.8), nruns(a[1], a[1] .. "_nonotify"))
+	end
+	row(("12 append --file, %s lines%s"):format(commas(FILE_LINES[1]), scaled(FILE_LINES[1], FILE_FULL[1])),
+		fig("file_small", "events_per_s", ev), "", "", "", "", nruns("file_small"))
+	local fl = cost("file_large", "file_small")
+	row(("  append --file, %s lines%s"):format(commas(FILE_LINES[2]), scaled(FILE_LINES[2], FILE_FULL[2])),
+		fig("file_large", "events_per_s", ev), commas(FILE_LINES[1]) .. " lines", x_s(fl), "cost <= 1.5x",
+		verdict(fl and fl <= 1.5), nruns("file_large", "file_small"))
+
+	-- BENCH_ONLY: only the lines of rows that ran (a "runs" of 0 or 0/0)
+	if ONLY then
+		local kept, at = {}, nil
+		for i, l in ipairs(lines) do
+			if i == sub then at = #kept + 1 end
+			if not l[7]:match("^0$") and not l[7]:match("^0/0$") then kept[#kept + 1] = l end
+		end
+		lines, sub = kept, at or #kept + 1
+	end
 	local head = { "", "projhost", "limit (C, libpq)", "ratio", "target", "", "runs" }
+	local head11 = { "issue 11: at scale", "projhost", "compared with", "ratio", "target", "", "runs" }
+	if sub > 1 then
+		table.insert(lines, sub, head11)
+	else
+		head = head11
+	end
 	local width = {}
 	for _, l in ipairs({ head, unpack(lines) }) do
 		for i, c in ipairs(l) do width[i] = math.max(width[i] or 0, #c) end
@@ -732,6 +1363,9 @@ local function report(m)
 	end
 	out[#out + 1] = fmt(head)
 	for _, l in ipairs(lines) do out[#out + 1] = fmt(l) end
+	for _, k in ipairs({ "cold", "nonotify" }) do
+		if notes[k] then out[#out + 1] = notes[k] end
+	end
 	return table.concat(out, "\n")
 end
 
@@ -753,21 +1387,31 @@ local function main()
 	m.load_start = load_start
 	results.machine = m
 
-	local conn = load_events(DSN, N_STREAMS, N_EVENTS / N_STREAMS)
-	sql(conn, "CREATE TABLE IF NOT EXISTS balances (id text PRIMARY KEY, amount bigint)")
-	expected_sum = tonumber(sql(conn, [[SELECT sum(CASE event_type WHEN 'Deposited' THEN 1 ELSE -1 END
-		* (data->>'amount')::bigint) AS s FROM projhost.events]])[1].s)
-	warm(DSN)
-	catchup_rows(conn)
-	conn:close()
+	if wanted_any("main") then
+		local conn = load_events(DSN, N_STREAMS, N_EVENTS / N_STREAMS)
+		sql(conn, "CREATE TABLE IF NOT EXISTS balances (id text PRIMARY KEY, amount bigint)")
+		expected_sum = tonumber(sql(conn, [[SELECT sum(CASE event_type WHEN 'Deposited' THEN 1 ELSE -1 END
+			* (data->>'amount')::bigint) AS s FROM projhost.events]])[1].s)
+		warm(DSN)
+		catchup_rows(conn)
+		conn:close()
+	end
 	partitioned_rows()
 	local ldsn = latency_row()
 	reload_row(ldsn)
+	-- issue 11
+	local t11 = core.monotime()
+	store_rows()
+	append_empty_rows()
+	file_rows()
+	results.seconds_rows_8_12 = core.monotime() - t11
+	say("rows 8-12 in %.0f s", results.seconds_rows_8_12)
 
 	results.seconds = core.monotime() - t_start
 	m.load_end = loadavg()
 	local text = report(m)
 	results.table = text
+	results.notes = notes
 	write_file(ROOT .. "/bench/results.json", cjson.encode(results) .. "\n")
 	say("done in %.0f s; wrote bench/results.json", results.seconds)
 	print(text)
