@@ -1477,9 +1477,6 @@ local function open_parts(def, job, wanted, plan)
 	pipe_begin()
 	if not pipe.on then return "dberror", dberror(def, "cannot enter pipeline mode") end
 	conn:send("BEGIN")
-	-- the partitions' reads run with the alternatives to their index
-	-- ranges priced out; set back before any handler's SQL (projhost.reads)
-	conn:send(reads.PLANNER_SQL)
 	-- shared: a version reset (exclusive) waits for batches in flight
 	conn:send("SELECT pg_advisory_xact_lock_shared(hashtext('projhost:' || $1))", def.cp)
 	conn:send([[INSERT INTO projhost.checkpoints (projection, partition, version)
@@ -1489,6 +1486,13 @@ local function open_parts(def, job, wanted, plan)
 		ORDER BY partition FOR UPDATE SKIP LOCKED]], def.cp, arr)
 	-- a projection's own emitted events are marked (_own) and passed over
 	-- like events of other types, unless it opts in (options.own_events)
+	-- the partitions' reads run with the alternatives to their index
+	-- ranges priced out (projhost.reads), and only they: under these
+	-- settings the lock query's ORDER BY became a walk of every checkpoint
+	-- of the projection (the planner does not know that the primary key
+	-- returns `partition = ANY(...)` in order); set back before any
+	-- handler's SQL
+	conn:send(reads.PLANNER_SQL)
 	conn:send_events(reads.PARTS_SQL, def.cp, arr, BATCH, not def.own_events, def.name)
 	local ok, res, code = conn:sync(true)
 	if not ok then
@@ -1496,8 +1500,8 @@ local function open_parts(def, job, wanted, plan)
 		if conn:ok() then conn:pipeline(false) end
 		return "dberror", dberror(def, res, code)
 	end
-	local rows, evrows = res[5], res[6]
-	new_checkpoints = new_checkpoints + (tonumber(res[4]) or 0)
+	local rows, evrows = res[4], res[6]
+	new_checkpoints = new_checkpoints + (tonumber(res[3]) or 0)
 	pipe.sent = {}
 	local ri = conn:send(reads.RESTORE_SQL, unpack(planner_session))
 	if ri then pipe.sent[ri] = false end
