@@ -898,6 +898,12 @@ local function outcome_of(job, fail_i, fail_err)
 			if fail_i == tag then return { lo = tag, hi = tag, err = fail_err } end
 			return { lo = tag, hi = tag, err = "ctx:exec: " .. first.err }
 		end
+		if tag.claim and code == "23505" then
+			-- a new partition's row was made meanwhile by another worker
+			-- or instance (see LOCK_SQL): nothing of this batch commits;
+			-- it runs again from that row
+			return { status = "more" }
+		end
 		if tag.state then
 			-- our own UPDATE of the states: a state PostgreSQL refuses
 			-- (class 22: invalid UTF-8, \u0000) is the events' doing
@@ -1502,6 +1508,27 @@ end
 -- it itself each time its count doubles: a dozen times for a million.
 local new_checkpoints, analyze_at = 0, 1000
 
+-- A job's partitions as the lock query finds them: the rows this worker
+-- locked (FOR UPDATE SKIP LOCKED), whether a row it did not lock exists
+-- (another worker or instance holds it: "locked"), and else none: a
+-- partition nothing was ever committed for. Such a partition gets its row
+-- only from the batch that commits its first events (store_parts), with
+-- one plain INSERT: no row made, locked and written again in the same
+-- transaction (1,000,000 streams x 2 events: that was half the time of a
+-- job, three WAL records a row and no HOT update, as the inserts fill
+-- their pages). Two workers or instances that both take a partition for
+-- new cannot both commit it: the second INSERT waits for the first
+-- transaction and then fails on the primary key (23505), which rolls the
+-- second batch back whole; it runs again from the row the first committed.
+local LOCK_SQL = [[WITH l AS MATERIALIZED (
+		SELECT partition, state::text AS state, last_pos, status FROM projhost.checkpoints
+		WHERE projection = $1 AND partition = ANY($2::text[]) FOR UPDATE SKIP LOCKED)
+	SELECT w.p AS partition, l.state, l.last_pos, l.status, l.partition IS NOT NULL AS mine,
+		l.partition IS NULL AND EXISTS (SELECT 1 FROM projhost.checkpoints c
+			WHERE c.projection = $1 AND c.partition = w.p) AS taken
+	FROM unnest($2::text[]) AS w(p) LEFT JOIN l ON l.partition = w.p
+	ORDER BY w.p]]
+
 -- Open a job over partitions `wanted` (sorted). plan (the failure path):
 -- exactly its events, each partition from its start and up to (not
 -- including) its first event that is not in the plan.
@@ -1522,49 +1549,52 @@ local function open_parts(def, job, wanted, plan)
 	conn:send("BEGIN")
 	-- shared: a version reset (exclusive) waits for batches in flight
 	conn:send("SELECT pg_advisory_xact_lock_shared(hashtext('projhost:' || $1))", def.cp)
-	conn:send([[INSERT INTO projhost.checkpoints (projection, partition, version)
-		SELECT $1, p, $2 FROM unnest($3::text[]) AS p ON CONFLICT DO NOTHING]], def.cp, def.version, arr)
-	conn:send_query([[SELECT partition, state::text AS state, last_pos, status
-		FROM projhost.checkpoints WHERE projection = $1 AND partition = ANY($2::text[])
-		ORDER BY partition FOR UPDATE SKIP LOCKED]], def.cp, arr)
-	-- a projection's own emitted events are marked (_own) and passed over
-	-- like events of other types, unless it opts in (options.own_events)
-	conn:send_events([[SELECT c.partition AS partition, e.global_position, e.tx, e.event_id, e.stream_id,
+	conn:send_query(LOCK_SQL, def.cp, arr)
+	-- each stream past its checkpoint, from the start for a new partition
+	-- (a row made since the lock query by someone else gives events that
+	-- do not follow on from 0: see "held" below); a projection's own
+	-- emitted events are marked (_own) and passed over like events of
+	-- other types, unless it opts in (options.own_events)
+	conn:send_events([[SELECT w.p AS partition, e.global_position, e.tx, e.event_id, e.stream_id,
 			e.stream_version, e.event_type, e.data, e.metadata, e.created_at,
 			CASE WHEN $4 AND e.origin = $5 THEN 1 END AS _own
-		FROM projhost.checkpoints c
+		FROM unnest($2::text[]) AS w(p)
+		LEFT JOIN projhost.checkpoints c ON c.projection = $1 AND c.partition = w.p
 		CROSS JOIN LATERAL (
 			SELECT ]] .. COLS .. [[, split_part(ev.metadata->>'projection', '@', 1) AS origin
 			FROM projhost.events ev
-			WHERE ev.stream_id = c.partition AND ev.stream_version > c.last_pos
+			WHERE ev.stream_id = w.p AND ev.stream_version > coalesce(c.last_pos, 0)
 			ORDER BY ev.stream_version LIMIT $3) e
-		WHERE c.projection = $1 AND c.partition = ANY($2::text[])
-		ORDER BY c.partition, e.stream_version]], def.cp, arr, BATCH, not def.own_events, def.name)
+		ORDER BY w.p, e.stream_version]], def.cp, arr, BATCH, not def.own_events, def.name)
 	local ok, res, code = conn:sync(true)
 	if not ok then
 		pipe.on = false
 		if conn:ok() then conn:pipeline(false) end
 		return "dberror", dberror(def, res, code)
 	end
-	local rows, evrows = res[4], res[5]
-	new_checkpoints = new_checkpoints + (tonumber(res[3]) or 0)
+	local rows, evrows = res[3], res[4]
 	pipe.sent = {}
 
+	-- locked: the partitions of the job, mine or new (r.new), in order
 	local results = job.results
 	local locked = {}
 	for _, r in ipairs(rows) do
-		if r.status ~= "running" then
-			results[r.partition] = { r.status, 0 }
+		if r.mine == "t" then
+			if r.status ~= "running" then
+				results[r.partition] = { r.status, 0 }
+			else
+				locked[#locked + 1] = r
+			end
+		elseif r.taken == "t" then
+			results[r.partition] = { "locked", 0 }
 		else
+			r.new, r.last_pos = true, 0
 			locked[#locked + 1] = r
 		end
 	end
-	for _, p in ipairs(wanted) do
-		if not results[p] then results[p] = { "locked", 0 } end
-	end
-	for _, r in ipairs(locked) do results[r.partition] = nil end
 	if plan then
-		-- every partition of the plan locked by us, where the plan starts
+		-- every partition of the plan locked by us (or still new), where
+		-- the plan starts
 		local have = {}
 		for _, r in ipairs(locked) do have[r.partition] = tonumber(r.last_pos) end
 		for _, e in ipairs(plan.events) do
@@ -1591,7 +1621,7 @@ local function open_parts(def, job, wanted, plan)
 	for _, cp in ipairs(locked) do
 		local p = cp.partition
 		local last = tonumber(cp.last_pos)
-		local g = { part = p, start = last, i0 = #events + 1, status = "idle" }
+		local g = { part = p, start = last, i0 = #events + 1, status = "idle", new = cp.new }
 		g.status = #(by_part[p] or {}) >= BATCH and "more" or "idle"
 		local stop = stop_at and (stop_at[p] or last + 1)
 		for _, r in ipairs(by_part[p] or {}) do
@@ -1623,23 +1653,56 @@ local function open_parts(def, job, wanted, plan)
 	job.events, job.groups = events, groups
 	job.start = {}
 	for _, cp in ipairs(locked) do job.start[cp.partition] = { pos = tonumber(cp.last_pos) } end
+	if ASYNC_CATCHUP and not plan and #groups > 1 then
+		-- More partitions were due at once than one: a catch-up (or a
+		-- burst), whose commits need not wait for their WAL flush (see
+		-- ASYNC_CATCHUP; 1,000,000 streams: a flush per job of 128 was a
+		-- third of its time). A job of one partition - nearly every live
+		-- batch - waits, and so does one that emits; the catch-up's end
+		-- waits for all of them (see caught_up_partitioned).
+		local idx = conn:send("SET LOCAL synchronous_commit = off")
+		if idx then pipe.sent[idx], pipe.async = false, true end
+	end
 	return true
 end
 
 local function store_parts(job, states)
 	local up_p, up_s, up_v = {}, {}, {}
+	local in_p, in_s, in_v = {}, {}, {}
 	for i, g in ipairs(job.groups) do
-		up_p[i], up_s[i], up_v[i] = g.part, states[i], g.last
+		if g.new then
+			in_p[#in_p + 1], in_s[#in_s + 1], in_v[#in_v + 1] = g.part, states[i], g.last
+		else
+			up_p[#up_p + 1], up_s[#up_s + 1], up_v[#up_v + 1] = g.part, states[i], g.last
+		end
 	end
-	if #up_p == 0 then return end
+	job.inserted = #in_p
 	-- the checkpoints and COMMIT ride the same sync as the handlers'
 	-- statements; after an error PostgreSQL skips them
-	local idx = conn:send([[UPDATE projhost.checkpoints c SET state = coalesce(u.s::jsonb, c.state), last_pos = u.v,
-		script_hash = $5, error = NULL, updated_at = now()
-		FROM unnest($2::text[], $3::text[], $4::bigint[]) AS u(p, s, v)
-		WHERE c.projection = $1 AND c.partition = u.p]],
-		job.def.cp, pg_text_array(up_p), pg_text_array(up_s), "{" .. table.concat(up_v, ",") .. "}", job.def.hash)
-	if idx then pipe.sent[idx] = state_tag(job) end
+	if #up_p > 0 then
+		local idx = conn:send([[UPDATE projhost.checkpoints c SET state = coalesce(u.s::jsonb, c.state),
+			last_pos = u.v, script_hash = $5, error = NULL, updated_at = now()
+			FROM unnest($2::text[], $3::text[], $4::bigint[]) AS u(p, s, v)
+			WHERE c.projection = $1 AND c.partition = u.p]],
+			job.def.cp, pg_text_array(up_p), pg_text_array(up_s), "{" .. table.concat(up_v, ",") .. "}",
+			job.def.hash)
+		if idx then pipe.sent[idx] = state_tag(job) end
+	end
+	if #in_p > 0 then
+		-- new partitions (see LOCK_SQL): no ON CONFLICT, a row made
+		-- meanwhile must fail this batch
+		local idx = conn:send([[INSERT INTO projhost.checkpoints (projection, partition, version, state,
+			last_pos, script_hash)
+			SELECT $1, u.p, $2, u.s::jsonb, u.v, $6 FROM unnest($3::text[], $4::text[], $5::bigint[]) AS u(p, s, v)
+			ORDER BY u.p]],
+			job.def.cp, job.def.version, pg_text_array(in_p), pg_text_array(in_s),
+			"{" .. table.concat(in_v, ",") .. "}", job.def.hash)
+		if idx then
+			local tag = state_tag(job)
+			tag.claim = true
+			pipe.sent[idx] = tag
+		end
+	end
 end
 
 local function attempt_parts(def)
@@ -1653,7 +1716,9 @@ local function attempt_parts(def)
 		local job = { def = def, store = store_parts, results = {} }
 		local st, d = open_parts(def, job, wanted, plan)
 		if st ~= true then return { status = st == "empty" and "more" or st, delay = d } end
-		return transact(def, job)
+		local o = transact(def, job)
+		if not o then new_checkpoints = new_checkpoints + (job.inserted or 0) end
+		return o
 	end
 end
 
@@ -1719,6 +1784,7 @@ local function run_partitions(def, parts)
 
 	db_failures = 0
 	report(def, total, "", false)
+	new_checkpoints = new_checkpoints + (job.inserted or 0)
 	if new_checkpoints >= analyze_at then
 		-- see new_checkpoints
 		analyze_at = analyze_at * 2
@@ -1889,6 +1955,13 @@ function caught_up_partitioned(def)
 	local key = def.cp .. "\t*"
 	if caught[key] then return end
 	caught[key] = true
+	if ASYNC_CATCHUP then
+		-- the catch-up's jobs may have committed without waiting for
+		-- their WAL flush (see open_parts), on any worker: a write that
+		-- waits for its own flush covers every commit before it, so a
+		-- caught-up projection is on disk
+		x("UPDATE projhost.checkpoints SET updated_at = now() WHERE projection = $1 AND partition = ''", def.cp)
+	end
 	log("info", def.cp, "caught up (every partition)")
 	run_caught_up(def)
 end
