@@ -141,6 +141,12 @@ end
 -- reading events
 
 local function pg_text_array(list)
+	local plain = true
+	for _, s in ipairs(list) do
+		if s == false or s:find('[\\"]') then plain = false; break end
+	end
+	-- nothing to escape (nearly always): no string per element
+	if plain then return #list == 0 and "{}" or '{"' .. table.concat(list, '","') .. '"}' end
 	local out = {}
 	for i, s in ipairs(list) do
 		-- false: NULL
@@ -1509,9 +1515,9 @@ end
 local new_checkpoints, analyze_at = 0, 1000
 
 -- A job's partitions as the lock query finds them: the rows this worker
--- locked (FOR UPDATE SKIP LOCKED), whether a row it did not lock exists
--- (another worker or instance holds it: "locked"), and else none: a
--- partition nothing was ever committed for. Such a partition gets its row
+-- locked (FOR UPDATE SKIP LOCKED, mine = "t"), the rows it could not lock
+-- (another worker or instance holds them: "locked"), and the others have
+-- no row: a partition nothing was ever committed for. Such a partition gets its row
 -- only from the batch that commits its first events (store_parts), with
 -- one plain INSERT: no row made, locked and written again in the same
 -- transaction (1,000,000 streams x 2 events: that was half the time of a
@@ -1520,14 +1526,18 @@ local new_checkpoints, analyze_at = 0, 1000
 -- new cannot both commit it: the second INSERT waits for the first
 -- transaction and then fails on the primary key (23505), which rolls the
 -- second batch back whole; it runs again from the row the first committed.
+-- A new partition is no row of the answer (in a catch-up nearly all are
+-- new: an empty answer). Each row another holds is found by a scalar
+-- subquery, a primary key lookup whatever the statistics say (a join or
+-- an EXISTS may be planned as a hash over every checkpoint row).
 local LOCK_SQL = [[WITH l AS MATERIALIZED (
 		SELECT partition, state::text AS state, last_pos, status FROM projhost.checkpoints
 		WHERE projection = $1 AND partition = ANY($2::text[]) FOR UPDATE SKIP LOCKED)
-	SELECT w.p AS partition, l.state, l.last_pos, l.status, l.partition IS NOT NULL AS mine,
-		l.partition IS NULL AND EXISTS (SELECT 1 FROM projhost.checkpoints c
-			WHERE c.projection = $1 AND c.partition = w.p) AS taken
-	FROM unnest($2::text[]) AS w(p) LEFT JOIN l ON l.partition = w.p
-	ORDER BY w.p]]
+	SELECT partition, state, last_pos, status, true AS mine FROM l
+	UNION ALL
+	SELECT w.p, NULL, NULL, NULL, false FROM unnest($2::text[]) AS w(p)
+	WHERE NOT EXISTS (SELECT 1 FROM l WHERE l.partition = w.p)
+	  AND (SELECT true FROM projhost.checkpoints c WHERE c.projection = $1 AND c.partition = w.p)]]
 
 -- Open a job over partitions `wanted` (sorted). plan (the failure path):
 -- exactly its events, each partition from its start and up to (not
@@ -1550,20 +1560,21 @@ local function open_parts(def, job, wanted, plan)
 	-- shared: a version reset (exclusive) waits for batches in flight
 	conn:send("SELECT pg_advisory_xact_lock_shared(hashtext('projhost:' || $1))", def.cp)
 	conn:send_query(LOCK_SQL, def.cp, arr)
-	-- each stream past its checkpoint, from the start for a new partition
-	-- (a row made since the lock query by someone else gives events that
-	-- do not follow on from 0: see "held" below); a projection's own
-	-- emitted events are marked (_own) and passed over like events of
-	-- other types, unless it opts in (options.own_events)
+	-- each stream past its checkpoint (a primary key lookup, as above),
+	-- from the start for a new partition (a row made since the lock query
+	-- by someone else gives events that do not follow on from 0: see
+	-- "held" below); a projection's own emitted events are marked (_own)
+	-- and passed over like events of other types, unless it opts in
+	-- (options.own_events)
 	conn:send_events([[SELECT w.p AS partition, e.global_position, e.tx, e.event_id, e.stream_id,
 			e.stream_version, e.event_type, e.data, e.metadata, e.created_at,
 			CASE WHEN $4 AND e.origin = $5 THEN 1 END AS _own
 		FROM unnest($2::text[]) AS w(p)
-		LEFT JOIN projhost.checkpoints c ON c.projection = $1 AND c.partition = w.p
 		CROSS JOIN LATERAL (
 			SELECT ]] .. COLS .. [[, split_part(ev.metadata->>'projection', '@', 1) AS origin
 			FROM projhost.events ev
-			WHERE ev.stream_id = w.p AND ev.stream_version > coalesce(c.last_pos, 0)
+			WHERE ev.stream_id = w.p AND ev.stream_version > coalesce((SELECT c.last_pos
+				FROM projhost.checkpoints c WHERE c.projection = $1 AND c.partition = w.p), 0)
 			ORDER BY ev.stream_version LIMIT $3) e
 		ORDER BY w.p, e.stream_version]], def.cp, arr, BATCH, not def.own_events, def.name)
 	local ok, res, code = conn:sync(true)
@@ -1577,18 +1588,18 @@ local function open_parts(def, job, wanted, plan)
 
 	-- locked: the partitions of the job, mine or new (r.new), in order
 	local results = job.results
+	local found = {}
+	for _, r in ipairs(rows) do found[r.partition] = r end
 	local locked = {}
-	for _, r in ipairs(rows) do
-		if r.mine == "t" then
-			if r.status ~= "running" then
-				results[r.partition] = { r.status, 0 }
-			else
-				locked[#locked + 1] = r
-			end
-		elseif r.taken == "t" then
-			results[r.partition] = { "locked", 0 }
+	for _, p in ipairs(wanted) do
+		local r = found[p]
+		if not r then
+			locked[#locked + 1] = { partition = p, last_pos = 0, new = true }
+		elseif r.mine ~= "t" then
+			results[p] = { "locked", 0 }
+		elseif r.status ~= "running" then
+			results[p] = { r.status, 0 }
 		else
-			r.new, r.last_pos = true, 0
 			locked[#locked + 1] = r
 		end
 	end
@@ -1938,6 +1949,15 @@ local function job(name, parts)
 	elseif def.partition then
 		local n, results = run_partitions(def, parts)
 		out[1] = wire.line("done", name, n)
+		-- in the job's order (the master finds each entry where it put
+		-- it), then any the worker added (see run_partitions)
+		for _, p in ipairs(parts) do
+			local r = results[p]
+			if r then
+				out[#out + 1] = wire.line("part", p, r[1], string.format("%.3f", r[2] or 0))
+				results[p] = nil
+			end
+		end
 		for p, r in pairs(results) do
 			out[#out + 1] = wire.line("part", p, r[1], string.format("%.3f", r[2] or 0))
 		end
