@@ -1514,10 +1514,10 @@ end
 -- it itself each time its count doubles: a dozen times for a million.
 local new_checkpoints, analyze_at = 0, 1000
 
--- A job's partitions as the lock query finds them: the rows this worker
--- locked (FOR UPDATE SKIP LOCKED, mine = "t"), the rows it could not lock
--- (another worker or instance holds them: "locked"), and the others have
--- no row: a partition nothing was ever committed for. Such a partition gets its row
+-- A job's partitions as the lock query and the read find them: the rows
+-- this worker locked (FOR UPDATE SKIP LOCKED), the rows it could not lock
+-- (the read's _known: another worker or instance holds them, "locked"),
+-- and the others have no row: a partition nothing was ever committed for. Such a partition gets its row
 -- only from the batch that commits its first events (store_parts), with
 -- one plain INSERT: no row made, locked and written again in the same
 -- transaction (1,000,000 streams x 2 events: that was half the time of a
@@ -1526,18 +1526,12 @@ local new_checkpoints, analyze_at = 0, 1000
 -- new cannot both commit it: the second INSERT waits for the first
 -- transaction and then fails on the primary key (23505), which rolls the
 -- second batch back whole; it runs again from the row the first committed.
--- A new partition is no row of the answer (in a catch-up nearly all are
--- new: an empty answer). Each row another holds is found by a scalar
--- subquery, a primary key lookup whatever the statistics say (a join or
--- an EXISTS may be planned as a hash over every checkpoint row).
-local LOCK_SQL = [[WITH l AS MATERIALIZED (
-		SELECT partition, state::text AS state, last_pos, status FROM projhost.checkpoints
-		WHERE projection = $1 AND partition = ANY($2::text[]) FOR UPDATE SKIP LOCKED)
-	SELECT partition, state, last_pos, status, true AS mine FROM l
-	UNION ALL
-	SELECT w.p, NULL, NULL, NULL, false FROM unnest($2::text[]) AS w(p)
-	WHERE NOT EXISTS (SELECT 1 FROM l WHERE l.partition = w.p)
-	  AND (SELECT true FROM projhost.checkpoints c WHERE c.projection = $1 AND c.partition = w.p)]]
+-- (A partition held by another whose stream has nothing past its
+-- committed checkpoint reads no events, so it is not told from a new one:
+-- it has nothing to do, "idle", and whatever is appended to it later
+-- wakes it again.)
+local LOCK_SQL = [[SELECT partition, state::text AS state, last_pos, status FROM projhost.checkpoints
+	WHERE projection = $1 AND partition = ANY($2::text[]) FOR UPDATE SKIP LOCKED]]
 
 -- Open a job over partitions `wanted` (sorted). plan (the failure path):
 -- exactly its events, each partition from its start and up to (not
@@ -1560,21 +1554,26 @@ local function open_parts(def, job, wanted, plan)
 	-- shared: a version reset (exclusive) waits for batches in flight
 	conn:send("SELECT pg_advisory_xact_lock_shared(hashtext('projhost:' || $1))", def.cp)
 	conn:send_query(LOCK_SQL, def.cp, arr)
-	-- each stream past its checkpoint (a primary key lookup, as above),
-	-- from the start for a new partition (a row made since the lock query
-	-- by someone else gives events that do not follow on from 0: see
-	-- "held" below); a projection's own emitted events are marked (_own)
-	-- and passed over like events of other types, unless it opts in
-	-- (options.own_events)
+	-- each stream past its checkpoint, from the start for a new partition
+	-- (a row made since the lock query by someone else gives events that
+	-- do not follow on from 0: see "held" below). The checkpoint is a
+	-- scalar subquery: a primary key lookup per partition whatever the
+	-- statistics say (a join may be planned as a hash over every
+	-- checkpoint row), once (OFFSET 0: not copied into each use of k.pos,
+	-- a lookup each). A projection's own emitted events are marked
+	-- (_own) and passed over like events of other types, unless it opts
+	-- in (options.own_events).
 	conn:send_events([[SELECT w.p AS partition, e.global_position, e.tx, e.event_id, e.stream_id,
 			e.stream_version, e.event_type, e.data, e.metadata, e.created_at,
-			CASE WHEN $4 AND e.origin = $5 THEN 1 END AS _own
+			CASE WHEN $4 AND e.origin = $5 THEN 1 END AS _own,
+			CASE WHEN k.pos IS NOT NULL THEN 1 END AS _known
 		FROM unnest($2::text[]) AS w(p)
+		CROSS JOIN LATERAL (SELECT (SELECT c.last_pos FROM projhost.checkpoints c
+			WHERE c.projection = $1 AND c.partition = w.p) AS pos OFFSET 0) k
 		CROSS JOIN LATERAL (
 			SELECT ]] .. COLS .. [[, split_part(ev.metadata->>'projection', '@', 1) AS origin
 			FROM projhost.events ev
-			WHERE ev.stream_id = w.p AND ev.stream_version > coalesce((SELECT c.last_pos
-				FROM projhost.checkpoints c WHERE c.projection = $1 AND c.partition = w.p), 0)
+			WHERE ev.stream_id = w.p AND ev.stream_version > coalesce(k.pos, 0)
 			ORDER BY ev.stream_version LIMIT $3) e
 		ORDER BY w.p, e.stream_version]], def.cp, arr, BATCH, not def.own_events, def.name)
 	local ok, res, code = conn:sync(true)
@@ -1586,6 +1585,15 @@ local function open_parts(def, job, wanted, plan)
 	local rows, evrows = res[3], res[4]
 	pipe.sent = {}
 
+	local by_part, known = {}, {}
+	for _, r in ipairs(evrows) do
+		local p = rawget(r, "partition")
+		local l = by_part[p]
+		if not l then l = {}; by_part[p] = l end
+		l[#l + 1] = r
+		-- ours, not the handlers'
+		if rawget(r, "_known") then known[p] = true; rawset(r, "_known", nil) end
+	end
 	-- locked: the partitions of the job, mine or new (r.new), in order
 	local results = job.results
 	local found = {}
@@ -1593,14 +1601,14 @@ local function open_parts(def, job, wanted, plan)
 	local locked = {}
 	for _, p in ipairs(wanted) do
 		local r = found[p]
-		if not r then
-			locked[#locked + 1] = { partition = p, last_pos = 0, new = true }
-		elseif r.mine ~= "t" then
-			results[p] = { "locked", 0 }
-		elseif r.status ~= "running" then
+		if r and r.status ~= "running" then
 			results[p] = { r.status, 0 }
-		else
+		elseif r then
 			locked[#locked + 1] = r
+		elseif known[p] then
+			results[p] = { "locked", 0 }
+		else
+			locked[#locked + 1] = { partition = p, last_pos = 0, new = true }
 		end
 	end
 	if plan then
@@ -1622,12 +1630,6 @@ local function open_parts(def, job, wanted, plan)
 		return "empty", 0
 	end
 
-	local by_part = {}
-	for _, r in ipairs(evrows) do
-		local l = by_part[r.partition]
-		if not l then l = {}; by_part[r.partition] = l end
-		l[#l + 1] = r
-	end
 	local events, groups = {}, {}
 	for _, cp in ipairs(locked) do
 		local p = cp.partition
