@@ -64,6 +64,7 @@ struct worker {
 	int open_handles;
 	struct ph_qentry *jobs[PH_GROUP];	/* in flight */
 	int njobs;
+	int take_at;		/* where take_job() looks first */
 	struct ph_beat *beat;	/* shared heartbeat page (see beat.h) */
 	unsigned gen;		/* load generation of its last init/reload */
 	int reload_pending;	/* reload once its job is done */
@@ -464,13 +465,18 @@ static void entry_done(struct master *m, struct ph_qentry *e, const char *status
 	requeue(m, p, e, at, hard);
 }
 
+/* The entry of @w's job for @part. The worker answers in the job's order,
+ * so the search starts after the last entry taken: a job of n partitions
+ * costs n comparisons, not n * n / 2. */
 static struct ph_qentry *take_job(struct worker *w, const char *part)
 {
-	for (int i = 0; i < w->njobs; i++) {
+	for (int k = 0; k < w->njobs; k++) {
+		int i = (w->take_at + k) % w->njobs;
 		struct ph_qentry *e = w->jobs[i];
 
 		if (e && strcmp(ph_queue_entry_part(e), part) == 0) {
 			w->jobs[i] = NULL;
+			w->take_at = i + 1;
 			return e;
 		}
 	}
@@ -835,6 +841,7 @@ static int give_work(struct master *m, struct worker *w, uint64_t now)
 	}
 	w->jobs[0] = e;
 	w->njobs = 1;
+	w->take_at = 0;
 	if (p->partitioned && !*ph_queue_entry_part(e)) {
 		ph_proto_find(&mb, p->name, p->cursor ? p->cursor : p->since ? p->since : "");
 		add_overruns(&mb, w);	/* a death in its caught_up hook */

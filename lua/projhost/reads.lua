@@ -63,6 +63,12 @@ M.PLANNER_SQL, M.RESTORE_SQL, M.SESSION_SQL = planner_sql()
 
 --- A PostgreSQL text[] literal of a Lua list (false = NULL).
 function M.pg_text_array(list)
+	local plain = true
+	for _, s in ipairs(list) do
+		if s == false or s:find('[\\"]') then plain = false; break end
+	end
+	-- nothing to escape (nearly always): no string per element
+	if plain then return #list == 0 and "{}" or '{"' .. table.concat(list, '","') .. '"}' end
 	local out = {}
 	for i, s in ipairs(list) do
 		out[i] = s == false and "NULL" or ('"' .. s:gsub('[\\"]', '\\%0') .. '"')
@@ -143,22 +149,30 @@ end
 --- A job's partitions, each read from its checkpoint (a dense range of the
 --- unique key): $1 projection, $2 text[] partitions, $3 events per
 --- partition, $4 mark own events, $5 the projection's name. Types are left
---- to the worker (an index range per stream is as short as it gets). Run
---- under PLANNER_SQL: with few events per stream, a bitmap scan and a sort
---- of all of a stream's events after the checkpoint looks cheaper than its
---- range. Rows come partition after partition, each in version order (a
---- LATERAL subquery runs per checkpoint row, in its own order); no ORDER BY
---- over them, which would be a sort of every event of the job.
-M.PARTS_SQL = [[SELECT c.partition AS partition, e.global_position, e.tx, e.event_id, e.stream_id,
+--- to the worker (an index range per stream is as short as it gets). A
+--- partition without a checkpoint row is read from its start (_known: the
+--- row exists, held by someone else when the lock query did not get it).
+--- The checkpoint is a scalar subquery: a primary-key lookup per partition
+--- whatever the statistics say (a join may be planned as a hash over every
+--- checkpoint row), made once (OFFSET 0: not copied into each use of
+--- k.pos). Run under PLANNER_SQL: with few events per stream, a bitmap
+--- scan and a sort of all of a stream's events after the checkpoint looks
+--- cheaper than its range. Rows come partition after partition in $2's
+--- order, each in version order (a LATERAL subquery runs per partition, in
+--- its own order): no ORDER BY over them, which would sort every event of
+--- the job.
+M.PARTS_SQL = [[SELECT w.p AS partition, e.global_position, e.tx, e.event_id, e.stream_id,
 		e.stream_version, e.event_type, e.data, e.metadata, e.created_at,
-		CASE WHEN $4 AND e.origin = $5 THEN 1 END AS _own
-	FROM projhost.checkpoints c
+		CASE WHEN $4 AND e.origin = $5 THEN 1 END AS _own,
+		CASE WHEN k.pos IS NOT NULL THEN 1 END AS _known
+	FROM unnest($2::text[]) AS w(p)
+	CROSS JOIN LATERAL (SELECT (SELECT c.last_pos FROM projhost.checkpoints c
+		WHERE c.projection = $1 AND c.partition = w.p) AS pos OFFSET 0) k
 	CROSS JOIN LATERAL (
 		SELECT ]] .. M.COLS .. [[, split_part(ev.metadata->>'projection', '@', 1) AS origin
 		FROM projhost.events ev
-		WHERE ev.stream_id = c.partition AND ev.stream_version > c.last_pos
-		ORDER BY ev.stream_version LIMIT $3) e
-	WHERE c.projection = $1 AND c.partition = ANY($2::text[])]]
+		WHERE ev.stream_id = w.p AND ev.stream_version > coalesce(k.pos, 0)
+		ORDER BY ev.stream_version LIMIT $3) e]]
 
 -- "is stream `a`.stream_id at `a`.version past its checkpoint" ($1
 -- projection): a checkpoint that is not running never is (an operator

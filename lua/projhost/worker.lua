@@ -850,6 +850,12 @@ local function outcome_of(job, fail_i, fail_err)
 			if fail_i == tag then return { lo = tag, hi = tag, err = fail_err } end
 			return { lo = tag, hi = tag, err = "ctx:exec: " .. first.err }
 		end
+		if tag.claim and code == "23505" then
+			-- a new partition's row was made meanwhile by another worker
+			-- or instance (see LOCK_SQL): nothing of this batch commits;
+			-- it runs again from that row
+			return { status = "more" }
+		end
 		if tag.state then
 			-- our own UPDATE of the states: a state PostgreSQL refuses
 			-- (class 22: invalid UTF-8, \u0000) is the events' doing
@@ -1459,6 +1465,25 @@ end
 -- it itself each time its count doubles: a dozen times for a million.
 local new_checkpoints, analyze_at = 0, 1000
 
+-- A job's partitions as the lock query and the read find them: the rows
+-- this worker locked (FOR UPDATE SKIP LOCKED), the rows it could not lock
+-- (the read's _known: another worker or instance holds them, "locked"),
+-- and the others have no row: a partition nothing was ever committed for. Such a partition gets its row
+-- only from the batch that commits its first events (store_parts), with
+-- one plain INSERT: no row made, locked and written again in the same
+-- transaction (1,000,000 streams x 2 events: that was half the time of a
+-- job, three WAL records a row and no HOT update, as the inserts fill
+-- their pages). Two workers or instances that both take a partition for
+-- new cannot both commit it: the second INSERT waits for the first
+-- transaction and then fails on the primary key (23505), which rolls the
+-- second batch back whole; it runs again from the row the first committed.
+-- (A partition held by another whose stream has nothing past its
+-- committed checkpoint reads no events, so it is not told from a new one:
+-- it has nothing to do, "idle", and whatever is appended to it later
+-- wakes it again.)
+local LOCK_SQL = [[SELECT partition, state::text AS state, last_pos, status FROM projhost.checkpoints
+	WHERE projection = $1 AND partition = ANY($2::text[]) FOR UPDATE SKIP LOCKED]]
+
 -- Open a job over partitions `wanted` (sorted). plan (the failure path):
 -- exactly its events, each partition from its start and up to (not
 -- including) its first event that is not in the plan.
@@ -1479,18 +1504,13 @@ local function open_parts(def, job, wanted, plan)
 	conn:send("BEGIN")
 	-- shared: a version reset (exclusive) waits for batches in flight
 	conn:send("SELECT pg_advisory_xact_lock_shared(hashtext('projhost:' || $1))", def.cp)
-	conn:send([[INSERT INTO projhost.checkpoints (projection, partition, version)
-		SELECT $1, p, $2 FROM unnest($3::text[]) AS p ON CONFLICT DO NOTHING]], def.cp, def.version, arr)
-	conn:send_query([[SELECT partition, state::text AS state, last_pos, status
-		FROM projhost.checkpoints WHERE projection = $1 AND partition = ANY($2::text[])
-		ORDER BY partition FOR UPDATE SKIP LOCKED]], def.cp, arr)
-	-- a projection's own emitted events are marked (_own) and passed over
-	-- like events of other types, unless it opts in (options.own_events)
-	-- the partitions' reads run with the alternatives to their index
-	-- ranges priced out (projhost.reads), and only they: under these
-	-- settings the lock query's ORDER BY became a walk of every checkpoint
-	-- of the projection (the planner does not know that the primary key
-	-- returns `partition = ANY(...)` in order); set back before any
+	conn:send_query(LOCK_SQL, def.cp, arr)
+	-- each stream past its checkpoint, from the start for a new partition
+	-- (a row made since the lock query by someone else gives events that
+	-- do not follow on from 0: see "held" below); see reads.PARTS_SQL. It
+	-- runs with the alternatives to its index ranges priced out, and only
+	-- it: under these settings the lock query's old ORDER BY became a walk
+	-- of every checkpoint of the projection; set back before any
 	-- handler's SQL
 	conn:send(reads.PLANNER_SQL)
 	conn:send_events(reads.PARTS_SQL, def.cp, arr, BATCH, not def.own_events, def.name)
@@ -1500,27 +1520,48 @@ local function open_parts(def, job, wanted, plan)
 		if conn:ok() then conn:pipeline(false) end
 		return "dberror", dberror(def, res, code)
 	end
-	local rows, evrows = res[4], res[6]
-	new_checkpoints = new_checkpoints + (tonumber(res[3]) or 0)
+	local rows, evrows = res[3], res[5]
 	pipe.sent = {}
 	local ri = conn:send(reads.RESTORE_SQL, unpack(planner_session))
 	if ri then pipe.sent[ri] = false end
 
-	local results = job.results
-	local locked = {}
-	for _, r in ipairs(rows) do
-		if r.status ~= "running" then
-			results[r.partition] = { r.status, 0 }
-		else
-			locked[#locked + 1] = r
+	-- each partition's rows come in version order (reads.PARTS_SQL); a
+	-- plan that ever did otherwise is sorted here, not taken for a gap
+	local by_part, known, unordered = {}, {}, false
+	for _, r in ipairs(evrows) do
+		local p = rawget(r, "partition")
+		local l = by_part[p]
+		if not l then l = {}; by_part[p] = l end
+		if #l > 0 and l[#l].version >= r.version then unordered = true end
+		l[#l + 1] = r
+		-- ours, not the handlers'
+		if rawget(r, "_known") then known[p] = true; rawset(r, "_known", nil) end
+	end
+	if unordered then
+		for _, l in pairs(by_part) do
+			table.sort(l, function(a, b) return a.version < b.version end)
 		end
 	end
+	-- locked: the partitions of the job, mine or new (r.new), in order
+	local results = job.results
+	local found = {}
+	for _, r in ipairs(rows) do found[r.partition] = r end
+	local locked = {}
 	for _, p in ipairs(wanted) do
-		if not results[p] then results[p] = { "locked", 0 } end
+		local r = found[p]
+		if r and r.status ~= "running" then
+			results[p] = { r.status, 0 }
+		elseif r then
+			locked[#locked + 1] = r
+		elseif known[p] then
+			results[p] = { "locked", 0 }
+		else
+			locked[#locked + 1] = { partition = p, last_pos = 0, new = true }
+		end
 	end
-	for _, r in ipairs(locked) do results[r.partition] = nil end
 	if plan then
-		-- every partition of the plan locked by us, where the plan starts
+		-- every partition of the plan locked by us (or still new), where
+		-- the plan starts
 		local have = {}
 		for _, r in ipairs(locked) do have[r.partition] = tonumber(r.last_pos) end
 		for _, e in ipairs(plan.events) do
@@ -1537,25 +1578,11 @@ local function open_parts(def, job, wanted, plan)
 		return "empty", 0
 	end
 
-	-- each partition's rows come in version order (reads.PARTS_SQL); a
-	-- plan that ever did otherwise is sorted here, not taken for a gap
-	local by_part, unordered = {}, nil
-	for _, r in ipairs(evrows) do
-		local l = by_part[r.partition]
-		if not l then l = {}; by_part[r.partition] = l end
-		if #l > 0 and l[#l].version >= r.version then unordered = true end
-		l[#l + 1] = r
-	end
-	if unordered then
-		for _, l in pairs(by_part) do
-			table.sort(l, function(a, b) return a.version < b.version end)
-		end
-	end
 	local events, groups = {}, {}
 	for _, cp in ipairs(locked) do
 		local p = cp.partition
 		local last = tonumber(cp.last_pos)
-		local g = { part = p, start = last, i0 = #events + 1, status = "idle" }
+		local g = { part = p, start = last, i0 = #events + 1, status = "idle", new = cp.new }
 		g.status = #(by_part[p] or {}) >= BATCH and "more" or "idle"
 		local stop = stop_at and (stop_at[p] or last + 1)
 		for _, r in ipairs(by_part[p] or {}) do
@@ -1587,23 +1614,56 @@ local function open_parts(def, job, wanted, plan)
 	job.events, job.groups = events, groups
 	job.start = {}
 	for _, cp in ipairs(locked) do job.start[cp.partition] = { pos = tonumber(cp.last_pos) } end
+	if ASYNC_CATCHUP and not plan and #groups > 1 then
+		-- More partitions were due at once than one: a catch-up (or a
+		-- burst), whose commits need not wait for their WAL flush (see
+		-- ASYNC_CATCHUP; 1,000,000 streams: a flush per job of 128 was a
+		-- third of its time). A job of one partition - nearly every live
+		-- batch - waits, and so does one that emits; the catch-up's end
+		-- waits for all of them (see caught_up_partitioned).
+		local idx = conn:send("SET LOCAL synchronous_commit = off")
+		if idx then pipe.sent[idx], pipe.async = false, true end
+	end
 	return true
 end
 
 local function store_parts(job, states)
 	local up_p, up_s, up_v = {}, {}, {}
+	local in_p, in_s, in_v = {}, {}, {}
 	for i, g in ipairs(job.groups) do
-		up_p[i], up_s[i], up_v[i] = g.part, states[i], g.last
+		if g.new then
+			in_p[#in_p + 1], in_s[#in_s + 1], in_v[#in_v + 1] = g.part, states[i], g.last
+		else
+			up_p[#up_p + 1], up_s[#up_s + 1], up_v[#up_v + 1] = g.part, states[i], g.last
+		end
 	end
-	if #up_p == 0 then return end
+	job.inserted = #in_p
 	-- the checkpoints and COMMIT ride the same sync as the handlers'
 	-- statements; after an error PostgreSQL skips them
-	local idx = conn:send([[UPDATE projhost.checkpoints c SET state = coalesce(u.s::jsonb, c.state), last_pos = u.v,
-		script_hash = $5, error = NULL, updated_at = now()
-		FROM unnest($2::text[], $3::text[], $4::bigint[]) AS u(p, s, v)
-		WHERE c.projection = $1 AND c.partition = u.p]],
-		job.def.cp, pg_text_array(up_p), pg_text_array(up_s), "{" .. table.concat(up_v, ",") .. "}", job.def.hash)
-	if idx then pipe.sent[idx] = state_tag(job) end
+	if #up_p > 0 then
+		local idx = conn:send([[UPDATE projhost.checkpoints c SET state = coalesce(u.s::jsonb, c.state),
+			last_pos = u.v, script_hash = $5, error = NULL, updated_at = now()
+			FROM unnest($2::text[], $3::text[], $4::bigint[]) AS u(p, s, v)
+			WHERE c.projection = $1 AND c.partition = u.p]],
+			job.def.cp, pg_text_array(up_p), pg_text_array(up_s), "{" .. table.concat(up_v, ",") .. "}",
+			job.def.hash)
+		if idx then pipe.sent[idx] = state_tag(job) end
+	end
+	if #in_p > 0 then
+		-- new partitions (see LOCK_SQL): no ON CONFLICT, a row made
+		-- meanwhile must fail this batch
+		local idx = conn:send([[INSERT INTO projhost.checkpoints (projection, partition, version, state,
+			last_pos, script_hash)
+			SELECT $1, u.p, $2, u.s::jsonb, u.v, $6 FROM unnest($3::text[], $4::text[], $5::bigint[]) AS u(p, s, v)
+			ORDER BY u.p]],
+			job.def.cp, job.def.version, pg_text_array(in_p), pg_text_array(in_s),
+			"{" .. table.concat(in_v, ",") .. "}", job.def.hash)
+		if idx then
+			local tag = state_tag(job)
+			tag.claim = true
+			pipe.sent[idx] = tag
+		end
+	end
 end
 
 local function attempt_parts(def)
@@ -1617,7 +1677,9 @@ local function attempt_parts(def)
 		local job = { def = def, store = store_parts, results = {} }
 		local st, d = open_parts(def, job, wanted, plan)
 		if st ~= true then return { status = st == "empty" and "more" or st, delay = d } end
-		return transact(def, job)
+		local o = transact(def, job)
+		if not o then new_checkpoints = new_checkpoints + (job.inserted or 0) end
+		return o
 	end
 end
 
@@ -1683,6 +1745,7 @@ local function run_partitions(def, parts)
 
 	db_failures = 0
 	report(def, total, "", false)
+	new_checkpoints = new_checkpoints + (job.inserted or 0)
 	if new_checkpoints >= analyze_at then
 		-- see new_checkpoints
 		analyze_at = analyze_at * 2
@@ -1927,6 +1990,15 @@ local function job(name, parts)
 	elseif def.partition then
 		local n, results = run_partitions(def, parts)
 		out[1] = wire.line("done", name, n)
+		-- in the job's order (the master finds each entry where it put
+		-- it), then any the worker added (see run_partitions)
+		for _, p in ipairs(parts) do
+			local r = results[p]
+			if r then
+				out[#out + 1] = wire.line("part", p, r[1], string.format("%.3f", r[2] or 0))
+				results[p] = nil
+			end
+		end
 		for p, r in pairs(results) do
 			out[#out + 1] = wire.line("part", p, r[1], string.format("%.3f", r[2] or 0))
 		end
@@ -1944,6 +2016,13 @@ function caught_up_partitioned(def)
 	local key = def.cp .. "\t*"
 	if caught[key] then return end
 	caught[key] = true
+	if ASYNC_CATCHUP then
+		-- the catch-up's jobs may have committed without waiting for
+		-- their WAL flush (see open_parts), on any worker: a write that
+		-- waits for its own flush covers every commit before it, so a
+		-- caught-up projection is on disk
+		x("UPDATE projhost.checkpoints SET updated_at = now() WHERE projection = $1 AND partition = ''", def.cp)
+	end
 	log("info", def.cp, "caught up (every partition)")
 	run_caught_up(def)
 end

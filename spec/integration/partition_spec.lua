@@ -129,6 +129,77 @@ COMMIT;
 		assert_matches_truth(conn)
 	end)
 
+	it("writes a new partition's checkpoint row with the batch that commits it, so a row made meanwhile sends the batch round again", function()
+		-- the first event of pacct-race sleeps in its handler: meanwhile
+		-- another instance claims the partition (a row at version 0, as an
+		-- error action leaves it) and commits. A worker that held the row
+		-- from the start of its batch would make that INSERT wait.
+		h.write_file(dir .. "/pbal.lua", PBAL:gsub("Inc = function%(s, e, ctx%)", [[Inc = function(s, e, ctx)
+			if e.stream == "pacct-race" and e.version == 1 then ctx:query("SELECT pg_sleep(1)") end]]))
+		for i = 1, 3 do h.run({ "append", "pacct-race", "Inc", "--db", dsn }) end
+		for i = 1, 3 do h.run({ "append", "pacct-other", "Inc", "--db", dsn }) end
+		local host = h.spawn({ "run", "--once", "--workers", "1", "--db", dsn, dir })
+		h.wait_until(function()
+			return scalar(conn, [[SELECT count(*) FROM pg_stat_activity
+				WHERE application_name = 'projhost worker' AND query LIKE 'SELECT pg_sleep%']]) == "1"
+		end, 30, "the handler to sleep")
+		assert(conn:exec("SET lock_timeout = '200ms'"))
+		local ok, err = conn:exec([[INSERT INTO projhost.checkpoints (projection, partition, version)
+			VALUES ('pbal', 'pacct-race', 1) ON CONFLICT DO NOTHING]])
+		assert(conn:exec("RESET lock_timeout"))
+		assert.is_truthy(ok, err)
+		assert.equal(0, host:wait(60), host:output())
+		-- the batch that lost the row rolled back whole and ran again: each
+		-- event applied once, no error charged to anything
+		assert_matches_truth(conn)
+		assert.equal(6, applied(conn))
+		assert.not_matches("rolled back", host:output(), 1, true)
+		assert.not_matches("failed", host:output(), 1, true)
+	end)
+
+	it("commits a job of several partitions without waiting for the WAL flush, unless it emits", function()
+		-- each event records the synchronous_commit its job ran with
+		h.write_file(dir .. "/psc.lua", [=[
+return {
+	name = "psc",
+	from = { category = "psc" },
+	partition = "stream",
+	setup = "CREATE TABLE IF NOT EXISTS psc (stream text, version bigint, sync text, PRIMARY KEY (stream, version))",
+	when = {
+		["*"] = function(_, e, ctx)
+			if e.type == "Emit" then ctx:emit("pscout-1", "Out", {}) end
+			ctx:exec("INSERT INTO psc SELECT $1, $2, current_setting('synchronous_commit')", e.stream, e.version)
+		end,
+	},
+}
+]=])
+		os.remove(dir .. "/pbal.lua")
+		local function run()
+			-- the test cluster's own default is off: the host's sessions wait
+			local code, out, err = h.run({ "run", "--once", "--db", dsn, dir },
+				{ env = { PGOPTIONS = "-c synchronous_commit=on" } })
+			assert.equal(0, code, out .. err)
+		end
+		local function got(where)
+			local out = {}
+			for _, r in ipairs(assert(conn:query("SELECT stream || '@' || version || '=' || sync AS s FROM psc WHERE "
+				.. where .. " ORDER BY stream, version"))) do
+				out[#out + 1] = r.s
+			end
+			return table.concat(out, " ")
+		end
+		-- one job over three streams: asynchronous until psc-2 emits
+		for _, s in ipairs({ "psc-1", "psc-1", "psc-2", "psc-3" }) do
+			assert.equal(0, (h.run({ "append", s, s == "psc-2" and "Emit" or "Inc", "{}", "--db", dsn })))
+		end
+		run()
+		assert.equal("psc-1@1=off psc-1@2=off psc-2@1=on psc-3@1=on", got("true"))
+		-- a job of one partition (nearly every live batch) waits
+		assert.equal(0, (h.run({ "append", "psc-3", "Inc", "{}", "--db", dsn })))
+		run()
+		assert.equal("psc-3@2=on", got("version = 2 AND stream = 'psc-3'"))
+	end)
+
 	it("rebuilds every partition when the version changes", function()
 		h.run({ "append", "pacct-1", "Inc", "--db", dsn })
 		h.run({ "append", "pacct-2", "Inc", "--db", dsn })
