@@ -1158,15 +1158,15 @@ local function open_page(def, job, plan)
 	def._last = nil
 	if plan then guess = nil end
 	conn:send("BEGIN")
-	-- the reads below run with the alternatives to their index ranges
-	-- priced out; set back before any handler's SQL (see projhost.reads)
-	conn:send(reads.PLANNER_SQL)
 	-- xmin tells whether anyone (a parked retry, another instance, an
 	-- operator) wrote the row since our last commit
 	conn:send_query([[SELECT version, CASE WHEN $2 THEN state::text END AS state, last_tx::text AS last_tx,
 		last_pos, status, xmin::text AS rx, xid(pg_current_xact_id())::text AS my_xid
 		FROM projhost.checkpoints WHERE projection = $1 AND partition = ''
 		FOR UPDATE SKIP LOCKED]], def.cp, guess == nil)
+	-- the reads below run with the alternatives to their index ranges
+	-- priced out; set back before any handler's SQL (see projhost.reads)
+	conn:send(reads.PLANNER_SQL)
 	-- a full page read ahead by the previous batch (see below) is this
 	-- batch's page, if the checkpoint is still where that batch left it
 	local ahead = guess and guess.ahead
@@ -1185,7 +1185,7 @@ local function open_page(def, job, plan)
 		if conn:ok() then conn:pipeline(false) end
 		return "dberror", dberror(def, res, code)
 	end
-	local row, rows, held = res[3][1], res[4], #res[5] > 0
+	local row, rows, held = res[2][1], res[4], #res[5] > 0
 	local hit = row and guess and guess.rx == row.rx and guess.tx == row.last_tx
 		and guess.pos == tonumber(row.last_pos)
 	if row and plan and (row.last_tx ~= plan.start[""].tx or tonumber(row.last_pos) ~= plan.start[""].pos) then
