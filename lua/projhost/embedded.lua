@@ -435,10 +435,10 @@ local function connect_admin(p)
 		admin, err = core.connect(dsn_of(p, M.ADMIN, "postgres"))
 		if not admin then return nil, err end
 	end
-	local rows, msg, code = admin:query("SELECT 1 AS x FROM pg_database WHERE datname = $1", M.DBNAME)
+	local rows, msg = admin:query("SELECT 1 AS x FROM pg_database WHERE datname = $1", M.DBNAME)
 	if rows and #rows == 0 then
 		-- 42P04: a concurrent start created it first, which is fine.
-		local ok
+		local ok, code
 		ok, msg, code = admin:exec("CREATE DATABASE " .. M.DBNAME)
 		if not ok and code ~= "42P04" then rows = nil end
 	end

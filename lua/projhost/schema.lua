@@ -603,14 +603,12 @@ M.BUILD_KEY = "8102654201364165493"
 -- -> true | nil, msg, sqlstate (a build that failed: the index is left
 -- for the next migrate; nothing else depends on it)
 local function ensure_indexes(conn, note)
-	local names = {}
-	for i, ix in ipairs(M.INDEXES) do names[i] = ix.name end
 	local function missing()
+		-- every index of the schema (a handful): those not listed are ignored
 		local rows, msg, code = conn:query([[SELECT c.relname AS name, i.indisvalid AS valid
 			FROM pg_index i JOIN pg_class c ON c.oid = i.indexrelid
 			JOIN pg_namespace n ON n.oid = c.relnamespace
-			WHERE n.nspname = 'projhost' AND c.relname = ANY($1::text[])]],
-			"{" .. table.concat(names, ",") .. "}")
+			WHERE n.nspname = 'projhost']])
 		if not rows then return nil, msg, code end
 		local have, out = {}, {}
 		for _, r in ipairs(rows) do have[r.name] = r.valid == "t" and "valid" or "invalid" end

@@ -253,3 +253,41 @@ return {
 		c:close()
 	end)
 end)
+
+describe("the reads' planner settings", function()
+	-- they price the alternatives to an index range out for projhost's
+	-- reads only: a handler's SQL runs with the session's own settings, in
+	-- the first batch, in batches whose page was read ahead, partitioned
+	-- or not
+	local function projection(name, partitioned)
+		return ([[
+return {
+	name = "%s",
+	from = { category = "set" },
+	%s
+	when = { ["*"] = function(_, e, ctx)
+		ctx:exec("INSERT INTO settings_seen SELECT $1, $2, current_setting('enable_seqscan') || ' '"
+			.. " || current_setting('enable_bitmapscan') || ' ' || current_setting('enable_sort')",
+			"%s", e.position)
+	end },
+}]]):format(name, partitioned and 'partition = "stream",' or "", name)
+	end
+
+	it("never reach a handler's statements", function()
+		local dsn = h.fresh_db("plans_settings")
+		local c = h.connect(dsn)
+		assert(schema.migrate(c))
+		assert(c:exec("CREATE TABLE settings_seen (projection text, position bigint, settings text)"))
+		h.insert_events(c, "set", 200, 4)
+		local dir = h.tmpdir()
+		h.write_file(dir .. "/flat.lua", projection("flat", false))
+		h.write_file(dir .. "/parts.lua", projection("parts", true))
+		-- pages of 7: the first batch, then batches on pages read ahead
+		local code, out, err = h.run({ "run", "--once", "--db", dsn, dir }, { env = { PROJHOST_BATCH_SIZE = "7" } })
+		assert.equal(0, code, out .. err)
+		assert.equal("400", h.scalar(c, "SELECT count(*) FROM settings_seen"))
+		assert.same({ { settings = "on on on", n = "400" } },
+			c:query("SELECT settings, count(*)::text AS n FROM settings_seen GROUP BY 1"))
+		c:close()
+	end)
+end)
