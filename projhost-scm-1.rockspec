@@ -28,7 +28,7 @@ build = {
 	modules = {
 		["projhost.core"] = {
 			sources = {
-				"core/log.c", "core/beat.c", "core/pg.c", "core/stmt.c", "core/frame.c", "core/proto.c", "core/queue.c", "core/master.c",
+				"core/log.c", "core/beat.c", "core/pg.c", "core/stmt.c", "core/frame.c", "core/proto.c", "core/queue.c", "core/wakecheck.c", "core/master.c",
 				"core/lua_core.c", "core/lua_pg.c", "core/lua_master.c", "core/lua_worker.c",
 			},
 			defines = { "_GNU_SOURCE" },

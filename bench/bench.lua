@@ -848,9 +848,9 @@ local function pgbench(dsn, c, script, seconds)
 	return { appends_per_s = tps, events_per_s = n_ev / seconds, transactions = n_tx }
 end
 
--- The pgbench script (bench/append.sql, or one append of one event to one
--- of 100,000 streams) and the same calling the NOTIFY-less copy.
-local function append_scripts()
+-- The pgbench script: bench/append.sql, or one append of one event to one
+-- of 100,000 streams.
+local function append_script()
 	local text = read_file(ROOT .. "/bench/append.sql")
 	local from = "bench/append.sql"
 	if not text:match("%S") then
@@ -859,40 +859,7 @@ local function append_scripts()
 	end
 	local plain = scratch("append.sql")
 	write_file(plain, text)
-	local quiet, n = text:gsub("projhost%.append%(", "bench_nonotify.append(")
-	if n == 0 then return plain, nil, from .. " calls no projhost.append(" end
-	local qpath = scratch("append-nonotify.sql")
-	write_file(qpath, quiet)
-	return plain, qpath, from
-end
-
--- projhost.append as the current schema step defines it, minus its
--- pg_notify statement, as bench_nonotify.append: the same appends without
--- NOTIFY, following any change of the function. nil, why when the text
--- has not exactly one pg_notify statement to remove.
-local function nonotify_sql()
-	local schema = require "projhost.schema"
-	local text
-	for v = #schema.steps, 1, -1 do
-		for _, st in ipairs(schema.steps[v]) do
-			if type(st) == "string" and st:find("FUNCTION%s+projhost%.append%s*%(") then text = st end
-		end
-		if text then break end
-	end
-	if not text then return nil, "no projhost.append in projhost.schema's steps" end
-	local _, calls = text:gsub("pg_notify", "")
-	if calls ~= 1 then
-		return nil, ("projhost.append's text has %d pg_notify calls, not one to remove"):format(calls)
-	end
-	-- from the start of the line with the call to the end of its statement
-	local at = text:find("[^\n]*pg_notify")
-	local stop = text:find(";", at, true)
-	if not stop then return nil, "projhost.append's pg_notify statement has no end" end
-	local quiet = text:sub(1, at - 1) .. text:sub(stop + 1)
-	local n
-	quiet, n = quiet:gsub("FUNCTION%s+projhost%.append%s*%(", "FUNCTION bench_nonotify.append(", 1)
-	if n ~= 1 then return nil, "cannot rename projhost.append" end
-	return quiet
+	return plain, from
 end
 
 -- Rows measured in turns (A B A B ...), n runs each, each figure the
@@ -940,32 +907,27 @@ local function in_turns(list, n)
 	end
 end
 
--- rows 11: appends/s of pgbench, with and without NOTIFY, on c's store
+-- rows 11: appends/s of pgbench, with and without NOTIFY, on c's store.
+-- Without NOTIFY: the same appends with projhost's wake trigger (which
+-- sends them, see "One NOTIFY per moment" in projhost.schema) disabled.
 local function append_rows(label, dsn, c, reset)
 	if not (wanted(label) or wanted(label .. "_nonotify")) then return end
-	local plain, quiet, from = append_scripts()
-	local fn, why = nonotify_sql()
-	if fn then
-		sql(c, "CREATE SCHEMA IF NOT EXISTS bench_nonotify")
-		sql(c, fn)
-	end
+	local script, from = append_script()
 	results.append_script = from
-	local list = { { label, function()
-		if reset then reset(c) end
-		return pgbench(dsn, c, plain, PGBENCH_SECONDS)
-	end } }
-	if not quiet or not fn then
-		notes.nonotify = "no-NOTIFY appends not measured: " .. (why or from)
-		results.rows[label .. "_nonotify"] = wanted(label .. "_nonotify") and { failed = notes.nonotify } or nil
-	else
-		list[2] = { label .. "_nonotify", function()
-			if reset then reset(c) end
-			return pgbench(dsn, c, quiet, PGBENCH_SECONDS)
-		end }
+	local function quiet(on)
+		sql(c, "ALTER TABLE projhost.streams " .. (on and "DISABLE" or "ENABLE") .. " TRIGGER wake")
 	end
-	-- with and without NOTIFY in turns: a change in the machine's load
-	-- falls on both
-	in_turns(list, 2)
+	in_turns({ { label, function()
+		if reset then reset(c) end
+		return pgbench(dsn, c, script, PGBENCH_SECONDS)
+	end }, { label .. "_nonotify", function()
+		if reset then reset(c) end
+		quiet(true)
+		local ok, r = pcall(pgbench, dsn, c, script, PGBENCH_SECONDS)
+		quiet(false)
+		if not ok then error(r, 0) end
+		return r
+	end } }, 2)
 end
 
 -- row 10: what a partitioned count must end with
@@ -1363,7 +1325,7 @@ local function report(m)
 	end
 	out[#out + 1] = fmt(head)
 	for _, l in ipairs(lines) do out[#out + 1] = fmt(l) end
-	for _, k in ipairs({ "cold", "nonotify" }) do
+	for _, k in ipairs({ "cold" }) do
 		if notes[k] then out[#out + 1] = notes[k] end
 	end
 	return table.concat(out, "\n")

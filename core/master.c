@@ -23,6 +23,7 @@
 #include "pg.h"
 #include "proto.h"
 #include "queue.h"
+#include "wakecheck.h"
 
 struct master;
 
@@ -102,6 +103,7 @@ struct master {
 	uv_poll_t *lpoll;
 	uv_timer_t reconnect;
 	unsigned lfailures;
+	struct ph_wakecheck wc;	/* appends that skipped NOTIFY, on lconn */
 
 	uv_timer_t fallback, due, watchdog;
 	uv_signal_t sigint, sigterm, sighup;
@@ -199,6 +201,21 @@ static void wake_all(struct master *m)
 	for (int i = 0; i < m->nprojs; i++)
 		wake(m, &m->projs[i], "", now);
 	dispatch(m);
+}
+
+/* Whether @p's next discovery round reads only the events since its last
+ * one (a window, token "i ..." of find_partitions in worker.lua) instead of
+ * walking its streams: a window lists only streams with new events, so a
+ * wake-up may start it at once - it is how the streams of appends that
+ * skipped their NOTIFY are found. */
+static int next_round_is_window(const struct proj *p)
+{
+	return !p->cursor && p->since && strncmp(p->since, "i ", 2) == 0;
+}
+
+static void wake_all_cb(void *arg)
+{
+	wake_all(arg);
 }
 
 static int stream_matches(const struct proj *p, const char *stream)
@@ -553,8 +570,9 @@ static void handle_done(struct worker *w, char *msg)
 			entry_done(m, e, "more", 0);
 		else if (e && nfound)
 			/* look again once these are done: the projection has
-			 * caught up when a look finds nothing behind */
-			requeue(m, p, e, now + 500, 1);
+			 * caught up when a look finds nothing behind (a window
+			 * sooner if woken: it lists only new events' streams) */
+			requeue(m, p, e, now + 500, !next_round_is_window(p));
 		else if (e)
 			entry_done(m, e, find_status, 0);
 	}
@@ -829,7 +847,7 @@ static int give_work(struct master *m, struct worker *w, uint64_t now)
 		 * of its partitions wait, the workers process them instead of
 		 * listing; a new round from the first stream waits for its
 		 * partitions to drain, or it would list again what is queued */
-		int wait_round = !p->cursor && p->nparts > 0;
+		int wait_round = !p->cursor && !next_round_is_window(p) && p->nparts > 0;
 
 		if (wait_round && !p->round_wait)
 			p->round_wait = now ? now : 1;
@@ -951,6 +969,7 @@ static void listen_lost(struct master *m, const char *why)
 		uv_close((uv_handle_t *)m->lpoll, on_poll_closed);
 		m->lpoll = NULL;
 	}
+	ph_wakecheck_attach(&m->wc, NULL);
 	PQfinish(m->lconn);
 	m->lconn = NULL;
 	m->lfailures = 1;
@@ -961,7 +980,7 @@ static void on_listen_readable(uv_poll_t *h, int status, int events)
 {
 	struct master *m = h->data;
 	PGnotify *n;
-	int all = 0;
+	int all = 0, notified = 0;
 	uint64_t now;
 
 	(void)events;
@@ -971,8 +990,10 @@ static void on_listen_readable(uv_poll_t *h, int status, int events)
 		listen_lost(m, ph_pg_errmsg(m->lconn, NULL, buf, sizeof(buf)));
 		return;
 	}
+	ph_wakecheck_input(&m->wc);
 	now = now_ms(m);
 	while ((n = PQnotifies(m->lconn))) {
+		notified = 1;
 		/* payload: "<position> <stream>", stream "*" = many */
 		const char *sp = strchr(n->extra, ' ');
 		const char *stream = sp ? sp + 1 : "*";
@@ -995,6 +1016,10 @@ static void on_listen_readable(uv_poll_t *h, int status, int events)
 		}
 		PQfreemem(n);
 	}
+	/* the named streams are woken; those of appends that skipped their
+	 * NOTIFY meanwhile are found once they have committed */
+	if (notified)
+		ph_wakecheck_notified(&m->wc);
 	if (all)
 		wake_all(m);
 	else
@@ -1041,6 +1066,7 @@ static void listen_connect(struct master *m)
 		ph_log(PH_INFO, "host", "listening for appends on %s", ph_pg_where(c, where, sizeof(where)));
 	m->lfailures = 0;
 	m->lconn = c;
+	ph_wakecheck_attach(&m->wc, c);
 	m->lpoll = calloc(1, sizeof(*m->lpoll));
 	uv_poll_init(m->loop, m->lpoll, PQsocket(c));
 	m->lpoll->data = m;
@@ -1249,6 +1275,7 @@ int ph_master_run(const struct ph_master_cfg *cfg)
 	uv_timer_init(&loop, &m.respawn);
 	uv_timer_init(&loop, &m.watchdog);
 	uv_timer_init(&loop, &m.debounce);
+	ph_wakecheck_init(&m.wc, &loop, wake_all_cb, &m);
 	m.debounce.data = &m;
 	loop.data = &m;
 	m.reconnect.data = m.fallback.data = m.due.data = m.respawn.data = m.watchdog.data = &m;

@@ -319,21 +319,6 @@ $fn$]]
 ---------------------------------------------------------------------------
 -- Bulk loads at scale (issue 11).
 --
--- append keeps one NOTIFY per transaction. PostgreSQL serializes notifying
--- commits (PreCommit_Notify takes a cluster-wide lock and holds it until
--- the commit record is flushed), which costs concurrent appenders group
--- commit. Deciding at commit time instead (a deferred constraint trigger;
--- one committer at a time takes an advisory lock and notifies '*' after
--- waiting for those that skipped) was measured at 60-67% of the rate
--- without NOTIFY (8 pgbench clients, bench/append.sql), short of the 80%
--- aimed for and no faster than one NOTIFY per transaction on a quieter
--- machine (the skippers' commits and the notifier's queue up behind each
--- other), and it is not safe enough:
--- SET CONSTRAINTS ... IMMEDIATE fires the trigger long before commit (the
--- waits would then block every appender for a whole transaction), and a
--- notifier whose transaction fails after its trigger leaves those it
--- covered to the fallback poll.
-
 -- The one home of appending checked events to many streams: append_many
 -- (p_events, a JSON array; ord = its 1-based index) and append_staged
 -- (p_events NULL: the session's pg_temp.projhost_staged, ord = what the
@@ -412,7 +397,8 @@ $fn$]]
 -- keeps it in the session's temporary table pg_temp.projhost_staged
 -- (dropped at commit), taking no lock; append_staged() then appends all
 -- that is staged with append_rows - each stream's row is written once per
--- load, however many chunks - and sends one NOTIFY '<position> *'.
+-- load, however many chunks - announced at commit like any append (see
+-- "One NOTIFY per moment" below).
 -- ords: one number per event, increasing over the whole load; they order
 -- the events (the CLI passes the file's line numbers). "id"s are cast to
 -- uuid here too, so a malformed one fails the chunk that holds it.
@@ -500,6 +486,143 @@ BEGIN
 END
 $fn$]]
 
+---------------------------------------------------------------------------
+-- One NOTIFY per moment, not per transaction (issue 11, step 4).
+--
+-- PostgreSQL serializes notifying commits: PreCommit_Notify takes one
+-- cluster-wide lock and holds it until the commit record is flushed, so
+-- concurrent appenders that each NOTIFY lose group commit (8 clients:
+-- ~60% of the rate without NOTIFY). So at most one committing transaction
+-- notifies at a time and the others skip - and a host must still hear of
+-- every skipped one once it has committed:
+--
+-- * Every row written to projhost.streams notes its stream in the
+--   transaction-local setting projhost.wake ("<position> <stream>", or
+--   "<position> *" once two streams are noted) and queues one deferred
+--   constraint trigger per transaction (the WHEN clause runs at update
+--   time and is true only for the first note since the trigger last ran).
+-- * The trigger runs at commit, before PreCommit_Notify: it takes the
+--   shared "in flight" lock L(e) of the current epoch e (and of the newer
+--   one if the epoch moved meanwhile), held to the end of its commit, then
+--   tries the exclusive lock K: got it -> NOTIFY the noted payload; else
+--   another committer is notifying right now -> skip, and count the skip.
+-- * A host, after each notification (all of its notifications arrive
+--   after the notifier committed, so every skipper that overlapped it
+--   already holds L), calls wake_check: it starts a new epoch and tries
+--   the retired epochs' L locks; once each was free the skippers of those
+--   epochs have all committed, and if the skip count moved since the
+--   host's previous epoch it wakes every projection once (their streams
+--   were not named). New skippers take the new epoch's lock, so the host
+--   never waits for appenders that came after it looked.
+-- Nobody waits for anyone at commit: a first design, where the notifier
+-- waited for the skippers, reached 60-67% and would have blocked every
+-- appender for a whole transaction under SET CONSTRAINTS ... IMMEDIATE.
+-- Caveats: a notifier whose commit fails after its trigger ran sends no
+-- NOTIFY, and the appends that skipped behind it wait for the fallback
+-- poll (PROJHOST_POLL_INTERVAL); SET CONSTRAINTS ALL IMMEDIATE runs the
+-- trigger early, so a notifier that keeps K until a late commit delays the
+-- others' wake-up until then. Both only delay, never lose, an event.
+M.WAKE_LOCK_CLASS = 1885894507 -- "phwk": advisory locks (class, key); keys
+M.WAKE_EPOCHS = 64             -- 0..63 are L(e % 64), 64 is K
+
+-- plpgsql, not sql: a SQL function in a trigger's WHEN is parsed and
+-- planned again by every statement (measured: a quarter of an append).
+local WAKE_NOTE = [[
+CREATE OR REPLACE FUNCTION projhost.wake_note(p_stream text, p_position bigint)
+RETURNS boolean LANGUAGE plpgsql AS $fn$
+DECLARE
+	v_noted text := current_setting('projhost.wake', true);
+BEGIN
+	IF coalesce(v_noted, '') = '' THEN
+		PERFORM set_config('projhost.wake', p_position || ' ' || p_stream, true);
+		RETURN true;
+	END IF;
+	PERFORM set_config('projhost.wake', greatest(p_position, split_part(v_noted, ' ', 1)::bigint) || ' ' ||
+		CASE WHEN substr(v_noted, strpos(v_noted, ' ') + 1) = p_stream THEN p_stream ELSE '*' END, true);
+	RETURN false;
+END
+$fn$]]
+
+local WAKE_AT_COMMIT = ([[
+CREATE OR REPLACE FUNCTION projhost.wake_at_commit()
+RETURNS trigger LANGUAGE plpgsql AS $fn$
+DECLARE
+	v_payload text := current_setting('projhost.wake', true);
+	v_epoch bigint;
+	v_now bigint;
+BEGIN
+	IF coalesce(v_payload, '') = '' THEN
+		RETURN NULL;
+	END IF;
+	PERFORM set_config('projhost.wake', '', true);
+	SELECT last_value INTO v_epoch FROM projhost.wake_epoch;
+	PERFORM pg_advisory_xact_lock_shared(@CLASS@, (v_epoch % @EPOCHS@)::int);
+	SELECT last_value INTO v_now FROM projhost.wake_epoch;
+	IF v_now <> v_epoch THEN
+		PERFORM pg_advisory_xact_lock_shared(@CLASS@, (v_now % @EPOCHS@)::int);
+	END IF;
+	IF pg_try_advisory_xact_lock(@CLASS@, @EPOCHS@) THEN
+		PERFORM pg_notify('projhost', v_payload);
+	ELSE
+		PERFORM nextval('projhost.wake_skips');
+	END IF;
+	RETURN NULL;
+END
+$fn$]]):gsub("@(%u+)@", { CLASS = M.WAKE_LOCK_CLASS, EPOCHS = M.WAKE_EPOCHS })
+
+-- The host's side: p_to NULL starts a new epoch and checks the ones from
+-- p_from (the epoch this host started last time; NULL: all) to the one it
+-- retired; otherwise checks p_from..p_to again. busy_from: the first epoch
+-- whose lock is still held (NULL: all were free); skips_before: the skip
+-- count read before the new epoch began; skips: read after the checks.
+local WAKE_CHECK = ([[
+CREATE OR REPLACE FUNCTION projhost.wake_check(p_from bigint, p_to bigint,
+	OUT epoch bigint, OUT skips_before bigint, OUT busy_from bigint, OUT skips bigint)
+LANGUAGE plpgsql AS $fn$
+DECLARE
+	e bigint;
+BEGIN
+	IF p_to IS NULL THEN
+		SELECT CASE WHEN is_called THEN last_value ELSE 0 END INTO skips_before FROM projhost.wake_skips;
+		epoch := nextval('projhost.wake_epoch');
+		p_to := epoch - 1;
+	ELSE
+		epoch := p_to + 1;
+	END IF;
+	e := greatest(coalesce(p_from, 1), p_to - @EPOCHS@ + 1, 1);
+	WHILE e <= p_to LOOP
+		IF NOT pg_try_advisory_xact_lock(@CLASS@, (e % @EPOCHS@)::int) THEN
+			busy_from := e;
+			EXIT;
+		END IF;
+		e := e + 1;
+	END LOOP;
+	SELECT CASE WHEN is_called THEN last_value ELSE 0 END INTO skips FROM projhost.wake_skips;
+END
+$fn$]]):gsub("@(%u+)@", { CLASS = M.WAKE_LOCK_CLASS, EPOCHS = M.WAKE_EPOCHS })
+
+-- The append functions of steps 2 and 3 without their own NOTIFY: the
+-- trigger announces them. Derived from those texts, so there is one body.
+local function without_notify(body, line)
+	local i, j = body:find(line, 1, true)
+	assert(i and not body:find(line, j + 1, true), "schema: the NOTIFY line to drop is not there once")
+	return body:sub(1, i - 1) .. body:sub(j + 1)
+end
+local APPEND_V4 = without_notify(APPEND, [[
+	-- NOTIFY payloads are capped at 8000 bytes; "*" (some stream) keeps an
+	-- absurdly long stream id from failing the append.
+	PERFORM pg_notify('projhost', v_last || ' ' ||
+		CASE WHEN octet_length(p_stream) < 7900 THEN p_stream ELSE '*' END);
+]])
+local APPEND_MANY_V4 = without_notify(APPEND_MANY_V2, [[
+	PERFORM pg_notify('projhost', r.last_position || ' *');
+]])
+local APPEND_STAGED_V4 = without_notify(APPEND_STAGED, [[
+	IF r.events > 0 THEN
+		PERFORM pg_notify('projhost', r.last_position || ' *');
+	END IF;
+]])
+
 -- Step 1 is the contract of design §2; names are relied on elsewhere.
 M.steps = {
 	{
@@ -578,6 +701,25 @@ M.steps = {
 		STAGE_EVENTS,
 		APPEND_STAGED,
 		ANALYZE_IF_GROWN,
+	},
+	-- issue 11: one NOTIFY at a time, the others announced by the host
+	{
+		[[CREATE SEQUENCE projhost.wake_epoch]],
+		-- epoch 1 is current from the start (a fresh sequence's
+		-- last_value is 1 before and after its first nextval)
+		[[SELECT nextval('projhost.wake_epoch')]],
+		[[CREATE SEQUENCE projhost.wake_skips]],
+		WAKE_NOTE,
+		WAKE_AT_COMMIT,
+		WAKE_CHECK,
+		[[CREATE CONSTRAINT TRIGGER wake AFTER INSERT OR UPDATE ON projhost.streams
+			DEFERRABLE INITIALLY DEFERRED FOR EACH ROW
+			-- not append's placeholder row (position 0) for a new stream
+			WHEN (CASE WHEN NEW.last_position > 0 THEN projhost.wake_note(NEW.stream_id, NEW.last_position) END)
+			EXECUTE FUNCTION projhost.wake_at_commit()]],
+		APPEND_V4,
+		APPEND_MANY_V4,
+		APPEND_STAGED_V4,
 	},
 }
 

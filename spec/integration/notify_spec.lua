@@ -1,0 +1,198 @@
+-- One NOTIFY at a time (issue 11, "appends at scale"): a committing append
+-- notifies unless another one is notifying right now; then it skips, and
+-- a host that hears the other one waits until the skipper has committed
+-- and wakes every projection. Nothing may be lost: a skipped append is
+-- applied without the fallback poll, even when it commits long after the
+-- notification that covers it.
+local h = require "helpers"
+local schema = require "projhost.schema"
+local scalar = h.scalar
+
+local CLASS, K = schema.WAKE_LOCK_CLASS, schema.WAKE_EPOCHS
+
+local PARTS = [[
+return {
+	name = "per_stream",
+	from = { category = "nt" },
+	partition = "stream",
+	setup = { "CREATE TABLE IF NOT EXISTS nt_applied (who text, stream text, version bigint, PRIMARY KEY (who, stream, version))" },
+	init = function() return {} end,
+	when = {
+		A = function(s, e, ctx) ctx:exec("INSERT INTO nt_applied VALUES ('parts', $1, $2)", e.stream, e.version) end,
+	},
+}
+]]
+
+local ALL = [[
+return {
+	name = "everything",
+	from = { category = "nt" },
+	init = function() return {} end,
+	when = {
+		A = function(s, e, ctx) ctx:exec("INSERT INTO nt_applied VALUES ('all', $1, $2)", e.stream, e.version) end,
+	},
+}
+]]
+
+local function append(conn, stream)
+	assert(conn:query("SELECT projhost.append($1, NULL, '[{\"type\":\"A\"}]')", stream))
+end
+
+local function skips(conn)
+	return tonumber(scalar(conn, "SELECT CASE WHEN is_called THEN last_value ELSE 0 END FROM projhost.wake_skips"))
+end
+
+describe("NOTIFY of appends", function()
+	local dsn, conn
+
+	before_each(function()
+		dsn = h.fresh_db("notify")
+		conn = h.connect(dsn)
+		assert(schema.migrate(conn))
+	end)
+
+	after_each(function()
+		h.stop_all()
+		if conn then conn:close() end
+	end)
+
+	it("names the one stream a transaction appended to, or '*' with the highest position", function()
+		local l = h.connect(dsn)
+		assert(l:exec("LISTEN projhost"))
+		local function top() return scalar(conn, "SELECT max(global_position) FROM projhost.events") end
+		local function payloads()
+			local out = {}
+			for _, n in ipairs(l:notifies(1)) do out[#out + 1] = n.payload end
+			return out
+		end
+
+		append(conn, "nt-one")
+		assert.same({ top() .. " nt-one" }, payloads())
+
+		assert(conn:exec("BEGIN"))
+		append(conn, "nt-b")
+		append(conn, "nt-a")
+		append(conn, "nt-b")
+		assert(conn:exec("COMMIT"))
+		assert.same({ top() .. " *" }, payloads())
+
+		-- append_many to one stream names it
+		assert(conn:query([[SELECT projhost.append_many('[{"stream":"nt-m","type":"A"},{"stream":"nt-m","type":"A"}]')]]))
+		assert.same({ top() .. " nt-m" }, payloads())
+
+		-- a savepoint rolled back takes its note with it
+		assert(conn:exec("BEGIN"))
+		assert(conn:exec("SAVEPOINT s"))
+		append(conn, "nt-gone")
+		assert(conn:exec("ROLLBACK TO SAVEPOINT s"))
+		append(conn, "nt-kept")
+		assert(conn:exec("COMMIT"))
+		assert.same({ top() .. " nt-kept" }, payloads())
+
+		-- the trigger run early by SET CONSTRAINTS: later appends still announced
+		assert(conn:exec("BEGIN"))
+		append(conn, "nt-early")
+		local early = top()
+		assert(conn:exec("SET CONSTRAINTS ALL IMMEDIATE"))
+		append(conn, "nt-late")
+		assert(conn:exec("COMMIT"))
+		assert.same({ early .. " nt-early", top() .. " nt-late" }, payloads())
+
+		-- rows an import writes itself are announced too
+		assert(conn:exec([[INSERT INTO projhost.streams (stream_id, version, last_position)
+			VALUES ('nt-imported', 1, 999)]]))
+		assert.same({ "999 nt-imported" }, payloads())
+
+		-- rolled back: nothing
+		assert(conn:exec("BEGIN"))
+		append(conn, "nt-never")
+		assert(conn:exec("ROLLBACK"))
+		assert.same({}, payloads())
+		l:close()
+	end)
+
+	it("is skipped while another commit notifies, and counted", function()
+		local l = h.connect(dsn)
+		assert(l:exec("LISTEN projhost"))
+		local other = h.connect(dsn)
+		-- what a notifying commit holds until it ends
+		assert(other:query("SELECT pg_advisory_lock($1, $2)", CLASS, K))
+		local before = skips(conn)
+		append(conn, "nt-skipped")
+		assert.same({}, l:notifies(1))
+		assert.equal(before + 1, skips(conn))
+		assert(other:query("SELECT pg_advisory_unlock($1, $2)", CLASS, K))
+		append(conn, "nt-heard")
+		local got = l:notifies(2)
+		assert.equal(1, #got)
+		assert.matches(" nt%-heard$", got[1].payload)
+		l:close()
+		other:close()
+	end)
+
+	it("of a skipped append is made up for by the host once it has committed", function()
+		local dir = h.tmpdir()
+		h.write_file(dir .. "/parts.lua", PARTS)
+		h.write_file(dir .. "/all.lua", ALL)
+		-- a commit that goes on for a while after its NOTIFY decision: a
+		-- deferred trigger that runs after projhost's ("wake" < "zz_slow")
+		assert(conn:exec([[CREATE FUNCTION public.slow_commit() RETURNS trigger LANGUAGE plpgsql AS $$
+			BEGIN
+				IF current_setting('test.slow', true) = 'on' THEN PERFORM pg_sleep(3); END IF;
+				RETURN NULL;
+			END $$]]))
+		assert(conn:exec([[CREATE CONSTRAINT TRIGGER zz_slow AFTER UPDATE ON projhost.streams
+			DEFERRABLE INITIALLY DEFERRED FOR EACH ROW EXECUTE FUNCTION public.slow_commit()]]))
+		assert(conn:exec("CREATE TABLE nt_applied (who text, stream text, version bigint, PRIMARY KEY (who, stream, version))"))
+		append(conn, "nt-0")
+		-- the fallback poll is 10 minutes away: only wake-ups count
+		local host = h.spawn({ "run", "--db", dsn, dir }, { env = { PROJHOST_POLL_INTERVAL = "600" } })
+		local function applied(who, stream)
+			return tonumber(scalar(conn, "SELECT count(*) FROM nt_applied WHERE who = $1 AND stream = $2",
+				who, stream)) or 0
+		end
+		local function both(stream, what)
+			local ok, err = pcall(h.wait_until, function()
+				return applied("parts", stream) == 1 and applied("all", stream) == 1
+			end, 30, what)
+			if not ok then error(err .. "\n" .. host:output()) end
+		end
+		both("nt-0", "the first event applied")
+		-- its discovery rounds end (one that found a stream looks again)
+		require("projhost.core").sleep(2)
+
+		-- 1. a skipper that committed before the notification came
+		local holder = h.connect(dsn)
+		assert(holder:query("SELECT pg_advisory_lock($1, $2)", CLASS, K))
+		append(conn, "nt-quiet")
+		assert(holder:query("SELECT pg_advisory_unlock($1, $2)", CLASS, K))
+		require("projhost.core").sleep(1)
+		assert.equal(0, applied("parts", "nt-quiet"), "applied with no wake-up at all?")
+		append(conn, "nt-loud")
+		both("nt-loud", "the notified event applied")
+		both("nt-quiet", "the skipped event applied")
+
+		-- 2. a skipper still committing when the notification comes
+		local slow = h.connect(dsn)
+		assert(holder:query("SELECT pg_advisory_lock($1, $2)", CLASS, K))
+		local before = skips(conn)
+		assert(slow:exec("BEGIN"))
+		assert(slow:exec("SET LOCAL test.slow = 'on'"))
+		append(slow, "nt-slow")
+		assert(slow:pipeline(true))
+		slow:send("COMMIT")
+		assert(slow:flush())
+		h.wait_until(function() return skips(conn) == before + 1 end, 10, "the slow commit skipped its NOTIFY")
+		assert(holder:query("SELECT pg_advisory_unlock($1, $2)", CLASS, K))
+		append(conn, "nt-cover")
+		both("nt-cover", "the covering event applied")
+		-- the host must not have given up on the skipper meanwhile
+		both("nt-slow", "the slow skipped event applied after its commit")
+		assert(slow:sync())
+		assert(slow:pipeline(false))
+		slow:close()
+		holder:close()
+		host:kill(15)
+		assert.equal(0, host:wait(30), host:output())
+	end)
+end)
