@@ -13,6 +13,7 @@
 #include <lua.h>
 #include <lauxlib.h>
 
+#include "fnv.h"
 #include "log.h"
 #include "lua_core.h"
 #include "master.h"
@@ -96,13 +97,9 @@ static int ph_l_hash(lua_State *L)
 {
 	size_t len;
 	const unsigned char *s = (const unsigned char *)luaL_checklstring(L, 1, &len);
-	uint64_t h = 14695981039346656037ULL;
+	uint64_t h = ph_fnv1a(PH_FNV_OFFSET, s, len);
 	char out[17];
 
-	for (size_t i = 0; i < len; i++) {
-		h ^= s[i];
-		h *= 1099511628211ULL;
-	}
 	for (int i = 15; i >= 0; i--, h >>= 4)
 		out[i] = "0123456789abcdef"[h & 15];
 	out[16] = '\0';

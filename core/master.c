@@ -17,6 +17,7 @@
 #include <uv.h>
 
 #include "beat.h"
+#include "fnv.h"
 #include "frame.h"
 #include "log.h"
 #include "master.h"
@@ -286,15 +287,6 @@ static void on_handle_closed(uv_handle_t *h)
 
 static void check_done(struct master *m);
 
-static uint64_t fnv(const char *s, uint64_t h)
-{
-	for (; *s; s++) {
-		h ^= (unsigned char)*s;
-		h *= 1099511628211ULL;
-	}
-	return h;
-}
-
 static void request_reload(struct master *m, const char *why);
 static void send_reload(struct worker *w);
 
@@ -323,7 +315,7 @@ static void handle_ready(struct worker *w, char *msg)
 	}
 	while ((v = ph_proto_next(&msg, f, 8, &n)) != PH_V_END) {
 		if (v == PH_V_PROJ && n >= 4) {
-			sig ^= fnv(n >= 6 ? f[5] : "", fnv(f[0], 1469598103934665603ULL));
+			sig ^= ph_fnv1a_str(ph_fnv1a_str(PH_FNV_OFFSET, f[0]), n >= 6 ? f[5] : "");
 			if (!adopt)
 				continue;
 			np = realloc(m->projs, sizeof(*np) * (size_t)(m->nprojs + 1));

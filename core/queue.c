@@ -5,17 +5,12 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "fnv.h"
 #include "queue.h"
 
 static uint64_t hash_key(const char *k, size_t n)
 {
-	uint64_t h = 14695981039346656037ULL;
-
-	for (size_t i = 0; i < n; i++) {
-		h ^= (unsigned char)k[i];
-		h *= 1099511628211ULL;
-	}
-	return h;
+	return ph_fnv1a(PH_FNV_OFFSET, k, n);
 }
 
 int ph_queue_init(struct ph_queue *q)

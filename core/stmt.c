@@ -6,6 +6,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "fnv.h"
 #include "stmt.h"
 
 /* texts remembered at most; beyond this new texts are sent unnamed */
@@ -23,15 +24,6 @@ struct ph_stmts {
 	struct ph_stmt slot[PH_STMTS_SLOTS];
 	unsigned texts, prepared, max_prepared, next_id;
 };
-
-static uint64_t fnv1a(const char *s)
-{
-	uint64_t h = 1469598103934665603ULL;
-
-	for (; *s; s++)
-		h = (h ^ (unsigned char)*s) * 1099511628211ULL;
-	return h;
-}
 
 ph_stmts *ph_stmts_new(unsigned max_prepared)
 {
@@ -53,7 +45,7 @@ void ph_stmts_free(ph_stmts *s)
 
 const char *ph_stmts_use(ph_stmts *s, const char *sql, int *parse)
 {
-	uint64_t h = fnv1a(sql);
+	uint64_t h = ph_fnv1a_str(PH_FNV_OFFSET, sql);
 	size_t i = (size_t)(h % PH_STMTS_SLOTS);
 	struct ph_stmt *e;
 
