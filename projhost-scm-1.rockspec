@@ -43,6 +43,7 @@ build = {
 		["projhost.loader"] = "lua/projhost/loader.lua",
 		["projhost.proc"] = "lua/projhost/proc.lua",
 		["projhost.projection"] = "lua/projhost/projection.lua",
+		["projhost.json"] = "lua/projhost/json.lua",
 		["projhost.reads"] = "lua/projhost/reads.lua",
 		["projhost.run"] = "lua/projhost/run.lua",
 		["projhost.schema"] = "lua/projhost/schema.lua",

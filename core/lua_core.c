@@ -17,6 +17,7 @@
 #include "log.h"
 #include "lua_core.h"
 #include "master.h"
+#include "version.h"
 
 static int traceback(lua_State *L)
 {
@@ -180,7 +181,7 @@ int luaopen_projhost_core(lua_State *L)
 	ph_l_pg_open(L);
 	lua_newtable(L);
 	luaL_register(L, NULL, core_funcs);
-	lua_pushstring(L, "0.1.0");
+	lua_pushstring(L, PH_VERSION);
 	lua_setfield(L, -2, "version");
 	lua_pushinteger(L, PH_MAX_WORKERS);
 	lua_setfield(L, -2, "max_workers");

@@ -5,7 +5,7 @@
 --
 -- Runtime failures print one line "projhost: <command>: <why>" on stderr;
 -- usage errors print the problem and the command's usage on stderr.
-local cjson = require "cjson"
+local cjson = require "projhost.json"
 
 local M = {}
 

@@ -6,11 +6,10 @@
 --
 -- The host itself (`projhost run`) lives in the binary; this module is what
 -- projection authors and tools use from plain LuaJIT or busted.
-local M = {
-	version = "0.1.0",
-}
+local M = {}
 
 local lazy = {
+	version = function() return require("projhost.core").version end,
 	load = function() return require("projhost.loader").load_file end,
 	load_paths = function() return require("projhost.loader").load_paths end,
 	testing = function() return require "projhost.testing" end,

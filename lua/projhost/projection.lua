@@ -17,7 +17,6 @@
 -- statement all the same. ctx:upsert buffers rows and writes them in sets
 -- (one statement per table per batch).
 
-local cjson = require "cjson"
 local guard = require "projhost.guard"
 local unpack = unpack or table.unpack
 local errtext = guard.errtext
@@ -25,21 +24,14 @@ local getmetatable_raw = debug.getmetatable
 
 local M = {}
 
--- One JSON configuration for everything a projection sees or sends (table
--- parameters, emitted data, state, events, and the scripts' `json`
--- global), matching what the worker stores: 14 significant digits
--- (integers up to 1e14 stay exact) and sparse arrays encoded as objects
--- instead of raising. A private instance, so nobody else's cjson settings
--- change, and this is its only home: scripts get M.script_json(), which
--- exposes encode, decode and null only.
-local json = cjson.new()
-json.encode_number_precision(14)
-json.encode_sparse_array(true)
+-- The one JSON configuration (projhost.json); scripts get M.script_json(),
+-- which exposes encode, decode and null only.
+local json = require "projhost.json"
 M.json = json
 
 -- JSON null as it comes out of decode (the same value for every cjson
 -- instance).
-local null = cjson.null
+local null = json.null
 M.null = null
 
 ---------------------------------------------------------------------------

@@ -32,4 +32,29 @@ describe("the tree", function()
 		assert.equal("af63dc4c8601ec8c", core.hash("a"))
 		assert.equal("85944171f73967e8", core.hash("foobar"))
 	end)
+
+	it("writes the version once, in core/version.h", function()
+		local v = read("core/version.h"):match('#define PH_VERSION "([^"]+)"')
+		assert.is_string(v)
+		assert.equal(v, core.version)
+		assert.equal(v, require("projhost").version)
+		local literal = v:gsub("%p", "%%%0")
+		for _, path in ipairs(files("core/*.c core/*.h lua/projhost/*.lua lua/projhost/*/*.lua")) do
+			if path ~= "core/version.h" then
+				assert.is_nil(read(path):find('"' .. literal .. '"'), path .. " writes the version itself")
+			end
+		end
+	end)
+
+	it("configures JSON once, in projhost.json", function()
+		for _, path in ipairs(files("lua/projhost/*.lua lua/projhost/*/*.lua")) do
+			if path ~= "lua/projhost/json.lua" then
+				local s = read(path)
+				assert.is_nil(s:find("require%s*%(?%s*[\"']cjson[\"']"), path .. " uses cjson directly")
+			end
+		end
+		local json = require "projhost.json"
+		assert.equal('{"1":1,"1000":2}', json.encode({ [1] = 1, [1000] = 2 }):gsub('{"1000":2,"1":1}', '{"1":1,"1000":2}'))
+		assert.equal("12345678901234", json.encode(12345678901234))
+	end)
 end)
