@@ -38,6 +38,7 @@ build = {
 		},
 		["projhost"] = "lua/projhost/init.lua",
 		["projhost.cli"] = "lua/projhost/cli.lua",
+		["projhost.config"] = "lua/projhost/config.lua",
 		["projhost.embedded"] = "lua/projhost/embedded.lua",
 		["projhost.guard"] = "lua/projhost/guard.lua",
 		["projhost.loader"] = "lua/projhost/loader.lua",

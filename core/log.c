@@ -72,6 +72,14 @@ size_t ph_escape(char *dst, size_t cap, const char *src, size_t len, size_t *use
 	return o;
 }
 
+/* off until the CLI reads PROJHOST_DEBUG (projhost.config) */
+static int debug;
+
+void ph_log_set_debug(int on)
+{
+	debug = on;
+}
+
 void ph_log_text(enum ph_level level, const char *who, size_t who_len, const char *msg, size_t msg_len)
 {
 	char line[PH_LOG_LINE];
@@ -81,10 +89,7 @@ void ph_log_text(enum ph_level level, const char *who, size_t who_len, const cha
 	struct tm tm;
 	size_t n;
 	int head;
-	static int debug = -1;
 
-	if (debug < 0)
-		debug = getenv("PROJHOST_DEBUG") != NULL;
 	if (level == PH_DEBUG && !debug)
 		return;
 	if (!who) {

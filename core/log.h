@@ -51,6 +51,11 @@ size_t ph_escape(char *dst, size_t cap, const char *src, size_t len, size_t *use
 void ph_log_text(enum ph_level level, const char *who, size_t who_len, const char *msg, size_t msg_len);
 
 /**
+ * ph_log_set_debug() - whether PH_DEBUG lines are written (default: not).
+ */
+void ph_log_set_debug(int on);
+
+/**
  * ph_log() - write one log line (see ph_log_text()).
  * @level: severity
  * @who: projection name, or "host" for the process itself

@@ -123,6 +123,14 @@ static int ph_l_log(lua_State *L)
 	return 0;
 }
 
+/* core.log_debug(on): write debug lines too (PROJHOST_DEBUG, read by
+ * projhost.config) */
+static int ph_l_log_debug(lua_State *L)
+{
+	ph_log_set_debug(lua_toboolean(L, 1));
+	return 0;
+}
+
 /* core.escape(s [, max]) -> s with control characters escaped by the log's
  * own rule (ph_escape), for anything shown to people on one line (tables,
  * error lines); with max, at most max bytes, never cutting an escape or a
@@ -162,6 +170,7 @@ static int ph_l_escape(lua_State *L)
 
 static const luaL_Reg core_funcs[] = {
 	{ "log", ph_l_log },
+	{ "log_debug", ph_l_log_debug },
 	{ "escape", ph_l_escape },
 	{ "connect", ph_l_connect },
 	{ "monotime", ph_l_monotime },

@@ -19,9 +19,10 @@ void ph_l_pg_open(lua_State *L);
 int ph_l_run_master(lua_State *L);
 
 /**
- * ph_l_serve() - core.serve(fd, handler[, beat_fd]): the worker's frame loop
- * (lua_worker.c). handler(msg) returns the reply (nil: stop) and optionally
- * true to stop after sending it.
+ * ph_l_serve() - core.serve(fd, handler[, beat_fd[, memory_mb]]): the worker's
+ * frame loop (lua_worker.c). handler(msg) returns the reply (nil: stop) and
+ * optionally true to stop after sending it. memory_mb > 0 caps the process's
+ * data size (RLIMIT_DATA); 0 or none: no cap.
  */
 int ph_l_serve(lua_State *L);
 

@@ -1,5 +1,5 @@
 /*
- * lua_worker.c - core.serve(fd, handler): the worker's loop.
+ * lua_worker.c - core.serve(fd, handler[, beat_fd[, memory_mb]]): the worker's loop.
  *
  * Reads a frame from the master, calls handler(payload) through the one
  * pcall wrapper, writes the returned string back as a frame. A nil return
@@ -72,10 +72,8 @@ int ph_l_beat_backend(lua_State *L)
  * push the machine into the OOM killer. LuaJIT allocates with mmap, which
  * RLIMIT_DATA covers. ASan reserves terabytes of shadow memory, so
  * sanitizer builds go without. */
-static void limit_memory(void)
+static void limit_memory(long mb)
 {
-	const char *env = getenv("PROJHOST_WORKER_MEMORY_MB");
-	long mb = env && *env ? strtol(env, NULL, 10) : 1024;
 	struct rlimit rl;
 
 	if (PH_ASAN || mb <= 0)
@@ -89,6 +87,7 @@ int ph_l_serve(lua_State *L)
 {
 	int fd = (int)luaL_checkinteger(L, 1);
 	int beat_fd = (int)luaL_optinteger(L, 3, -1);
+	long mb = (long)luaL_optinteger(L, 4, 0);
 
 	luaL_checktype(L, 2, LUA_TFUNCTION);
 	/* Die with the master: if it is SIGKILLed our transaction must end
@@ -100,7 +99,7 @@ int ph_l_serve(lua_State *L)
 	signal(SIGPIPE, SIG_IGN);
 	if (beat_fd >= 0)
 		beat = ph_beat_attach(beat_fd);
-	limit_memory();
+	limit_memory(mb);
 	for (;;) {
 		char *msg = NULL;
 		size_t len = 0;

@@ -901,6 +901,7 @@ function commands.__worker()
 end
 
 function M.main(argv)
+	require("projhost.core").log_debug(require("projhost.config").get("PROJHOST_DEBUG"))
 	local words = {}
 	for i = 1, #(argv or {}) do words[i] = argv[i] end
 	local cmd, problem, usage = M.parse(words)

@@ -36,6 +36,7 @@
 -- as `nobody` via runuser(1) and the directories are chowned to it.
 local lfs = require "lfs"
 local proc = require "projhost.proc"
+local config = require "projhost.config"
 
 local M = {}
 
@@ -89,8 +90,7 @@ end
 
 -- The cluster home: explicit argument, else $PROJHOST_HOME, else ./.projhost.
 function M.home(home)
-	home = home or os.getenv("PROJHOST_HOME")
-	if not home or home == "" then home = ".projhost" end
+	home = home or config.get("PROJHOST_HOME")
 	return (absolute(home):gsub("/+$", ""))
 end
 
@@ -159,8 +159,8 @@ end
 -- Directory with initdb/pg_ctl: $PROJHOST_PGBIN, pg_config --bindir, or the
 -- newest /usr/lib/postgresql/*/bin.
 local function find_pgbin()
-	local env = os.getenv("PROJHOST_PGBIN")
-	if env and env ~= "" then
+	local env = config.get("PROJHOST_PGBIN")
+	if env then
 		if lfs.attributes(env .. "/pg_ctl", "mode") then return env end
 		return nil, "PROJHOST_PGBIN=" .. env .. " has no pg_ctl in it"
 	end
@@ -512,8 +512,8 @@ function start(p)
 		local setsid = find_program("setsid")
 		if not setsid then return nil, "cannot find setsid(1), needed to start PostgreSQL in the background" end
 		local args = { "-w", bin .. "/pg_ctl", "-D", REL_DATA, "-l", REL_LOG, "-w", "-t", "60" }
-		local extra = os.getenv("PROJHOST_PG_OPTS")
-		if extra and extra ~= "" then
+		local extra = config.get("PROJHOST_PG_OPTS")
+		if extra then
 			args[#args + 1] = "-o"
 			args[#args + 1] = extra
 		end
@@ -565,8 +565,8 @@ function M.resolve(opts)
 	opts = opts or {}
 	local getenv = opts.getenv or os.getenv
 	if opts.db then return opts.db, false end
-	local env = getenv("PROJHOST_DB")
-	if env and env ~= "" then return env, false end
+	local env = config.read("PROJHOST_DB", getenv)
+	if env then return env, false end
 	for _, name in ipairs(LIBPQ_VARS) do
 		local v = getenv(name)
 		if v and v ~= "" then return "", false end

@@ -38,12 +38,7 @@ M.MAX_VERSION = 2147483647
 
 -- Seconds a file's top level may run when it is loaded (and its init, if
 -- options.budget does not say otherwise): PROJHOST_BUDGET, else 30.
-local function host_budget()
-	local b = tonumber(os.getenv("PROJHOST_BUDGET"))
-	if b and b == b and b >= 0 and b <= M.MAX_BUDGET then return b end
-	return 30
-end
-M.default_budget = host_budget()
+M.default_budget = require("projhost.config").get("PROJHOST_BUDGET")
 
 local FIELDS = {
 	name = true, version = true, from = true, partition = true, setup = true,

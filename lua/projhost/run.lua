@@ -40,7 +40,7 @@ function M.main(opts)
 		paths = paths,
 		workers = opts.workers or 1,
 		once = opts.once and true or false,
-		poll_interval = tonumber(os.getenv("PROJHOST_POLL_INTERVAL")) or 5,
+		poll_interval = require("projhost.config").get("PROJHOST_POLL_INTERVAL"),
 	}
 end
 

@@ -12,6 +12,7 @@
 local core = require "projhost.core"
 local loader = require "projhost.loader"
 local P = require "projhost.projection"
+local config = require "projhost.config"
 local guard = require "projhost.guard"
 
 local json = P.json
@@ -19,7 +20,7 @@ local json = P.json
 local M = {}
 
 -- events per batch (unpartitioned) and per partition (partitioned)
-local BATCH = tonumber(os.getenv("PROJHOST_BATCH_SIZE")) or 1000
+local BATCH = config.get("PROJHOST_BATCH_SIZE")
 -- A projection with a large state writes all of it with every batch, so
 -- its batches grow with the state: one event per STATE_BYTES_PER_EVENT
 -- bytes of (JSON) state, up to BATCH_GROWTH x BATCH. Measured with a
@@ -31,7 +32,7 @@ local BATCH_GROWTH = 16
 -- many bytes of event data, however large the state
 local PAGE_BYTES = 16 * 1024 * 1024
 -- runaway SQL (libpq syntax: "30s", "2min", or ms)
-local STATEMENT_TIMEOUT = os.getenv("PROJHOST_STATEMENT_TIMEOUT") or "60s"
+local STATEMENT_TIMEOUT = config.get("PROJHOST_STATEMENT_TIMEOUT")
 -- Batches in the middle of a catch-up (a full page: more events are
 -- waiting) commit without waiting for their WAL flush (SET LOCAL
 -- synchronous_commit = off): waiting made a catch-up ~25% slower (make
@@ -43,7 +44,7 @@ local STATEMENT_TIMEOUT = os.getenv("PROJHOST_STATEMENT_TIMEOUT") or "60s"
 -- on those) commit synchronously, and that flush covers the earlier
 -- commits: once a projection is caught up, all of it is on disk.
 -- PROJHOST_SYNCHRONOUS_COMMIT=on makes every batch wait.
-local ASYNC_CATCHUP = os.getenv("PROJHOST_SYNCHRONOUS_COMMIT") ~= "on"
+local ASYNC_CATCHUP = not config.get("PROJHOST_SYNCHRONOUS_COMMIT")
 -- default error action: retry with exponential backoff, then fail
 local DEFAULT_RETRIES = 3
 
@@ -2114,7 +2115,7 @@ function M.handle(msg)
 end
 
 function M.main()
-	return core.serve(3, M.handle, 4)
+	return core.serve(3, M.handle, 4, config.get("PROJHOST_WORKER_MEMORY_MB"))
 end
 
 return M

@@ -57,4 +57,41 @@ describe("the tree", function()
 		assert.equal('{"1":1,"1000":2}', json.encode({ [1] = 1, [1000] = 2 }):gsub('{"1000":2,"1":1}', '{"1":1,"1000":2}'))
 		assert.equal("12345678901234", json.encode(12345678901234))
 	end)
+
+	it("reads every PROJHOST_* variable in projhost.config, which documents each", function()
+		local config = require "projhost.config"
+		local readme = read("README.md")
+		for _, path in ipairs(files("lua/projhost/*.lua lua/projhost/*/*.lua core/*.c")) do
+			local s = read(path)
+			for name in s:gmatch("getenv%s*%(%s*\"(PROJHOST_[%w_]+)\"") do
+				assert.is_true(path == "lua/projhost/config.lua" or (path == "core/main.c" and name == "PROJHOST_LUADIR"),
+					path .. " reads " .. name .. " itself")
+			end
+			for name in s:gmatch("PROJHOST_[%u_]+") do
+				assert.is_table(config.VARS[name], path .. " mentions " .. name .. ", which projhost.config does not know")
+			end
+		end
+		for name, var in pairs(config.VARS) do
+			assert.is_string(var[3], name .. " has no description")
+			assert.truthy(readme:find("`" .. name .. "`", 1, true), "README does not list " .. name)
+		end
+	end)
+
+	it("parses configuration values, falling back to the default on nonsense", function()
+		local config = require "projhost.config"
+		local function env(t) return function(k) return t[k] end end
+		assert.equal(1000, config.read("PROJHOST_BATCH_SIZE", env {}))
+		assert.equal(250, config.read("PROJHOST_BATCH_SIZE", env { PROJHOST_BATCH_SIZE = "250" }))
+		for _, bad in ipairs({ "", "0", "-5", "2.5", "lots", "nan", "1e99" }) do
+			assert.equal(1000, config.read("PROJHOST_BATCH_SIZE", env { PROJHOST_BATCH_SIZE = bad }), bad)
+		end
+		assert.equal(0.2, config.read("PROJHOST_POLL_INTERVAL", env { PROJHOST_POLL_INTERVAL = "0.2" }))
+		assert.equal(5, config.read("PROJHOST_POLL_INTERVAL", env { PROJHOST_POLL_INTERVAL = "0" }))
+		assert.equal(0, config.read("PROJHOST_BUDGET", env { PROJHOST_BUDGET = "0" }))
+		assert.is_nil(config.read("PROJHOST_DB", env { PROJHOST_DB = "" }))
+		assert.equal(".projhost", config.read("PROJHOST_HOME", env { PROJHOST_HOME = "" }))
+		assert.is_true(config.read("PROJHOST_SYNCHRONOUS_COMMIT", env { PROJHOST_SYNCHRONOUS_COMMIT = "on" }))
+		assert.is_false(config.read("PROJHOST_SYNCHRONOUS_COMMIT", env { PROJHOST_SYNCHRONOUS_COMMIT = "off" }))
+		assert.has_error(function() config.read("PROJHOST_NOPE") end)
+	end)
 end)
