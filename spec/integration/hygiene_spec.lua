@@ -11,11 +11,11 @@ local PREFIX = "^%d%d%d%d%-%d%d%-%d%dT%d%d:%d%d:%d%d%.%d%d%dZ (%u+) +"
 
 -- Run Lua code in a child host (through `projhost test`, so it runs inside
 -- the real binary with the real core.log) and return its stderr lines.
-local function log_lines_of(code)
+local function log_lines_of(code, env)
 	local dir = h.tmpdir()
 	h.write_file(dir .. "/log_spec.lua", "local core = require 'projhost.core'\n"
 		.. "it('logs', function()\n" .. code .. "\nend)\n")
-	local rc, out, err = h.run({ "test", dir .. "/log_spec.lua" }, { cwd = h.root })
+	local rc, out, err = h.run({ "test", dir .. "/log_spec.lua" }, { cwd = h.root, env = env })
 	assert.equal(0, rc, out .. err)
 	local lines = {}
 	for l in err:gmatch("([^\n]*)\n") do lines[#lines + 1] = l end
@@ -102,6 +102,15 @@ describe("log lines", function()
 		assert.equal("INFO", level)
 		assert.equal("who\\nINFO  forged a\\nb\\tc\\x1b[31m end\\r\\\\n \\x7f \\x00 nul", rest)
 		assert.matches(PREFIX .. "host second$", lines[2])
+	end)
+
+	it("has debug records only with PROJHOST_DEBUG set (non-empty)", function()
+		local code = [[core.log("debug", "d", "hidden?") core.log("info", "i", "shown")]]
+		assert.equal(1, #log_lines_of(code))
+		assert.equal(1, #log_lines_of(code, { PROJHOST_DEBUG = "" }))
+		local lines = log_lines_of(code, { PROJHOST_DEBUG = "1" })
+		assert.equal(2, #lines)
+		assert.matches(PREFIX .. "d hidden%?$", lines[1])
 	end)
 
 	it("a message longer than a line is cut without splitting an escape or a character", function()
