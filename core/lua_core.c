@@ -70,12 +70,6 @@ static int ph_l_sleep(lua_State *L)
 	return 0;
 }
 
-static int ph_l_getpid(lua_State *L)
-{
-	lua_pushinteger(L, getpid());
-	return 1;
-}
-
 /* core.kill(pid, signo) -> true | nil, msg, code */
 static int ph_l_kill(lua_State *L)
 {
@@ -175,7 +169,6 @@ static const luaL_Reg core_funcs[] = {
 	{ "connect", ph_l_connect },
 	{ "monotime", ph_l_monotime },
 	{ "sleep", ph_l_sleep },
-	{ "getpid", ph_l_getpid },
 	{ "kill", ph_l_kill },
 	{ "hash", ph_l_hash },
 	{ "run_master", ph_l_run_master },

@@ -812,32 +812,6 @@ static int ph_l_conn_events(lua_State *L)
 	return 1;
 }
 
-/* conn:copy(sql, data) -> rows copied. Sends @data in one COPY FROM STDIN. */
-static int ph_l_conn_copy(lua_State *L)
-{
-	PGconn *conn = check_conn(L);
-	const char *sql = luaL_checkstring(L, 2);
-	size_t len;
-	const char *data = luaL_checklstring(L, 3, &len);
-	PGresult *res = PQexec(conn, sql);
-	const char *t;
-
-	if (!res || PQresultStatus(res) != PGRES_COPY_IN)
-		return push_error(L, conn, res);
-	PQclear(res);
-	if (PQputCopyData(conn, data, (int)len) != 1 || PQputCopyEnd(conn, NULL) != 1)
-		return push_error(L, conn, NULL);
-	res = PQgetResult(conn);
-	if (!res || PQresultStatus(res) != PGRES_COMMAND_OK)
-		return push_error(L, conn, res);
-	t = PQcmdTuples(res);
-	lua_pushnumber(L, t && *t ? strtod(t, NULL) : 0);
-	PQclear(res);
-	while ((res = PQgetResult(conn)))
-		PQclear(res);
-	return 1;
-}
-
 /* conn:notifies(timeout_s) -> array of {channel=, payload=, pid=} (maybe empty),
  * or nil, msg, code when the connection broke. */
 static int ph_l_conn_notifies(lua_State *L)
@@ -887,15 +861,6 @@ static int ph_l_conn_pid(lua_State *L)
 	return 1;
 }
 
-/* conn:where() -> "host:port" or "socket /dir/.s.PGSQL.port" */
-static int ph_l_conn_where(lua_State *L)
-{
-	char buf[512];
-
-	lua_pushstring(L, ph_pg_where(check_conn(L), buf, sizeof(buf)));
-	return 1;
-}
-
 /* conn:in_transaction() -> true while a transaction block is open (or failed) */
 static int ph_l_conn_in_tx(lua_State *L)
 {
@@ -927,7 +892,6 @@ static int ph_l_conn_close(lua_State *L)
 static const luaL_Reg conn_methods[] = {
 	{ "exec", ph_l_conn_exec },
 	{ "query", ph_l_conn_query },
-	{ "copy", ph_l_conn_copy },
 	{ "events", ph_l_conn_events },
 	{ "pipeline", ph_l_conn_pipeline },
 	{ "send", ph_l_conn_send },
@@ -941,7 +905,6 @@ static const luaL_Reg conn_methods[] = {
 	{ "notifies", ph_l_conn_notifies },
 	{ "ok", ph_l_conn_ok },
 	{ "pid", ph_l_conn_pid },
-	{ "where", ph_l_conn_where },
 	{ "in_transaction", ph_l_conn_in_tx },
 	{ "close", ph_l_conn_close },
 	{ NULL, NULL }

@@ -35,7 +35,7 @@ static int file_exists(const char *path)
 static void find_luadir(char *out, size_t len)
 {
 	const char *env = getenv("PROJHOST_LUADIR");
-	char exe[PATH_MAX - 16], probe[PATH_MAX + 64];
+	char exe[PATH_MAX - 16];
 	ssize_t n;
 
 	if (env && *env) {
@@ -44,7 +44,7 @@ static void find_luadir(char *out, size_t len)
 	}
 	n = readlink("/proc/self/exe", exe, sizeof(exe) - 1);
 	if (n > 0) {
-		char *slash;
+		char *slash, probe[PATH_MAX + 64];
 
 		exe[n] = '\0';
 		slash = strrchr(exe, '/');

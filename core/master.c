@@ -821,10 +821,9 @@ static void add_overruns(struct ph_msg *mb, struct worker *w)
  * PH_GROUP partitions of one projection. Return: 1 if something was taken. */
 static int give_work(struct master *m, struct worker *w, uint64_t now)
 {
-	struct ph_qentry *e = ph_queue_pop(&m->q, now), *n;
+	struct ph_qentry *e = ph_queue_pop(&m->q, now);
 	struct ph_msg mb = { 0 };
 	struct proj *p;
-	size_t bytes;
 
 	if (!e)
 		return 0;
@@ -859,7 +858,9 @@ static int give_work(struct master *m, struct worker *w, uint64_t now)
 		/* a batch of partitions, bounded by bytes as well as by count:
 		 * long stream names must not push the job (or its answer, which
 		 * lists the same partitions) past the frame limit */
-		bytes = ph_proto_escaped_len(ph_queue_entry_part(e), strlen(ph_queue_entry_part(e)));
+		size_t bytes = ph_proto_escaped_len(ph_queue_entry_part(e), strlen(ph_queue_entry_part(e)));
+		struct ph_qentry *n;
+
 		while (p->partitioned && w->njobs < PH_GROUP && (n = ph_queue_peek(&m->q, now)) &&
 		       *ph_queue_entry_part(n) && strcmp(ph_queue_entry_proj(n), p->name) == 0) {
 			const char *part = ph_queue_entry_part(n);
@@ -1022,13 +1023,13 @@ static void listen_connect(struct master *m)
 {
 	char *err = NULL, where[512];
 	PGconn *c;
-	PGresult *r;
 
 	if (m->stopping)
 		return;
 	c = ph_pg_connect(m->cfg->dsn, &err);
 	if (c) {
-		r = PQexec(c, "LISTEN projhost");
+		PGresult *r = PQexec(c, "LISTEN projhost");
+
 		if (PQresultStatus(r) != PGRES_COMMAND_OK) {
 			char buf[512];
 

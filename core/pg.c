@@ -50,7 +50,7 @@ PGconn *ph_pg_connect(const char *dsn, char **err)
 	const char *const keys[] = { "connect_timeout", "dbname", NULL };
 	const char *const vals[] = { "10", dsn ? dsn : "", NULL };
 	PGconn *conn = PQconnectdbParams(keys, vals, 1);
-	char where[512], msg[1024];
+	char msg[1024];
 
 	*err = NULL;
 	if (conn && PQstatus(conn) == CONNECTION_OK) {
@@ -62,7 +62,7 @@ PGconn *ph_pg_connect(const char *dsn, char **err)
 	/* libpq already says "connection to server at ... failed: reason"; only
 	 * add the place when it does not. */
 	if (strstr(msg, "connection to server") == NULL) {
-		char full[1600];
+		char full[1600], where[512];
 
 		snprintf(full, sizeof(full), "cannot connect to %s: %s",
 			 ph_pg_where(conn, where, sizeof(where)), msg);

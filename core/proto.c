@@ -150,8 +150,9 @@ void ph_msg_str(struct ph_msg *mb, const char *s)
 void ph_msg_int(struct ph_msg *mb, int64_t v)
 {
 	char b[32];
+	int n = snprintf(b, sizeof(b), "%" PRId64, v);
 
-	ph_msg_field(mb, b, (size_t)snprintf(b, sizeof(b), "%" PRId64, v));
+	ph_msg_field(mb, b, (size_t)n);
 }
 
 void ph_msg_free(struct ph_msg *mb)

@@ -176,19 +176,6 @@ static char *key_of(char *buf, size_t cap, const char *proj, const char *part, s
 	return k;
 }
 
-struct ph_qentry *ph_queue_find(struct ph_queue *q, const char *proj, const char *part)
-{
-	char buf[1024], *key;
-	size_t n, b;
-	struct ph_qentry *e;
-
-	key = key_of(buf, sizeof(buf), proj, part, &n);
-	e = key ? lookup(q, key, n, &b) : NULL;
-	if (key != buf)
-		free(key);
-	return e;
-}
-
 static int wake_key(struct ph_queue *q, const char *key, size_t n, uint64_t valid_after, int hard);
 
 int ph_queue_wake(struct ph_queue *q, const char *proj, const char *part,

@@ -88,9 +88,6 @@ struct ph_qentry *ph_queue_peek(struct ph_queue *q, uint64_t now);
  */
 void ph_queue_done(struct ph_queue *q, struct ph_qentry *e, uint64_t requeue_at, int hard);
 
-/** ph_queue_find() - look an entry up, or NULL. */
-struct ph_qentry *ph_queue_find(struct ph_queue *q, const char *proj, const char *part);
-
 /**
  * ph_queue_next_due() - valid_after of the earliest waiting entry.
  * Return: ms, or UINT64_MAX when nothing waits.

@@ -99,12 +99,13 @@ void ph_wakecheck_notified(struct ph_wakecheck *wc)
 
 static void take_row(struct ph_wakecheck *wc, PGresult *r)
 {
-	char buf[256];
-
 	if (PQresultStatus(r) != PGRES_TUPLES_OK || PQntuples(r) != 1 || PQnfields(r) != 4) {
-		if (!wc->logged)
+		if (!wc->logged) {
+			char buf[256];
+
 			ph_log(PH_WARN, "host", "checking for appends that skipped NOTIFY: %s; waking every projection instead",
 			       ph_pg_errmsg(wc->conn, r, buf, sizeof(buf)));
+		}
 		wc->logged = wc->failed = 1;
 		return;
 	}
@@ -117,8 +118,6 @@ static void take_row(struct ph_wakecheck *wc, PGresult *r)
 /* The whole answer is in: act on it. */
 static void answered(struct ph_wakecheck *wc)
 {
-	unsigned ms;
-
 	wc->busy = 0;
 	if (wc->failed || !wc->got) {
 		/* cannot tell: wake everything (costs reads, loses nothing) */
@@ -135,8 +134,9 @@ static void answered(struct ph_wakecheck *wc)
 	}
 	if (wc->row[2] >= 0) {
 		/* an epoch's lock is still held: a skipper is committing */
+		unsigned ms = 1u << (wc->tries < 6 ? wc->tries : 6);
+
 		wc->from = wc->row[2];
-		ms = 1u << (wc->tries < 6 ? wc->tries : 6);
 		wc->tries++;
 		wc->waiting = 1;
 		uv_timer_start(&wc->timer, on_timer, ms < PH_WAKECHECK_MAX_MS ? ms : PH_WAKECHECK_MAX_MS, 0);
@@ -150,12 +150,11 @@ static void answered(struct ph_wakecheck *wc)
 
 void ph_wakecheck_input(struct ph_wakecheck *wc)
 {
-	PGresult *r;
-
 	if (!wc->conn || !wc->busy)
 		return;
 	while (!PQisBusy(wc->conn)) {
-		r = PQgetResult(wc->conn);
+		PGresult *r = PQgetResult(wc->conn);
+
 		if (!r) {
 			answered(wc);
 			return;

@@ -10,8 +10,12 @@
 --   h.run(args, opts)       run the binary: code, stdout, stderr
 --   h.spawn(args, opts)     run it in the background: p.pid, p:alive(),
 --                           p:kill(sig), p:wait(timeout) -> code|nil, p:output()
+--   h.stop_all()            kill the children h.spawn started
 --   h.wait_until(fn, timeout_s, what)
---   h.tmpdir(), h.write_file(path, text), h.read_file(path)
+--   h.scalar(conn, sql, ...) the first column of the first row
+--   h.insert_events(conn, prefix, n, streams, type?)  set-based test events
+--   h.pgbin(name)           a PostgreSQL program (pgbench, ...)
+--   h.tmpdir(), h.write_file(path, text), h.read_file(path), h.exists(path)
 --
 -- opts: env (name -> string, or false to unset), stdin (string), cwd,
 -- timeout (h.run only; default 120 s, then the child is killed and we raise).

@@ -479,7 +479,9 @@ local function append_file(conn, file, default_stream)
 		if lineno == 1 then line = line:gsub("^\239\187\191", "") end
 		if line:match("%S") then
 			local dec, ev = pcall(cjson.decode, line)
-			if not dec then return abort(("%s:%d: invalid JSON: %s"):format(name, lineno, (tostring(ev):gsub("^.-:%d+: ", "")))) end
+			if not dec then
+				return abort(("%s:%d: invalid JSON: %s"):format(name, lineno, (tostring(ev):gsub("^.-:%d+: ", ""))))
+			end
 			if type(ev) ~= "table" or not line:match("^%s*{") then
 				return abort(("%s:%d: expected a JSON object"):format(name, lineno))
 			end

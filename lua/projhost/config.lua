@@ -31,7 +31,8 @@ M.VARS = {
 	PROJHOST_HOME = { ".projhost", text,
 		"directory of the embedded PostgreSQL cluster (data, socket, log)" },
 	PROJHOST_PGBIN = { nil, text,
-		"directory holding PostgreSQL's pg_ctl and initdb for the embedded cluster; else pg_config's, Debian's newest, PATH" },
+		"directory holding PostgreSQL's pg_ctl and initdb for the embedded cluster; "
+			.. "else pg_config's, Debian's newest, PATH" },
 	PROJHOST_PG_OPTS = { nil, text,
 		"extra server options for the embedded cluster (pg_ctl -o, split into words by its shell)" },
 	PROJHOST_POLL_INTERVAL = { 5, number(0.001, 86400),

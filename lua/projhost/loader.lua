@@ -17,9 +17,7 @@ local lfs = require "lfs"
 local guard = require "projhost.guard"
 local P = require "projhost.projection"
 
--- LuaJIT is the target; this keeps the module usable under a plain Lua
--- 5.2+ busted too.
-local unpack = unpack or table.unpack
+-- reads a returned table's metatable without running __metatable
 local getmetatable_raw = debug.getmetatable
 
 local M = {}
@@ -218,7 +216,7 @@ local function sandbox(path)
 		-- the handler runs after the error unwound, so the budget's hook can
 		-- stop a handler that loops (see guard.xpcall)
 		xpcall = guard.xpcall,
-		rawget = rawget, rawset = rawset, rawequal = rawequal, rawlen = rawlen,
+		rawget = rawget, rawset = rawset, rawequal = rawequal,
 		setmetatable = setmetatable,
 		string = copy(string), table = copy(table), math = copy(math),
 		json = P.script_json(),

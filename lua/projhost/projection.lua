@@ -18,7 +18,6 @@
 -- (one statement per table per batch).
 
 local guard = require "projhost.guard"
-local unpack = unpack or table.unpack
 local errtext = guard.errtext
 local getmetatable_raw = debug.getmetatable
 

@@ -161,11 +161,16 @@ static void long_keys(void)
 	CHECK(ph_queue_wake(&q, "p", part, 1, 0) == 0);
 	CHECK(ph_queue_wake(&q, "p", part, 0, 0) == 0);	/* merges */
 	CHECK(q.count == 1);
-	CHECK(ph_queue_find(&q, "p", part) != NULL);
 	part[n - 1] = 'y';
-	CHECK(ph_queue_find(&q, "p", part) == NULL);
+	CHECK(ph_queue_wake(&q, "p", part, 2, 0) == 0);	/* differs in its last byte only */
+	CHECK(q.count == 2);
 	part[n - 1] = 'x';
 	e = ph_queue_pop(&q, 0);
+	CHECK(is(e, "p", part));
+	ph_queue_done(&q, e, UINT64_MAX, 0);
+	CHECK(ph_queue_pop(&q, 1) == NULL);
+	part[n - 1] = 'y';
+	e = ph_queue_pop(&q, 2);
 	CHECK(is(e, "p", part));
 	ph_queue_done(&q, e, UINT64_MAX, 0);
 	CHECK(q.count == 0);
