@@ -21,7 +21,7 @@ LIB_SRCS  := core/log.c core/beat.c core/pg.c core/stmt.c core/frame.c core/prot
 HDRS      := $(wildcard core/*.h)
 LIB_OBJS  := $(LIB_SRCS:core/%.c=$(BUILD)/obj/%.o)
 
-.PHONY: all deps build asan test test-asan run bench clean help lint
+.PHONY: all deps build asan test test-asan run bench clean help lint install
 
 all: build
 
@@ -32,6 +32,8 @@ help:
 	@echo "make test   run the whole busted suite (unit + integration on a throwaway cluster)"
 	@echo "make asan   build with address+undefined sanitizers and run the suite"
 	@echo "make bench  benchmarks (not part of test)"
+	@echo "make install [PREFIX=/usr/local] [DESTDIR=]  the binary in PREFIX/bin, its Lua library in PREFIX/share/projhost/lua"
+	@echo "make lint   luarocks lint, luacheck and cppcheck (also run by make test)"
 
 # Install only what is missing; dpkg-query is quick when all is there.
 deps:
@@ -95,6 +97,16 @@ lint: | deps
 	luacheck --quiet --std luajit lua/
 	cppcheck --quiet --error-exitcode=1 --enable=style,unusedFunction --inline-suppr \
 		--suppress=missingIncludeSystem $(shell pkg-config --cflags libpq) core/
+
+# The binary finds its library relative to itself (core/main.c), so the
+# installed tree works from any PREFIX and after being moved.
+LUA_FILES = $(shell cd lua && find projhost -name '*.lua' | sort)
+install: build
+	install -d $(DESTDIR)$(PREFIX)/bin
+	install -m 755 $(BIN) $(DESTDIR)$(PREFIX)/bin/projhost
+	for f in $(LUA_FILES); do \
+		install -D -m 644 lua/$$f $(DESTDIR)$(PREFIX)/share/projhost/lua/$$f || exit 1; \
+	done
 
 clean:
 	rm -rf build build-asan projhost

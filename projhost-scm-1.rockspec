@@ -14,8 +14,10 @@ and checkpoint in one transaction. This rock provides the Lua library
 built with `make`.]],
 	license = "MIT",
 }
+-- LuaJIT: its C API is Lua 5.1's, which projhost.core is written against,
+-- and the library relies on its FFI and bit modules.
 dependencies = {
-	"lua >= 5.1",
+	"lua == 5.1",
 	"lua-cjson",
 	"luafilesystem",
 }

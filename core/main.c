@@ -30,12 +30,14 @@ static int file_exists(const char *path)
 	return stat(path, &st) == 0;
 }
 
-/* The Lua library sits next to the binary in a checkout (./lua) and under
- * PH_LUADIR once installed; PROJHOST_LUADIR overrides both. */
+/* The Lua library sits next to the binary in a checkout (./lua), and in
+ * ../share/projhost/lua of an installed one (`make install PREFIX=...`,
+ * wherever the tree was moved to), else under PH_LUADIR (the PREFIX it
+ * was built for); PROJHOST_LUADIR overrides them all. */
 static void find_luadir(char *out, size_t len)
 {
 	const char *env = getenv("PROJHOST_LUADIR");
-	char exe[PATH_MAX - 16];
+	char exe[PATH_MAX - 32];
 	ssize_t n;
 
 	if (env && *env) {
@@ -53,6 +55,11 @@ static void find_luadir(char *out, size_t len)
 		snprintf(probe, sizeof(probe), "%s/lua/projhost/cli.lua", exe);
 		if (file_exists(probe)) {
 			snprintf(out, len, "%s/lua", exe);
+			return;
+		}
+		snprintf(probe, sizeof(probe), "%s/../share/projhost/lua/projhost/cli.lua", exe);
+		if (file_exists(probe)) {
+			snprintf(out, len, "%s/../share/projhost/lua", exe);
 			return;
 		}
 	}
