@@ -77,46 +77,9 @@ local function basename(path)
 end
 
 ---------------------------------------------------------------------------
--- Hash: identifies a script version in checkpoints and logs.  Prefer the C
--- implementation; the fallback computes the same function so a def loaded
--- in plain LuaJIT gets the same hash as in the host.  NOTE: core.hash's
--- FNV-1a 64, offset basis 14695981039346656037 (0xcbf29ce484222325), the
--- same as core.hash so a script has one hash with or without the host.
-
-local hash_fn
-do
-	local ok, core = pcall(require, "projhost.core")
-	if ok and type(core) == "table" and core.hash then
-		hash_fn = core.hash
-	else
-		local has_ffi, ffi = pcall(require, "ffi")
-		if has_ffi then
-			local bit = require "bit"
-			-- Built from halves: a ULL literal would not parse outside LuaJIT.
-			local OFFSET = ffi.new("uint64_t", 0xcbf29ce4) * 4294967296 + 0x84222325
-			local PRIME = 1099511628211 -- 2^40 + 0x1b3, exact as a double
-			hash_fn = function(s)
-				local h = OFFSET
-				for i = 1, #s do
-					h = bit.bxor(h, s:byte(i)) * PRIME
-				end
-				return bit.tohex(h, 16)
-			end
-		else
-			-- Not LuaJIT: two independent 32-bit rolling hashes, 16 hex digits.
-			hash_fn = function(s)
-				local a, b = 5381, 2166136261
-				for i = 1, #s do
-					local c = s:byte(i)
-					a = (a * 33 + c) % 4294967296
-					b = (b * 31 + c) % 4294967296
-				end
-				return string.format("%08x%08x", a, b)
-			end
-		end
-	end
-end
-M.hash = hash_fn
+-- Hash: identifies a script version in checkpoints and logs (core.hash,
+-- the FNV-1a of core/fnv.h; projhost.core comes with the library).
+M.hash = require("projhost.core").hash
 
 ---------------------------------------------------------------------------
 -- Directory listing (lua-filesystem)
@@ -595,7 +558,7 @@ function M.load_source(source, path)
 
 	def.file = path
 	def.source = source
-	def.hash = hash_fn(source)
+	def.hash = M.hash(source)
 	return def
 end
 
