@@ -16,8 +16,8 @@ BUILD     ?= build
 BIN       ?= projhost
 
 # The same sources make the binary and the Lua module projhost.core.
-LIB_SRCS  := core/log.c core/beat.c core/pg.c core/stmt.c core/frame.c core/proto.c core/queue.c core/wakecheck.c core/master.c \
-             core/lua_core.c core/lua_pg.c core/lua_master.c core/lua_worker.c
+LIB_SRCS  := core/log.c core/beat.c core/pg.c core/stmt.c core/frame.c core/proto.c core/queue.c core/proc.c core/wakecheck.c core/master.c \
+             core/lua_core.c core/lua_pg.c core/lua_master.c core/lua_worker.c core/lua_proc.c
 HDRS      := $(wildcard core/*.h)
 LIB_OBJS  := $(LIB_SRCS:core/%.c=$(BUILD)/obj/%.o)
 

@@ -15,6 +15,17 @@ int ph_l_connect(lua_State *L);
 /** ph_l_pg_open() - register the connection metatable. */
 void ph_l_pg_open(lua_State *L);
 
+/* lua_proc.c: processes and files (see there) */
+int ph_l_spawn(lua_State *L);
+int ph_l_wait(lua_State *L);
+int ph_l_exec(lua_State *L);
+int ph_l_exepath(lua_State *L);
+int ph_l_environ(lua_State *L);
+int ph_l_tmpdir(lua_State *L);
+int ph_l_chmod(lua_State *L);
+int ph_l_chown(lua_State *L);
+int ph_l_geteuid(lua_State *L);
+
 /** ph_l_run_master() - core.run_master(opts) -> exit code (lua_master.c). */
 int ph_l_run_master(lua_State *L);
 

@@ -334,8 +334,16 @@ function h.fresh_db(name)
 	name = name or default_db_name()
 	if not name:match("^[a-z_][a-z0-9_]*$") then error("fresh_db: not a plain lower-case name: " .. name, 2) end
 	local conn = h.connect(pg.dsn)
-	-- identifiers cannot be parameters; the name was checked above
-	assert(conn:exec("DROP DATABASE IF EXISTS " .. name .. " WITH (FORCE)"))
+	-- identifiers cannot be parameters; the name was checked above.
+	-- FORCE cannot end an autovacuum worker that is in the database (it
+	-- runs as no role we may signal, 42501): those end soon, so retry.
+	local deadline = core.monotime() + 60
+	while true do
+		local ok, msg, code = conn:exec("DROP DATABASE IF EXISTS " .. name .. " WITH (FORCE)")
+		if ok then break end
+		if code ~= "42501" or core.monotime() > deadline then error(msg, 2) end
+		core.sleep(0.2)
+	end
 	assert(conn:exec("CREATE DATABASE " .. name))
 	conn:close()
 	return (pg.dsn:gsub("dbname=%S+", "dbname=" .. name))

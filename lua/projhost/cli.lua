@@ -208,12 +208,7 @@ local function json_object(text)
 end
 
 local function exe_path()
-	local ffi = require "ffi"
-	pcall(ffi.cdef, "long readlink(const char *path, char *buf, size_t size);")
-	local buf = ffi.new("char[4096]")
-	local n = ffi.C.readlink("/proc/self/exe", buf, 4095)
-	if n > 0 then return ffi.string(buf, n) end
-	return arg and arg[0] or "projhost"
+	return require("projhost.core").exepath() or arg and arg[0] or "projhost"
 end
 
 -- A table of rows as aligned columns; cols = { {key, title, max?}, ... }:
@@ -860,7 +855,6 @@ function commands.db(cmd)
 	else -- psql
 		local dsn, err = embedded.start()
 		if not dsn then return fail(what, err) end
-		pcall(require("ffi").cdef, "char *strerror(int errnum);")
 		return exec_psql(dsn, cmd.rest)
 	end
 end

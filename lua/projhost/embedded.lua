@@ -33,7 +33,9 @@
 -- and a bin directory without characters special in double quotes.
 --
 -- initdb refuses to run as root, so as root every PostgreSQL program runs
--- as `nobody` via runuser(1) and the directories are chowned to it.
+-- as `nobody` via runuser(1) and the directories are chowned to it
+-- (core.chown). Processes, modes and owners come from projhost.core, the
+-- lock and directories from lua-filesystem: no libc declared here.
 local lfs = require "lfs"
 local proc = require "projhost.proc"
 local config = require "projhost.config"
@@ -63,21 +65,11 @@ local function last_line(text)
 	return best or last or "(no output)"
 end
 
-local ffi = require "ffi"
-ffi.cdef [[
-unsigned int geteuid(void);
-int open(const char *path, int flags, unsigned int mode);
-int flock(int fd, int op);
-int close(int fd);
-]]
--- proc.lua declares chmod too; a second identical declaration would raise
-pcall(ffi.cdef, "int chmod(const char *path, unsigned int mode);")
-pcall(ffi.cdef, "char *strerror(int errnum);")
-local O_RDWR, O_CREAT, O_CLOEXEC, LOCK_EX = 2, 64, 524288, 2
+local core = require "projhost.core"
 local MODE_0700 = tonumber("700", 8)
 
 local function is_root()
-	return ffi.C.geteuid() == 0
+	return core.geteuid() == 0
 end
 
 local function absolute(path)
@@ -224,9 +216,8 @@ local function mkdir_p(dir)
 end
 
 local function chmod_700(path)
-	if ffi.C.chmod(path, MODE_0700) ~= 0 then
-		return nil, ("cannot chmod 700 %s: %s"):format(path, ffi.string(ffi.C.strerror(ffi.errno())))
-	end
+	local ok, err = core.chmod(path, MODE_0700)
+	if not ok then return nil, ("cannot chmod 700 %s: %s"):format(path, err) end
 	return true
 end
 
@@ -257,12 +248,12 @@ local function prepare_dirs(p)
 		if not ok then return nil, "cannot create " .. d .. ": " .. err end
 	end
 	if is_root() then
-		local chown = find_program("chown")
-		local rc, out = 127, "cannot find chown"
-		if chown then rc, out = run(chown, { "nobody", p.data, p.run, p.logdir }) end
-		if rc ~= 0 then return nil, "cannot chown the cluster directories to nobody: " .. last_line(out) end
+		for _, d in ipairs({ p.data, p.run, p.logdir }) do
+			local ok, err = core.chown(d, "nobody")
+			if not ok then return nil, "cannot chown the cluster directories to nobody: " .. d .. ": " .. err end
+		end
 		local test = find_program("test")
-		rc = test and run(test, { "-x", p.home, "-a", "-w", p.data }, { owner = true }) or 1
+		local rc = test and run(test, { "-x", p.home, "-a", "-w", p.data }, { owner = true }) or 1
 		if rc ~= 0 then
 			return nil, ("user nobody (who runs PostgreSQL when projhost runs as root) cannot reach %s: "
 				.. "set PROJHOST_HOME to a directory every user can enter, e.g. /tmp/projhost"):format(p.home)
@@ -311,10 +302,8 @@ local function write_settings(p)
 		f:close()
 	end
 	if is_root() then
-		local chown = find_program("chown")
-		local rc, out = 127, "cannot find chown"
-		if chown then rc, out = run(chown, { "nobody", conf }) end
-		if rc ~= 0 then return nil, "cannot chown " .. conf .. " to nobody: " .. last_line(out) end
+		local ok, why = core.chown(conf, "nobody")
+		if not ok then return nil, "cannot chown " .. conf .. " to nobody: " .. why end
 	end
 	return true
 end
@@ -401,7 +390,6 @@ end
 -- it to M.ADMIN; ENSURE_SQL then makes a new M.USER, gives it what the old
 -- one owned, and drops the passing role. Every step is safe to redo.
 local function upgrade_legacy(p, legacy)
-	local core = require "projhost.core"
 	local rows = legacy:query("SELECT rolsuper::text AS su FROM pg_roles WHERE rolname = current_user")
 	if not rows or rows[1].su ~= "true" then return nil, "role " .. M.USER .. " is not a superuser" end
 	local ok, msg = exec_all(legacy, { (([[DO $do$ BEGIN
@@ -422,7 +410,6 @@ end
 -- A superuser session in M.DBNAME, creating the database (and upgrading an
 -- older cluster's roles) when needed.
 local function connect_admin(p)
-	local core = require "projhost.core"
 	local conn, err = core.connect(dsn_of(p, M.ADMIN, M.DBNAME))
 	if conn then return conn end
 	local admin = core.connect(dsn_of(p, M.ADMIN, "postgres"))
@@ -457,15 +444,26 @@ local function ensure_roles(p)
 	return true
 end
 
--- Run fn() holding an exclusive flock on <home>/.lock, so two commands
--- that start the cluster on first use do not both run initdb.
+-- Run fn() holding an exclusive lock on <home>/.lock (lfs.lock: a POSIX
+-- record lock, released when the file closes or the process dies), so two
+-- commands that start the cluster on first use do not both run initdb.
+-- lfs.lock does not wait, so we do.
 local function locked(p, fn)
 	local ok, err = mkdir_p(p.home)
 	if not ok then return nil, "cannot create " .. p.home .. ": " .. err end
-	local fd = ffi.C.open(p.home .. "/.lock", O_RDWR + O_CREAT + O_CLOEXEC, tonumber("644", 8))
-	if fd >= 0 then ffi.C.flock(fd, LOCK_EX) end
+	local f = io.open(p.home .. "/.lock", "a+")
+	if f then
+		local nap = 0.005
+		local got, why = lfs.lock(f, "w")
+		-- held by another (EAGAIN, or EACCES on some systems): wait
+		while not got and (why:find("unavailable", 1, true) or why:find("denied", 1, true)) do
+			core.sleep(nap)
+			nap = math.min(nap * 2, 0.2)
+			got, why = lfs.lock(f, "w")
+		end
+	end
 	local r1, r2 = fn()
-	if fd >= 0 then ffi.C.close(fd) end
+	if f then f:close() end
 	return r1, r2
 end
 
