@@ -9,16 +9,20 @@ OPT       ?= -O2
 PKG_CFLAGS = $(shell pkg-config --cflags $(PKGS) 2>/dev/null)
 PKG_LIBS   = $(shell pkg-config --libs libpq libuv 2>/dev/null)
 LUA_LIBS   = $(shell pkg-config --libs luajit 2>/dev/null)
-CFLAGS    += -std=c11 -D_GNU_SOURCE $(OPT) -g -Wall -Wextra -Werror -fPIC $(PKG_CFLAGS) \
+CFLAGS    += -std=c11 -D_GNU_SOURCE $(OPT) -g -Wall -Wextra -Werror -fPIC -Icore $(PKG_CFLAGS) \
              -DPH_LUADIR='"$(PREFIX)/share/projhost/lua"'
 PREFIX    ?= /usr/local
 BUILD     ?= build
 BIN       ?= projhost
 
-# The same sources make the binary and the Lua module projhost.core.
-LIB_SRCS  := core/log.c core/beat.c core/pg.c core/stmt.c core/frame.c core/proto.c core/queue.c core/proc.c core/wakecheck.c core/master.c \
-             core/lua_core.c core/lua_pg.c core/lua_master.c core/lua_worker.c core/lua_proc.c
-HDRS      := $(wildcard core/*.h)
+# The same sources make the binary and the Lua module projhost.core: the C
+# subsystems in core/ (no Lua in them), the Lua bindings in core/bindings/
+# (the only place that includes lua.h; main.c is the binary's entry).
+LIB_SRCS  := core/log.c core/beat.c core/pg.c core/stmt.c core/frame.c core/proto.c core/queue.c core/proc.c \
+             core/wakecheck.c core/master.c \
+             core/bindings/lua_core.c core/bindings/lua_pg.c core/bindings/lua_master.c core/bindings/lua_worker.c \
+             core/bindings/lua_proc.c
+HDRS      := $(wildcard core/*.h core/bindings/*.h)
 LIB_OBJS  := $(LIB_SRCS:core/%.c=$(BUILD)/obj/%.o)
 
 .PHONY: all deps build asan test test-asan run bench clean help lint install
@@ -53,7 +57,7 @@ $(BUILD)/obj/%.o: core/%.c $(HDRS) | deps
 	@mkdir -p $(dir $@)
 	$(CC) $(CFLAGS) -c $< -o $@
 
-$(BIN): $(BUILD)/obj/main.o $(LIB_OBJS)
+$(BIN): $(BUILD)/obj/bindings/main.o $(LIB_OBJS)
 	$(CC) $(CFLAGS) $(LDFLAGS) -rdynamic -o $@ $^ $(PKG_LIBS) $(LUA_LIBS) -lm -ldl
 
 $(BUILD)/lib/projhost/core.so: $(LIB_OBJS)
@@ -98,7 +102,7 @@ lint: | deps
 	cppcheck --quiet --error-exitcode=1 --enable=style,unusedFunction --inline-suppr \
 		--suppress=missingIncludeSystem $(shell pkg-config --cflags libpq) core/
 
-# The binary finds its library relative to itself (core/main.c), so the
+# The binary finds its library relative to itself (core/bindings/main.c), so the
 # installed tree works from any PREFIX and after being moved.
 LUA_FILES = $(shell cd lua && find projhost -name '*.lua' | sort)
 install: build

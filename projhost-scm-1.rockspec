@@ -30,11 +30,13 @@ build = {
 	modules = {
 		["projhost.core"] = {
 			sources = {
-				"core/log.c", "core/beat.c", "core/pg.c", "core/stmt.c", "core/frame.c", "core/proto.c", "core/queue.c", "core/proc.c", "core/wakecheck.c", "core/master.c",
-				"core/lua_core.c", "core/lua_pg.c", "core/lua_master.c", "core/lua_worker.c", "core/lua_proc.c",
+				"core/log.c", "core/beat.c", "core/pg.c", "core/stmt.c", "core/frame.c", "core/proto.c", "core/queue.c",
+				"core/proc.c", "core/wakecheck.c", "core/master.c",
+				"core/bindings/lua_core.c", "core/bindings/lua_pg.c", "core/bindings/lua_master.c",
+				"core/bindings/lua_worker.c", "core/bindings/lua_proc.c",
 			},
 			defines = { "_GNU_SOURCE" },
-			incdirs = { "$(LIBPQ_INCDIR)/postgresql", "$(LIBPQ_INCDIR)", "$(LIBUV_INCDIR)" },
+			incdirs = { "core", "$(LIBPQ_INCDIR)/postgresql", "$(LIBPQ_INCDIR)", "$(LIBUV_INCDIR)" },
 			libdirs = { "$(LIBPQ_LIBDIR)", "$(LIBUV_LIBDIR)" },
 			libraries = { "pq", "uv" },
 		},

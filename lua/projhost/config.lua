@@ -8,7 +8,7 @@
 --   config.read("PROJHOST_DB", getenv)             -- uncached, another getenv (specs)
 --
 -- PROJHOST_LUADIR is the exception: the binary reads it before any Lua
--- runs (core/main.c), so it is listed here only to be documented.
+-- runs (core/bindings/main.c), so it is listed here only to be documented.
 local M = {}
 
 local function number(lo, hi, integer)

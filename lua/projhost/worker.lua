@@ -158,7 +158,7 @@ local function compile(def)
 	def._held_sql, def._held_params = reads.held_sql(def)
 end
 
--- Events come from conn:events (core/lua_pg.c) as tables with the fields
+-- Events come from conn:events (core/bindings/lua_pg.c) as tables with the fields
 -- handlers see most (position, version, stream, type); id, tx, data,
 -- metadata and time stay in the page's result until first used, and data
 -- and metadata stay JSON text until then, so a projection that only counts

@@ -1,4 +1,4 @@
--- The Lua binding of a libpq connection (core/lua_pg.c) on a real
+-- The Lua binding of a libpq connection (core/bindings/lua_pg.c) on a real
 -- PostgreSQL: the prepared statement cache of pipeline mode (core/stmt.c),
 -- error indexes around Parse messages, and pages of events.
 local h = require "helpers"

@@ -36,7 +36,7 @@ describe("projhost-scm-1.rockspec", function()
 		local srcs = mk:match("LIB_SRCS%s*:=%s*(.-)\n[^\t ]")
 		local listed = {}
 		for _, s in ipairs(r.build.modules["projhost.core"].sources) do listed[s] = true end
-		for s in srcs:gmatch("core/[%w_]+%.c") do
+		for s in srcs:gmatch("core/[%w_/]+%.c") do
 			assert.is_true(listed[s] == true, "rockspec misses " .. s)
 		end
 	end)

@@ -204,7 +204,7 @@ describe("sandbox", function()
 		end)
 	end)
 
-	describe("the page and connection metatables (core/lua_pg.c)", function()
+	describe("the page and connection metatables (core/bindings/lua_pg.c)", function()
 		local reg = debug.getregistry()
 		require "projhost.core"
 

@@ -19,7 +19,7 @@ end
 
 describe("the tree", function()
 	it("has one FNV-1a, in core/fnv.h, with the standard offset basis", function()
-		for _, path in ipairs(files("core/*.c core/*.h lua/projhost/*.lua lua/projhost/*/*.lua")) do
+		for _, path in ipairs(files("core/*.c core/*.h core/*/*.c core/*/*.h lua/projhost/*.lua lua/projhost/*/*.lua")) do
 			if path ~= "core/fnv.h" then
 				local s = read(path)
 				-- the prime is in every FNV loop; either basis, mistyped or not
@@ -39,7 +39,7 @@ describe("the tree", function()
 		assert.equal(v, core.version)
 		assert.equal(v, require("projhost").version)
 		local literal = v:gsub("%p", "%%%0")
-		for _, path in ipairs(files("core/*.c core/*.h lua/projhost/*.lua lua/projhost/*/*.lua")) do
+		for _, path in ipairs(files("core/*.c core/*.h core/*/*.c core/*/*.h lua/projhost/*.lua lua/projhost/*/*.lua")) do
 			if path ~= "core/version.h" then
 				assert.is_nil(read(path):find('"' .. literal .. '"'), path .. " writes the version itself")
 			end
@@ -61,10 +61,10 @@ describe("the tree", function()
 	it("reads every PROJHOST_* variable in projhost.config, which documents each", function()
 		local config = require "projhost.config"
 		local readme = read("README.md")
-		for _, path in ipairs(files("lua/projhost/*.lua lua/projhost/*/*.lua core/*.c")) do
+		for _, path in ipairs(files("lua/projhost/*.lua lua/projhost/*/*.lua core/*.c core/bindings/*.c")) do
 			local s = read(path)
 			for name in s:gmatch("getenv%s*%(%s*\"(PROJHOST_[%w_]+)\"") do
-				assert.is_true(path == "lua/projhost/config.lua" or (path == "core/main.c" and name == "PROJHOST_LUADIR"),
+				assert.is_true(path == "lua/projhost/config.lua" or (path == "core/bindings/main.c" and name == "PROJHOST_LUADIR"),
 					path .. " reads " .. name .. " itself")
 			end
 			for name in s:gmatch("PROJHOST_[%u_]+") do
@@ -142,5 +142,19 @@ describe("the tree", function()
 		assert.is_string(env[1][1])
 		os.remove(out)
 		os.remove(dir)
+	end)
+
+	it("includes lua.h only in core/bindings/; the C subsystems know nothing of Lua or of the bindings", function()
+		for _, path in ipairs(files("core/*.c core/*.h")) do
+			local s = read(path)
+			for inc in s:gmatch('#include%s*[<"]([^>"]+)[>"]') do
+				assert.is_nil(inc:match("^lua") or inc:match("^lauxlib") or inc:match("^lualib") or inc:match("bindings/"),
+					path .. " includes " .. inc)
+			end
+		end
+		assert.same({}, files("core/lua_*"))
+		for _, path in ipairs(files("core/bindings/*.c")) do
+			assert.truthy(read(path):find("#include <lua.h>", 1, true) or path:match("main%.c$"), path .. " is not a binding")
+		end
 	end)
 end)
