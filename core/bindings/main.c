@@ -1,6 +1,6 @@
 /*
  * main.c - the projhost binary: a LuaJIT state with projhost.core preloaded
- * that hands the command line to lua/projhost/cli.lua.
+ * that hands the command line to projhost.cli (lua/projhost/cli/).
  *
  * The command line, the embedded cluster and the CLI commands are Lua; the
  * `run` command calls back into C (core.run_master) for the libuv master,
@@ -52,12 +52,12 @@ static void find_luadir(char *out, size_t len)
 		slash = strrchr(exe, '/');
 		if (slash)
 			*slash = '\0';
-		snprintf(probe, sizeof(probe), "%s/lua/projhost/cli.lua", exe);
+		snprintf(probe, sizeof(probe), "%s/lua/projhost/cli/init.lua", exe);
 		if (file_exists(probe)) {
 			snprintf(out, len, "%s/lua", exe);
 			return;
 		}
-		snprintf(probe, sizeof(probe), "%s/../share/projhost/lua/projhost/cli.lua", exe);
+		snprintf(probe, sizeof(probe), "%s/../share/projhost/lua/projhost/cli/init.lua", exe);
 		if (file_exists(probe)) {
 			snprintf(out, len, "%s/../share/projhost/lua", exe);
 			return;

@@ -415,6 +415,25 @@ describe("projhost append (CLI)", function()
 		assert.equal(1, code)
 		assert.equal("projhost: append: " .. file .. ':9001: needs a non-empty string "type"\n', err)
 		assert.equal(0, count("half-%"))
+
+		-- with a STREAM for lines without one: an empty object, a bad
+		-- stream, a bad id - the server's rules, each named by its line
+		local cases = {
+			{ "{}", 'needs a non-empty string "type"' },
+			{ ' { } ', 'needs a non-empty string "type"' },
+			{ '{"type":"A","stream":7}', 'needs a non-empty string "stream"' },
+			{ '{"type":"A","stream":"tab\\there"}', "stream name contains a control character" },
+			{ '{"type":"A","id":"nope"}', '"id" must be a UUID string' },
+		}
+		for _, c in ipairs(cases) do
+			local short = { '{"type":"A"}', '{"type":"A"}', c[1], '{"type":"A"}' }
+			h.write_file(file, table.concat(short, "\n"))
+			code, _, err = h.run({ "append", "half-x", "--file", file, "--db", dsn })
+			assert.equal(1, code, c[1])
+			assert.equal("projhost: append: " .. file .. ":3: ", err:sub(1, #file + 22), c[1] .. " -> " .. err)
+			assert.truthy(err:find(c[2], 1, true), c[1] .. " -> " .. err)
+			assert.equal(0, count("half-%"))
+		end
 	end)
 end)
 

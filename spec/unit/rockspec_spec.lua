@@ -25,9 +25,9 @@ describe("projhost-scm-1.rockspec", function()
 
 	it("lists every Lua module and every C source the Makefile builds the module from", function()
 		local r = load_rockspec()
-		local p = io.popen("ls lua/projhost/*.lua")
+		local p = io.popen("find lua/projhost -name '*.lua' | sort")
 		for path in p:lines() do
-			local name = path:match("lua/projhost/(.-)%.lua$")
+			local name = path:match("lua/projhost/(.-)%.lua$"):gsub("/init$", ""):gsub("/", ".")
 			local mod = name == "init" and "projhost" or "projhost." .. name
 			assert.equal(path, r.build.modules[mod], "rockspec does not install " .. mod)
 		end
