@@ -29,9 +29,11 @@ local STATE_BYTES_PER_EVENT = 16
 local BATCH_GROWTH = 16
 -- A job of partitions reads at most this many events, whatever its size:
 -- each of its partitions up to BATCH, fewer when it has more than
--- JOB_EVENTS / BATCH of them (the master groups up to PH_GROUP, 1024, so
--- a catch-up of many small streams pays a job's fixed costs once per
--- 1,024 partitions; a long stream in a large job goes on in the next)
+-- JOB_EVENTS / BATCH of them, one at least (so a job of PH_GROUP, 1,024,
+-- partitions stays within it for a BATCH of 8 or more). The master groups
+-- that many so that a catch-up of many small streams pays a job's fixed
+-- costs once per 1,024 partitions; a long stream in a large job goes on
+-- in the next.
 local JOB_EVENTS = 128 * BATCH
 -- ...but a page (two are in memory while reading ahead) stays below this
 -- many bytes of event data, however large the state
