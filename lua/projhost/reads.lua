@@ -149,33 +149,60 @@ function M.held_sql(def)
 	ORDER BY transaction_id LIMIT 1]], fp
 end
 
---- A job's partitions, each read from its checkpoint (a dense range of the
---- unique key): $1 projection, $2 text[] partitions, $3 events per
---- partition, $4 mark own events, $5 the projection's name. Types are left
---- to the worker (an index range per stream is as short as it gets). A
---- partition without a checkpoint row is read from its start (_known: the
---- row exists, held by someone else when the lock query did not get it).
---- The checkpoint is a scalar subquery: a primary-key lookup per partition
---- whatever the statistics say (a join may be planned as a hash over every
---- checkpoint row), made once (OFFSET 0: not copied into each use of
---- k.pos). Run under PLANNER_SQL: with few events per stream, a bitmap
---- scan and a sort of all of a stream's events after the checkpoint looks
---- cheaper than its range. Rows come partition after partition in $2's
---- order, each in version order (a LATERAL subquery runs per partition, in
---- its own order): no ORDER BY over them, which would sort every event of
---- the job.
+--- A job's partitions in one statement: each one's checkpoint row locked
+--- and its stream read past it (a dense range of the unique key). $1
+--- projection, $2 text[] partitions, $3 events per partition, $4 mark own
+--- events, $5 the projection's name. Types are left to the worker (an
+--- index range per stream is as short as it gets).
+---
+--- Rows: at least one per partition (the events' LEFT JOIN: a partition
+--- with nothing to read has one row without an event), partition after
+--- partition in $2's order, each in version order (a LATERAL subquery runs
+--- per partition, in its own order): no ORDER BY over them, which would
+--- sort every event of the job. Besides the events' columns:
+---   _pos     the checkpoint's version, on every row of a partition whose
+---            row this statement locked (FOR UPDATE SKIP LOCKED)
+---   _state   its state, on the row of the version after it (the only one
+---            the worker takes a state from: a partition whose first event
+---            is not that one applies nothing)
+---   _status  its status unless running (then no events are read)
+---   _held    1: the row exists, but another worker or instance holds it
+---            (not locked, no events read)
+--- and a partition with none of _pos and _held has no row: it is read from
+--- its start (see the worker's open_parts for what a row made meanwhile
+--- does).
+---
+--- Each checkpoint is looked up once (the one index descent a new
+--- partition costs, where a lock query and then a lookup by the read cost
+--- two: 1,000,000 new partitions of a catch-up): a scalar subquery, a
+--- primary-key lookup per partition whatever the statistics say (a join
+--- may be planned as a hash over every checkpoint row), made once (OFFSET
+--- 0). Only a row it found is locked, by its ctid (a TID scan, no second
+--- descent); a row updated and committed meanwhile is followed to its
+--- latest version by the lock (READ COMMITTED rechecks it; the key
+--- conditions stay in the filter for that recheck), one deleted meanwhile
+--- is not locked (held). Run under PLANNER_SQL: with few events per
+--- stream, a bitmap scan and a sort of all of a stream's events after the
+--- checkpoint looks cheaper than its range.
 M.PARTS_SQL = [[SELECT w.p AS partition, e.global_position, e.tx, e.event_id, e.stream_id,
 		e.stream_version, e.event_type, e.data, e.metadata, e.created_at,
 		CASE WHEN $4 AND e.origin = $5 THEN 1 END AS _own,
-		CASE WHEN k.pos IS NOT NULL THEN 1 END AS _known
+		l.last_pos AS _pos,
+		CASE WHEN e.stream_version = l.last_pos + 1 THEN l.state::text END AS _state,
+		CASE WHEN l.status <> 'running' THEN l.status END AS _status,
+		CASE WHEN k.tid IS NOT NULL AND l.last_pos IS NULL THEN 1 END AS _held
 	FROM unnest($2::text[]) AS w(p)
-	CROSS JOIN LATERAL (SELECT (SELECT c.last_pos FROM projhost.checkpoints c
-		WHERE c.projection = $1 AND c.partition = w.p) AS pos OFFSET 0) k
-	CROSS JOIN LATERAL (
+	CROSS JOIN LATERAL (SELECT (SELECT c.ctid FROM projhost.checkpoints c
+		WHERE c.projection = $1 AND c.partition = w.p) AS tid OFFSET 0) k
+	LEFT JOIN LATERAL (SELECT c.last_pos, c.status, c.state FROM projhost.checkpoints c
+		WHERE c.ctid = k.tid AND c.projection = $1 AND c.partition = w.p
+		FOR UPDATE SKIP LOCKED) l ON true
+	LEFT JOIN LATERAL (
 		SELECT ]] .. M.COLS .. [[, split_part(ev.metadata->>'projection', '@', 1) AS origin
 		FROM projhost.events ev
-		WHERE ev.stream_id = w.p AND ev.stream_version > coalesce(k.pos, 0)
-		ORDER BY ev.stream_version LIMIT $3) e]]
+		WHERE (k.tid IS NULL OR l.status = 'running')
+		  AND ev.stream_id = w.p AND ev.stream_version > coalesce(l.last_pos, 0)
+		ORDER BY ev.stream_version LIMIT $3) e ON true]]
 
 -- "is stream `a`.stream_id at `a`.version past its checkpoint" ($1
 -- projection): a checkpoint that is not running never is (an operator

@@ -28,6 +28,14 @@ local BATCH = config.get("PROJHOST_BATCH_SIZE")
 -- sending and storing the state (make bench, read model rows).
 local STATE_BYTES_PER_EVENT = 16
 local BATCH_GROWTH = 16
+-- A job of partitions reads at most this many events, whatever its size:
+-- each of its partitions up to BATCH, fewer when it has more than
+-- JOB_EVENTS / BATCH of them, one at least (so a job of PH_GROUP, 1,024,
+-- partitions stays within it for a BATCH of 8 or more). The master groups
+-- that many so that a catch-up of many small streams pays a job's fixed
+-- costs once per 1,024 partitions; a long stream in a large job goes on
+-- in the next.
+local JOB_EVENTS = 128 * BATCH
 -- ...but a page (two are in memory while reading ahead) stays below this
 -- many bytes of event data, however large the state
 local PAGE_BYTES = 16 * 1024 * 1024
@@ -853,7 +861,7 @@ local function outcome_of(job, fail_i, fail_err)
 		end
 		if tag.claim and code == "23505" then
 			-- a new partition's row was made meanwhile by another worker
-			-- or instance (see LOCK_SQL): nothing of this batch commits;
+			-- or instance (see open_parts): nothing of this batch commits;
 			-- it runs again from that row
 			return { status = "more" }
 		end
@@ -1466,25 +1474,19 @@ end
 -- it itself each time its count doubles: a dozen times for a million.
 local new_checkpoints, analyze_at = 0, 1000
 
--- A job's partitions as the lock query and the read find them: the rows
--- this worker locked (FOR UPDATE SKIP LOCKED), the rows it could not lock
--- (the read's _known: another worker or instance holds them, "locked"),
--- and the others have no row: a partition nothing was ever committed for. Such a partition gets its row
--- only from the batch that commits its first events (store_parts), with
--- one plain INSERT: no row made, locked and written again in the same
+-- A job's partitions as reads.PARTS_SQL finds them: the rows it locked
+-- (FOR UPDATE SKIP LOCKED: mine), the rows it could not lock (another
+-- worker or instance holds them: "locked", looked at again soon, their
+-- events not even read), and the others have no row: a partition nothing
+-- was ever committed for, read from its start. Such a partition gets its
+-- row only from the batch that commits its first events (store_parts),
+-- with one plain INSERT: no row made, locked and written again in the same
 -- transaction (1,000,000 streams x 2 events: that was half the time of a
 -- job, three WAL records a row and no HOT update, as the inserts fill
 -- their pages). Two workers or instances that both take a partition for
 -- new cannot both commit it: the second INSERT waits for the first
 -- transaction and then fails on the primary key (23505), which rolls the
 -- second batch back whole; it runs again from the row the first committed.
--- (A partition held by another whose stream has nothing past its
--- committed checkpoint reads no events, so it is not told from a new one:
--- it has nothing to do, "idle", and whatever is appended to it later
--- wakes it again.)
-local LOCK_SQL = [[SELECT partition, state::text AS state, last_pos, status FROM projhost.checkpoints
-	WHERE projection = $1 AND partition = ANY($2::text[]) FOR UPDATE SKIP LOCKED]]
-
 -- Open a job over partitions `wanted` (sorted). plan (the failure path):
 -- exactly its events, each partition from its start and up to (not
 -- including) its first event that is not in the plan.
@@ -1496,47 +1498,56 @@ local function open_parts(def, job, wanted, plan)
 		local nx = plan.next
 		if nx then stop_at[nx.partition] = nx.version end
 	end
-	local arr = pg_text_array(wanted)
-	-- One round trip: open, lock the partitions' rows, and read each
-	-- stream past its checkpoint (dense index scan); rows another worker
-	-- holds are skipped by the lock and their events ignored.
+	-- One round trip, one statement for the partitions: open, lock their
+	-- rows and read each stream past its checkpoint (see reads.PARTS_SQL;
+	-- a row made meanwhile by someone else gives events that do not follow
+	-- on from 0: see "held" below). It runs with the alternatives to its
+	-- index ranges priced out, and only it: under these settings a query
+	-- over `partition = ANY(...)` with an ORDER BY became a walk of every
+	-- checkpoint of the projection; set back before any handler's SQL
 	pipe_begin()
 	if not pipe.on then return "dberror", dberror(def, "cannot enter pipeline mode") end
 	conn:send("BEGIN")
 	-- shared: a version reset (exclusive) waits for batches in flight
 	conn:send("SELECT pg_advisory_xact_lock_shared(hashtext('projhost:' || $1))", def.cp)
-	conn:send_query(LOCK_SQL, def.cp, arr)
-	-- each stream past its checkpoint, from the start for a new partition
-	-- (a row made since the lock query by someone else gives events that
-	-- do not follow on from 0: see "held" below); see reads.PARTS_SQL. It
-	-- runs with the alternatives to its index ranges priced out, and only
-	-- it: under these settings the lock query's old ORDER BY became a walk
-	-- of every checkpoint of the projection; set back before any
-	-- handler's SQL
 	conn:send(reads.PLANNER_SQL)
-	conn:send_events(reads.PARTS_SQL, def.cp, arr, BATCH, not def.own_events, def.name)
+	local per = math.max(1, math.min(BATCH, math.floor(JOB_EVENTS / #wanted)))
+	conn:send_events(reads.PARTS_SQL, def.cp, pg_text_array(wanted), per, not def.own_events, def.name)
 	local ok, res, code = conn:sync(true)
 	if not ok then
 		pipe.on = false
 		if conn:ok() then conn:pipeline(false) end
 		return "dberror", dberror(def, res, code)
 	end
-	local rows, evrows = res[3], res[5]
+	local evrows = res[4]
 	pipe.sent = {}
 	local ri = conn:send(reads.RESTORE_SQL, unpack(planner_session))
 	if ri then pipe.sent[ri] = false end
 
 	-- each partition's rows come in version order (reads.PARTS_SQL); a
-	-- plan that ever did otherwise is sorted here, not taken for a gap
-	local by_part, known, unordered = {}, {}, false
+	-- plan that ever did otherwise is sorted here, not taken for a gap.
+	-- found[p]: its checkpoint, as the statement found it
+	local by_part, found, unordered = {}, {}, false
 	for _, r in ipairs(evrows) do
 		local p = rawget(r, "partition")
-		local l = by_part[p]
-		if not l then l = {}; by_part[p] = l end
-		if #l > 0 and l[#l].version >= r.version then unordered = true end
-		l[#l + 1] = r
+		local f = found[p]
+		if not f then
+			f = { partition = p }
+			found[p] = f
+			local pos = rawget(r, "_pos")
+			if pos then f.last_pos = pos else f.new = not rawget(r, "_held") end
+			f.held, f.status = rawget(r, "_held"), rawget(r, "_status")
+		end
+		local st = rawget(r, "_state")
 		-- ours, not the handlers'
-		if rawget(r, "_known") then known[p] = true; rawset(r, "_known", nil) end
+		if st then f.state = st; rawset(r, "_state", nil) end
+		if rawget(r, "_pos") then rawset(r, "_pos", nil) end
+		if r.version then
+			local l = by_part[p]
+			if not l then l = {}; by_part[p] = l end
+			if #l > 0 and l[#l].version >= r.version then unordered = true end
+			l[#l + 1] = r
+		end
 	end
 	if unordered then
 		for _, l in pairs(by_part) do
@@ -1545,19 +1556,21 @@ local function open_parts(def, job, wanted, plan)
 	end
 	-- locked: the partitions of the job, mine or new (r.new), in order
 	local results = job.results
-	local found = {}
-	for _, r in ipairs(rows) do found[r.partition] = r end
 	local locked = {}
 	for _, p in ipairs(wanted) do
 		local r = found[p]
-		if r and r.status ~= "running" then
-			results[p] = { r.status, 0 }
-		elseif r then
-			locked[#locked + 1] = r
-		elseif known[p] then
+		if not r then
+			-- not in the statement's answer (never so; as if held)
 			results[p] = { "locked", 0 }
+		elseif r.held then
+			results[p] = { "locked", 0 }
+		elseif r.status then
+			results[p] = { r.status, 0 }
+		elseif r.new then
+			r.last_pos = 0
+			locked[#locked + 1] = r
 		else
-			locked[#locked + 1] = { partition = p, last_pos = 0, new = true }
+			locked[#locked + 1] = r
 		end
 	end
 	if plan then
@@ -1584,7 +1597,7 @@ local function open_parts(def, job, wanted, plan)
 		local p = cp.partition
 		local last = tonumber(cp.last_pos)
 		local g = { part = p, start = last, i0 = #events + 1, status = "idle", new = cp.new }
-		g.status = #(by_part[p] or {}) >= BATCH and "more" or "idle"
+		g.status = #(by_part[p] or {}) >= per and "more" or "idle"
 		local stop = stop_at and (stop_at[p] or last + 1)
 		for _, r in ipairs(by_part[p] or {}) do
 			local e = to_event(r)
@@ -1651,7 +1664,7 @@ local function store_parts(job, states)
 		if idx then pipe.sent[idx] = state_tag(job) end
 	end
 	if #in_p > 0 then
-		-- new partitions (see LOCK_SQL): no ON CONFLICT, a row made
+		-- new partitions (see open_parts): no ON CONFLICT, a row made
 		-- meanwhile must fail this batch
 		local idx = conn:send([[INSERT INTO projhost.checkpoints (projection, partition, version, state,
 			last_pos, script_hash)
@@ -1996,7 +2009,10 @@ local function job(name, parts)
 		for _, p in ipairs(parts) do
 			local r = results[p]
 			if r then
-				out[#out + 1] = wire.line("part", p, r[1], string.format("%.3f", r[2] or 0))
+				-- no delay is nearly every answer (a float formatted per
+				-- partition showed in profiles of 1,000,000 of them)
+				local d = r[2]
+				out[#out + 1] = wire.line("part", p, r[1], (d and d ~= 0) and string.format("%.3f", d) or "0")
 				results[p] = nil
 			end
 		end

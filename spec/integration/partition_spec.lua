@@ -200,6 +200,44 @@ return {
 		assert.equal("psc-3@2=on", got("version = 2 AND stream = 'psc-3'"))
 	end)
 
+	it("takes more than 128 partitions a job, its events still bounded by 128 x the batch", function()
+		-- each event records the transaction (= the job) that applied it
+		h.write_file(dir .. "/ptx.lua", [=[
+return {
+	name = "ptx",
+	from = { category = "ptx" },
+	partition = "stream",
+	setup = "CREATE TABLE IF NOT EXISTS ptx (stream text, version bigint, tx xid8, PRIMARY KEY (stream, version))",
+	when = {
+		["*"] = function(_, e, ctx)
+			ctx:exec("INSERT INTO ptx VALUES ($1, $2, pg_current_xact_id())", e.stream, e.version)
+		end,
+	},
+}
+]=])
+		os.remove(dir .. "/pbal.lua")
+		-- 600 streams x 3 events, found by one walk page
+		local lines = {}
+		for i = 1, 1800 do lines[i] = string.format('{"stream":"ptx-%d","type":"Inc"}', i % 600) end
+		local file = h.write_file(h.tmpdir() .. "/e.ndjson", table.concat(lines, "\n"))
+		assert.equal(0, (h.run({ "append", "--file", file, "--db", dsn })))
+		-- batch 10: a job reads at most 1,280 events, 2 per partition
+		-- when it has 600 of them
+		local code, out, err = h.run({ "run", "--once", "--workers", "1", "--db", dsn, dir },
+			{ env = { PROJHOST_BATCH_SIZE = 10 } })
+		assert.equal(0, code, out .. err)
+		assert.equal("1800", scalar(conn, "SELECT count(*) FROM ptx"))
+		-- every stream's versions in order, each once (the primary key)
+		assert.equal("0", scalar(conn, [[SELECT count(*) FROM (SELECT stream, max(version) AS v, count(*) AS n
+			FROM ptx GROUP BY stream) s WHERE v <> 3 OR n <> 3]]))
+		local big = assert(conn:query([[SELECT count(DISTINCT stream) AS parts, count(*) AS events,
+			max(per) AS per FROM (SELECT tx, stream, count(*) OVER (PARTITION BY tx, stream) AS per FROM ptx) x
+			GROUP BY tx ORDER BY 1 DESC LIMIT 1]]))[1]
+		assert.is_true(tonumber(big.parts) > 128, "partitions in the largest job: " .. big.parts)
+		assert.is_true(tonumber(big.events) <= 1280, "events in the largest job: " .. big.events)
+		assert.equal("2", big.per)
+	end)
+
 	it("rebuilds every partition when the version changes", function()
 		h.run({ "append", "pacct-1", "Inc", "--db", dsn })
 		h.run({ "append", "pacct-2", "Inc", "--db", dsn })
