@@ -24,27 +24,10 @@
 #include "pg.h"
 #include "proto.h"
 #include "queue.h"
+#include "schedule.h"
 #include "wakecheck.h"
 
 struct master;
-
-/* Partitions of one projection handed to a worker as one batch (one
- * transaction): catching up many small streams is not one BEGIN/COMMIT each
- * (1,000,000 streams: 128 a job left its fixed costs a tenth of the time);
- * the worker bounds the events a job reads (JOB_EVENTS in worker.lua). */
-#define PH_GROUP 1024
-/* Queued partitions of one projection above which its discovery of more
- * waits: memory stays bounded when millions of partitions are behind (at
- * most this plus one page per projection), and a page is listed only when
- * the workers are about to need it. Counted per projection, never over the
- * whole queue: another projection's entries (its own discovery included)
- * must not hold this one back, or two partitioned projections in one host
- * wait for each other for ever. */
-#define PH_FIND_AHEAD 4000
-/* ...but a new round from the first stream waits at most this long for
- * them: a partition held back by a long retry delay must not stop the
- * discovery of others (it costs one page listed again per wait). */
-#define PH_FIND_WAIT_MS 5000
 
 /* Workers one master runs at most, whatever it is asked for. A worker
  * holds one descriptor in the master (its pipe; a second one while it is
@@ -223,18 +206,7 @@ static void wake_all_cb(void *arg)
 
 static int stream_matches(const struct proj *p, const char *stream)
 {
-	size_t n;
-
-	switch (p->kind) {
-	case 'a':
-		return 1;
-	case 's':
-		return strcmp(p->value, stream) == 0;
-	case 'c':
-		n = strcspn(stream, "-");
-		return strlen(p->value) == n && strncmp(p->value, stream, n) == 0;
-	}
-	return 0;
+	return ph_sched_reads(p->kind, p->value, stream);
 }
 
 /* ---- worker I/O ---- */
@@ -439,41 +411,12 @@ static void request_reload(struct master *m, const char *why)
 /* Put a finished entry back according to its status. */
 static void entry_done(struct master *m, struct ph_qentry *e, const char *status, double delay)
 {
-	uint64_t now = now_ms(m), at = UINT64_MAX;
-	int hard = 0, settled = 0;
-	struct proj *p;
+	struct ph_next n = ph_sched_done(status, delay, &e->attempts, &e->holds, now_ms(m));
+	struct proj *p = find_proj(m, ph_queue_entry_proj(e));
 
-	if (strcmp(status, "more") == 0) {
-		at = now;
-		e->attempts = e->holds = 0;
-	} else if (strcmp(status, "idle") == 0) {
-		settled = 1;
-		e->attempts = e->holds = 0;
-	} else if (strcmp(status, "held") == 0) {
-		/* Something below the horizon is still running; it may never
-		 * NOTIFY (an unrelated transaction), so look again soon,
-		 * backing off from a few ms to a second. */
-		unsigned h = e->holds < 9 ? e->holds : 9;
-
-		e->holds++;
-		at = now + (2u << h);
-	} else if (strcmp(status, "locked") == 0) {
-		/* Another worker or instance holds it; when it commits we
-		 * must look again or that wake-up is lost. */
-		at = now + 500;
-		hard = 1;
-	} else if (strcmp(status, "retry") == 0 || strcmp(status, "dberror") == 0) {
-		e->attempts++;
-		at = now + (uint64_t)(delay * 1000);
-		hard = 1;
-	} else {
-		/* failed, stopped, paused: wait for an operator's wake-up */
-		settled = 1;
-	}
-	p = find_proj(m, ph_queue_entry_proj(e));
 	if (p && !*ph_queue_entry_part(e))
-		p->settled = settled;
-	requeue(m, p, e, at, hard);
+		p->settled = n.settled;
+	requeue(m, p, e, n.at, n.hard);
 }
 
 /* The entry of @w's job for @part. The worker answers in the job's order,
@@ -555,20 +498,16 @@ static void handle_done(struct worker *w, char *msg)
 		struct ph_qentry *e = take_job(w, "");
 
 		m->round_work += nfound;
-		if (e && strcmp(find_status, "more") == 0 && p && p->nparts > PH_FIND_AHEAD)
-			/* back-pressure: the next page once its partitions have
-			 * drained (memory stays bounded, and workers process
-			 * partitions instead of listing ones already queued) */
-			requeue(m, p, e, now + 50, 1);
-		else if (e && strcmp(find_status, "more") == 0)
-			entry_done(m, e, "more", 0);
-		else if (e && nfound)
-			/* look again once these are done: the projection has
-			 * caught up when a look finds nothing behind (a window
-			 * sooner if woken: it lists only new events' streams) */
-			requeue(m, p, e, now + 500, !next_round_is_window(p));
-		else if (e)
-			entry_done(m, e, find_status, 0);
+		if (e) {
+			int plain;
+			struct ph_next nx = ph_sched_after_find(find_status, nfound, p ? p->nparts : 0,
+								p && next_round_is_window(p), now, &plain);
+
+			if (plain)
+				entry_done(m, e, find_status, 0);
+			else
+				requeue(m, p, e, nx.at, nx.hard);
+		}
 	}
 	/* anything the worker did not mention runs again */
 	for (int i = 0; i < w->njobs; i++)
@@ -836,19 +775,10 @@ static int give_work(struct master *m, struct worker *w, uint64_t now)
 		return 1;
 	}
 	if (p->partitioned && !*ph_queue_entry_part(e)) {
-		/* back-pressure before the query, not after it: while enough
-		 * of its partitions wait, the workers process them instead of
-		 * listing; a new round from the first stream waits for its
-		 * partitions to drain, or it would list again what is queued */
-		int wait_round = !p->cursor && !next_round_is_window(p) && p->nparts > 0;
-
-		if (wait_round && !p->round_wait)
-			p->round_wait = now ? now : 1;
-		if (p->nparts > PH_FIND_AHEAD || (wait_round && now - p->round_wait < PH_FIND_WAIT_MS)) {
+		if (ph_sched_find_waits(p->nparts, !p->cursor && !next_round_is_window(p), &p->round_wait, now)) {
 			requeue(m, p, e, now + 50, 1);
 			return 1;
 		}
-		p->round_wait = 0;
 	}
 	w->jobs[0] = e;
 	w->njobs = 1;
@@ -926,14 +856,17 @@ static void check_done(struct master *m)
 			uv_stop(m->loop);
 		return;
 	}
-	if (!m->cfg->once || !m->have_projs || m->q.count)
+	int settled = 1;
+	enum ph_once what;
+
+	if (!m->cfg->once || !m->have_projs)
 		return;
 	for (int i = 0; i < m->nprojs; i++)
-		if (!m->projs[i].settled)
-			return;
-	if (m->round_work) {
-		/* Events emitted during this round may feed projections that
-		 * already settled: go round again until a round finds nothing. */
+		settled = settled && m->projs[i].settled;
+	what = ph_sched_once(m->q.count, settled, m->round_work);
+	if (what == PH_ONCE_WAIT)
+		return;
+	if (what == PH_ONCE_AGAIN) {
 		m->round_work = 0;
 		wake_all(m);
 		return;
