@@ -18,7 +18,7 @@ BIN       ?= projhost
 # The same sources make the binary and the Lua module projhost.core: the C
 # subsystems in core/ (no Lua in them), the Lua bindings in core/bindings/
 # (the only place that includes lua.h; main.c is the binary's entry).
-LIB_SRCS  := core/log.c core/beat.c core/pg.c core/stmt.c core/frame.c core/proto.c core/queue.c core/schedule.c core/proc.c \
+LIB_SRCS  := core/log.c core/beat.c core/pg.c core/stmt.c core/frame.c core/proto.c core/queue.c core/registry.c core/schedule.c core/proc.c \
              core/wakecheck.c core/master.c \
              core/bindings/lua_core.c core/bindings/lua_pg.c core/bindings/lua_master.c core/bindings/lua_worker.c \
              core/bindings/lua_proc.c
@@ -51,7 +51,7 @@ deps:
 		DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq --no-install-recommends $$missing >/dev/null || exit 1; \
 	fi
 
-build: $(BIN) $(BUILD)/lib/projhost/core.so $(BUILD)/queue_test $(BUILD)/proto_test $(BUILD)/schedule_test
+build: $(BIN) $(BUILD)/lib/projhost/core.so $(BUILD)/queue_test $(BUILD)/proto_test $(BUILD)/schedule_test $(BUILD)/registry_test
 
 $(BUILD)/obj/%.o: core/%.c $(HDRS) | deps
 	@mkdir -p $(dir $@)
@@ -71,6 +71,10 @@ $(BUILD)/queue_test: spec/core/queue_test.c $(BUILD)/obj/queue.o $(BUILD)/obj/fr
 # C checks of the master's scheduling rules, run by spec/core/schedule_spec.lua
 $(BUILD)/schedule_test: spec/core/schedule_test.c $(BUILD)/obj/schedule.o $(HDRS)
 	$(CC) $(CFLAGS) $(LDFLAGS) -o $@ $< $(BUILD)/obj/schedule.o
+
+# C checks of the projection registry, run by spec/core/schedule_spec.lua
+$(BUILD)/registry_test: spec/core/registry_test.c $(BUILD)/obj/registry.o $(BUILD)/obj/proto.o $(BUILD)/obj/log.o $(HDRS)
+	$(CC) $(CFLAGS) $(LDFLAGS) -o $@ $< $(BUILD)/obj/registry.o $(BUILD)/obj/proto.o $(BUILD)/obj/log.o -lm
 
 # C checks of the master/worker messages, run by spec/core/proto_spec.lua
 $(BUILD)/proto_test: spec/core/proto_test.c $(BUILD)/obj/proto.o $(HDRS)

@@ -4,7 +4,6 @@
  * workers are described in proto.h.
  */
 #include <errno.h>
-#include <math.h>
 #include <signal.h>
 #include <stdint.h>
 #include <stdio.h>
@@ -17,13 +16,13 @@
 #include <uv.h>
 
 #include "beat.h"
-#include "fnv.h"
 #include "frame.h"
 #include "log.h"
 #include "master.h"
 #include "pg.h"
 #include "proto.h"
 #include "queue.h"
+#include "registry.h"
 #include "schedule.h"
 #include "wakecheck.h"
 
@@ -61,22 +60,6 @@ struct worker {
 	double killed_budget;
 };
 
-struct proj {
-	char *name;
-	char kind;		/* 'a'll, 's'tream, 'c'ategory */
-	char *value;
-	int partitioned;
-	int settled;		/* last batch found nothing more to do (for --once) */
-	char *cursor;		/* partition discovery: the round goes on from this token */
-	char *since;		/* ...and the next round starts from this one (the
-				 * worker's token, see find_partitions in worker.lua;
-				 * NULL: walk every stream) */
-	long nparts;		/* its partition entries in the queue (waiting or running) */
-	uint64_t round_wait;	/* since when a new discovery round waits for them (0: not) */
-	double budget;		/* seconds a handler may run before its worker is killed */
-	char hash[24];		/* of the script, for "reloaded NAME (hash a->b)" */
-};
-
 struct master {
 	uv_loop_t *loop;
 	const struct ph_master_cfg *cfg;
@@ -101,8 +84,7 @@ struct master {
 	uv_timer_t respawn;
 
 	struct ph_queue q;
-	struct proj *projs;
-	int nprojs;
+	struct ph_registry reg;
 	int have_projs;		/* projs came from a worker's init answer */
 	unsigned gen;		/* load generation: bumped by each reload request */
 	unsigned adopted_gen;	/* generation whose answer projs come from */
@@ -129,31 +111,15 @@ static uint64_t now_ms(struct master *m)
 	return uv_now(m->loop);
 }
 
-static struct proj *find_proj(struct master *m, const char *name)
+static struct ph_proj *find_proj(struct master *m, const char *name)
 {
-	for (int i = 0; i < m->nprojs; i++)
-		if (strcmp(m->projs[i].name, name) == 0)
-			return &m->projs[i];
-	return NULL;
-}
-
-static void free_projs(struct master *m)
-{
-	for (int i = 0; i < m->nprojs; i++) {
-		free(m->projs[i].name);
-		free(m->projs[i].value);
-		free(m->projs[i].cursor);
-		free(m->projs[i].since);
-	}
-	free(m->projs);
-	m->projs = NULL;
-	m->nprojs = 0;
+	return ph_registry_find(&m->reg, name);
 }
 
 /* The queue's entry count tells whether a wake-up made a new entry and
  * whether ph_queue_done() freed one: p->nparts follows it without a second
  * copy of the queue's rules. */
-static void wake(struct master *m, struct proj *p, const char *part, uint64_t at)
+static void wake(struct master *m, struct ph_proj *p, const char *part, uint64_t at)
 {
 	size_t before = m->q.count;
 
@@ -166,7 +132,7 @@ static void wake(struct master *m, struct proj *p, const char *part, uint64_t at
 }
 
 /* ph_queue_done() for an entry of @p (NULL: look it up). */
-static void requeue(struct master *m, struct proj *p, struct ph_qentry *e, uint64_t at, int hard)
+static void requeue(struct master *m, struct ph_proj *p, struct ph_qentry *e, uint64_t at, int hard)
 {
 	size_t before = m->q.count;
 	int part = *ph_queue_entry_part(e) != '\0';
@@ -184,8 +150,8 @@ static void wake_all(struct master *m)
 {
 	uint64_t now = now_ms(m);
 
-	for (int i = 0; i < m->nprojs; i++)
-		wake(m, &m->projs[i], "", now);
+	for (int i = 0; i < m->reg.n; i++)
+		wake(m, &m->reg.projs[i], "", now);
 	dispatch(m);
 }
 
@@ -194,7 +160,7 @@ static void wake_all(struct master *m)
  * walking its streams: a window lists only streams with new events, so a
  * wake-up may start it at once - it is how the streams of appends that
  * skipped their NOTIFY are found. */
-static int next_round_is_window(const struct proj *p)
+static int next_round_is_window(const struct ph_proj *p)
 {
 	return !p->cursor && p->since && strncmp(p->since, "i ", 2) == 0;
 }
@@ -204,7 +170,7 @@ static void wake_all_cb(void *arg)
 	wake_all(arg);
 }
 
-static int stream_matches(const struct proj *p, const char *stream)
+static int stream_matches(const struct ph_proj *p, const char *stream)
 {
 	return ph_sched_reads(p->kind, p->value, stream);
 }
@@ -272,57 +238,15 @@ static void send_reload(struct worker *w);
 static void handle_ready(struct worker *w, char *msg)
 {
 	struct master *m = w->m;
-	int adopt = !m->have_projs || w->gen != m->adopted_gen;
-	struct proj *old = m->projs, *np;
-	int nold = m->nprojs, initial = !m->have_projs;
-	uint64_t sig = 0;
-	char *f[8];
-	int n;
-	enum ph_verb v;
+	int adopt = (!m->have_projs || w->gen != m->adopted_gen) && w->gen == m->gen;
+	int initial = !m->have_projs;
+	struct ph_registry now = { 0 }, before;
+	uint64_t sig;
+	int errors;
 
-	if (w->gen != m->gen)
-		adopt = 0;	/* an answer to an older request: a newer one is on its way */
-	if (adopt) {
-		m->projs = NULL;
-		m->nprojs = 0;
-		m->load_errors = 0;
-	}
-	while ((v = ph_proto_next(&msg, f, 8, &n)) != PH_V_END) {
-		if (v == PH_V_PROJ && n >= 4) {
-			sig ^= ph_fnv1a_str(ph_fnv1a_str(PH_FNV_OFFSET, f[0]), n >= 6 ? f[5] : "");
-			if (!adopt)
-				continue;
-			np = realloc(m->projs, sizeof(*np) * (size_t)(m->nprojs + 1));
-			if (!np)
-				continue;
-			m->projs = np;
-			np = &m->projs[m->nprojs++];
-			memset(np, 0, sizeof(*np));
-			np->name = strdup(f[0]);
-			np->kind = f[1][0];
-			np->value = strdup(f[2]);
-			np->partitioned = atoi(f[3]);
-			np->budget = n >= 5 ? atof(f[4]) : 0;
-			/* the watchdog converts it to ms: nothing past int64 */
-			if (!(np->budget > 0) || !isfinite(np->budget))
-				np->budget = 0;
-			else if (np->budget > 1e9)
-				np->budget = 1e9;
-			snprintf(np->hash, sizeof(np->hash), "%s", n >= 6 ? f[5] : "");
-			if (!np->name || !np->value) {
-				ph_log(PH_ERROR, "host", "out of memory reading the projection list");
-				free(np->name);
-				free(np->value);
-				m->nprojs--;
-			}
-		} else if (v == PH_V_ERROR && adopt) {
-			m->load_errors++;
-			if (n >= 2 && *f[1])
-				ph_log(PH_ERROR, "host", "%s; keeping the previous version of %s", f[0], f[1]);
-			else
-				ph_log(PH_ERROR, "host", "projection not loaded: %s", n >= 1 ? f[0] : "?");
-		}
-	}
+	/* (an answer to an older request than the last: a newer one is on
+	 * its way) */
+	errors = ph_registry_read(msg, adopt ? &now : NULL, &sig);
 	w->ready = 1;
 	m->startup_failures = 0;
 	if (w->reload_pending)
@@ -333,46 +257,19 @@ static void handle_ready(struct worker *w, char *msg)
 		dispatch(m);
 		return;
 	}
+	before = m->reg;
+	m->reg = now;
+	m->load_errors = errors;
 	m->have_projs = 1;
 	m->adopted_gen = w->gen;
 	m->signature = sig;
-	/* say what changed */
-	for (int i = 0; !initial && i < m->nprojs; i++) {
-		struct proj *p = &m->projs[i];
-		struct proj *o = NULL;
-
-		for (int j = 0; j < nold; j++)
-			if (strcmp(old[j].name, p->name) == 0)
-				o = &old[j];
-		if (!o)
-			ph_log(PH_INFO, p->name, "loaded (hash %s)", p->hash);
-		else if (strcmp(o->hash, p->hash) != 0)
-			ph_log(PH_INFO, p->name, "reloaded (hash %s -> %s)", o->hash, p->hash);
-		if (o && o->cursor)
-			p->cursor = strdup(o->cursor);
-		/* the same script reads the same streams: its next round can
-		 * look at what changed; new code walks them all */
-		if (o && o->since && strcmp(o->hash, p->hash) == 0)
-			p->since = strdup(o->since);
-		if (o)
-			p->nparts = o->nparts;
-	}
-	for (int j = 0; !initial && j < nold; j++) {
-		if (!find_proj(m, old[j].name) && !strchr(old[j].name, '@'))
-			ph_log(PH_INFO, old[j].name, "stopped: its file is gone (state and checkpoints kept)");
-	}
-	for (int j = 0; j < nold; j++) {
-		free(old[j].name);
-		free(old[j].value);
-		free(old[j].cursor);
-		free(old[j].since);
-	}
-	free(old);
+	ph_registry_carry(&m->reg, &before, initial);
+	ph_registry_free(&before);
 	if (initial)
-		ph_log(PH_INFO, "host", "serving %d projection%s%s", m->nprojs,
-		       m->nprojs == 1 ? "" : "s",
+		ph_log(PH_INFO, "host", "serving %d projection%s%s", m->reg.n,
+		       m->reg.n == 1 ? "" : "s",
 		       m->load_errors ? " (some files failed to load, see above)" : "");
-	if (m->nprojs == 0 && m->cfg->once) {
+	if (m->reg.n == 0 && m->cfg->once) {
 		m->rc = 1;
 		check_done(m);
 		return;
@@ -412,7 +309,7 @@ static void request_reload(struct master *m, const char *why)
 static void entry_done(struct master *m, struct ph_qentry *e, const char *status, double delay)
 {
 	struct ph_next n = ph_sched_done(status, delay, &e->attempts, &e->holds, now_ms(m));
-	struct proj *p = find_proj(m, ph_queue_entry_proj(e));
+	struct ph_proj *p = find_proj(m, ph_queue_entry_proj(e));
 
 	if (p && !*ph_queue_entry_part(e))
 		p->settled = n.settled;
@@ -443,7 +340,7 @@ static void handle_done(struct worker *w, char *msg)
 	struct master *m = w->m;
 	char *f[4];
 	int n, found = ph_proto_first(msg) == PH_V_FOUND;
-	struct proj *p = NULL;
+	struct ph_proj *p = NULL;
 	unsigned long nfound = 0;
 	char find_status[16] = "idle";
 	uint64_t now = now_ms(m);
@@ -764,7 +661,7 @@ static int give_work(struct master *m, struct worker *w, uint64_t now)
 {
 	struct ph_qentry *e = ph_queue_pop(&m->q, now);
 	struct ph_msg mb = { 0 };
-	struct proj *p;
+	struct ph_proj *p;
 
 	if (!e)
 		return 0;
@@ -861,8 +758,8 @@ static void check_done(struct master *m)
 
 	if (!m->cfg->once || !m->have_projs)
 		return;
-	for (int i = 0; i < m->nprojs; i++)
-		settled = settled && m->projs[i].settled;
+	for (int i = 0; i < m->reg.n; i++)
+		settled = settled && m->reg.projs[i].settled;
 	what = ph_sched_once(m->q.count, settled, m->round_work);
 	if (what == PH_ONCE_WAIT)
 		return;
@@ -932,12 +829,12 @@ static void on_listen_readable(uv_poll_t *h, int status, int events)
 		 * retry): streams that got no events may be behind now, so the
 		 * next discovery walks them all */
 		if (strcmp(n->extra, "0 *") == 0)
-			for (int i = 0; i < m->nprojs; i++) {
-				free(m->projs[i].since);
-				m->projs[i].since = NULL;
+			for (int i = 0; i < m->reg.n; i++) {
+				free(m->reg.projs[i].since);
+				m->reg.projs[i].since = NULL;
 			}
-		for (int i = 0; !all && i < m->nprojs; i++) {
-			struct proj *p = &m->projs[i];
+		for (int i = 0; !all && i < m->reg.n; i++) {
+			struct ph_proj *p = &m->reg.projs[i];
 
 			if (stream_matches(p, stream))
 				wake(m, p, p->partitioned ? stream : "", now);
@@ -1020,7 +917,7 @@ static void on_watchdog(uv_timer_t *t)
 
 	for (int i = 0; i < m->nworkers; i++) {
 		struct worker *w = m->workers[i];
-		struct proj *p;
+		struct ph_proj *p;
 		int64_t pos, ms;
 		int kind;
 
@@ -1237,7 +1134,7 @@ int ph_master_run(const struct ph_master_cfg *cfg)
 	uv_run(&loop, UV_RUN_DEFAULT);
 	uv_loop_close(&loop);
 	ph_queue_free(&m.q);
-	free_projs(&m);
+	ph_registry_free(&m.reg);
 	free(m.workers);
 	free(m.watchers);
 	ph_msg_free(&m.init_msg);
