@@ -18,6 +18,7 @@
 -- (one statement per table per batch).
 
 local guard = require "projhost.guard"
+local reads = require "projhost.reads"
 local errtext = guard.errtext
 local getmetatable_raw = debug.getmetatable
 
@@ -73,6 +74,35 @@ end
 function M.event(t)
 	if getmetatable_raw(t) == EVENT_MT then return t end
 	return setmetatable(t, EVENT_MT)
+end
+
+-- Which events a projection sees, the one home of the rule for the worker
+-- (whose reads filter the source in SQL, see projhost.reads) and for
+-- projhost.testing: its source (all, a category - the part of the stream
+-- before its first '-' - or one stream) and its `types`, if any.
+local type_sets = setmetatable({}, { __mode = "k" }) -- def -> { [type] = true }
+
+function M.sees_type(def, etype)
+	local filter = def.type_filter
+	if not filter then return true end
+	local set = type_sets[def]
+	if not set then
+		set = {}
+		for _, t in ipairs(filter) do set[t] = true end
+		type_sets[def] = set
+	end
+	return set[etype] == true
+end
+
+function M.reads_stream(def, stream)
+	local from = def.from
+	if from.stream then return stream == from.stream end
+	if from.category then return reads.category(stream) == from.category end
+	return true
+end
+
+function M.sees(def, stream, etype)
+	return M.reads_stream(def, stream) and M.sees_type(def, etype)
 end
 
 local function is_event(v)

@@ -39,10 +39,6 @@ local function deepcopy(v, seen)
 	return c
 end
 
-local function category(stream)
-	return (stream:match("^([^-]*)"))
-end
-
 -- Fields T.event filled in by default, so `given` may renumber them.
 local defaulted = setmetatable({}, { __mode = "k" })
 
@@ -188,17 +184,7 @@ function Harness:_run(fn, ...)
 end
 
 function Harness:_sees(e)
-	local from = self.def.from
-	if from.stream and e.stream ~= from.stream then return false end
-	if from.category and category(e.stream) ~= from.category then return false end
-	local filter = self.def.type_filter
-	if filter then
-		for _, t in ipairs(filter) do
-			if t == e.type then return true end
-		end
-		return false
-	end
-	return true
+	return P.sees(self.def, e.stream, e.type)
 end
 
 -- Fill in numbering the way the store would: version per stream, position

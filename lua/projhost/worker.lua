@@ -813,14 +813,7 @@ local function apply_groups(def, job, ctx)
 	return true
 end
 
-local function visible(def, etype)
-	if not def.type_filter then return true end
-	if not def._types then
-		def._types = {}
-		for _, t in ipairs(def.type_filter) do def._types[t] = true end
-	end
-	return def._types[etype] == true
-end
+local visible = P.sees_type
 
 -- ---------------------------------------------------------------------
 -- the batch transaction, written once for every kind of batch
@@ -1460,11 +1453,7 @@ end
 -- partitioned projections: one state and checkpoint (stream_version) per
 -- stream; many partitions per transaction
 
-local function stream_in_source(def, stream)
-	if def.from.all then return true end
-	if def.from.stream then return stream == def.from.stream end
-	return (stream:match("^[^-]*")) == def.from.category
-end
+local stream_in_source = P.reads_stream
 
 -- Checkpoint rows this worker created. A new partitioned projection over
 -- many streams grows projhost.checkpoints from nothing to a row per stream

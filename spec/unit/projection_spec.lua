@@ -300,3 +300,35 @@ describe("ctx:upsert", function()
 		assert.same({}, log)
 	end)
 end)
+
+describe("which events a projection sees (one rule for the worker and projhost.testing)", function()
+	local P = require "projhost.projection"
+	local T = require "projhost.testing"
+
+	it("follows its source and its types", function()
+		local cat = { from = { category = "account" } }
+		assert.is_true(P.sees(cat, "account-1", "X"))
+		assert.is_true(P.sees(cat, "account", "X"))
+		assert.is_true(P.sees(cat, "account-1-2", "X"))
+		assert.is_false(P.sees(cat, "accounts-1", "X"))
+		assert.is_false(P.sees(cat, "acc-1", "X"))
+		local one = { from = { stream = "account-1" } }
+		assert.is_true(P.sees(one, "account-1", "X"))
+		assert.is_false(P.sees(one, "account-10", "X"))
+		local typed = { from = { all = true }, type_filter = { "A", "B" } }
+		assert.is_true(P.sees(typed, "x", "B"))
+		assert.is_false(P.sees(typed, "x", "C"))
+		assert.is_false(P.sees(typed, "x", "a"))
+	end)
+
+	it("is what projhost.testing applies", function()
+		local h = T.load_source([[return {
+			name = "seen", from = { category = "account", types = { "A" } },
+			init = function() return { n = 0 } end,
+			when = { A = function(s) s.n = s.n + 1 end },
+		}]])
+		h:given(T.event{ stream = "account-1", type = "A" }, T.event{ stream = "accounts-1", type = "A" },
+			T.event{ stream = "account-2", type = "B" }, T.event{ stream = "account", type = "A" })
+		assert.equal(2, h:state().n)
+	end)
+end)
