@@ -554,7 +554,7 @@ static void spawn_worker(struct master *m, int slot)
 {
 	struct worker *w = calloc(1, sizeof(*w));
 	uv_process_options_t o;
-	uv_stdio_container_t stdio[5];
+	uv_stdio_container_t stdio[PH_WORKER_BEAT_FD + 1];
 	char *args[3];
 	int r, beat_fd = -1;
 
@@ -574,14 +574,14 @@ static void spawn_worker(struct master *m, int slot)
 	stdio[1].data.fd = 1;
 	stdio[2].flags = UV_INHERIT_FD;
 	stdio[2].data.fd = 2;
-	stdio[3].flags = UV_CREATE_PIPE | UV_READABLE_PIPE | UV_WRITABLE_PIPE;
-	stdio[3].data.stream = (uv_stream_t *)&w->pipe;
+	stdio[PH_WORKER_PIPE_FD].flags = UV_CREATE_PIPE | UV_READABLE_PIPE | UV_WRITABLE_PIPE;
+	stdio[PH_WORKER_PIPE_FD].data.stream = (uv_stream_t *)&w->pipe;
 	w->beat = ph_beat_create(&beat_fd);
 	if (!w->beat)
 		ph_log(PH_WARN, "host", "worker %d: no heartbeat page (%s); handler budgets are not enforced",
 		       slot, strerror(errno));
-	stdio[4].flags = w->beat ? UV_INHERIT_FD : UV_IGNORE;
-	stdio[4].data.fd = beat_fd;
+	stdio[PH_WORKER_BEAT_FD].flags = w->beat ? UV_INHERIT_FD : UV_IGNORE;
+	stdio[PH_WORKER_BEAT_FD].data.fd = beat_fd;
 	args[0] = (char *)m->cfg->bin;
 	args[1] = "__worker";
 	args[2] = NULL;
@@ -589,7 +589,7 @@ static void spawn_worker(struct master *m, int slot)
 	o.args = args;
 	o.exit_cb = on_worker_exit;
 	o.stdio = stdio;
-	o.stdio_count = 5;
+	o.stdio_count = PH_WORKER_BEAT_FD + 1;
 	r = uv_spawn(m->loop, &w->proc, &o);
 	if (beat_fd >= 0)
 		close(beat_fd);	/* the mapping stays */

@@ -55,6 +55,12 @@
 #include <stddef.h>
 #include <stdint.h>
 
+/* A worker's descriptors: the master's messages come and go on
+ * PH_WORKER_PIPE_FD, the heartbeat page (beat.h) is PH_WORKER_BEAT_FD
+ * (projhost.core exports both as core.WORKER_PIPE_FD, core.WORKER_BEAT_FD). */
+#define PH_WORKER_PIPE_FD 3
+#define PH_WORKER_BEAT_FD 4
+
 /* Bytes of partitions in one job or find answer (escaped). */
 #define PH_PROTO_BUDGET (1u << 20)
 /* Bytes of one error message from the loader. */

@@ -17,6 +17,7 @@
 #include "log.h"
 #include "lua_core.h"
 #include "master.h"
+#include "proto.h"
 #include "version.h"
 
 static int traceback(lua_State *L)
@@ -196,5 +197,9 @@ int luaopen_projhost_core(lua_State *L)
 	lua_setfield(L, -2, "version");
 	lua_pushinteger(L, PH_MAX_WORKERS);
 	lua_setfield(L, -2, "max_workers");
+	lua_pushinteger(L, PH_WORKER_PIPE_FD);
+	lua_setfield(L, -2, "WORKER_PIPE_FD");
+	lua_pushinteger(L, PH_WORKER_BEAT_FD);
+	lua_setfield(L, -2, "WORKER_BEAT_FD");
 	return 1;
 }
