@@ -22,7 +22,7 @@ LIB_SRCS  := core/log.c core/beat.c core/pg.c core/stmt.c core/frame.c core/prot
              core/wakecheck.c core/master.c \
              core/bindings/lua_core.c core/bindings/lua_pg.c core/bindings/lua_master.c core/bindings/lua_worker.c \
              core/bindings/lua_proc.c
-HDRS      := $(wildcard core/*.h core/bindings/*.h)
+HDRS      := $(wildcard core/*.h core/bindings/*.h spec/core/*.h)
 LIB_OBJS  := $(LIB_SRCS:core/%.c=$(BUILD)/obj/%.o)
 
 .PHONY: all deps build asan test test-asan run bench clean help lint install

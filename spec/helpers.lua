@@ -15,6 +15,7 @@
 --   h.scalar(conn, sql, ...) the first column of the first row
 --   h.insert_events(conn, prefix, n, streams, type?)  set-based test events
 --   h.pgbin(name)           a PostgreSQL program (pgbench, ...)
+--   h.c_checks(program, n)  run a C check program of spec/core: n groups pass
 --   h.tmpdir(), h.write_file(path, text), h.read_file(path), h.exists(path)
 --
 -- opts: env (name -> string, or false to unset), stdin (string), cwd,
@@ -231,6 +232,22 @@ function h.insert_events(conn, prefix, n, streams, etype)
 		WHERE stream_id LIKE $1 || '-%' GROUP BY 1
 		ON CONFLICT (stream_id) DO UPDATE SET version = EXCLUDED.version,
 			last_position = EXCLUDED.last_position, updated_at = EXCLUDED.updated_at]], prefix))
+end
+
+-- Run a C check program of spec/core (built next to the objects of the
+-- binary under test) and assert it passed its `expected` groups of checks.
+function h.c_checks(program, expected)
+	local assert = require "luassert"
+	local dir = h.bin:find("build%-asan") and "build-asan" or "build"
+	local p = io.popen(h.root .. "/" .. dir .. "/" .. program .. " 2>&1; echo \"exit=$?\"")
+	local out = p:read("*a")
+	p:close()
+	assert.matches("exit=0", out, 1, true)
+	local oks = 0
+	for line in out:gmatch("[^\n]+") do
+		if line:match("^ok ") then oks = oks + 1 end
+	end
+	assert.equal(expected, oks, out)
 end
 
 function h.pgbin(name)

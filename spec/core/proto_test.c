@@ -14,13 +14,7 @@
 
 #include "../../core/frame.h"
 #include "../../core/proto.h"
-
-#define CHECK(cond) do { \
-	if (!(cond)) { \
-		fprintf(stderr, "FAIL %s:%d: %s\n", __FILE__, __LINE__, #cond); \
-		exit(1); \
-	} \
-} while (0)
+#include "check.h"
 
 /* Every byte 1..255, and a field of a single byte b. */
 static char every[256];

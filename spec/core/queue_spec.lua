@@ -4,15 +4,6 @@ local h = require "helpers"
 
 describe("core queue and frames", function()
 	it("pass their checks", function()
-		local dir = h.bin:find("build%-asan") and "build-asan" or "build"
-		local p = io.popen(h.root .. "/" .. dir .. "/queue_test 2>&1; echo \"exit=$?\"")
-		local out = p:read("*a")
-		p:close()
-		assert.matches("exit=0", out, 1, true)
-		local oks = 0
-		for line in out:gmatch("[^\n]+") do
-			if line:match("^ok ") then oks = oks + 1 end
-		end
-		assert.equal(7, oks, out)
+		h.c_checks("queue_test", 7)
 	end)
 end)

@@ -8,13 +8,7 @@
 
 #include "../../core/frame.h"
 #include "../../core/queue.h"
-
-#define CHECK(cond) do { \
-	if (!(cond)) { \
-		fprintf(stderr, "FAIL %s:%d: %s\n", __FILE__, __LINE__, #cond); \
-		exit(1); \
-	} \
-} while (0)
+#include "check.h"
 
 static int is(struct ph_qentry *e, const char *proj, const char *part)
 {

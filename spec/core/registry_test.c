@@ -10,13 +10,7 @@
 
 #include "../../core/proto.h"
 #include "../../core/registry.h"
-
-#define CHECK(cond) do { \
-	if (!(cond)) { \
-		fprintf(stderr, "FAIL %s:%d: %s\n", __FILE__, __LINE__, #cond); \
-		exit(1); \
-	} \
-} while (0)
+#include "check.h"
 
 static void proj_line(struct ph_msg *mb, const char *name, const char *kind, const char *value,
 		      const char *parts, const char *budget, const char *hash)

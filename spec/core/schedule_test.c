@@ -8,13 +8,7 @@
 #include <string.h>
 
 #include "../../core/schedule.h"
-
-#define CHECK(cond) do { \
-	if (!(cond)) { \
-		fprintf(stderr, "FAIL %s:%d: %s\n", __FILE__, __LINE__, #cond); \
-		exit(1); \
-	} \
-} while (0)
+#include "check.h"
 
 static void batch_answers(void)
 {
