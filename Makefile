@@ -18,7 +18,7 @@ BIN       ?= projhost
 # The same sources make the binary and the Lua module projhost.core: the C
 # subsystems in core/ (no Lua in them), the Lua bindings in core/bindings/
 # (the only place that includes lua.h; main.c is the binary's entry).
-LIB_SRCS  := core/log.c core/beat.c core/pg.c core/stmt.c core/frame.c core/proto.c core/queue.c core/registry.c core/schedule.c core/proc.c \
+LIB_SRCS  := core/log.c core/beat.c core/pg.c core/stmt.c core/frame.c core/proto.c core/queue.c core/pipeline.c core/registry.c core/schedule.c core/proc.c \
              core/wakecheck.c core/master.c \
              core/bindings/lua_core.c core/bindings/lua_pg.c core/bindings/lua_master.c core/bindings/lua_worker.c \
              core/bindings/lua_proc.c

@@ -30,7 +30,7 @@ build = {
 	modules = {
 		["projhost.core"] = {
 			sources = {
-				"core/log.c", "core/beat.c", "core/pg.c", "core/stmt.c", "core/frame.c", "core/proto.c", "core/queue.c", "core/registry.c", "core/schedule.c",
+				"core/log.c", "core/beat.c", "core/pg.c", "core/stmt.c", "core/frame.c", "core/proto.c", "core/queue.c", "core/pipeline.c", "core/registry.c", "core/schedule.c",
 				"core/proc.c", "core/wakecheck.c", "core/master.c",
 				"core/bindings/lua_core.c", "core/bindings/lua_pg.c", "core/bindings/lua_master.c",
 				"core/bindings/lua_worker.c", "core/bindings/lua_proc.c",

@@ -13,33 +13,19 @@
 #include <lauxlib.h>
 
 #include "pg.h"
+#include "pipeline.h"
 #include "stmt.h"
 #include "lua_core.h"
 
 #define PH_CONN_MT "projhost.conn"
 #define MAX_PARAMS 256
 
-/* What went into the pipeline since the last sync, in order: the user's
- * statements and the Parse messages of newly prepared ones. */
-struct sent {
-	unsigned char kind;	/* how conn:sync(true) returns it */
-	char name[15];		/* prepared statement name, or "" */
-};
-
+/* The pipeline's record (what was sent, routing, prepared statements) is
+ * core/pipeline.c's; this file turns its results into Lua values. */
 typedef struct {
 	PGconn *conn;
-	int pending;		/* statements sent in pipeline mode since the last sync */
-	int nsent;		/* entries of sent[] (statements and Parses) */
-	struct sent *sent;
-	int scap;
-	int k, q;		/* sent[] entries and statements already taken (conn:take) */
-	PGresult *err;		/* the first error among them, for the sync to report */
-	int err_index;
-	ph_stmts *stmts;	/* pipelined texts run as prepared statements */
+	struct ph_pipe pipe;	/* pipelined texts run as prepared statements */
 } ph_l_conn;
-
-/* KIND_PREPARE is a Parse: no statement of its own, its result is not one */
-enum { KIND_COUNT, KIND_ROWS, KIND_EVENTS, KIND_PAGE, KIND_PREPARE };
 
 typedef struct ph_l_page ph_l_page_t;
 
@@ -102,7 +88,8 @@ int ph_l_connect(lua_State *L)
 	c = lua_newuserdata(L, sizeof(*c));
 	memset(c, 0, sizeof(*c));
 	c->conn = conn;
-	c->stmts = ph_stmts_new(PH_MAX_PREPARED);	/* NULL: nothing is prepared */
+	/* no statement cache (out of memory): nothing is prepared */
+	ph_pipe_init(&c->pipe, conn, ph_stmts_new(PH_MAX_PREPARED));
 	luaL_getmetatable(L, PH_CONN_MT);
 	lua_setmetatable(L, -2);
 	return 1;
@@ -150,23 +137,6 @@ static int collect_params(lua_State *L, int first, const char **vals, char bufs[
 
 static int drain(ph_l_conn *c, PGresult **last, PGresult **err, int *err_index);
 
-/* Note what goes into the pipeline next; -1 when out of memory. */
-static int add_sent(ph_l_conn *c, int kind, const char *name)
-{
-	if (c->nsent >= c->scap) {
-		int cap = c->scap ? c->scap * 2 : 64;
-		struct sent *n = realloc(c->sent, (size_t)cap * sizeof(*n));
-
-		if (!n)
-			return -1;
-		c->sent = n;
-		c->scap = cap;
-	}
-	c->sent[c->nsent].kind = (unsigned char)kind;
-	snprintf(c->sent[c->nsent].name, sizeof(c->sent[0].name), "%s", name ? name : "");
-	c->nsent++;
-	return 0;
-}
 static void push_events(lua_State *L, PGresult *res);
 static ph_l_page_t *push_page(lua_State *L, PGresult *res);
 static void push_rows(lua_State *L, PGresult *res);
@@ -200,9 +170,8 @@ static PGresult *run(lua_State *L, ph_l_conn *c, int *err_index)
 	 * string may hold several statements. */
 	if (PQpipelineStatus(c->conn) == PQ_PIPELINE_OFF)
 		return n == 0 ? PQexec(c->conn, sql) : PQexecParams(c->conn, sql, n, NULL, vals, NULL, NULL, 0);
-	if (add_sent(c, KIND_ROWS, NULL) != 0 || !PQsendQueryParams(c->conn, sql, n, NULL, vals, NULL, NULL, 0))
+	if (ph_pipe_send(&c->pipe, PH_PIPE_ROWS, sql, n, vals, 0) <= 0)
 		return NULL;
-	c->pending++;
 	if (drain(c, &last, &err, err_index) != 0) {
 		if (last)
 			PQclear(last);
@@ -272,52 +241,28 @@ static int ph_l_conn_query(lua_State *L)
 struct cursor {
 	lua_State *L;		/* push results into the table at slot @results */
 	int results;
-	PGresult *last, *err;
-	int err_index;
+	struct ph_pipe_seen seen;
 };
 
-/* Account for result @r of the next entry of sent[] (see drain_results).
- * Return: 1 when it was a statement's result (c->q counts it), 0 when it
- * was a Parse's. Takes @r over. */
+/* Take result @r of the next statement or Parse (routed by
+ * ph_pipe_account) into Lua (with cur->L) or keep it as the last. Takes @r
+ * over. Return: 1 when it was a statement's result, 0 when a Parse's. */
 static int take_result(ph_l_conn *c, struct cursor *cur, PGresult *r)
 {
-	const struct sent *sn = c->k < c->nsent ? &c->sent[c->k] : NULL;
+	int kind, kept, q = ph_pipe_account(&c->pipe, &cur->seen, r, &kind, &kept);
 	ExecStatusType st = PQresultStatus(r);
-	int failed = st != PGRES_COMMAND_OK && st != PGRES_TUPLES_OK;
-	int kind = sn ? sn->kind : KIND_COUNT;
 	lua_State *L = cur->L;
 
-	c->k++;
-	/* a Parse that failed or was skipped created nothing; a plan
-	 * whose result columns changed (0A000) must be made anew, and
-	 * one the session lost (26000: DEALLOCATE, DISCARD) too */
-	if (sn && sn->name[0] && c->stmts &&
-	    ((kind == KIND_PREPARE && failed) ||
-	     (st == PGRES_FATAL_ERROR && (strcmp(ph_pg_errcode(c->conn, r), "0A000") == 0 ||
-					  strcmp(ph_pg_errcode(c->conn, r), "26000") == 0))))
-		ph_stmts_forget(c->stmts, sn->name);
-	if (kind == KIND_PREPARE) {
-		/* not a statement: its error is the next statement's */
-		if (st == PGRES_FATAL_ERROR && !cur->err) {
-			cur->err = r;
-			cur->err_index = c->q + 1;
-		} else {
-			PQclear(r);
-		}
+	if (!q)
 		return 0;
-	}
-	c->q++;
 	if (L) {
-		if (st == PGRES_TUPLES_OK && kind != KIND_COUNT) {
-			if (kind == KIND_EVENTS || kind == KIND_PAGE) {
-				/* the page owns r now */
-				if (kind == KIND_EVENTS)
-					push_events(L, r);
-				else
-					push_page(L, r);
-				lua_rawseti(L, cur->results, c->q);
-				return 1;
-			}
+		if (st == PGRES_TUPLES_OK && (kind == PH_PIPE_EVENTS || kind == PH_PIPE_PAGE)) {
+			/* the page owns r now */
+			if (kind == PH_PIPE_EVENTS)
+				push_events(L, r);
+			else
+				push_page(L, r);
+		} else if (st == PGRES_TUPLES_OK && kind == PH_PIPE_ROWS) {
 			push_rows(L, r);
 		} else if (st == PGRES_COMMAND_OK || st == PGRES_TUPLES_OK) {
 			const char *t = PQcmdTuples(r);
@@ -326,20 +271,16 @@ static int take_result(ph_l_conn *c, struct cursor *cur, PGresult *r)
 		} else {
 			lua_pushboolean(L, 0);	/* failed or skipped */
 		}
-		lua_rawseti(L, cur->results, c->q);
-	}
-	if ((st == PGRES_FATAL_ERROR || st == PGRES_NONFATAL_ERROR) && !cur->err) {
-		cur->err = r;
-		cur->err_index = c->q;
+		lua_rawseti(L, cur->results, q);
+		if (!kept && !(st == PGRES_TUPLES_OK && (kind == PH_PIPE_EVENTS || kind == PH_PIPE_PAGE)))
+			PQclear(r);
 		return 1;
 	}
-	if (L) {
-		PQclear(r);
+	if (kept)
 		return 1;
-	}
-	if (cur->last)
-		PQclear(cur->last);
-	cur->last = r;
+	if (cur->seen.last)
+		PQclear(cur->seen.last);
+	cur->seen.last = r;
 	return 1;
 }
 
@@ -351,11 +292,11 @@ static int take_result(ph_l_conn *c, struct cursor *cur, PGresult *r)
 static int drain_results(ph_l_conn *c, lua_State *L, int results, PGresult **last, PGresult **err,
 			 int *err_index)
 {
-	struct cursor cur = { L, results, NULL, c->err, c->err_index };
+	struct cursor cur = { L, results, { NULL, c->pipe.err, c->pipe.err_index } };
 	int nulls = 0, rc = 0;
 
-	c->err = NULL;
-	c->err_index = 0;
+	c->pipe.err = NULL;
+	c->pipe.err_index = 0;
 	if (!PQpipelineSync(c->conn)) {
 		rc = -1;
 		goto out;
@@ -367,8 +308,8 @@ static int drain_results(ph_l_conn *c, lua_State *L, int results, PGresult **las
 			/* one NULL ends each statement's results; two in a row
 			 * mean nothing more is coming (the connection broke) */
 			if (++nulls > 1 || PQstatus(c->conn) == CONNECTION_BAD) {
-				if (!cur.err)
-					cur.err_index = c->q + 1;
+				if (!cur.seen.err)
+					cur.seen.err_index = c->pipe.q + 1;
 				rc = -1;
 				goto out;
 			}
@@ -381,12 +322,12 @@ static int drain_results(ph_l_conn *c, lua_State *L, int results, PGresult **las
 		}
 		take_result(c, &cur, r);
 	}
-	rc = cur.err ? -1 : 0;
+	rc = cur.seen.err ? -1 : 0;
 out:
-	*last = cur.last;
-	*err = cur.err;
-	*err_index = cur.err_index;
-	c->pending = c->nsent = c->k = c->q = 0;
+	*last = cur.seen.last;
+	*err = cur.seen.err;
+	*err_index = cur.seen.err_index;
+	ph_pipe_reset(&c->pipe);
 	return rc;
 }
 
@@ -402,20 +343,20 @@ out:
 static int ph_l_conn_take(lua_State *L)
 {
 	ph_l_conn *c = check_c(L);
-	struct cursor cur = { L, 0, NULL, NULL, 0 };
-	int q0 = c->q;
+	struct cursor cur = { L, 0, { NULL, NULL, 0 } };
+	int q0 = c->pipe.q;
 
-	if (PQpipelineStatus(c->conn) == PQ_PIPELINE_OFF || c->q >= c->pending)
+	if (PQpipelineStatus(c->conn) == PQ_PIPELINE_OFF || c->pipe.q >= c->pipe.pending)
 		return luaL_error(L, "conn:take: no statement is waiting for its result");
 	lua_createtable(L, 1, 0);
 	cur.results = lua_gettop(L);
-	while (c->q == q0) {
+	while (c->pipe.q == q0) {
 		PGresult *r = PQgetResult(c->conn);
 
 		if (!r) {
 			/* the NULL after a Parse's result; or a broken connection */
 			if (PQstatus(c->conn) == CONNECTION_BAD)
-				return push_error_at(L, c->conn, NULL, c->q + 1);
+				return push_error_at(L, c->conn, NULL, c->pipe.q + 1);
 			continue;
 		}
 		take_result(c, &cur, r);
@@ -423,19 +364,19 @@ static int ph_l_conn_take(lua_State *L)
 	/* the NULL that ends the statement's results */
 	if (PQgetResult(c->conn) != NULL)
 		return luaL_error(L, "conn:take: more than one result for one statement");
-	if (!cur.err) {
-		lua_rawgeti(L, cur.results, c->q);
+	if (!cur.seen.err) {
+		lua_rawgeti(L, cur.results, c->pipe.q);
 		return 1;
 	}
 	/* kept for the sync, reported now too */
-	if (c->err)
-		PQclear(cur.err);
+	if (c->pipe.err)
+		PQclear(cur.seen.err);
 	else {
-		c->err = cur.err;
-		c->err_index = cur.err_index;
+		c->pipe.err = cur.seen.err;
+		c->pipe.err_index = cur.seen.err_index;
 	}
-	push_error_of(L, c->conn, c->err);
-	lua_pushinteger(L, c->err_index);
+	push_error_of(L, c->conn, c->pipe.err);
+	lua_pushinteger(L, c->pipe.err_index);
 	return 4;
 }
 
@@ -456,10 +397,10 @@ static int ph_l_conn_pipeline(lua_State *L)
 		return push_error(L, c->conn, NULL);
 	/* what is queued stays queued while the mode does not change */
 	if (on != was_on) {
-		c->pending = c->nsent = c->k = c->q = 0;
-		if (c->err)
-			PQclear(c->err);
-		c->err = NULL;
+		ph_pipe_reset(&c->pipe);
+		if (c->pipe.err)
+			PQclear(c->pipe.err);
+		c->pipe.err = NULL;
 	}
 	lua_pushboolean(L, 1);
 	return 1;
@@ -471,57 +412,42 @@ static int send_kind(lua_State *L, int kind)
 	const char *sql = luaL_checkstring(L, 2);
 	const char *vals[MAX_PARAMS];
 	static char bufs[MAX_PARAMS][32];
-	int n = collect_params(L, 3, vals, bufs);
-
-	int parse = 0;
-	const char *name;
+	int n = collect_params(L, 3, vals, bufs), q;
 
 	if (PQpipelineStatus(c->conn) == PQ_PIPELINE_OFF)
 		return luaL_error(L, "conn:send needs pipeline mode (conn:pipeline(true))");
-	name = c->stmts ? ph_stmts_use(c->stmts, sql, &parse) : NULL;
-	if (parse) {
-		if (add_sent(c, KIND_PREPARE, name) != 0)
-			return luaL_error(L, "out of memory");
-		if (!PQsendPrepare(c->conn, name, sql, n, NULL)) {
-			ph_stmts_forget(c->stmts, name);
-			c->nsent--;
-			return push_error(L, c->conn, NULL);
-		}
-	}
-	if (add_sent(c, kind, name) != 0)
+	q = ph_pipe_send(&c->pipe, kind, sql, n, vals, 1);
+	if (q < 0)
 		return luaL_error(L, "out of memory");
-	if (name ? !PQsendQueryPrepared(c->conn, name, n, vals, NULL, NULL, 0)
-		 : !PQsendQueryParams(c->conn, sql, n, NULL, vals, NULL, NULL, 0)) {
-		c->nsent--;
+	if (q == 0)
 		return push_error(L, c->conn, NULL);
-	}
-	lua_pushinteger(L, ++c->pending);
+	lua_pushinteger(L, q);
 	return 1;
 }
 
 /* conn:send(sql, ...) -> statements pending | nil, msg, code (pipeline mode) */
 static int ph_l_conn_send(lua_State *L)
 {
-	return send_kind(L, KIND_COUNT);
+	return send_kind(L, PH_PIPE_COUNT);
 }
 
 /* conn:send_query(sql, ...): like send; conn:sync(true) returns its rows */
 static int ph_l_conn_send_query(lua_State *L)
 {
-	return send_kind(L, KIND_ROWS);
+	return send_kind(L, PH_PIPE_ROWS);
 }
 
 /* conn:send_events(sql, ...): like send; conn:sync(true) returns event tables */
 static int ph_l_conn_send_events(lua_State *L)
 {
-	return send_kind(L, KIND_EVENTS);
+	return send_kind(L, PH_PIPE_EVENTS);
 }
 
 /* conn:send_page(sql, ...): like send_events, but conn:sync(true) returns
  * the page itself; page:events() makes the event tables when wanted. */
 static int ph_l_conn_send_page(lua_State *L)
 {
-	return send_kind(L, KIND_PAGE);
+	return send_kind(L, PH_PIPE_PAGE);
 }
 
 /* conn:sync(true): sync and return every statement's result: results[i] is
@@ -532,7 +458,7 @@ static int sync_collect(lua_State *L, ph_l_conn *c)
 	PGresult *last, *err;
 	int idx, results;
 
-	lua_createtable(L, c->pending, 0);
+	lua_createtable(L, c->pipe.pending, 0);
 	results = lua_gettop(L);
 	if (drain_results(c, L, results, &last, &err, &idx) == 0) {
 		lua_pushboolean(L, 1);
@@ -877,15 +803,9 @@ static int ph_l_conn_close(lua_State *L)
 	if (c->conn)
 		PQfinish(c->conn);
 	c->conn = NULL;
-	free(c->sent);
-	c->sent = NULL;
-	c->scap = c->nsent = c->pending = 0;
-	ph_stmts_free(c->stmts);
-	c->stmts = NULL;
-	if (c->err)
-		PQclear(c->err);
-	c->err = NULL;
-	c->k = c->q = 0;
+	ph_stmts_free(c->pipe.stmts);
+	ph_pipe_release(&c->pipe);
+	ph_pipe_init(&c->pipe, NULL, NULL);
 	return 0;
 }
 
