@@ -22,9 +22,27 @@
 
 /* The pipeline's record (what was sent, routing, prepared statements) is
  * core/pipeline.c's; this file turns its results into Lua values. */
+/* How rows become events (conn:event_fields): which columns are copied
+ * into the event table under which name (and as numbers or text), which
+ * stay in the page until a handler reads them, and which two say where a
+ * page ends. The worker hands its map over once per connection; this file
+ * knows no column of the events table. */
+#define PH_FIELDS_MAX 16
+#define PH_NAME_MAX 32
+struct ph_l_field {
+	char col[PH_NAME_MAX], field[PH_NAME_MAX];
+	int number;
+};
+struct ph_l_fields {
+	int neager, nlazy;
+	struct ph_l_field eager[PH_FIELDS_MAX], lazy[PH_FIELDS_MAX];
+	char last_tx[PH_NAME_MAX], last_pos[PH_NAME_MAX];
+};
+
 typedef struct {
 	PGconn *conn;
 	struct ph_pipe pipe;	/* pipelined texts run as prepared statements */
+	struct ph_l_fields fields;
 } ph_l_conn;
 
 typedef struct ph_l_page ph_l_page_t;
@@ -137,8 +155,8 @@ static int collect_params(lua_State *L, int first, const char **vals, char bufs[
 
 static int drain(ph_l_conn *c, PGresult **last, PGresult **err, int *err_index);
 
-static void push_events(lua_State *L, PGresult *res);
-static ph_l_page_t *push_page(lua_State *L, PGresult *res);
+static void push_events(lua_State *L, PGresult *res, const struct ph_l_fields *fields);
+static ph_l_page_t *push_page(lua_State *L, PGresult *res, const struct ph_l_fields *fields);
 static void push_rows(lua_State *L, PGresult *res);
 
 /* nil, msg, code[, index of the pipelined statement that failed] */
@@ -259,9 +277,9 @@ static int take_result(ph_l_conn *c, struct cursor *cur, PGresult *r)
 		if (st == PGRES_TUPLES_OK && (kind == PH_PIPE_EVENTS || kind == PH_PIPE_PAGE)) {
 			/* the page owns r now */
 			if (kind == PH_PIPE_EVENTS)
-				push_events(L, r);
+				push_events(L, r, &c->fields);
 			else
-				push_page(L, r);
+				push_page(L, r, &c->fields);
 		} else if (st == PGRES_TUPLES_OK && kind == PH_PIPE_ROWS) {
 			push_rows(L, r);
 		} else if (st == PGRES_COMMAND_OK || st == PGRES_TUPLES_OK) {
@@ -526,46 +544,23 @@ static int ph_l_conn_sync(lua_State *L)
  *
  * The worker's read path: one Lua table per row, built here with the field
  * names handlers use, so a batch of thousands of events costs one table per
- * event and no second pass in Lua. Columns are renamed: global_position ->
- * position and stream_version -> version (numbers), stream_id -> stream,
- * event_type -> type; any other column keeps its name, as text.
+ * event and no second pass in Lua. Columns are renamed as the connection's
+ * map says (conn:event_fields; the worker's is projhost.reads.EVENT_FIELDS);
+ * any other column keeps its name, as text.
  *
- * Five columns are not copied into the table at all: event_id, the
- * transaction id (tx), data, metadata and created_at. Most handlers read
- * one of them at most, and making five strings per event was most of the
- * cost of a page (measured: a counting projection spent half its time
- * here). Each event carries _page (the page's result, kept alive by its
- * events) and _row instead, and page:text(row, field) fetches "id", "tx",
- * "data", "metadata" or "time" when the worker's event metatable asks.
+ * The map's lazy columns are not copied into the table at all: most
+ * handlers read one of them at most, and making five strings per event was
+ * most of the cost of a page (measured: a counting projection spent half
+ * its time here). Each event carries _page (the page's result, kept alive
+ * by its events) and _row instead, and page:text(row, field) fetches a lazy
+ * field when the worker's event metatable asks.
  */
 #define PH_PAGE_MT "projhost.page"
 
-static const struct {
-	const char *col, *field;
-	int number;
-} event_fields[] = {
-	{ "global_position", "position", 1 },
-	{ "stream_version", "version", 1 },
-	{ "stream_id", "stream", 0 },
-	{ "event_type", "type", 0 },
-};
-
-/* the lazily fetched columns, in the order of ph_l_page.col[] */
-static const struct {
-	const char *col, *field;
-} lazy_fields[] = {
-	{ "event_id", "id" },
-	{ "tx", "tx" },
-	{ "data", "data" },
-	{ "metadata", "metadata" },
-	{ "created_at", "time" },
-};
-
-#define N_LAZY (sizeof(lazy_fields) / sizeof(lazy_fields[0]))
-
 struct ph_l_page {
 	PGresult *res;
-	int col[N_LAZY];	/* column of each lazy field, -1 if absent */
+	struct ph_l_fields fields;	/* the connection's map when it was read */
+	int col[PH_FIELDS_MAX];		/* column of each lazy field, -1 if absent */
 };
 
 static int ph_l_page_gc(lua_State *L)
@@ -585,10 +580,10 @@ static int ph_l_page_text(lua_State *L)
 	int row = (int)luaL_checkinteger(L, 2) - 1;
 	const char *field = luaL_checkstring(L, 3);
 
-	for (size_t k = 0; k < N_LAZY; k++) {
+	for (int k = 0; k < p->fields.nlazy; k++) {
 		int f = p->col[k];
 
-		if (strcmp(field, lazy_fields[k].field) != 0)
+		if (strcmp(field, p->fields.lazy[k].field) != 0)
 			continue;
 		if (f < 0 || !p->res || row < 0 || row >= PQntuples(p->res) || PQgetisnull(p->res, row, f))
 			break;
@@ -599,14 +594,15 @@ static int ph_l_page_text(lua_State *L)
 	return 1;
 }
 
-/* Push a page owning @res. */
-static ph_l_page_t *push_page(lua_State *L, PGresult *res)
+/* Push a page owning @res, its rows read by @fields. */
+static ph_l_page_t *push_page(lua_State *L, PGresult *res, const struct ph_l_fields *fields)
 {
 	ph_l_page_t *p = lua_newuserdata(L, sizeof(*p));
 
 	p->res = res;
-	for (size_t k = 0; k < N_LAZY; k++)
-		p->col[k] = PQfnumber(res, lazy_fields[k].col);
+	p->fields = *fields;
+	for (int k = 0; k < fields->nlazy; k++)
+		p->col[k] = PQfnumber(res, fields->lazy[k].col);
 	luaL_getmetatable(L, PH_PAGE_MT);
 	lua_setmetatable(L, -2);
 	return p;
@@ -628,13 +624,13 @@ static void push_page_events(lua_State *L, int page)
 
 		number[f] = 0;
 		eager[f] = 1;
-		for (size_t k = 0; k < N_LAZY; k++)
+		for (int k = 0; k < p->fields.nlazy; k++)
 			if (p->col[k] == f)
 				eager[f] = 0;
-		for (size_t k = 0; k < sizeof(event_fields) / sizeof(event_fields[0]); k++) {
-			if (strcmp(name, event_fields[k].col) == 0) {
-				name = event_fields[k].field;
-				number[f] = event_fields[k].number;
+		for (int k = 0; k < p->fields.neager; k++) {
+			if (strcmp(name, p->fields.eager[k].col) == 0) {
+				name = p->fields.eager[k].field;
+				number[f] = p->fields.eager[k].number;
 				break;
 			}
 		}
@@ -669,9 +665,9 @@ static void push_page_events(lua_State *L, int page)
 }
 
 /* Push the rows of @res as event tables (see above). Takes @res over. */
-static void push_events(lua_State *L, PGresult *res)
+static void push_events(lua_State *L, PGresult *res, const struct ph_l_fields *fields)
 {
-	push_page(L, res);
+	push_page(L, res, fields);
 	push_page_events(L, lua_gettop(L));
 	lua_remove(L, -2);
 }
@@ -713,8 +709,9 @@ static int ph_l_page_bytes(lua_State *L)
 static int ph_l_page_last(lua_State *L)
 {
 	ph_l_page_t *p = luaL_checkudata(L, 1, PH_PAGE_MT);
-	int n = p->res ? PQntuples(p->res) : 0, tx = p->col[1];
-	int pos = p->res ? PQfnumber(p->res, "global_position") : -1;
+	int n = p->res ? PQntuples(p->res) : 0;
+	int tx = p->res ? PQfnumber(p->res, p->fields.last_tx) : -1;
+	int pos = p->res ? PQfnumber(p->res, p->fields.last_pos) : -1;
 
 	if (n == 0 || tx < 0 || pos < 0) {
 		lua_pushnil(L);
@@ -734,7 +731,7 @@ static int ph_l_conn_events(lua_State *L)
 
 	if (st != PGRES_TUPLES_OK)
 		return push_error_at(L, c->conn, res, idx);
-	push_events(L, res);
+	push_events(L, res, &c->fields);
 	return 1;
 }
 
@@ -796,6 +793,71 @@ static int ph_l_conn_in_tx(lua_State *L)
 	return 1;
 }
 
+/* One name of a map: a string shorter than PH_NAME_MAX (misuse raises). */
+static void map_name(lua_State *L, int idx, int n, char *out, const char *what)
+{
+	size_t len;
+	const char *s;
+
+	lua_rawgeti(L, idx, n);
+	s = lua_tolstring(L, -1, &len);
+	if (!s || len == 0 || len >= PH_NAME_MAX)
+		luaL_error(L, "conn:event_fields: %s %d must be a name of 1 to %d bytes", what, n, PH_NAME_MAX - 1);
+	memcpy(out, s, len + 1);
+	lua_pop(L, 1);
+}
+
+/* Read the list at field @key of the table at @idx into @out. */
+static int map_list(lua_State *L, int idx, const char *key, struct ph_l_field *out, int numbers)
+{
+	int n;
+
+	lua_getfield(L, idx, key);
+	luaL_checktype(L, -1, LUA_TTABLE);
+	n = (int)lua_objlen(L, -1);
+	if (n > PH_FIELDS_MAX)
+		luaL_error(L, "conn:event_fields: at most %d %s fields", PH_FIELDS_MAX, key);
+	for (int i = 1; i <= n; i++) {
+		lua_rawgeti(L, -1, i);
+		luaL_checktype(L, -1, LUA_TTABLE);
+		map_name(L, lua_gettop(L), 1, out[i - 1].col, "column");
+		map_name(L, lua_gettop(L), 2, out[i - 1].field, "field");
+		lua_getfield(L, -1, "number");
+		out[i - 1].number = numbers && lua_toboolean(L, -1);
+		lua_pop(L, 2);
+	}
+	lua_pop(L, 1);
+	return n;
+}
+
+/*
+ * conn:event_fields{ eager = { { col, field [, number = true] }, ... },
+ *                    lazy = { { col, field }, ... }, last = { tx_col, pos_col } }
+ * How conn:events, send_events and send_page make events of rows: eager
+ * columns are copied into each event table under their field name (as a
+ * number with number = true; other columns keep their name, as text), lazy
+ * ones stay in the page for page:text(row, field), and page:last() reads
+ * the two columns of `last`. Until called, rows keep their column names
+ * and nothing is lazy.
+ */
+static int ph_l_conn_event_fields(lua_State *L)
+{
+	ph_l_conn *c = check_c(L);
+	struct ph_l_fields f;
+
+	memset(&f, 0, sizeof(f));
+	luaL_checktype(L, 2, LUA_TTABLE);
+	f.neager = map_list(L, 2, "eager", f.eager, 1);
+	f.nlazy = map_list(L, 2, "lazy", f.lazy, 0);
+	lua_getfield(L, 2, "last");
+	luaL_checktype(L, -1, LUA_TTABLE);
+	map_name(L, lua_gettop(L), 1, f.last_tx, "last");
+	map_name(L, lua_gettop(L), 2, f.last_pos, "last");
+	lua_pop(L, 1);
+	c->fields = f;
+	return 0;
+}
+
 static int ph_l_conn_close(lua_State *L)
 {
 	ph_l_conn *c = luaL_checkudata(L, 1, PH_CONN_MT);
@@ -818,6 +880,7 @@ static const luaL_Reg conn_methods[] = {
 	{ "send_query", ph_l_conn_send_query },
 	{ "send_events", ph_l_conn_send_events },
 	{ "send_page", ph_l_conn_send_page },
+	{ "event_fields", ph_l_conn_event_fields },
 	{ "sync", ph_l_conn_sync },
 	{ "flush", ph_l_conn_flush },
 	{ "consume", ph_l_conn_consume },

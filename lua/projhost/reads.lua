@@ -44,6 +44,26 @@ local M = {}
 M.COLS = [[global_position, transaction_id::text AS tx, event_id, stream_id,
 	stream_version, event_type, data::text AS data, metadata::text AS metadata, created_at]]
 
+--- How the binding makes events of those columns (conn:event_fields, once
+--- per connection): the fields handlers see most are copied into each
+--- event table; id, tx, data, metadata and time stay in the page until a
+--- handler first reads them (see projhost.projection's lazy events), so a
+--- projection that only counts events never pays for strings it does not
+--- read; `last` says where a page ends (page:last()).
+M.EVENT_FIELDS = {
+	eager = {
+		{ "global_position", "position", number = true },
+		{ "stream_version", "version", number = true },
+		{ "stream_id", "stream" },
+		{ "event_type", "type" },
+	},
+	lazy = {
+		{ "event_id", "id" }, { "tx", "tx" }, { "data", "data" },
+		{ "metadata", "metadata" }, { "created_at", "time" },
+	},
+	last = { "tx", "global_position" },
+}
+
 -- The settings a read runs under, and their names (the worker reads their
 -- session values once per connection to set them back).
 M.PLANNER = { "enable_seqscan", "enable_bitmapscan", "enable_sort" }

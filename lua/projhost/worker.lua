@@ -127,6 +127,7 @@ local function ensure_conn()
 	if db_down then log("info", "worker", "database reachable again") end
 	db_down = false
 	conn = c
+	conn:event_fields(reads.EVENT_FIELDS)
 	-- the master hands it to the next worker if this one dies (see end_orphan)
 	core.beat_backend(conn:pid() or 0)
 	for _, kv in ipairs(SESSION) do

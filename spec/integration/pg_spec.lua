@@ -285,6 +285,8 @@ describe("pg connection", function()
 
 		before_each(function()
 			assert(require("projhost.schema").migrate(conn))
+			-- the worker's map (projhost.reads), handed over once
+			conn:event_fields(require("projhost.reads").EVENT_FIELDS)
 			assert(conn:exec([[INSERT INTO projhost.events (stream_id, stream_version, event_type, data, metadata)
 				VALUES ('acc-1', 1, 'Opened', '{"owner": "ann"}', '{"by": "test"}'),
 				       ('acc-1', 2, 'Deposited', '{"amount": 5}', '{}'),
@@ -316,6 +318,40 @@ describe("pg connection", function()
 				assert.equal(t[f], ev._page:text(ev._row, f), f)
 			end
 		end
+
+		it("makes events by the map it was given, and knows no column itself", function()
+			local plain = h.connect(dsn)
+			-- no map: every column under its own name, as text
+			local evs = assert(plain:events(PAGE, 0))
+			assert.equal(3, #evs)
+			assert.equal(truth[1].position, evs[1].global_position)
+			assert.equal("acc-1", evs[1].stream_id)
+			assert.equal(truth[1].id, evs[1].event_id)
+			assert.is_nil(rawget(evs[1], "position"))
+			-- another map: other names, a number, a lazy column, another end
+			plain:event_fields{ eager = { { "stream_version", "v", number = true }, { "event_type", "kind" } },
+				lazy = { { "data", "body" } }, last = { "event_id", "stream_version" } }
+			local ok, res = pipe(plain, function() plain:send_page(PAGE, 0) end)
+			assert.is_true(ok)
+			local page = res[1]
+			evs = page:events()
+			assert.equal(2, evs[2].v)
+			assert.equal("Deposited", evs[2].kind)
+			assert.is_nil(rawget(evs[2], "data"))
+			assert.equal(truth[2].data, page:text(2, "body"))
+			assert.is_nil(page:text(2, "data"))
+			local last_id, last_v = page:last()
+			assert.equal(truth[3].id, last_id)
+			assert.equal(1, last_v)
+			-- misuse raises
+			for _, bad in ipairs({
+				{}, { eager = {}, lazy = {} }, { eager = { { "x" } }, lazy = {}, last = { "a", "b" } },
+				{ eager = { { ("c"):rep(40), "f" } }, lazy = {}, last = { "a", "b" } },
+			}) do
+				assert.has_error(function() plain:event_fields(bad) end)
+			end
+			plain:close()
+		end)
 
 		it("send_page returns a page: count, last, events and text", function()
 			local ok, res = pipe(conn, function() conn:send_page(PAGE, 0) end)
