@@ -57,21 +57,22 @@ M.pipe_begin, M.pipe_note = pipe_begin, pipe_note
 -- Sync what is queued and leave pipeline mode. Returns the first error of
 -- the batch as { tag, err, code }, or nil.
 local function pipe_end()
+	local conn = S.conn
 	if not pipe.on then return pipe.first end
 	local ok, err, code, idx, results
 	if pipe.ahead then
 		-- not taken (see page.lua's take_ahead): the page is among the results
-		ok, err, code, idx, results = S.conn:sync(true)
+		ok, err, code, idx, results = conn:sync(true)
 		if ok then results = err end
 		local page = results and results[pipe.ahead]
 		if type(page) == "userdata" then pipe.ahead_page = { page = page } end
 		pipe.ahead = nil
 	else
-		ok, err, code, idx = S.conn:sync()
+		ok, err, code, idx = conn:sync()
 	end
 	if not ok then pipe_note(idx, false, err, code) end
 	pipe.on, pipe.async = false, false
-	if S.conn:ok() then S.conn:pipeline(false) end
+	if conn:ok() then conn:pipeline(false) end
 	pipe.sent = {}
 	return pipe.first
 end

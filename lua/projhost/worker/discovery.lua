@@ -70,13 +70,14 @@ end
 -- A read of our own outside a batch, in one round trip under the reads'
 -- planner settings (see projhost.reads). -> rows | nil, msg, code
 local function planned(sql, ...)
-	if not S.conn:pipeline(true) then return nil, "cannot enter pipeline mode" end
-	S.conn:send("BEGIN")
-	S.conn:send(reads.PLANNER_SQL)
-	S.conn:send_query(sql, ...)
-	S.conn:send("COMMIT")
-	local ok, res, code = S.conn:sync(true)
-	if S.conn:ok() then S.conn:pipeline(false) end
+	local conn = S.conn
+	if not conn:pipeline(true) then return nil, "cannot enter pipeline mode" end
+	conn:send("BEGIN")
+	conn:send(reads.PLANNER_SQL)
+	conn:send_query(sql, ...)
+	conn:send("COMMIT")
+	local ok, res, code = conn:sync(true)
+	if conn:ok() then conn:pipeline(false) end
 	if not ok then
 		rollback()
 		return nil, res, code

@@ -78,6 +78,7 @@ end
 -- exactly its events, from its start, without reading ahead.
 local function open_page(def, job, plan)
 	local rt = of(def)
+	local conn = S.conn
 	local limit = plan and #plan.events
 	pipe_begin()
 	if not pipe.on then return "dberror", dberror(def, "cannot enter pipeline mode") end
@@ -93,32 +94,32 @@ local function open_page(def, job, plan)
 	local guess = rt.last
 	rt.last = nil
 	if plan then guess = nil end
-	S.conn:send("BEGIN")
+	conn:send("BEGIN")
 	-- xmin tells whether anyone (a parked retry, another instance, an
 	-- operator) wrote the row since our last commit
-	S.conn:send_query([[SELECT version, CASE WHEN $2 THEN state::text END AS state, last_tx::text AS last_tx,
+	conn:send_query([[SELECT version, CASE WHEN $2 THEN state::text END AS state, last_tx::text AS last_tx,
 		last_pos, status, xmin::text AS rx, xid(pg_current_xact_id())::text AS my_xid
 		FROM projhost.checkpoints WHERE projection = $1 AND partition = ''
 		FOR UPDATE SKIP LOCKED]], rt.cp, guess == nil)
 	-- the reads below run with the alternatives to their index ranges
 	-- priced out; set back before any handler's SQL (see projhost.reads)
-	S.conn:send(reads.PLANNER_SQL)
+	conn:send(reads.PLANNER_SQL)
 	-- a full page read ahead by the previous batch (see below) is this
 	-- batch's page, if the checkpoint is still where that batch left it
 	local ahead = guess and guess.ahead
 	if ahead then
 		want = ahead.page:count()
-		S.conn:send("SELECT 1")
+		conn:send("SELECT 1")
 	elseif guess then
-		S.conn:send_events(rt.read_sql, guess.tx, guess.pos, want, unpack(rp, 1, #rp))
+		conn:send_events(rt.read_sql, guess.tx, guess.pos, want, unpack(rp, 1, #rp))
 	else
-		S.conn:send("SELECT 1")
+		conn:send("SELECT 1")
 	end
-	S.conn:send_query(rt.held_sql, unpack(hp, 1, #hp))
-	local ok, res, code = S.conn:sync(true)
+	conn:send_query(rt.held_sql, unpack(hp, 1, #hp))
+	local ok, res, code = conn:sync(true)
 	if not ok then
 		pipe.on = false
-		if S.conn:ok() then S.conn:pipeline(false) end
+		if conn:ok() then conn:pipeline(false) end
 		return "dberror", dberror(def, res, code)
 	end
 	local row, rows, held = res[2][1], res[4], #res[5] > 0
@@ -134,9 +135,9 @@ local function open_page(def, job, plan)
 		want, ahead = limit or rt.batch or BATCH, nil
 		-- another worker or instance moved it, or our first batch
 		local err2
-		rows, err2, code = S.conn:events(rt.read_sql, row.last_tx, tonumber(row.last_pos), want,
+		rows, err2, code = conn:events(rt.read_sql, row.last_tx, tonumber(row.last_pos), want,
 			unpack(rp, 1, #rp))
-		local srows = rows and guess and S.conn:query([[SELECT state::text AS state FROM projhost.checkpoints
+		local srows = rows and guess and conn:query([[SELECT state::text AS state FROM projhost.checkpoints
 			WHERE projection = $1 AND partition = '']], rt.cp)
 		if srows then row.state = srows[1] and srows[1].state end
 		if not rows or (guess and not srows) then
@@ -180,20 +181,20 @@ local function open_page(def, job, plan)
 			tx, pos = e.tx, e.position
 		end
 		local size = rt.batch or BATCH
-		local idx = S.conn:send_page(rt.read_sql, tx, pos, size, unpack(rp, 1, #rp))
+		local idx = conn:send_page(rt.read_sql, tx, pos, size, unpack(rp, 1, #rp))
 		if idx then
 			pipe.sent[idx] = false
 			pipe.ahead, pipe.ahead_size = idx, size
 			-- a full page: more events are waiting, this batch is in the
 			-- middle of a catch-up (see ASYNC_CATCHUP)
 			if ASYNC_CATCHUP then
-				idx = S.conn:send("SET LOCAL synchronous_commit = off")
+				idx = conn:send("SET LOCAL synchronous_commit = off")
 				if idx then pipe.sent[idx], pipe.async = false, true end
 			end
-			S.conn:flush()
+			conn:flush()
 		end
 	end
-	local idx = S.conn:send(reads.RESTORE_SQL, unpack(planner_session))
+	local idx = conn:send(reads.RESTORE_SQL, unpack(planner_session))
 	if idx then pipe.sent[idx] = false end
 	if ahead then rows = ahead.events or ahead.page:events() end
 

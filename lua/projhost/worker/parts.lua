@@ -64,6 +64,7 @@ local JOB_EVENTS = 128 * BATCH
 -- including) its first event that is not in the plan.
 local function open_parts(def, job, wanted, plan)
 	local rt = of(def)
+	local conn = S.conn
 	local stop_at
 	if plan then
 		stop_at = {}
@@ -80,21 +81,21 @@ local function open_parts(def, job, wanted, plan)
 	-- checkpoint of the projection; set back before any handler's SQL
 	pipe_begin()
 	if not pipe.on then return "dberror", dberror(def, "cannot enter pipeline mode") end
-	S.conn:send("BEGIN")
+	conn:send("BEGIN")
 	-- shared: a version reset (exclusive) waits for batches in flight
-	S.conn:send("SELECT pg_advisory_xact_lock_shared(hashtext('projhost:' || $1))", rt.cp)
-	S.conn:send(reads.PLANNER_SQL)
+	conn:send("SELECT pg_advisory_xact_lock_shared(hashtext('projhost:' || $1))", rt.cp)
+	conn:send(reads.PLANNER_SQL)
 	local per = math.max(1, math.min(BATCH, math.floor(JOB_EVENTS / #wanted)))
-	S.conn:send_events(reads.PARTS_SQL, rt.cp, pg_text_array(wanted), per, not def.own_events, def.name)
-	local ok, res, code = S.conn:sync(true)
+	conn:send_events(reads.PARTS_SQL, rt.cp, pg_text_array(wanted), per, not def.own_events, def.name)
+	local ok, res, code = conn:sync(true)
 	if not ok then
 		pipe.on = false
-		if S.conn:ok() then S.conn:pipeline(false) end
+		if conn:ok() then conn:pipeline(false) end
 		return "dberror", dberror(def, res, code)
 	end
 	local evrows = res[4]
 	pipe.sent = {}
-	local ri = S.conn:send(reads.RESTORE_SQL, unpack(planner_session))
+	local ri = conn:send(reads.RESTORE_SQL, unpack(planner_session))
 	if ri then pipe.sent[ri] = false end
 
 	-- each partition's rows come in version order (reads.PARTS_SQL); a
@@ -208,13 +209,14 @@ local function open_parts(def, job, wanted, plan)
 		-- third of its time). A job of one partition - nearly every live
 		-- batch - waits, and so does one that emits; the catch-up's end
 		-- waits for all of them (see caught_up_partitioned).
-		local idx = S.conn:send("SET LOCAL synchronous_commit = off")
+		local idx = conn:send("SET LOCAL synchronous_commit = off")
 		if idx then pipe.sent[idx], pipe.async = false, true end
 	end
 	return true
 end
 
 local function store_parts(job, states)
+	local conn = S.conn
 	local up_p, up_s, up_v = {}, {}, {}
 	local in_p, in_s, in_v = {}, {}, {}
 	for i, g in ipairs(job.groups) do
@@ -228,7 +230,7 @@ local function store_parts(job, states)
 	-- the checkpoints and COMMIT ride the same sync as the handlers'
 	-- statements; after an error PostgreSQL skips them
 	if #up_p > 0 then
-		local idx = S.conn:send([[UPDATE projhost.checkpoints c SET state = coalesce(u.s::jsonb, c.state),
+		local idx = conn:send([[UPDATE projhost.checkpoints c SET state = coalesce(u.s::jsonb, c.state),
 			last_pos = u.v, script_hash = $5, error = NULL, updated_at = now()
 			FROM unnest($2::text[], $3::text[], $4::bigint[]) AS u(p, s, v)
 			WHERE c.projection = $1 AND c.partition = u.p]],
@@ -239,7 +241,7 @@ local function store_parts(job, states)
 	if #in_p > 0 then
 		-- new partitions (see open_parts): no ON CONFLICT, a row made
 		-- meanwhile must fail this batch
-		local idx = S.conn:send([[INSERT INTO projhost.checkpoints (projection, partition, version, state,
+		local idx = conn:send([[INSERT INTO projhost.checkpoints (projection, partition, version, state,
 			last_pos, script_hash)
 			SELECT $1, u.p, $2, u.s::jsonb, u.v, $6 FROM unnest($3::text[], $4::text[], $5::bigint[]) AS u(p, s, v)
 			ORDER BY u.p]],

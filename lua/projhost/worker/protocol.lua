@@ -105,7 +105,7 @@ local function find(name, token)
 end
 
 -- The "overrun" lines of a job: projection name -> { [position] = { kind =,
--- reason = } } for this job only (see overrun).
+-- reason = } } for this job only (S.overrun; see failure.lua).
 local function overruns_of(lines)
 	local o
 	for i = 2, #lines do

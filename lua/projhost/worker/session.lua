@@ -102,7 +102,8 @@ local function x(sql, ...)
 end
 
 local function rollback()
-	if S.conn and S.conn:ok() and S.conn:in_transaction() then S.conn:exec("ROLLBACK") end
+	local conn = S.conn
+	if conn and conn:ok() and conn:in_transaction() then conn:exec("ROLLBACK") end
 end
 M.q, M.x, M.rollback = q, x, rollback
 

@@ -166,6 +166,7 @@ local function outcome_of(job, fail_i, fail_err)
 end
 
 local function transact(def, job)
+	local conn = S.conn
 	local ctx = ctx_for(def)
 	ctx._discard()
 	S.failed_sql = nil
@@ -187,7 +188,7 @@ local function transact(def, job)
 		pipe.first = nil
 	end
 	local ok, err = xpcall(apply_groups, traceback, def, job, ctx)
-	if one_by_one and S.conn:ok() then pipe.on = S.conn:pipeline(true) and true or false end
+	if one_by_one and conn:ok() then pipe.on = conn:pipeline(true) and true or false end
 	if not ok then
 		core.beat()
 		ctx.event = nil
@@ -227,16 +228,16 @@ local function transact(def, job)
 		end
 		if pipe.handler_sql then
 			-- a handler may have changed our statement timeout (SET LOCAL)
-			S.conn:send("SELECT set_config('statement_timeout', $1, true)", STATEMENT_TIMEOUT)
+			conn:send("SELECT set_config('statement_timeout', $1, true)", STATEMENT_TIMEOUT)
 		end
 		job.store(job, states)
-		S.conn:send("COMMIT")
+		conn:send("COMMIT")
 		if pipe.handler_sql then
 			-- its session settings (SET without LOCAL) stay with the
 			-- connection: undo them, so they never reach another
 			-- projection's statements
-			S.conn:send("RESET ALL")
-			S.conn:send(SESSION_SQL, unpack(SESSION_PARAMS))
+			conn:send("RESET ALL")
+			conn:send(SESSION_SQL, unpack(SESSION_PARAMS))
 		end
 		if job.after_commit then job.after_commit(job) end
 	end
