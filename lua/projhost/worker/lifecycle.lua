@@ -27,6 +27,14 @@ local caught, progress = S.caught, S.progress
 
 local M = {}
 
+-- Every partition of the projection under checkpoint name cp is no longer
+-- caught up (it starts over, or under another name).
+local function forget_caught(cp)
+	for k in pairs(caught) do
+		if k:sub(1, #cp + 1) == cp .. "\t" then caught[k] = nil end
+	end
+end
+
 -- setup SQL and the projection's own checkpoint row, once per connection.
 -- Each setup string runs with the simple query protocol, so it may hold
 -- several statements.
@@ -91,9 +99,7 @@ local function reset_projection(def)
 	end
 	if ok then ok, err, code = x("COMMIT") end
 	if not ok then return nil, err, code end
-	for k in pairs(caught) do
-		if k:sub(1, #rt.cp + 1) == rt.cp .. "\t" then caught[k] = nil end
-	end
+	forget_caught(rt.cp)
 	log("info", rt.cp, string.format("version %s -> %d: reset, rebuilding from the start",
 		tostring(old), def.version))
 	return true
@@ -111,9 +117,7 @@ local function adopt_promoted(def)
 	rt.cp, rt.shadow_of = rt.shadow_of, nil
 	S.defs[rt.cp] = def
 	S.setup_done[rt.cp] = true
-	for k in pairs(caught) do
-		if k:sub(1, #rt.cp + 1) == rt.cp .. "\t" then caught[k] = nil end
-	end
+	forget_caught(rt.cp)
 	S.relist = true
 end
 
