@@ -29,7 +29,7 @@
 
 #define PAGE 1000
 
-/* The host's read (lua/projhost/worker.lua) without its to_char: every
+/* The host's read (lua/projhost/worker/page.lua) without its to_char: every
  * column in text format, below the xmin horizon, keyset pagination. */
 #define COLS "global_position, transaction_id, event_id, stream_id, stream_version, " \
 	"event_type, data, metadata, created_at"

@@ -156,8 +156,8 @@ static void wake_all(struct master *m)
 }
 
 /* Whether @p's next discovery round reads only the events since its last
- * one (a window, token "i ..." of find_partitions in worker.lua) instead of
- * walking its streams: a window lists only streams with new events, so a
+ * one (a window, token "i ..." of find_partitions in worker/discovery.lua)
+ * instead of walking its streams: a window lists only streams with new events, so a
  * wake-up may start it at once - it is how the streams of appends that
  * skipped their NOTIFY are found. */
 static int next_round_is_window(const struct ph_proj *p)

@@ -38,8 +38,8 @@
  * behind the xmin horizon), locked (another worker or instance has it),
  * retry (handler asked for a delay), dberror, failed, stopped, paused.
  *
- * Discovery tokens are the worker's (find_partitions in worker.lua says
- * what they hold): the master sends a round's pages the token of the page
+ * Discovery tokens are the worker's (find_partitions in worker/discovery.lua
+ * says what they hold): the master sends a round's pages the token of the page
  * before ("more"), and starts the next round from the token the last one
  * ended with ("idle"); "" walks every stream.
  *

@@ -19,7 +19,7 @@ struct ph_proj {
 	int settled;		/* last batch found nothing more to do (for --once) */
 	char *cursor;		/* partition discovery: the round goes on from this token */
 	char *since;		/* ...and the next round starts from this one (the
-				 * worker's token, see find_partitions in worker.lua;
+				 * worker's token, see find_partitions in worker/discovery.lua;
 				 * NULL: walk every stream) */
 	long nparts;		/* its partition entries in the queue (waiting or running) */
 	uint64_t round_wait;	/* since when a new discovery round waits for them (0: not) */

@@ -15,7 +15,7 @@
 /* Partitions of one projection handed to a worker as one batch (one
  * transaction): catching up many small streams is not one BEGIN/COMMIT each
  * (1,000,000 streams: 128 a job left its fixed costs a tenth of the time);
- * the worker bounds the events a job reads (JOB_EVENTS in worker.lua). */
+ * the worker bounds the events a job reads (JOB_EVENTS in worker/parts.lua). */
 #define PH_GROUP 1024
 /* Queued partitions of one projection above which its discovery of more
  * waits: memory stays bounded when millions of partitions are behind (at

@@ -1,6 +1,6 @@
 -- projhost run: hand the resolved configuration to the C master (core/master.c).
 -- The master LISTENs, queues and feeds `projhost __worker` processes; all
--- projection code runs in those workers (lua/projhost/worker.lua).
+-- projection code runs in those workers (lua/projhost/worker/).
 local core = require "projhost.core"
 local lfs = require "lfs"
 

@@ -1,0 +1,184 @@
+-- The ctx backend: what a handler's ctx (projhost.projection's) runs on -
+-- the batch's own connection, inside its transaction, in pipeline mode,
+-- each statement tagged with what caused it so an error is charged to the
+-- event that made it; emit; the log lines of a projection (ctx:log, print).
+local loader = require "projhost.loader"
+local P = require "projhost.projection"
+local S = require "projhost.worker.state"
+local session = require "projhost.worker.session"
+
+local log, errtext = session.log, session.errtext
+local of = S.of
+local pipe = S.pipe
+
+local M = {}
+
+-- print in a projection: one host log line naming the projection and the
+-- event being handled (core.log escapes what could break the line).
+loader.log_fn = function(level, msg, path)
+	local ctx = S.running and of(S.running).ctx
+	local ev = ctx and ctx.event
+	local at = ev and ("pos=" .. tostring(ev.position) .. " ") or ""
+	if path then at = at .. path .. ": " end
+	log(level, S.running and of(S.running).cp or "worker", at .. tostring(msg))
+end
+
+-- Pipeline mode for the handlers of a batch (design §5): ctx:exec queues
+-- its statement without waiting for the round trip; the results are read
+-- at the next ctx:query / ctx:emit or at the end of the batch. sent[i] is
+-- the tag of the i-th statement since the last sync, so an error is
+-- charged to what caused it: the index of the event (in the job's events)
+-- whose handler issued it; a range { lo, hi } of events for a set-based
+-- write (ctx:upsert rows of events lo..hi) or for the states stored
+-- (state = true); false for our own statements. first is the first error
+-- seen ({ tag, err, code }) - after it the transaction is aborted anyway.
+-- Also per batch: async (SET LOCAL synchronous_commit = off was sent),
+-- writes (statements the handlers queued), handler_sql (the handlers
+-- sent any SQL: their session settings are undone after COMMIT), flush_lo
+-- (the first event whose ctx:upsert rows may still be pending), and the
+-- page read ahead: ahead (its statement index while pending), ahead_size
+-- (the size asked for), ahead_page ({ page, events? } once taken; see
+-- take_ahead in page.lua). The table is S.pipe (state.lua).
+
+local function pipe_begin()
+	pipe.sent, pipe.first, pipe.async = {}, nil, false
+	pipe.ahead, pipe.ahead_page, pipe.writes = nil, nil, 0
+	pipe.handler_sql, pipe.flush_lo = false, 1
+	pipe.on = S.conn:pipeline(true) and true or false
+end
+
+local function pipe_note(idx, tag, err, code)
+	if pipe.first then return end
+	if idx and idx <= #pipe.sent then tag = pipe.sent[idx] end
+	pipe.first = { tag = tag, err = err .. " [" .. tostring(code) .. "]", code = code }
+end
+M.pipe_begin, M.pipe_note = pipe_begin, pipe_note
+
+-- Sync what is queued and leave pipeline mode. Returns the first error of
+-- the batch as { tag, err, code }, or nil.
+local function pipe_end()
+	local conn = S.conn
+	if not pipe.on then return pipe.first end
+	local ok, err, code, idx, results
+	if pipe.ahead then
+		-- not taken (see page.lua's take_ahead): the page is among the results
+		ok, err, code, idx, results = conn:sync(true)
+		if ok then results = err end
+		local page = results and results[pipe.ahead]
+		if type(page) == "userdata" then pipe.ahead_page = { page = page } end
+		pipe.ahead = nil
+	else
+		ok, err, code, idx = conn:sync()
+	end
+	if not ok then pipe_note(idx, false, err, code) end
+	pipe.on, pipe.async = false, false
+	if conn:ok() then conn:pipeline(false) end
+	pipe.sent = {}
+	return pipe.first
+end
+
+-- A handler's ctx:query or ctx:emit synced the pipeline (conn:query): the
+-- statement indexes start again, and a page read ahead on conn went with
+-- the results.
+local function pipe_synced()
+	if pipe.on then pipe.sent, pipe.ahead = {}, nil end
+end
+M.pipe_end, M.pipe_synced = pipe_end, pipe_synced
+
+local function backend_for(def)
+	local rt = of(def)
+	local b = {}
+	local function note(err, code, idx)
+		if not S.failed_sql then S.failed_sql = err .. " [" .. tostring(code) .. "]" end
+		if pipe.on then pipe_note(idx, S.cur > 0 and S.cur or false, err, code) end
+	end
+	-- statements queued in the pipeline, tagged with what caused them
+	local function send(tag, sql, ...)
+		local n, err, code = S.conn:send(sql, ...)
+		if not n then note(err, code); return nil, err, code end
+		pipe.sent[n] = tag
+		pipe.writes = pipe.writes + 1
+		return true
+	end
+	function b.exec(sql, ...)
+		pipe.handler_sql = true
+		if pipe.on then return send(S.cur > 0 and S.cur or false, sql, ...) end
+		local n, err, code = S.conn:exec(sql, ...)
+		if not n then note(err, code) end
+		return n, err, code
+	end
+	-- ctx:upsert's set-based write: the rows of events flush_lo..cur (at
+	-- the end of the batch: ..the last event), so a failure is narrowed
+	-- down to the event that made the row (see settle)
+	function b.flush(sql, ...)
+		pipe.handler_sql = true
+		if pipe.on then
+			local hi = S.cur > 0 and S.cur or pipe.flush_hi or pipe.flush_lo
+			local ok, err, code = send({ lo = pipe.flush_lo, hi = hi }, sql, ...)
+			pipe.flush_lo = hi
+			return ok, err, code
+		end
+		return b.exec(sql, ...)
+	end
+	function b.query(sql, ...)
+		pipe.handler_sql = true
+		local rows, err, code, idx = S.conn:query(sql, ...)
+		if not rows then note(err, code, idx) end
+		pipe_synced()
+		return rows, err, code
+	end
+	function b.emit(stream, etype, data, metadata)
+		pipe.handler_sql = true
+		local md = {}
+		for k, v in pairs(metadata or {}) do md[k] = v end
+		-- where an emitted event came from, unless the handler said otherwise
+		local ev = b.ctx and b.ctx.event
+		if ev then
+			if md.causation_id == nil then md.causation_id = ev.id end
+			if md.correlation_id == nil then
+				md.correlation_id = ev.metadata and ev.metadata.correlation_id or ev.id
+			end
+		end
+		-- also how a projection recognizes its own events (own_events: see projhost.reads)
+		if md.projection == nil then md.projection = rt.cp end
+		if pipe.async and pipe.on then
+			-- others may act on emitted events: this batch waits for its
+			-- commit to be on disk after all (see transact.ASYNC_CATCHUP)
+			S.conn:send("SET LOCAL synchronous_commit = on")
+			pipe.async = false
+		end
+		local ok, body = P.encode({ { type = etype, data = data or {}, metadata = md } })
+		if not ok then
+			-- ctx:emit checked data and metadata: only what we added is left
+			error("ctx:emit: the event cannot be encoded as JSON: " .. errtext(body), 3)
+		end
+		local rows, err, code, idx = S.conn:query("SELECT projhost.append($1, NULL, $2::jsonb) AS version",
+			stream, body)
+		pipe_synced()
+		if not rows then
+			note(err, code, idx)
+			return nil, err, code
+		end
+		return tonumber(rows[1].version)
+	end
+	function b.log(level, msg)
+		local ev = b.ctx and b.ctx.event
+		log(level, rt.cp, ev and ("pos=" .. ev.position .. " " .. msg) or msg)
+	end
+	return b
+end
+
+local function ctx_for(def)
+	local rt = of(def)
+	local ctx = rt.ctx
+	if not ctx then
+		local b = backend_for(def)
+		ctx = P.new_ctx(def, b)
+		b.ctx = ctx
+		rt.ctx = ctx
+	end
+	return ctx
+end
+M.ctx_for = ctx_for
+
+return M

@@ -1,0 +1,157 @@
+-- The worker's side of the master/worker messages (core/proto.h has the
+-- grammar; projhost.wire the lines): init, reload, job, find, quit, the
+-- answers, and the worker's loop (core.serve).
+local core = require "projhost.core"
+local config = require "projhost.config"
+local wire = require "projhost.wire"
+local S = require "projhost.worker.state"
+local session = require "projhost.worker.session"
+local lifecycle = require "projhost.worker.lifecycle"
+local page = require "projhost.worker.page"
+local parts_m = require "projhost.worker.parts"
+local discovery = require "projhost.worker.discovery"
+
+local log, rollback, end_orphan = session.log, session.rollback, session.end_orphan
+local load_all, promote, caught_up_partitioned =
+	lifecycle.load_all, lifecycle.promote, lifecycle.caught_up_partitioned
+local run_batch, run_partitions = page.run_batch, parts_m.run_partitions
+local find_partitions, walk_token = discovery.find_partitions, discovery.walk_token
+local of = S.of
+local caught, overrun = S.caught, S.overrun
+
+local M = {}
+
+local function init(fields)
+	S.dsn = fields[2]
+	S.paths = {}
+	for i = 3, #fields do S.paths[#S.paths + 1] = fields[i] end
+	return load_all()
+end
+
+-- The answer to a job lists the partitions it was given (so it is bounded
+-- by the job, which the master bounds by bytes).
+
+local function job(name, parts)
+	local def = S.defs[name]
+	local out = {}
+	if not def then
+		-- the master's list is older than ours (reload): nothing to do
+		out[1] = wire.line("done", name, 0)
+		for _, p in ipairs(parts) do out[#out + 1] = wire.line("part", p, "idle", 0) end
+	elseif def.partition then
+		local n, results = run_partitions(def, parts)
+		out[1] = wire.line("done", name, n)
+		-- in the job's order (the master finds each entry where it put
+		-- it), then any the worker added (see run_partitions)
+		for _, p in ipairs(parts) do
+			local r = results[p]
+			if r then
+				-- no delay is nearly every answer (a float formatted per
+				-- partition showed in profiles of 1,000,000 of them)
+				local d = r[2]
+				out[#out + 1] = wire.line("part", p, r[1], (d and d ~= 0) and string.format("%.3f", d) or "0")
+				results[p] = nil
+			end
+		end
+		for p, r in pairs(results) do
+			out[#out + 1] = wire.line("part", p, r[1], string.format("%.3f", r[2] or 0))
+		end
+	else
+		local status, n, delay = run_batch(def)
+		out[1] = wire.line("done", name, n or 0)
+		out[2] = wire.line("part", "", status, string.format("%.3f", delay or 0))
+	end
+	return table.concat(out, "\n")
+end
+
+local function find(name, token)
+	local def = S.defs[name]
+	if not def or not def.partition then return wire.line("found", name, "idle", "") end
+	local status, list, next_token, found, walk = find_partitions(def, token)
+	if status ~= "more" and status ~= "idle" then
+		-- paused, stopped, failed, dberror: the master waits for a wake-up
+		-- (or the fallback poll) before looking again, from where it was
+		status, next_token = "idle", token
+	elseif status == "idle" and not found and of(def).shadow_of then
+		-- a whole round found nothing behind
+		if not promote(def) then status = "more" end
+	elseif status == "idle" and not found then
+		caught_up_partitioned(def)
+	elseif #list > 0 then
+		caught[of(def).cp .. "\t*"] = nil
+	end
+	-- bounded by bytes as well as by count. A walk's page stops at the
+	-- budget and goes on after the last stream included; a window's streams
+	-- left out are still behind when the next round looks (it starts
+	-- before the first of them), so nothing is skipped either way
+	local out, bytes, last = { "" }, 0, nil
+	for _, s in ipairs(list) do
+		local line = wire.line("part", s)
+		if #line > wire.BUDGET then
+			log("error", of(def).cp, string.format("a stream name of %d bytes is too long to be processed; left behind", #s))
+			last = s
+		elseif bytes + #line + 1 > wire.BUDGET then
+			if walk then
+				next_token, status = walk_token(walk.xmin, true, walk.t, last or walk.stream), "more"
+			end
+			break
+		else
+			out[#out + 1] = line
+			bytes, last = bytes + #line + 1, s
+		end
+	end
+	out[1] = wire.line("found", name, status, next_token)
+	return table.concat(out, "\n")
+end
+
+-- The "overrun" lines of a job: projection name -> { [position] = { kind =,
+-- reason = } } for this job only (S.overrun; see failure.lua).
+local function overruns_of(lines)
+	local o
+	for i = 2, #lines do
+		local l = lines[i]
+		local pos = l[1] == "overrun" and tonumber(l[2])
+		if pos then
+			o = o or {}
+			o[pos] = { kind = l[3] or "handler", reason = l[4] or "" }
+			end_orphan(tonumber(l[5]))
+		end
+	end
+	return o
+end
+
+function M.handle(msg)
+	local lines = wire.parse(msg)
+	local f = lines[1] or {}
+	local verb = f[1]
+	if verb == "job" then
+		local parts = {}
+		for i = 3, #f do parts[#parts + 1] = f[i] end
+		if #parts == 0 then parts[1] = "" end
+		overrun[f[2]] = overruns_of(lines)
+		local reply = job(f[2], parts)
+		if S.relist then reply, S.relist = reply .. "\n" .. wire.line("relist"), false end
+		-- after "not enough memory" this state cannot be trusted: answer,
+		-- then exit so the master starts a fresh worker
+		return reply, S.out_of_memory
+	elseif verb == "find" then
+		overrun[f[2]] = overruns_of(lines)
+		local reply = find(f[2], f[3] or "")
+		if S.relist then reply, S.relist = reply .. "\n" .. wire.line("relist"), false end
+		return reply
+	elseif verb == "init" then
+		return init(f)
+	elseif verb == "reload" then
+		return load_all()
+	elseif verb == "quit" then
+		rollback()
+		return nil
+	end
+	error("unknown verb from the master: " .. tostring(verb))
+end
+
+function M.main()
+	return core.serve(core.WORKER_PIPE_FD, M.handle, core.WORKER_BEAT_FD, config.get("PROJHOST_WORKER_MEMORY_MB"))
+end
+
+return M
