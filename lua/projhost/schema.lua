@@ -543,9 +543,12 @@ BEGIN
 END
 $fn$]]
 
+-- SECURITY DEFINER: it runs in the appender's commit, and an application
+-- role that may append (INSERT on events, INSERT/UPDATE on streams) must
+-- not also need the wake sequences; every name in it is qualified.
 local WAKE_AT_COMMIT = ([[
 CREATE OR REPLACE FUNCTION projhost.wake_at_commit()
-RETURNS trigger LANGUAGE plpgsql AS $fn$
+RETURNS trigger LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $fn$
 DECLARE
 	v_payload text := current_setting('projhost.wake', true);
 	v_epoch bigint;
