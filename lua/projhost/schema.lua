@@ -532,13 +532,17 @@ CREATE OR REPLACE FUNCTION projhost.wake_note(p_stream text, p_position bigint)
 RETURNS boolean LANGUAGE plpgsql AS $fn$
 DECLARE
 	v_noted text := current_setting('projhost.wake', true);
+	-- NOTIFY payloads are capped at 8000 bytes: a longer name (an import
+	-- by hand; appends allow 1024 bytes) is "some stream", never a commit
+	-- that fails
+	v_name text := CASE WHEN octet_length(p_stream) < 7900 THEN p_stream ELSE '*' END;
 BEGIN
 	IF coalesce(v_noted, '') = '' THEN
-		PERFORM set_config('projhost.wake', p_position || ' ' || p_stream, true);
+		PERFORM set_config('projhost.wake', p_position || ' ' || v_name, true);
 		RETURN true;
 	END IF;
 	PERFORM set_config('projhost.wake', greatest(p_position, split_part(v_noted, ' ', 1)::bigint) || ' ' ||
-		CASE WHEN substr(v_noted, strpos(v_noted, ' ') + 1) = p_stream THEN p_stream ELSE '*' END, true);
+		CASE WHEN substr(v_noted, strpos(v_noted, ' ') + 1) = v_name THEN v_name ELSE '*' END, true);
 	RETURN false;
 END
 $fn$]]

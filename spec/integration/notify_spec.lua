@@ -102,6 +102,15 @@ describe("NOTIFY of appends", function()
 		assert(conn:exec([[INSERT INTO projhost.streams (stream_id, version, last_position)
 			VALUES ('nt-imported', 1, 999)]]))
 		assert.same({ "999 nt-imported" }, payloads())
+		-- a name NOTIFY cannot carry (its payload is at most 8000 bytes; an
+		-- import by hand may hold longer names) is '*', never a failed commit
+		assert(conn:exec([[INSERT INTO projhost.streams (stream_id, version, last_position)
+			VALUES ('nt-' || repeat('y', 10000), 1, 1000)]]))
+		assert.same({ "1000 *" }, payloads())
+		-- any other byte travels as it is (the master's framing escapes it)
+		assert(conn:exec([[INSERT INTO projhost.streams (stream_id, version, last_position)
+			VALUES (E'nt-tab\there \\ "q"', 1, 1001)]]))
+		assert.same({ '1001 nt-tab\there \\ "q"' }, payloads())
 
 		-- rolled back: nothing
 		assert(conn:exec("BEGIN"))
