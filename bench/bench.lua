@@ -529,6 +529,25 @@ local function catchup_rows(conn)
 	reset_main(conn)
 end
 
+-- rows 4 and 10: what a partitioned count (pcount*.lua) must end with
+local function pcount_check(projection, n_streams, total)
+	local function check(c)
+		local r = sql(c, [[SELECT count(*) AS n, sum((state->>'n')::bigint) AS s FROM projhost.checkpoints
+			WHERE projection = $1 AND partition <> '']], projection)[1]
+		if tonumber(r.n) ~= n_streams or tonumber(r.s) ~= total then
+			return nil, ("%s: %s partitions, %s events (expected %d, %d)"):format(
+				projection, r.n, tostring(r.s), n_streams, total)
+		end
+		return true
+	end
+	local function progress(c)
+		local r = sql(c, [[SELECT sum((state->>'n')::bigint) AS s FROM projhost.checkpoints
+			WHERE projection = $1 AND partition <> '']], projection)[1]
+		return tonumber(r.s) or 0
+	end
+	return check, progress
+end
+
 -- row 4 -----------------------------------------------------------------
 
 local function partitioned_rows()
@@ -538,19 +557,7 @@ local function partitioned_rows()
 	local pdsn = dsn_for(db)
 	local conn = load_events(pdsn, P_STREAMS, P_PER_STREAM)
 	warm(pdsn)
-	local function check(c)
-		local r = sql(c, [[SELECT count(*) AS n, sum((state->>'n')::bigint) AS s FROM projhost.checkpoints
-			WHERE projection = 'bench_pcount' AND partition <> '']])[1]
-		if tonumber(r.n) ~= P_STREAMS or tonumber(r.s) ~= P_STREAMS * P_PER_STREAM then
-			return nil, ("bench_pcount: %s partitions, %s events"):format(r.n, tostring(r.s))
-		end
-		return true
-	end
-	local function progress(c)
-		local r = sql(c, [[SELECT sum((state->>'n')::bigint) AS s FROM projhost.checkpoints
-			WHERE projection = 'bench_pcount' AND partition <> '']])[1]
-		return tonumber(r.s) or 0
-	end
+	local check, progress = pcount_check("bench_pcount", P_STREAMS, P_STREAMS * P_PER_STREAM)
 	for _, w in ipairs({ 1, 2 }) do
 		repeated("partitioned_w" .. w, function(_, timeout)
 			sql(conn, "TRUNCATE projhost.checkpoints")
@@ -928,25 +935,6 @@ local function append_rows(label, dsn, c, reset)
 		if not ok then error(r, 0) end
 		return r
 	end } }, 2)
-end
-
--- row 10: what a partitioned count must end with
-local function pcount_check(projection, n_streams, total)
-	local function check(c)
-		local r = sql(c, [[SELECT count(*) AS n, sum((state->>'n')::bigint) AS s FROM projhost.checkpoints
-			WHERE projection = $1 AND partition <> '']], projection)[1]
-		if tonumber(r.n) ~= n_streams or tonumber(r.s) ~= total then
-			return nil, ("bench_pcount: %s partitions, %s events (expected %d, %d)"):format(
-				r.n, tostring(r.s), n_streams, total)
-		end
-		return true
-	end
-	local function progress(c)
-		local r = sql(c, [[SELECT sum((state->>'n')::bigint) AS s FROM projhost.checkpoints
-			WHERE projection = $1 AND partition <> '']], projection)[1]
-		return tonumber(r.s) or 0
-	end
-	return check, progress
 end
 
 -- row 10: a partitioned catch-up of category cat of the store (file
