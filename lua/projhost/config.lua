@@ -1,7 +1,8 @@
 -- projhost.config: every PROJHOST_* environment variable, the one place
 -- each is read, with its default and what it does. A value is read once
 -- (the first get) and kept; one that does not parse as its kind counts as
--- unset, so a typo falls back to the default instead of half-working.
+-- unset, so a typo falls back to the default instead of half-working - and
+-- says so on stderr, naming the variable, the value and the default.
 --
 --   local config = require "projhost.config"
 --   config.get("PROJHOST_BATCH_SIZE")              -- 1000 unless set
@@ -56,22 +57,31 @@ M.VARS = {
 local cache = {}
 
 --- The value of name as getenv (default os.getenv) gives it, parsed, or
---- its default. Raises for a name that is not in VARS (a programmer error).
-function M.read(name, getenv)
+--- its default; warn(text) hears of a value that was set but did not parse
+--- (an empty one counts as unset). Raises for a name that is not in VARS
+--- (a programmer error).
+function M.read(name, getenv, warn)
 	local var = M.VARS[name]
 	if not var then error("projhost.config: unknown variable " .. tostring(name), 2) end
 	local s = (getenv or os.getenv)(name)
 	local v
 	if s ~= nil then v = var[2](s) end
+	if v == nil and s ~= nil and s ~= "" and warn then
+		warn(("%s=%s is not valid (%s); using %s"):format(name, s, var[3], tostring(var[1])))
+	end
 	if v == nil then v = var[1] end
 	return v
+end
+
+local function warn(msg)
+	io.stderr:write("projhost: ", require("projhost.core").escape(msg), "\n")
 end
 
 --- M.read(name), read once per process.
 function M.get(name)
 	local box = cache[name]
 	if not box then
-		box = { M.read(name) }
+		box = { M.read(name, nil, warn) }
 		cache[name] = box
 	end
 	return box[1]

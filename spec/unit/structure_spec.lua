@@ -93,6 +93,14 @@ describe("the tree", function()
 		assert.is_true(config.read("PROJHOST_SYNCHRONOUS_COMMIT", env { PROJHOST_SYNCHRONOUS_COMMIT = "on" }))
 		assert.is_false(config.read("PROJHOST_SYNCHRONOUS_COMMIT", env { PROJHOST_SYNCHRONOUS_COMMIT = "off" }))
 		assert.has_error(function() config.read("PROJHOST_NOPE") end)
+		-- nonsense is said, with the variable, the value and the default
+		local said = {}
+		local function note(t) said[#said + 1] = t end
+		config.read("PROJHOST_BATCH_SIZE", env { PROJHOST_BATCH_SIZE = "lots\n" }, note)
+		config.read("PROJHOST_BATCH_SIZE", env { PROJHOST_BATCH_SIZE = "" }, note)
+		config.read("PROJHOST_BATCH_SIZE", env { PROJHOST_BATCH_SIZE = "7" }, note)
+		assert.equal(1, #said)
+		assert.matches("^PROJHOST_BATCH_SIZE=lots\n is not valid %(.+%); using 1000$", said[1])
 	end)
 
 	it("passes make lint (luacheck --std luajit lua/, cppcheck style and unused functions over core/)", function()
