@@ -27,9 +27,13 @@ describe("make install", function()
 		-- moved: nothing points back at the checkout or the old PREFIX
 		assert(os.rename(dir .. "/prefix", dir .. "/moved"))
 		local bin = dir .. "/moved/bin/projhost"
+		-- the moved copy, not one the machine may have elsewhere (PH_LUADIR):
+		-- mark it, and see the mark
+		local cli = dir .. "/moved/share/projhost/lua/projhost/cli/init.lua"
+		h.write_file(cli, 'io.stderr:write("moved-library\\n")\n' .. h.read_file(cli))
 		rc, out = sh("cd / && env -u PROJHOST_LUADIR " .. q(bin) .. " version")
 		assert.equal(0, rc, out)
-		assert.matches("^projhost %d", out)
+		assert.matches("^moved%-library\nprojhost %d", out)
 
 		local dsn = h.fresh_db("install")
 		local conn = h.connect(dsn)
