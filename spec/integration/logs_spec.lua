@@ -77,7 +77,9 @@ return {
 			print(]] .. ("%q"):format(PRINTED):gsub("\\\n", "\\n") .. [[)
 			ctx:log("ctx", "log")
 		end,
+		Bad = function() error("no\tgood", 0) end,
 	},
+	on_error = function() return "park" end,
 }
 ]]
 
@@ -92,6 +94,8 @@ describe("PROJHOST_LOG_FORMAT", function()
 		local code, _, err = h.run({ "append", STREAM, "Said", "{}", "--db", dsn })
 		assert.equal(0, code, err)
 		code, _, err = h.run({ "append", STREAM, "Said", "{}", "--db", dsn })
+		assert.equal(0, code, err)
+		code, _, err = h.run({ "append", STREAM, "Bad", "{}", "--db", dsn })
 		assert.equal(0, code, err)
 	end)
 
@@ -114,7 +118,7 @@ describe("PROJHOST_LOG_FORMAT", function()
 			local recs = records(err)
 			local printed, logged, master = {}, {}, 0
 			for _, r in ipairs(recs) do
-				if r.projection == "probe" and r.stream then
+				if r.projection == "probe" and r.stream and r.level ~= "error" then
 					assert.equal(STREAM, r.stream)
 					assert.equal("info", r.level)
 					if r.message:find("ctx log", 1, true) then
@@ -134,14 +138,15 @@ describe("PROJHOST_LOG_FORMAT", function()
 				end
 			end
 			assert.equal(1, master, err)
-			assert.equal(2, #printed, err)
-			assert.equal(2, #logged, err)
-			for v = 1, 2 do
-				for _, r in ipairs({ printed[v], logged[v] }) do
-					assert.equal(v, r.version)
-					assert.equal(event(v), r.position)
-					-- integers, not 1.0 or 1e+00 (checked on the raw line below)
+			-- the batch runs again after the failure of event 3 rolled it
+			-- back, so each event prints once or more
+			for _, list in ipairs({ printed, logged }) do
+				local seen = {}
+				for _, r in ipairs(list) do
+					assert.equal(event(r.version), r.position)
+					seen[r.version] = true
 				end
+				assert.same({ true, true }, seen, err)
 			end
 			assert.is_nil(err:find('"position":%d+[%.eE]'))
 			assert.is_nil(err:find('"version":%d+[%.eE]'))
@@ -151,7 +156,18 @@ describe("PROJHOST_LOG_FORMAT", function()
 				if r.projection == "probe" and r.message == "caught up" then caught = r end
 			end
 			assert.is_table(caught, err)
-			assert.equal(event(2), caught.position)
+			assert.equal(event(3), caught.position)
+			assert.is_nil(caught.stream)
+			assert.is_nil(caught.version)
+			-- a handler's failure: the event's fields, the message as text has it
+			local failed
+			for _, r in ipairs(recs) do
+				if r.level == "error" and r.projection == "probe" then failed = r end
+			end
+			assert.is_table(failed, err)
+			assert.same({ time = failed.time, level = "error", projection = "probe", position = event(3),
+				stream = STREAM, version = 3,
+				message = "event " .. STREAM .. "@3 (Bad) failed (attempt 1): no\tgood -> park" }, failed)
 		end)
 
 	it("text (the default) is the line format it always was", function()
@@ -165,9 +181,12 @@ describe("PROJHOST_LOG_FORMAT", function()
 				"\n" .. err, 1, false)
 			assert.matches("\n" .. ts .. "INFO  probe pos=" .. p .. " ctx log\n", "\n" .. err, 1, false)
 		end
-		assert.matches("\n" .. ts .. "INFO  probe pos=" .. event(2) .. " caught up\n", "\n" .. err, 1, false)
+		assert.matches("\n" .. ts .. "INFO  probe pos=" .. event(3) .. " caught up\n", "\n" .. err, 1, false)
+		local failed = core.escape("event " .. STREAM .. "@3 (Bad) failed (attempt 1): no\tgood -> park")
+		assert.matches("\n" .. ts .. "ERROR probe pos=" .. event(3) .. " " .. failed:gsub("%p", "%%%0") .. "\n",
+			"\n" .. err, 1, false)
 		assert.matches("\n" .. ts .. "INFO  host serving 1 projection", "\n" .. err, 1, false)
-		assert.is_nil(err:find("{", 1, true))
+		for line in err:gmatch("[^\n]+") do assert.matches("^" .. ts, line) end
 	end)
 
 	it("json: a warning about another variable's value is a JSON record too", function()
@@ -187,6 +206,6 @@ describe("PROJHOST_LOG_FORMAT", function()
 		local code, out, err = h.run({ "run", "--once", "--db", dsn, dir }, { env = { PROJHOST_LOG_FORMAT = "JSON5" } })
 		assert.equal(0, code, out .. err)
 		assert.matches("projhost: PROJHOST_LOG_FORMAT=JSON5 is not valid", err, 1, true)
-		assert.matches("INFO  probe pos=" .. event(2) .. " caught up", err, 1, true)
+		assert.matches("INFO  probe pos=" .. event(3) .. " caught up", err, 1, true)
 	end)
 end)
