@@ -192,4 +192,22 @@ describe("core log lines", function()
 		assert.equal("json", core.log_format())
 		assert.equal("{", core.log_line("info", "p", "m"):sub(1, 1))
 	end)
+
+	it("the worker's fields of an event keep only what the store gives, and never run a metatable", function()
+		local session = require "projhost.worker.session"
+		assert.same({ position = 7, stream = "a-1", version = 2 },
+			session.event_fields({ position = 7, stream = "a-1", version = 2, type = "X" }))
+		-- a handler may have changed its e: the line loses the field, the call never fails
+		for _, bad in ipairs({ "7", 1.5, 0 / 0, math.huge, 2 ^ 63, {}, true }) do
+			local f = session.event_fields({ position = bad, stream = bad, version = bad })
+			assert.same(type(bad) == "string" and { stream = bad } or {}, f)
+			assert.equal("{", core.log_line("info", "p", "m", f, "json"):sub(1, 1))
+		end
+		local touched = false
+		local e = setmetatable({}, { __index = function() touched = true; return 1 end })
+		assert.same({}, session.event_fields(e))
+		assert.is_false(touched)
+		assert.is_nil(session.event_fields(nil))
+		assert.is_nil(session.event_fields("e"))
+	end)
 end)
