@@ -18,9 +18,8 @@ local M = {}
 loader.log_fn = function(level, msg, path)
 	local ctx = S.running and of(S.running).ctx
 	local ev = ctx and ctx.event
-	local at = ev and ("pos=" .. tostring(ev.position) .. " ") or ""
-	if path then at = at .. path .. ": " end
-	log(level, S.running and of(S.running).cp or "worker", at .. tostring(msg))
+	local at = path and (path .. ": ") or ""
+	log(level, S.running and of(S.running).cp or "worker", at .. tostring(msg), session.event_fields(ev))
 end
 
 -- Pipeline mode for the handlers of a batch (design §5): ctx:exec queues
@@ -162,8 +161,7 @@ local function backend_for(def)
 		return tonumber(rows[1].version)
 	end
 	function b.log(level, msg)
-		local ev = b.ctx and b.ctx.event
-		log(level, rt.cp, ev and ("pos=" .. ev.position .. " " .. msg) or msg)
+		log(level, rt.cp, msg, session.event_fields(b.ctx and b.ctx.event))
 	end
 	return b
 end

@@ -275,7 +275,7 @@ local function run_batch(def)
 	report(def, n, string.format("pos=%d ", last_pos), status == "idle" and not caught[key])
 	if status == "idle" and not caught[key] then
 		caught[key] = true
-		log("info", rt.cp, string.format("pos=%d caught up", last_pos))
+		log("info", rt.cp, "caught up", { position = last_pos })
 		run_caught_up(def)
 		-- what the hook wrote is not ours to guess
 		rt.last = nil

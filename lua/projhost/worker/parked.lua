@@ -52,13 +52,13 @@ local function retry_parked(def)
 			pipe_begin()
 			local o = transact.transact(def, job)
 			if not o then
-				log("info", rt.cp, string.format("pos=%d parked event applied on retry", e.position))
+				log("info", rt.cp, "parked event applied on retry", session.event_fields(e))
 				-- the partition's state changed under the worker's cache
 				rt.last = nil
 			else
 				rollback()
 				local msg = first_line(o.err or o.status)
-				log("error", rt.cp, string.format("pos=%d parked event failed again: %s", e.position, msg))
+				log("error", rt.cp, "parked event failed again: " .. msg, session.event_fields(e))
 				x([[UPDATE projhost.parked SET retry_requested = false, attempts = attempts + 1,
 					error = $2, parked_at = now() WHERE id = $1]], p.id, msg)
 			end
