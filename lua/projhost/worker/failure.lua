@@ -6,6 +6,7 @@
 -- in its checkpoint row.
 local core = require "projhost.core"
 local guard = require "projhost.guard"
+local P = require "projhost.projection"
 local S = require "projhost.worker.state"
 local session = require "projhost.worker.session"
 
@@ -79,7 +80,7 @@ local function decide(def, err, e, attempt)
 		return default_action(attempt)
 	end
 	core.beat(e.position, "on_error")
-	local ok, action, delay = guard.call(def.budget, def.on_error, err, e, attempt)
+	local ok, action, delay = guard.call(def.budget, def.on_error, err, P.view(e), attempt)
 	core.beat()
 	if not ok then
 		log("error", rt.cp, at .. "on_error itself failed (" .. first_line(action) .. "); using the default action", about)
