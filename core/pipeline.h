@@ -7,9 +7,9 @@
  * of the statement it was for), the tags of the statements still waiting
  * can be listed, and the prepared statements the server lost are made
  * again. A tag is an int the caller chooses and this file never reads: the
- * binding (bindings/lua_pg.c) keeps the Lua value it stands for, so the
- * worker asks "which event caused this" instead of mirroring statement
- * numbers. Nothing here knows about Lua: the binding turns results into Lua
+ * binding (bindings/lua_pg.c) codes a Lua value in it or keeps the value
+ * aside, so the worker asks "which event caused this" instead of
+ * mirroring statement numbers. Nothing here knows about Lua: the binding turns results into Lua
  * values by the kind they were sent as.
  */
 #ifndef PH_PIPELINE_H
