@@ -18,14 +18,13 @@ local load_event, lock_checkpoint = events.load_event, failure.lock_checkpoint
 local pipe_begin, state_tag = ctxm.pipe_begin, transact.state_tag
 local json = P.json
 local of = S.of
-local pipe, parked_checked = S.pipe, S.parked_checked
+local parked_checked = S.parked_checked
 
 local M = {}
 
 local function store_parked(job, states)
-	local idx = S.conn:send([[UPDATE projhost.checkpoints SET state = $3::jsonb, updated_at = now()
+	S.conn:send_as(state_tag(job), [[UPDATE projhost.checkpoints SET state = $3::jsonb, updated_at = now()
 		WHERE projection = $1 AND partition = $2]], of(job.def).cp, job.groups[1].part, states[1])
-	if idx then pipe.sent[idx] = state_tag(job) end
 end
 
 local function retry_parked(def)
