@@ -655,7 +655,7 @@ local APPEND_STAGED_V4 = without_notify(APPEND_STAGED, [[
 -- Rates come from projhost.samples, which workers fill with their applied
 -- counts at most every few seconds (lifecycle.report) and prune.
 M.BEHIND_CAP = 50000
-M.LAG_WINDOW = 10000
+M.LAG_WINDOW = 2000
 
 -- A source as SQL over projhost.events (one home of it on the server side;
 -- projhost.reads is the worker's, and spec/integration/lag_spec.lua checks
@@ -822,7 +822,9 @@ RETURNS TABLE (projection text, status text, partitioned boolean, partitions big
 LANGUAGE plpgsql STABLE AS $fn$
 #variable_conflict use_column
 DECLARE
-	r record;
+	r projhost.checkpoint_totals;
+	v_all projhost.checkpoint_totals[];
+	v_own bigint;
 	s projhost.sources;
 	b record;
 	v_since timestamptz;
@@ -833,34 +835,33 @@ BEGIN
 		RAISE EXCEPTION 'projhost.projection_status: stall_after must be a number of seconds >= 0, not %',
 			p_stall_after USING ERRCODE = '22023';
 	END IF;
-	FOR r IN
-		SELECT c.projection AS name,
-			count(*) FILTER (WHERE c.partition <> '') AS parts,
-			count(*) FILTER (WHERE c.status = 'running') AS running,
-			count(*) FILTER (WHERE c.status = 'paused') AS paused,
-			count(*) FILTER (WHERE c.status = 'failed') AS failed,
-			count(*) FILTER (WHERE c.status = 'stopped') AS stopped,
-			bool_or(c.version = 0) AS resetting,
-			max(c.version) FILTER (WHERE c.partition = '') AS version,
-			max(c.last_pos) AS pos,
-			sum(c.last_pos) FILTER (WHERE c.partition <> '')::bigint AS done,
+	-- one statement (SELECT INTO, not a FOR loop's cursor: that rules out a
+	-- parallel scan, 0.45 s instead of 0.3 s over 1,000,000 checkpoints),
+	-- with as few aggregates as will do (each costs per row)
+	SELECT array_agg(ROW(a.projection, a.n, a.parts, a.version, a.pos, a.done, a.moved)::projhost.checkpoint_totals
+		ORDER BY a.projection) INTO v_all
+	FROM (SELECT c.projection, count(*) AS n, count(*) FILTER (WHERE c.partition <> '') AS parts,
+			min(c.version) AS version, max(c.last_pos) AS pos, sum(c.last_pos)::bigint AS done,
 			max(c.updated_at) AS moved
 		FROM projhost.checkpoints c
 		WHERE p_projection IS NULL OR c.projection = p_projection
-		GROUP BY c.projection
-		ORDER BY c.projection
-	LOOP
+		GROUP BY c.projection) a;
+	FOREACH r IN ARRAY coalesce(v_all, '{}') LOOP
+		-- the rows not running: few, and indexed (checkpoints_status_idx)
+		SELECT count(*) FILTER (WHERE c.status = 'paused'), count(*) FILTER (WHERE c.status = 'failed'),
+			count(*) FILTER (WHERE c.status = 'stopped')
+		INTO paused, failed, stopped
+		FROM projhost.checkpoints c WHERE c.projection = r.name AND c.status <> 'running';
 		s := NULL;
 		SELECT * INTO s FROM projhost.sources WHERE projection = r.name;
 		projection := r.name;
 		partitioned := coalesce(s.partitioned, r.parts > 0);
 		partitions := CASE WHEN partitioned THEN r.parts ELSE 1 END;
-		running := r.running;
-		failed := r.failed;
-		paused := r.paused;
-		stopped := r.stopped;
-		reset_pending := r.resetting;
-		version := r.version;
+		running := r.n - paused - failed - stopped;
+		-- `projhost reset` sets the version to 0 (the worker resets it)
+		reset_pending := r.version = 0;
+		SELECT c.version, c.last_pos INTO version, v_own FROM projhost.checkpoints c
+		WHERE c.projection = r.name AND c.partition = '';
 		"position" := r.pos;
 		-- the latest error (an aggregate ordered by time sorted every row:
 		-- 2 s at 1,000,000 partitions; the partial index holds only these)
@@ -873,8 +874,9 @@ BEGIN
 		source_value := s.value;
 		source_types := s.types;
 		IF partitioned THEN
-			b := projhost.partitioned_behind(r.name, r.done);
-			v_done := coalesce(r.done, 0);
+			-- the projection's own row is not a partition
+			v_done := coalesce(r.done, 0) - coalesce(v_own, 0);
+			b := projhost.partitioned_behind(r.name, v_done);
 		ELSE
 			b := projhost.unpartitioned_behind(r.name);
 			v_done := s.applied;
@@ -882,8 +884,8 @@ BEGIN
 		events_behind := b.events;
 		behind_estimated := b.estimated;
 		-- NULL: not known (a source not known)
-		lag_seconds := CASE WHEN b.events = 0 THEN 0
-			ELSE greatest(extract(epoch FROM now() - b.oldest)::double precision, 0) END;
+		lag_seconds := CASE WHEN b.events = 0 THEN 0 WHEN b.oldest IS NOT NULL
+			THEN greatest(extract(epoch FROM now() - b.oldest)::double precision, 0) END;
 		SELECT coalesce(sum(m.n), 0), min(m.since) INTO applied_1m, v_since FROM projhost.samples m
 		WHERE m.projection = r.name AND m.at > now() - interval '60 seconds';
 		v_window := least(60, greatest(1, extract(epoch FROM now() - v_since)::double precision));
@@ -892,8 +894,8 @@ BEGIN
 		progress := CASE WHEN b.events = 0 THEN 100
 			WHEN v_done IS NOT NULL THEN 100.0 * v_done / (v_done + b.events) END;
 		SELECT count(*) INTO parked FROM projhost.parked k WHERE k.projection = r.name;
-		status := CASE WHEN r.failed > 0 THEN 'failed' WHEN r.stopped > 0 THEN 'stopped'
-			WHEN r.paused > 0 THEN 'paused' END;
+		status := CASE WHEN failed > 0 THEN 'failed' WHEN stopped > 0 THEN 'stopped'
+			WHEN paused > 0 THEN 'paused' END;
 		-- behind, and nothing applied for p_stall_after seconds since there
 		-- was something to apply (an event that came to an idle
 		-- projection a moment ago has not stalled it)
@@ -1082,6 +1084,58 @@ BEGIN
 		PERFORM pg_sleep(least(v_sleep, greatest(extract(epoch FROM v_deadline - clock_timestamp()), 0)));
 		v_sleep := least(v_sleep * 2, 0.01);
 		IF projhost.applied(p_projection, p_stream, p_version) <> 'pending' THEN RETURN true; END IF;
+	END LOOP;
+	RETURN false;
+END
+$fn$]]
+
+-- wait_for without an event: until p_projection has applied everything
+-- committed before the call (true), or p_timeout_ms passed (false).
+-- Unpartitioned: the last event it reads, in its order, then as wait_for.
+-- Partitioned: each stream of its source that is behind now, up to its
+-- version now (kept in a temporary table, which shrinks as they catch up).
+local WAIT_ALL = [[
+CREATE OR REPLACE FUNCTION projhost.wait_all(p_projection text, p_timeout_ms int)
+RETURNS boolean LANGUAGE plpgsql VOLATILE AS $fn$
+DECLARE
+	s projhost.sources;
+	f record;
+	t record;
+	v_left bigint;
+	v_deadline timestamptz;
+	v_sleep double precision := 0.001;
+BEGIN
+	IF p_timeout_ms IS NULL OR p_timeout_ms < 0 THEN
+		RAISE EXCEPTION 'projhost.wait_all: timeout_ms must be >= 0, not %', coalesce(p_timeout_ms::text, 'NULL')
+			USING ERRCODE = '22023';
+	END IF;
+	v_deadline := clock_timestamp() + p_timeout_ms * interval '1 millisecond';
+	SELECT * INTO s FROM projhost.sources WHERE projection = p_projection;
+	IF s.projection IS NULL THEN
+		RAISE EXCEPTION 'projhost.wait_all: no projection named % has run with a known source',
+			quote_literal(p_projection) USING ERRCODE = '42704';
+	END IF;
+	IF NOT s.partitioned THEN
+		f := projhost.source_filter(s.kind, s.value, s.types, s.name, s.own_events);
+		EXECUTE format($q$SELECT stream_id, stream_version FROM projhost.events WHERE %s AND %s
+			ORDER BY transaction_id DESC, global_position DESC LIMIT 1$q$, f.range_sql, f.visible_sql) INTO t;
+		IF t.stream_id IS NULL THEN RETURN true; END IF;
+		RETURN projhost.wait_for(p_projection, t.stream_id, t.stream_version,
+			greatest(0, extract(epoch FROM v_deadline - clock_timestamp()) * 1000)::int);
+	END IF;
+	DROP TABLE IF EXISTS pg_temp.projhost_wait;
+	CREATE TEMPORARY TABLE projhost_wait ON COMMIT DROP AS
+		SELECT st.stream_id, st.version FROM projhost.streams st
+		LEFT JOIN projhost.checkpoints c ON c.projection = p_projection AND c.partition = st.stream_id
+		WHERE projhost.source_reads(s.kind, s.value, st.stream_id) AND st.version > coalesce(c.last_pos, 0);
+	LOOP
+		DELETE FROM pg_temp.projhost_wait w USING projhost.checkpoints c
+		WHERE c.projection = p_projection AND c.partition = w.stream_id AND c.last_pos >= w.version;
+		SELECT count(*) INTO v_left FROM pg_temp.projhost_wait;
+		IF v_left = 0 THEN RETURN true; END IF;
+		EXIT WHEN clock_timestamp() >= v_deadline;
+		PERFORM pg_sleep(least(v_sleep, greatest(extract(epoch FROM v_deadline - clock_timestamp()), 0)));
+		v_sleep := least(v_sleep * 2, 0.05);
 	END LOOP;
 	RETURN false;
 END
@@ -1298,6 +1352,9 @@ M.steps = {
 			n bigint NOT NULL CHECK (n >= 0)
 		)]],
 		[[CREATE INDEX ON projhost.samples (projection, at)]],
+		-- lag_rows' totals of one projection's checkpoint rows
+		[[CREATE TYPE projhost.checkpoint_totals AS (name text, n bigint, parts bigint, version int, pos bigint,
+			done bigint, moved timestamptz)]],
 		-- when stall_news last looked (one row)
 		[[CREATE TABLE projhost.stall_check (at timestamptz NOT NULL)]],
 		[[INSERT INTO projhost.stall_check VALUES ('-infinity')]],
@@ -1323,6 +1380,7 @@ M.steps = {
 		STATUS_JSON,
 		APPLIED,
 		WAIT_FOR,
+		WAIT_ALL,
 		PARTITION_STATUS,
 		NOTE_APPLIED,
 		STALL_NEWS,

@@ -286,14 +286,8 @@ local function prepare(def)
 end
 M.prepare = prepare
 
--- "2m10s", "45s", "1h05m"
-local function duration(s)
-	s = math.floor(s + 0.5)
-	if s < 60 then return s .. "s" end
-	if s < 3600 then return string.format("%dm%02ds", math.floor(s / 60), s % 60) end
-	return string.format("%dh%02dm", math.floor(s / 3600), math.floor(s % 3600 / 60))
-end
-M.duration = duration
+-- seconds for people ("2m10s"), the CLI's rule
+local duration = require("projhost.cli.util").duration
 
 -- A catch-up's progress, from projhost.projection_status (every worker's
 -- samples): applied in the last minute, events/s, remaining, ETA.
