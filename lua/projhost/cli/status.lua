@@ -108,9 +108,12 @@ function commands.status(cmd)
 		local shown = {}
 		for i, p in ipairs(projections) do
 			local behind = num(p.events_behind) or 0
+			-- estimated: the count of an unpartitioned projection (past its
+			-- cap), the lag of a partitioned one (a lower bound)
+			local est_count, est_lag = p.behind_estimated and not p.partitioned, p.behind_estimated and p.partitioned
 			shown[i] = { name = p.name, partitions = p.partitions, status = status_text(p), position = p.position,
-				behind = (p.behind_estimated and "~" or "") .. tostring(behind),
-				lag = behind == 0 and "0s" or lag_text(p.lag_seconds),
+				behind = (est_count and "~" or "") .. tostring(behind),
+				lag = behind == 0 and "0s" or ((est_lag and ">" or "") .. lag_text(p.lag_seconds)),
 				rate = ("%.0f/s"):format(num(p.rate_1m) or 0),
 				eta = behind == 0 and "-" or duration(num(p.eta_seconds)),
 				parked = p.parked, updated = p.updated_at, error = p.error ~= cjson.null and p.error or "" }
