@@ -54,8 +54,11 @@ local SOURCE_SQL = [[INSERT INTO projhost.sources (projection, name, kind, value
 		types = EXCLUDED.types, partitioned = EXCLUDED.partitioned, own_events = EXCLUDED.own_events,
 		version = EXCLUDED.version, shadow_of = EXCLUDED.shadow_of, updated_at = now(),
 		applied = CASE WHEN sources.version = EXCLUDED.version THEN sources.applied ELSE 0 END
-	WHERE (sources.name, sources.kind, sources.value, sources.types, sources.partitioned, sources.own_events,
-		sources.version, sources.shadow_of) IS DISTINCT FROM (EXCLUDED.name, EXCLUDED.kind, EXCLUDED.value,
+	-- a worker still serving an older version (before a reload reached
+	-- it) never writes its source over the newer one's
+	WHERE EXCLUDED.version >= sources.version AND (sources.name, sources.kind, sources.value, sources.types,
+		sources.partitioned, sources.own_events, sources.version, sources.shadow_of)
+		IS DISTINCT FROM (EXCLUDED.name, EXCLUDED.kind, EXCLUDED.value,
 		EXCLUDED.types, EXCLUDED.partitioned, EXCLUDED.own_events, EXCLUDED.version, EXCLUDED.shadow_of)]]
 
 local function source_params(def)
@@ -212,14 +215,17 @@ end
 
 -- Stalled projections (projhost.stall_news: behind, and no progress for
 -- PROJHOST_STALL_AFTER seconds) are logged once, by whichever worker of
--- any instance looks first; one look every few seconds in all.
+-- any instance looks first. A look computes every projection's lag (about
+-- a second with 1,000,000 partitions), so there is one every
+-- STALL_LOOK_EVERY seconds in all: at most half the stall time late.
+local STALL_LOOK_EVERY = math.max(PROGRESS_EVERY, STALL_AFTER / 2)
 local stall_look_at = 0
 check_stalls = function()
 	local now = core.monotime()
 	if now - stall_look_at < PROGRESS_EVERY then return end
 	stall_look_at = now
 	local rows = q("SELECT projection, events_behind, lag_seconds FROM projhost.stall_news($1, $2)",
-		STALL_AFTER, PROGRESS_EVERY)
+		STALL_AFTER, STALL_LOOK_EVERY)
 	for _, r in ipairs(rows or {}) do
 		log("warn", r.projection, string.format("stalled: %s events behind, the oldest %.0fs old, and "
 			.. "nothing applied for %gs (PROJHOST_STALL_AFTER); is a batch blocked on a lock?",
