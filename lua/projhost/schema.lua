@@ -819,7 +819,8 @@ RETURNS TABLE (projection text, status text, partitioned boolean, partitions big
 	error text, updated_at timestamptz,
 	running bigint, reset_pending boolean, progress double precision, shadow_of text,
 	source_kind text, source_value text, source_types text[], version int)
-LANGUAGE plpgsql STABLE AS $fn$
+-- short queries over big tables: compiling them costs more than running
+LANGUAGE plpgsql STABLE SET jit = off AS $fn$
 #variable_conflict use_column
 DECLARE
 	r projhost.checkpoint_totals;
