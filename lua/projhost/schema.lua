@@ -787,10 +787,12 @@ BEGIN
 		RETURN;
 	END IF;
 	-- split_part, not a key range: exact in any collation; a scan of the
-	-- streams table either way
-	SELECT coalesce(sum(version), 0) INTO v_total FROM projhost.streams
-	WHERE CASE s.kind WHEN 'category' THEN split_part(stream_id, '-', 1) = s.value
-		WHEN 'stream' THEN stream_id = s.value ELSE true END;
+	-- streams table either way. EXECUTE: a static statement of PL/pgSQL
+	-- ran without parallel workers here (0.25 s at 1,000,000 streams, 0.15)
+	EXECUTE 'SELECT coalesce(sum(version), 0)::bigint FROM projhost.streams WHERE ' || CASE s.kind
+		WHEN 'category' THEN format('split_part(stream_id, ''-'', 1) = %L', s.value)
+		WHEN 'stream' THEN format('stream_id = %L', s.value) ELSE 'true' END
+		INTO v_total;
 	events := greatest(v_total - coalesce(p_done, 0), 0);
 	IF events = 0 THEN RETURN; END IF;
 	IF s.kind = 'stream' THEN
@@ -839,14 +841,16 @@ BEGIN
 	-- one statement (SELECT INTO, not a FOR loop's cursor: that rules out a
 	-- parallel scan, 0.45 s instead of 0.3 s over 1,000,000 checkpoints),
 	-- with as few aggregates as will do (each costs per row)
-	SELECT array_agg(ROW(a.projection, a.n, a.parts, a.version, a.pos, a.done, a.moved)::projhost.checkpoint_totals
-		ORDER BY a.projection) INTO v_all
-	FROM (SELECT c.projection, count(*) AS n, count(*) FILTER (WHERE c.partition <> '') AS parts,
-			min(c.version) AS version, max(c.last_pos) AS pos, sum(c.last_pos)::bigint AS done,
-			max(c.updated_at) AS moved
-		FROM projhost.checkpoints c
-		WHERE p_projection IS NULL OR c.projection = p_projection
-		GROUP BY c.projection) a;
+	-- (EXECUTE: see partitioned_behind)
+	EXECUTE $q$SELECT array_agg(ROW(a.projection, a.n, a.parts, a.version, a.pos, a.done,
+			a.moved)::projhost.checkpoint_totals ORDER BY a.projection)
+		FROM (SELECT c.projection, count(*) AS n, count(*) FILTER (WHERE c.partition <> '') AS parts,
+				min(c.version) AS version, max(c.last_pos) AS pos, sum(c.last_pos)::bigint AS done,
+				max(c.updated_at) AS moved
+			FROM projhost.checkpoints c$q$
+		|| CASE WHEN p_projection IS NOT NULL THEN ' WHERE c.projection = $1' ELSE '' END
+		|| ' GROUP BY c.projection) a'
+		INTO v_all USING p_projection;
 	FOREACH r IN ARRAY coalesce(v_all, '{}') LOOP
 		-- the rows not running: few, and indexed (checkpoints_status_idx)
 		SELECT count(*) FILTER (WHERE c.status = 'paused'), count(*) FILTER (WHERE c.status = 'failed'),
