@@ -46,6 +46,7 @@ build = {
 		["projhost.cli.run"] = "lua/projhost/cli/run.lua",
 		["projhost.cli.append"] = "lua/projhost/cli/append.lua",
 		["projhost.cli.status"] = "lua/projhost/cli/status.lua",
+		["projhost.cli.wait"] = "lua/projhost/cli/wait.lua",
 		["projhost.cli.control"] = "lua/projhost/cli/control.lua",
 		["projhost.cli.db"] = "lua/projhost/cli/db.lua",
 		["projhost.cli.test"] = "lua/projhost/cli/test.lua",

@@ -53,6 +53,8 @@ M.VARS = {
 			.. "the format of every log line (core/log.h)" },
 	PROJHOST_WORKER_MEMORY_MB = { 1024, number(0, 1048576, true),
 		"address space a worker may allocate, in MB (RLIMIT_DATA; 0: no limit)" },
+	PROJHOST_STALL_AFTER = { 60, number(0, 86400 * 365),
+		"seconds a projection with events behind may go without its checkpoint moving before it counts as stalled" },
 	PROJHOST_LUADIR = { nil, text,
 		"directory of the Lua library the binary loads (read by the binary itself, before Lua)" },
 }

@@ -51,7 +51,8 @@ describe("usage errors", function()
 		local code, out, err = h.run({ "status", "--nope" })
 		assert.equal(2, code)
 		assert.equal("", out)
-		assert.equal("projhost: unknown flag '--nope' for status\nusage: projhost status [NAME] [--json] [--db DSN]\n", err)
+		assert.equal("projhost: unknown flag '--nope' for status\nusage: projhost status [NAME] [--json] [--failed] "
+			.. "[--behind] [--limit N] [--db DSN]\n", err)
 	end)
 
 	it("missing arguments and bad numbers exit 2", function()
@@ -92,7 +93,7 @@ describe("usage errors", function()
 	it("help and version print to stdout and exit 0", function()
 		local code, out = h.run({ "--help" })
 		assert.equal(0, code)
-		for _, cmd in ipairs({ "run", "append", "status", "reset", "pause", "resume", "parked", "db", "test" }) do
+		for _, cmd in ipairs({ "run", "append", "status", "wait", "reset", "pause", "resume", "parked", "db", "test" }) do
 			assert.matches("projhost " .. cmd .. " ", out)
 		end
 		code, out = h.run({ "append", "-h" })
@@ -312,7 +313,11 @@ describe("status", function()
 		assert.equal("failed", bal.status)
 		assert.same({ running = 1, paused = 0, failed = 1, stopped = 1 }, bal.statuses)
 		assert.equal(10, bal.position)
-		assert.equal(top - 10, bal.behind)
+		-- its streams a, b, c have no events: nothing behind (issue 13: no
+		-- longer the top position minus its own); its source is not known
+		-- (no projhost.sources row), so the figure is labelled an estimate
+		assert.equal(0, bal.behind)
+		assert.is_true(bal.behind_estimated)
 		assert.matches("^[bc]: ", bal.error)
 		assert.matches("^%d%d%d%d%-%d%d%-%d%dT%d%d:%d%d:%d%dZ$", bal.updated_at)
 		assert.equal("other", s.projections[2].name)
@@ -334,7 +339,7 @@ describe("status", function()
 		local fresh = h.fresh_db("cli_empty")
 		local code, out, err = h.run({ "status", "--json", "--db", fresh })
 		assert.equal(0, code, err)
-		assert.matches('^{"projections":%[%],', out)
+		assert.matches('"projections": %[%]', out)
 		assert.equal(0, cjson.decode(out).events)
 	end)
 end)

@@ -15,7 +15,8 @@ local USAGE = {
 	run = "projhost run [--db DSN] [--workers N] [--once] [--demo] [PATH...]",
 	append = "projhost append STREAM TYPE [JSON] [--expected-version N] [--metadata JSON] [--db DSN]\n"
 		.. "       projhost append [STREAM] --file EVENTS.ndjson|- [--db DSN]",
-	status = "projhost status [NAME] [--json] [--db DSN]",
+	status = "projhost status [NAME] [--json] [--failed] [--behind] [--limit N] [--db DSN]",
+	wait = "projhost wait NAME [--stream S --version V] [--timeout SEC] [--db DSN]",
 	reset = "projhost reset NAME [--db DSN]",
 	pause = "projhost pause NAME [--db DSN]",
 	resume = "projhost resume NAME [--db DSN]",
@@ -26,7 +27,8 @@ local USAGE = {
 	version = "projhost version",
 }
 
-local ORDER = { "run", "append", "status", "reset", "pause", "resume", "parked", "db", "test", "help", "version" }
+local ORDER = { "run", "append", "status", "wait", "reset", "pause", "resume", "parked", "db", "test", "help",
+	"version" }
 
 local HELP_TAIL = [[
 
@@ -36,13 +38,17 @@ else the embedded cluster under $PROJHOST_HOME (default ./.projhost), started on
 (an unknown projection NAME too), 2 usage.]]
 
 -- Flag kinds: "string", "bool", "version" (integer >= 0), "workers" (an
--- integer from 1 to core.max_workers, the master's limit).
+-- integer from 1 to core.max_workers, the master's limit), "seconds" (a
+-- number >= 0, fractions allowed, at most a year).
 -- min/max bound the positional words; sub lists allowed first words.
 local SPECS = {
 	run = { flags = { db = "string", workers = "workers", once = "bool", demo = "bool" }, min = 0, max = math.huge },
 	append = { flags = { db = "string", ["expected-version"] = "version", metadata = "string", file = "string" },
 		min = 0, max = 3 },
-	status = { flags = { db = "string", json = "bool" }, min = 0, max = 1 },
+	status = { flags = { db = "string", json = "bool", failed = "bool", behind = "bool", limit = "version" },
+		min = 0, max = 1 },
+	wait = { flags = { db = "string", stream = "string", version = "version", timeout = "seconds" },
+		min = 1, max = 1 },
 	reset = { flags = { db = "string" }, min = 1, max = 1 },
 	pause = { flags = { db = "string" }, min = 1, max = 1 },
 	resume = { flags = { db = "string" }, min = 1, max = 1 },
@@ -117,7 +123,13 @@ function M.parse(words)
 					value = words[i]
 					if value == nil then return nil, ("--%s needs a value"):format(flag), M.usage(name) end
 				end
-				if kind == "workers" or kind == "version" then
+				if kind == "seconds" then
+					local n = value:match("^%d+%.?%d*$") and tonumber(value)
+					if not n or n > 365 * 86400 then
+						return nil, ("--%s needs a number of seconds, not '%s'"):format(flag, value), M.usage(name)
+					end
+					value = n
+				elseif kind == "workers" or kind == "version" then
 					local n, problem = parse_number(kind, flag, value)
 					if not n then return nil, problem, M.usage(name) end
 					value = n
@@ -139,6 +151,12 @@ function M.parse(words)
 			return nil, "append needs STREAM and TYPE (or --file)", M.usage(name)
 		end
 	end
+	if name == "wait" and (cmd.flags.stream == nil) ~= (cmd.flags.version == nil) then
+		return nil, "wait takes --stream and --version together", M.usage(name)
+	end
+	if name == "wait" and cmd.flags.version == 0 then
+		return nil, "--version must be at least 1 (versions start at 1)", M.usage(name)
+	end
 	if n < spec.min then return nil, ("%s needs more arguments"):format(name), M.usage(name) end
 	if n > spec.max then
 		return nil, ("too many arguments for %s: '%s'"):format(name, cmd.args[spec.max + 1]), M.usage(name)
@@ -154,7 +172,7 @@ end
 
 -- command -> the module of its group
 local GROUP = {
-	run = "run", __worker = "run", append = "append", status = "status",
+	run = "run", __worker = "run", append = "append", status = "status", wait = "wait",
 	reset = "control", pause = "control", resume = "control", parked = "control",
 	db = "db", test = "test",
 }

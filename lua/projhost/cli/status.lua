@@ -1,123 +1,167 @@
--- projhost.cli.status: `projhost status [NAME] [--json]`.
+-- projhost.cli.status: `projhost status [NAME] [--json] [--failed] [--behind] [--limit N]`.
+--
+-- Every figure comes from the database (schema step 5): projhost.status_json
+-- is the document (`--json` prints it as the server wrote it; the master's
+-- GET /status serves the same), and the table for people is made from it;
+-- `status NAME` adds the projection's partitions from projhost.partition_status.
 local cjson = require "projhost.json"
+local config = require "projhost.config"
 local util = require "projhost.cli.util"
 local fail, say, escape = util.fail, util.say, util.escape
 local open_db, print_table, known = util.open_db, util.print_table, util.known
 
 local commands = {}
 
-local STATUS_SQL = [[
-SELECT projection, count(*) AS partitions,
-	count(*) FILTER (WHERE status = 'running') AS running,
-	count(*) FILTER (WHERE status = 'paused') AS paused,
-	count(*) FILTER (WHERE status = 'failed') AS failed,
-	count(*) FILTER (WHERE status = 'stopped') AS stopped,
-	count(*) FILTER (WHERE version = 0) AS resetting,
-	max(last_pos) AS position,
-	(array_agg(CASE WHEN partition = '' THEN error ELSE partition || ': ' || error END
-		ORDER BY updated_at DESC) FILTER (WHERE error IS NOT NULL))[1] AS error,
-	to_char(max(updated_at) AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS"Z"') AS updated_at
-FROM projhost.checkpoints
-WHERE $1::text IS NULL OR projection = $1
-GROUP BY projection
-ORDER BY projection]]
+-- partitions listed by `status NAME` unless --limit says otherwise
+local DEFAULT_LIMIT = 20
 
--- The oldest transaction anywhere in the cluster that holds the xmin
--- horizon back (design §2: it delays every projection).
-local HORIZON_SQL = [[
-SELECT pid, datname, state, left(query, 60) AS query,
-	round(extract(epoch FROM clock_timestamp() - xact_start)::numeric, 1) AS age_s
-FROM pg_stat_activity
-WHERE (backend_xid IS NOT NULL OR backend_xmin IS NOT NULL)
-	AND pid <> pg_backend_pid() AND xact_start IS NOT NULL
-ORDER BY xact_start
-LIMIT 1]]
+local function num(v)
+	if v == nil or v == cjson.null then return nil end
+	return tonumber(v)
+end
 
-local function status_of(r)
-	for _, s in ipairs({ "failed", "stopped", "paused" }) do
-		if r[s] > 0 then return s end
+-- "2m10s" (util.duration), "?" for not known
+local function duration(s)
+	return util.duration(num(s))
+end
+
+local function lag_text(s)
+	s = num(s)
+	if not s then return "?" end
+	if s < 10 then return string.format("%.1fs", s) end
+	return duration(s)
+end
+
+-- The status cell: "failed 1/3", "running", "rebuilding 45% ETA 2m10s",
+-- "(reset pending)" when `projhost reset` asked for one.
+local function status_text(p)
+	local st = p.status
+	local count = p.statuses and p.statuses[st]
+	if p.partitions > 1 and count and count < p.partitions then st = ("%s %d/%d"):format(st, count, p.partitions) end
+	if st == "rebuilding" then
+		local pct, eta = num(p.progress), num(p.eta_seconds)
+		st = ("rebuilding %s ETA %s"):format(pct and (math.floor(pct) .. "%") or "?", eta and duration(eta) or "?")
 	end
-	return "running"
+	if p.reset_pending then st = st .. " (reset pending)" end
+	return st
+end
+
+local PARTITIONS_SQL = [[
+SELECT partition, version,
+	to_char(processed_at AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS"Z"') AS processed_at,
+	status, error, behind
+FROM projhost.partition_status
+WHERE projection = $1 AND (NOT $2 OR status = 'failed') AND (NOT $3 OR behind > 0)
+ORDER BY partition
+LIMIT $4]]
+
+local function print_partitions(conn, name, cmd)
+	local limit = cmd.flags.limit or DEFAULT_LIMIT
+	-- --behind must look at every partition's stream: one hash join (1 s
+	-- at 1,000,000 partitions), where the planner's walk in key order with
+	-- a lookup per partition, looking for a LIMIT it may never reach, took 14
+	if cmd.flags.behind then
+		conn:exec("BEGIN")
+		conn:exec("SET LOCAL enable_nestloop = off")
+		conn:exec("SET LOCAL enable_mergejoin = off")
+		-- the hash of every stream in memory, not in 8 batches on disk
+		conn:exec("SET LOCAL work_mem = '64MB'")
+	end
+	local rows, msg = conn:query(PARTITIONS_SQL, name, cmd.flags.failed and true or false,
+		cmd.flags.behind and true or false, limit + 1)
+	if cmd.flags.behind then conn:exec(rows and "COMMIT" or "ROLLBACK") end
+	if not rows then return nil, msg end
+	local more = #rows > limit
+	if more then rows[#rows] = nil end
+	say("")
+	if #rows == 0 then
+		say(cmd.flags.failed and "no partition has failed" or cmd.flags.behind and "no partition is behind"
+			or "no partitions yet")
+		return true
+	end
+	local shown = {}
+	for i, r in ipairs(rows) do
+		shown[i] = { partition = r.partition == "" and "(all)" or r.partition, version = r.version,
+			processed = r.processed_at or "", status = r.status, behind = r.behind, error = r.error or "" }
+	end
+	print_table(shown, { { "partition", "PARTITION", 60 }, { "version", "VERSION" }, { "processed", "PROCESSED" },
+		{ "status", "STATUS" }, { "behind", "BEHIND" }, { "error", "ERROR", 80 } })
+	if more then say(("(first %d shown; --limit N shows more)"):format(limit)) end
+	return true
 end
 
 function commands.status(cmd)
 	local name = cmd.args[1]
 	local conn, err = open_db(cmd)
 	if not conn then return fail("status", err) end
-	local rows, msg = conn:query(STATUS_SQL, name)
-	if rows and name and #rows == 0 then
+	-- short queries over big tables: compiling them (the view's function
+	-- calls price them high) took longer than running them
+	conn:exec("SET jit = off")
+	local rows, msg = conn:query("SELECT projhost.status_json($1, $2)::text AS doc", name,
+		config.get("PROJHOST_STALL_AFTER"))
+	if not rows then
+		conn:close()
+		return fail("status", msg)
+	end
+	local text = rows[1].doc
+	local doc = cjson.decode(text)
+	if name and #doc.projections == 0 then
 		local _, unknown = known(conn, name)
 		conn:close()
 		return fail("status", unknown)
 	end
-	local hz, top, parked
-	if rows then hz, msg = conn:query(HORIZON_SQL) end
-	if hz then
-		top, msg = conn:query("SELECT coalesce((SELECT max(global_position) FROM projhost.events), 0) AS top, "
-			.. "(SELECT count(*) FROM projhost.parked) AS parked")
-	end
-	conn:close()
-	if not top then return fail("status", msg) end
-	local max_pos = tonumber(top[1].top)
-	parked = tonumber(top[1].parked)
-	local projections = {}
-	for _, r in ipairs(rows) do
-		local p = {
-			name = r.projection,
-			partitions = tonumber(r.partitions),
-			running = tonumber(r.running), paused = tonumber(r.paused),
-			failed = tonumber(r.failed), stopped = tonumber(r.stopped),
-			position = tonumber(r.position),
-			error = r.error,
-			updated_at = r.updated_at,
-			reset_pending = tonumber(r.resetting) > 0,
-		}
-		p.status = status_of(p)
-		p.behind = math.max(0, max_pos - p.position)
-		projections[#projections + 1] = p
-	end
-	local horizon = hz[1] and {
-		pid = tonumber(hz[1].pid), age_s = tonumber(hz[1].age_s), state = hz[1].state,
-		query = hz[1].query, database = hz[1].datname,
-	}
 	if cmd.flags.json then
-		-- cjson 2.1.0 encodes an empty table as {}, so the array is built by hand.
-		local items = {}
-		for i, p in ipairs(projections) do
-			items[i] = cjson.encode{
-				name = p.name, partitions = p.partitions, status = p.status, position = p.position,
-				behind = p.behind, error = p.error or cjson.null, updated_at = p.updated_at,
-				reset_pending = p.reset_pending,
-				statuses = { running = p.running, paused = p.paused, failed = p.failed, stopped = p.stopped },
-			}
-		end
-		say(('{"projections":[%s],"horizon":%s,"parked":%d,"events":%d}'):format(
-			table.concat(items, ","), horizon and cjson.encode(horizon) or "null", parked, max_pos))
+		conn:close()
+		say(text)
 		return 0
 	end
+	local projections = doc.projections
 	if #projections == 0 then
 		say("no projections have run yet")
 	else
 		local shown = {}
 		for i, p in ipairs(projections) do
-			local st = p.status
-			if p.partitions > 1 and p[st] < p.partitions then st = ("%s %d/%d"):format(st, p[st], p.partitions) end
-			if p.reset_pending then st = st .. " (reset pending)" end
-			shown[i] = { name = p.name, partitions = p.partitions, status = st, position = p.position,
-				behind = p.behind, updated = p.updated_at, error = p.error or "" }
+			local behind = num(p.events_behind) or 0
+			-- estimated: the count of an unpartitioned projection (past its
+			-- cap), the lag of a partitioned one (a lower bound)
+			local est_count, est_lag = p.behind_estimated and not p.partitioned, p.behind_estimated and p.partitioned
+			shown[i] = { name = p.name, partitions = p.partitions, status = status_text(p), position = p.position,
+				behind = (est_count and "~" or "") .. tostring(behind),
+				lag = behind == 0 and "0s" or ((est_lag and ">" or "") .. lag_text(p.lag_seconds)),
+				rate = ("%.0f/s"):format(num(p.rate_1m) or 0),
+				eta = behind == 0 and "-" or duration(num(p.eta_seconds)),
+				parked = p.parked, updated = p.updated_at, error = p.error ~= cjson.null and p.error or "" }
 		end
 		print_table(shown, { { "name", "PROJECTION" }, { "partitions", "PARTITIONS" }, { "status", "STATUS" },
-			{ "position", "POSITION" }, { "behind", "BEHIND(~)" }, { "updated", "UPDATED" }, { "error", "ERROR", 80 } })
+			{ "position", "POSITION" }, { "behind", "BEHIND" }, { "lag", "LAG" }, { "rate", "RATE" },
+			{ "eta", "ETA" }, { "parked", "PARKED" }, { "updated", "UPDATED" }, { "error", "ERROR", 80 } })
+		for _, p in ipairs(projections) do
+			if p.status == "rebuilding" then say(escape(p.name) .. " " .. status_text(p)) end
+			if p.stalled then
+				say(("%s stalled: %s events behind and nothing applied for over %gs (PROJHOST_STALL_AFTER)")
+					:format(escape(p.name), tostring(p.events_behind), doc.stall_after))
+			end
+		end
 	end
-	say(("events: %d   parked: %d"):format(max_pos, parked))
+	say(("events: %d   parked: %d"):format(doc.events, doc.parked))
+	local horizon = doc.horizon ~= cjson.null and doc.horizon
 	if horizon then
 		-- another session's query text: anything can be in it
 		say(("horizon: pid %d (%s) has had a transaction open for %.1fs, %s: %s"):format(horizon.pid,
-			escape(horizon.database or "?"), horizon.age_s or 0, escape(horizon.state or "?"),
-			escape((horizon.query or ""):gsub("%s+", " "))))
+			escape(horizon.database ~= cjson.null and horizon.database or "?"), num(horizon.age_s) or 0,
+			escape(horizon.state ~= cjson.null and horizon.state or "?"),
+			escape((horizon.query ~= cjson.null and horizon.query or ""):gsub("%s+", " "))))
 	else
 		say("horizon: no open transaction holds it back")
 	end
+	if name then
+		local ok, perr = print_partitions(conn, name, cmd)
+		if not ok then
+			conn:close()
+			return fail("status", perr)
+		end
+	end
+	conn:close()
 	return 0
 end
 

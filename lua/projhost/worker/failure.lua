@@ -168,6 +168,12 @@ local function error_action(def, part, e, err, prev)
 				error = NULL, updated_at = now() WHERE projection = $1 AND partition = $2]],
 				rt.cp, part, e.version)
 		end
+		if ok and action == "skip" then
+			-- so that wait_for can say it was skipped (issue 13)
+			ok, xerr, xcode = x([[INSERT INTO projhost.skipped (projection, partition, global_position,
+				stream_id, stream_version, error) VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT DO NOTHING]],
+				rt.cp, part, e.position, e.stream, e.version, first_line(err))
+		end
 		if ok and action == "park" then
 			ok, xerr, xcode = x([[INSERT INTO projhost.parked (projection, partition, global_position,
 				event_id, stream_id, stream_version, event_type, error, attempts)

@@ -13,6 +13,8 @@ local ctxm = require "projhost.worker.ctx"
 local failure = require "projhost.worker.failure"
 local transact = require "projhost.worker.transact"
 local parked = require "projhost.worker.parked"
+local config = require "projhost.config"
+local reads = require "projhost.reads"
 
 local log, first_line = session.log, session.first_line
 local q, x, rollback = session.q, session.x, session.rollback
@@ -26,6 +28,14 @@ local of = S.of
 local caught, progress = S.caught, S.progress
 
 local M = {}
+local check_stalls
+
+-- a projection with events behind and no progress this long is stalled
+local STALL_AFTER = config.get("PROJHOST_STALL_AFTER")
+-- applied counts go to projhost.samples at most this often (status rates)
+local SAMPLE_EVERY = 2
+-- a catch-up longer than this logs a progress line every PROGRESS_EVERY s
+local PROGRESS_EVERY = 5
 
 -- Every partition of the projection under checkpoint name cp is no longer
 -- caught up (it starts over, or under another name).
@@ -33,6 +43,30 @@ local function forget_caught(cp)
 	for k in pairs(caught) do
 		if k:sub(1, #cp + 1) == cp .. "\t" then caught[k] = nil end
 	end
+end
+
+-- What the database knows of a projection's source (projhost.sources:
+-- lag and wait_for count its events from it), written when it is set up.
+local SOURCE_SQL = [[INSERT INTO projhost.sources (projection, name, kind, value, types, partitioned,
+		own_events, version, shadow_of)
+	VALUES ($1, $2, $3, $4, $5::text[], $6, $7, $8, $9)
+	ON CONFLICT (projection) DO UPDATE SET name = EXCLUDED.name, kind = EXCLUDED.kind, value = EXCLUDED.value,
+		types = EXCLUDED.types, partitioned = EXCLUDED.partitioned, own_events = EXCLUDED.own_events,
+		version = EXCLUDED.version, shadow_of = EXCLUDED.shadow_of, updated_at = now(),
+		applied = CASE WHEN sources.version = EXCLUDED.version THEN sources.applied ELSE 0 END
+	-- a worker still serving an older version (before a reload reached
+	-- it) never writes its source over the newer one's
+	WHERE EXCLUDED.version >= sources.version AND (sources.name, sources.kind, sources.value, sources.types,
+		sources.partitioned, sources.own_events, sources.version, sources.shadow_of)
+		IS DISTINCT FROM (EXCLUDED.name, EXCLUDED.kind, EXCLUDED.value,
+		EXCLUDED.types, EXCLUDED.partitioned, EXCLUDED.own_events, EXCLUDED.version, EXCLUDED.shadow_of)]]
+
+local function source_params(def)
+	local rt, from = of(def), def.from
+	local kind = from.all and "all" or from.stream and "stream" or "category"
+	return rt.cp, def.name, kind, from.stream or from.category or "",
+		def.type_filter and reads.pg_text_array(def.type_filter) or nil, def.partition and true or false,
+		def.own_events and true or false, def.version, rt.shadow_of
 end
 
 -- setup SQL and the projection's own checkpoint row, once per connection.
@@ -43,6 +77,7 @@ local function ensure_setup(def)
 	if S.setup_done[rt.cp] then return true end
 	local ok, err, code = x([[INSERT INTO projhost.checkpoints (projection, partition, version)
 		VALUES ($1, '', $2) ON CONFLICT DO NOTHING]], rt.cp, def.version)
+	if ok then ok, err, code = x(SOURCE_SQL, source_params(def)) end
 	if not ok then return nil, err, code end
 	if #def.setup > 0 then
 		x("BEGIN")
@@ -92,6 +127,12 @@ local function reset_projection(def)
 		end
 	end
 	ok, err, code = x("DELETE FROM projhost.checkpoints WHERE projection = $1 AND partition <> ''", rt.cp)
+	-- what it skipped and how much it applied belong to the old version
+	if ok then ok, err, code = x("DELETE FROM projhost.skipped WHERE projection = $1", rt.cp) end
+	if ok then
+		ok, err, code = x("UPDATE projhost.sources SET applied = 0, version = $2 WHERE projection = $1",
+			rt.cp, def.version)
+	end
 	if ok then
 		ok, err, code = x([[UPDATE projhost.checkpoints SET version = $2, state = NULL, last_tx = '0',
 			last_pos = 0, status = 'running', error = NULL, updated_at = now()
@@ -141,6 +182,16 @@ local function promote(def)
 	if ok then
 		ok, err, code = x("UPDATE projhost.parked SET projection = $1 WHERE projection = $2", name, shadow)
 	end
+	-- its source, skips and samples go with it
+	for _, t in ipairs({ "sources", "skipped", "samples" }) do
+		if ok then ok, err, code = x("DELETE FROM projhost." .. t .. " WHERE projection = $1", name) end
+		if ok then
+			ok, err, code = x("UPDATE projhost." .. t .. " SET projection = $1 WHERE projection = $2", name, shadow)
+		end
+	end
+	if ok then
+		ok, err, code = x("UPDATE projhost.sources SET shadow_of = NULL WHERE projection = $1", name)
+	end
 	if ok then ok, err, code = x("COMMIT") end
 	if not ok then return nil, err, code end
 	log("info", name, string.format("version %d caught up in the shadow: switched over", def.version))
@@ -160,6 +211,26 @@ local function script_failed(def, err, code, is_script)
 	set_status(def, "", "failed", err)
 	rt.setup_failed = true
 	return "failed", 0
+end
+
+-- Stalled projections (projhost.stall_news: behind, and no progress for
+-- PROJHOST_STALL_AFTER seconds) are logged once, by whichever worker of
+-- any instance looks first. A look computes every projection's lag (about
+-- a second with 1,000,000 partitions), so there is one every
+-- STALL_LOOK_EVERY seconds in all: at most half the stall time late.
+local STALL_LOOK_EVERY = math.max(PROGRESS_EVERY, STALL_AFTER / 2)
+local stall_look_at = 0
+check_stalls = function()
+	local now = core.monotime()
+	if now - stall_look_at < PROGRESS_EVERY then return end
+	stall_look_at = now
+	local rows = q("SELECT projection, events_behind, lag_seconds FROM projhost.stall_news($1, $2)",
+		STALL_AFTER, STALL_LOOK_EVERY)
+	for _, r in ipairs(rows or {}) do
+		log("warn", r.projection, string.format("stalled: %s events behind, the oldest %.0fs old, and "
+			.. "nothing applied for %gs (PROJHOST_STALL_AFTER); is a batch blocked on a lock?",
+			r.events_behind, tonumber(r.lag_seconds) or 0, STALL_AFTER))
+	end
 end
 
 -- Connect, run setup, check the projection's own row: the part every
@@ -216,22 +287,69 @@ local function prepare(def)
 	end
 	if row.status ~= "running" then return row.status, 0 end
 	retry_parked(def)
+	check_stalls()
 	return true
 end
 M.prepare = prepare
 
--- One progress line per projection per second at most, so a catch-up of
+-- seconds for people ("2m10s"), the CLI's rule
+local duration = require("projhost.cli.util").duration
+
+-- A catch-up's progress, from projhost.projection_status (every worker's
+-- samples): applied in the last minute, events/s, remaining, ETA.
+local function progress_line(def)
+	local rt = of(def)
+	local rows = q([[SELECT applied_1m, rate_1m, events_behind, behind_estimated, eta_seconds
+		FROM projhost.projection_status($1, $2)]], rt.cp, STALL_AFTER)
+	local r = rows and rows[1]
+	if not r then return end
+	local eta = tonumber(r.eta_seconds)
+	log("info", rt.cp, string.format("%s: applied %s in the last minute, %.0f events/s, %s%s remaining, ETA %s",
+		rt.shadow_of and "rebuilding" or "catching up", r.applied_1m, tonumber(r.rate_1m) or 0,
+		r.behind_estimated == "t" and "~" or "", r.events_behind, eta and duration(eta) or "unknown"))
+end
+
+-- The applied count goes to projhost.samples every SAMPLE_EVERY seconds
+-- (status shows rates and ETAs from them, whichever node asks); a run of
+-- work longer than PROGRESS_EVERY seconds gets a progress line every
+-- PROGRESS_EVERY seconds (one for all workers and instances: note_applied
+-- says whose turn it is).
+local function sample(def, p, now, flush)
+	if p.sn == 0 and not flush then return end
+	if now - p.sat < SAMPLE_EVERY and not flush then return end
+	local conn = S.conn
+	if not conn or not conn:ok() or conn:in_transaction() then return end
+	local busy = p.busy_since and now - p.busy_since >= PROGRESS_EVERY
+	local rows, err = q("SELECT projhost.note_applied($1, $2, now() - $3 * interval '1 second', $4) AS due",
+		of(def).cp, p.sn, now - p.sat, busy and PROGRESS_EVERY or nil)
+	if not rows then
+		log("debug", of(def).cp, "note_applied: " .. tostring(err))
+		return
+	end
+	p.sn, p.sat = 0, now
+	if rows[1] and rows[1].due == "t" then progress_line(def) end
+end
+
+-- One "applied" line per projection per second at most, so a catch-up of
 -- millions of events does not flood the log and a live event still shows.
 local function report(def, n, where, force)
 	local rt = of(def)
 	local p = progress[rt.cp]
-	if not p then p = { at = 0, n = 0 }; progress[rt.cp] = p end
-	p.n = p.n + n
 	local now = core.monotime()
+	if not p then p = { at = 0, n = 0, sn = 0, sat = now, last = 0 }; progress[rt.cp] = p end
+	p.n, p.sn = p.n + n, p.sn + n
+	if n > 0 then
+		-- a run of work: events applied with no pause of SAMPLE_EVERY s
+		if not p.busy_since or now - p.last > SAMPLE_EVERY then p.busy_since = now end
+		p.last = now
+	end
 	if p.n > 0 and (force or now - p.at >= 1) then
 		log("info", rt.cp, string.format("%sapplied %d event%s", where, p.n, p.n == 1 and "" or "s"))
 		p.at, p.n = now, 0
 	end
+	-- caught up (force): the last count now, and the run is over
+	sample(def, p, now, force and p.sn > 0)
+	if force then p.busy_since = nil end
 end
 M.report = report
 
@@ -289,6 +407,11 @@ local function caught_up_partitioned(def)
 		x("UPDATE projhost.checkpoints SET updated_at = now() WHERE projection = $1 AND partition = ''", rt.cp)
 	end
 	log("info", rt.cp, "caught up (every partition)")
+	local p = progress[rt.cp]
+	if p then
+		sample(def, p, core.monotime(), p.sn > 0)
+		p.busy_since = nil
+	end
 	run_caught_up(def)
 end
 M.run_caught_up, M.caught_up_partitioned = run_caught_up, caught_up_partitioned
