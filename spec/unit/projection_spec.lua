@@ -94,11 +94,22 @@ describe("projhost.projection", function()
 			assert.equal("p.lua:9: boom", err)
 		end)
 
-		it("sets ctx.event", function()
+		it("sets ctx.event to the handler's view of the event", function()
 			local ctx = P.new_ctx(def, recorder())
-			local e = { type = "A" }
+			local e = { type = "A", position = 7, stream = "s-1", version = 2 }
 			P.apply(def, { n = 0 }, e, ctx)
-			assert.equal(e, ctx.event)
+			assert.are_not.equal(e, ctx.event)
+			assert.same({ "A", 7, "s-1", 2 }, { ctx.event.type, ctx.event.position, ctx.event.stream, ctx.event.version })
+		end)
+
+		it("gives the handler a view: what it assigns stays out of the caller's event", function()
+			local d = { when = { A = function(_, ev)
+				ev.position, ev.stream, ev.version, ev.index = 1e9, "x", -1, 99
+				rawset(ev, "tx", "1")
+			end } }
+			local e = { type = "A", position = 7, stream = "s-1", version = 2, index = 3, tx = "5" }
+			P.apply(d, {}, e, nil)
+			assert.same({ type = "A", position = 7, stream = "s-1", version = 2, index = 3, tx = "5" }, e)
 		end)
 	end)
 
