@@ -50,6 +50,9 @@ M.VARS = {
 		"set (to anything): log debug records too" },
 	PROJHOST_WORKER_MEMORY_MB = { 1024, number(0, 1048576, true),
 		"address space a worker may allocate, in MB (RLIMIT_DATA; 0: no limit)" },
+	PROJHOST_HTTP = { nil, text,
+		"host:port the master serves HTTP on (/metrics, /health/live, /health/ready, /status, /, /wait); "
+			.. "`run --http` overrides it; unset: no HTTP" },
 	PROJHOST_LUADIR = { nil, text,
 		"directory of the Lua library the binary loads (read by the binary itself, before Lua)" },
 }
