@@ -169,13 +169,16 @@ static void sample1(struct ph_buf *b, const char *name, const char *label, const
 	value(b, v);
 }
 
+enum field { F_BEHIND, F_LAG, F_PARKED };
+
 /* A per-projection gauge from the snapshot. */
 static void gauge_rows(struct ph_buf *b, const char *name, const char *help, const struct ph_status_row *rows,
-		       int nrows, size_t off)
+		       int nrows, enum field f)
 {
 	family(b, name, "gauge", help);
 	for (int i = 0; i < nrows; i++)
-		sample1(b, name, "projection", rows[i].projection, *(const double *)((const char *)&rows[i] + off));
+		sample1(b, name, "projection", rows[i].projection,
+			f == F_BEHIND ? rows[i].events_behind : f == F_LAG ? rows[i].lag_seconds : rows[i].parked);
 }
 
 void ph_metrics_render(struct ph_buf *out, const struct ph_metrics *m, const struct ph_status_row *rows, int nrows,
@@ -185,11 +188,11 @@ void ph_metrics_render(struct ph_buf *out, const struct ph_metrics *m, const str
 
 	if (rows) {
 		gauge_rows(out, "projhost_events_behind", "Events of the projection's source not yet applied.", rows,
-			   nrows, offsetof(struct ph_status_row, events_behind));
+			   nrows, F_BEHIND);
 		gauge_rows(out, "projhost_lag_seconds", "Age of the oldest event not yet applied (0 when caught up).",
-			   rows, nrows, offsetof(struct ph_status_row, lag_seconds));
+			   rows, nrows, F_LAG);
 		gauge_rows(out, "projhost_parked_events", "Events parked in projhost.parked.", rows, nrows,
-			   offsetof(struct ph_status_row, parked));
+			   F_PARKED);
 		family(out, "projhost_projection_up", "gauge", "1 for the projection's current status, 0 for the others.");
 		for (int i = 0; i < nrows; i++)
 			for (int s = 0; s < PH_STATUSES; s++) {

@@ -74,6 +74,7 @@ struct ph_surface {
 	struct snapreq *snapreqs;
 
 	struct waiter *waiters;
+	int nwaiters;
 };
 
 static const char SNAPSHOT_SQL[] =
@@ -262,7 +263,6 @@ static void query_done(struct ph_surface *s);
 static void on_io(uv_poll_t *p, int status, int events)
 {
 	struct ph_surface *s = p->data;
-	char buf[400];
 
 	(void)events;
 	if (!s->conn)
@@ -272,6 +272,8 @@ static void on_io(uv_poll_t *p, int status, int events)
 		return;
 	}
 	if (status < 0 || !PQconsumeInput(s->conn)) {
+		char buf[400];
+
 		db_lost(s, ph_pg_errmsg(s->conn, NULL, buf, sizeof(buf)));
 		return;
 	}
@@ -363,8 +365,6 @@ static void refresh(struct ph_surface *s)
 
 static void take_snapshot(struct ph_surface *s)
 {
-	char buf[400];
-
 	s->refreshing = 0;
 	s->snap_at = uv_now(s->loop);
 	PQclear(s->rows);
@@ -380,6 +380,7 @@ static void take_snapshot(struct ph_surface *s)
 		s->snap_err[0] = '\0';
 	} else {
 		PGresult *bad = s->nres ? s->res[s->nres - 1] : NULL;
+		char buf[400];
 
 		for (int i = 0; i < s->nres; i++)
 			if (PQresultStatus(s->res[i]) != PGRES_TUPLES_OK)
@@ -585,6 +586,7 @@ static void waiter_answer(struct waiter *w, unsigned status, const char *result,
 		s->waiters = w->next;
 	if (w->next)
 		w->next->prev = w->prev;
+	s->nwaiters--;
 	ph_buf_add(&b, "{\"projection\":", 14);
 	json_str(&b, w->proj);
 	ph_buf_add(&b, ",\"stream\":", 10);
@@ -627,7 +629,6 @@ static void check(struct waiter *w)
 static void checked(struct ph_surface *s, struct waiter *w)
 {
 	PGresult *r = s->nres ? s->res[s->nres - 1] : NULL;
-	char buf[400];
 
 	w->queued = 0;
 	if (r && PQresultStatus(r) == PGRES_TUPLES_OK && PQntuples(r) == 1) {
@@ -647,6 +648,7 @@ static void checked(struct ph_surface *s, struct waiter *w)
 	}
 	{
 		const char *code = ph_pg_errcode(s->conn, r);
+		char buf[400];
 
 		snprintf(buf, sizeof(buf), "%s", r ? PQresultErrorMessage(r) : "no answer");
 		buf[strcspn(buf, "\n")] = '\0';
@@ -706,7 +708,6 @@ static void serve_wait(struct ph_surface *s, struct ph_http_req *r)
 	const char *tv = ph_http_arg(r, "timeout_ms");
 	long long version, timeout = PH_WAIT_DEFAULT_MS;
 	struct waiter *w;
-	char msg[128];
 
 	if (!proj || !*proj || !stream || !*stream) {
 		respond_error(r, 400, "projection and stream are required");
@@ -717,6 +718,8 @@ static void serve_wait(struct ph_surface *s, struct ph_http_req *r)
 		return;
 	}
 	if (tv && parse_int(tv, 0, PH_WAIT_MAX_MS, &timeout) != 0) {
+		char msg[128];
+
 		snprintf(msg, sizeof(msg), "timeout_ms must be a whole number from 0 to %d", PH_WAIT_MAX_MS);
 		respond_error(r, 400, msg);
 		return;
@@ -729,6 +732,10 @@ static void serve_wait(struct ph_surface *s, struct ph_http_req *r)
 		ph_buf_add(&b, " (not served by this host)", 26);
 		respond_error(r, 404, b.failed ? "unknown projection" : b.s);
 		ph_buf_free(&b);
+		return;
+	}
+	if (s->nwaiters >= PH_WAIT_MAX_WAITERS) {
+		respond_error(r, 503, "too many /wait requests at once; try again");
 		return;
 	}
 	w = calloc(1, sizeof(*w));
@@ -751,6 +758,7 @@ static void serve_wait(struct ph_surface *s, struct ph_http_req *r)
 	if (s->waiters)
 		s->waiters->prev = w;
 	s->waiters = w;
+	s->nwaiters++;
 	uv_timer_start(w->timer, on_wait_timeout, (uint64_t)timeout, 0);
 	check(w);	/* at arrival: maybe applied already */
 }

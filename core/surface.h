@@ -17,7 +17,8 @@
  *                      {"result":"applied|parked|skipped",...}; 504
  *                      {"result":"pending",...} at the timeout; 400 bad
  *                      parameters; 404 unknown projection or no such event;
- *                      503 database unreachable at the timeout
+ *                      503 database unreachable at the timeout, or
+ *                      PH_WAIT_MAX_WAITERS already waiting
  *
  * The database figures (projection_status(), status_json()) are one
  * snapshot, read on demand and kept PH_SURFACE_FRESH_MS: a scrape storm
@@ -29,12 +30,17 @@
 #include <stdint.h>
 #include <uv.h>
 
+#include "http.h"
 #include "metrics.h"
 
 #define PH_SURFACE_FRESH_MS 2000
 /* /wait: timeout_ms when none is given, and the most it may be */
 #define PH_WAIT_DEFAULT_MS 30000
 #define PH_WAIT_MAX_MS 600000
+/* /wait requests held at once; more are answered 503 at once, so waiters
+ * (which hold their connections for up to PH_WAIT_MAX_MS) never take every
+ * connection and /metrics and /health stay reachable */
+#define PH_WAIT_MAX_WAITERS (PH_HTTP_CONNECTIONS / 2)
 
 struct ph_surface;
 

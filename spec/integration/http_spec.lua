@@ -410,6 +410,41 @@ describe("projhost run --http", function()
 		assert.equal(405, code)
 	end)
 
+	it("holds at most PH_WAIT_MAX_WAITERS /wait requests, so /health still answers", function()
+		start()
+		h.wait_until(applied("tally"), 20, "tally to apply its events")
+		assert.equal(0, (h.run({ "pause", "tally", "--db", dsn })))
+		append("acct-3")
+		local socks = {}
+		local req = "GET /wait?projection=tally&stream=acct-3&version=1&timeout_ms=60000 HTTP/1.1\r\nHost: x\r\n\r\n"
+		for i = 1, 40 do
+			socks[i] = tcp(port)
+			send(socks[i], req)
+		end
+		-- the ones past the cap are answered 503 at once; the others wait
+		local refused, waiting = 0, 0
+		core.sleep(1)
+		for i = 1, 40 do
+			local got = recv(socks[i], 0.05)
+			if got and got:match("^HTTP/1%.1 503") then refused = refused + 1
+			elseif got == nil then waiting = waiting + 1 end
+		end
+		assert.equal(32, waiting)
+		assert.equal(8, refused)
+		assert.equal(200, (get(base, "/health/live")))
+		-- and all of them are answered by the batch that applies the event
+		assert.equal(0, (h.run({ "resume", "tally", "--db", dsn })))
+		local answered = 0
+		for i = 1, 40 do
+			local got = recv(socks[i], 20)
+			if got and got:match("^HTTP/1%.1 200") and got:find('"result":"applied"', 1, true) then
+				answered = answered + 1
+			end
+			ffi.C.close(socks[i])
+		end
+		assert.equal(32, answered)
+	end)
+
 	it("answers while a slowloris client holds a connection open, then closes that connection", function()
 		start()
 		local fd = tcp(port)
