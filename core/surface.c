@@ -650,8 +650,7 @@ static void checked(struct ph_surface *s, struct waiter *w)
 		const char *code = ph_pg_errcode(s->conn, r);
 		char buf[400];
 
-		snprintf(buf, sizeof(buf), "%s", r ? PQresultErrorMessage(r) : "no answer");
-		buf[strcspn(buf, "\n")] = '\0';
+		ph_pg_errmsg(s->conn, r, buf, sizeof(buf));
 		if (strcmp(code, "42704") == 0 || strcmp(code, "P0002") == 0 || strcmp(code, "22023") == 0)
 			waiter_answer(w, 404, NULL, buf);
 		else
