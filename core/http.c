@@ -239,7 +239,13 @@ const char *ph_http_path(const struct ph_http_req *r)
 
 const char *ph_http_arg(const struct ph_http_req *r, const char *name)
 {
-	return MHD_lookup_connection_value(r->conn, MHD_GET_ARGUMENT_KIND, name);
+	const char *v = NULL;
+	size_t n = 0;
+
+	if (MHD_lookup_connection_value_n(r->conn, MHD_GET_ARGUMENT_KIND, name, strlen(name), &v, &n) != MHD_YES)
+		return NULL;
+	/* a %00 in the value would cut it short as a C string: not the value asked for */
+	return v && strlen(v) == n ? v : "";
 }
 
 const char *ph_http_address(const struct ph_http *h)

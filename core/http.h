@@ -55,7 +55,10 @@ void ph_http_stop(struct ph_http *h);
 /** ph_http_path() - the request's path, without the query string. */
 const char *ph_http_path(const struct ph_http_req *r);
 
-/** ph_http_arg() - the value of query argument @name, or NULL. */
+/**
+ * ph_http_arg() - the value of query argument @name (percent-decoded), or
+ * NULL; "" for a value holding a NUL byte, which a C string cannot carry.
+ */
 const char *ph_http_arg(const struct ph_http_req *r, const char *name);
 
 /**

@@ -39,8 +39,11 @@ struct waiter {
 	struct waiter *prev, *next;
 };
 
-/* A query in the FIFO: the snapshot (w NULL) or a check of w. */
+/* A query in the FIFO: the session's settings, the snapshot, or a check of w. */
+enum qkind { Q_SETUP, Q_SNAPSHOT, Q_CHECK };
+
 struct query {
+	enum qkind kind;
 	struct waiter *w;
 	struct query *next;
 };
@@ -76,6 +79,11 @@ struct ph_surface {
 	struct waiter *waiters;
 	int nwaiters;
 };
+
+/* Connecting and each query are bounded: a stuck statement (a lock, a
+ * slow server) fails after this instead of holding every answer behind it. */
+#define PH_SURFACE_CONNECT_MS 10000
+static const char SETUP_SQL[] = "SET statement_timeout = '5s'";
 
 static const char SNAPSHOT_SQL[] =
 	"SELECT projection, status, events_behind::float8, lag_seconds, parked::float8, stalled, error,"
@@ -175,9 +183,17 @@ static void watch(struct ph_surface *s, int events)
 	uv_poll_start(s->poll, events, on_io);
 }
 
+static void db_lost(struct ph_surface *s, const char *why);
+
+/* The backoff is over (connect again), or a connect took too long. */
 static void on_retry(uv_timer_t *t)
 {
-	db_connect(t->data);
+	struct ph_surface *s = t->data;
+
+	if (s->conn && !s->connected)
+		db_lost(s, "timed out connecting");
+	else if (!s->conn)
+		db_connect(s);
 }
 
 /* The connection failed or was lost: every queued query fails, and a new
@@ -202,6 +218,10 @@ static void db_lost(struct ph_surface *s, const char *why)
 		struct waiter *w = q->w;
 
 		s->qhead = q->next;
+		if (q->kind == Q_SETUP) {
+			free(q);
+			continue;
+		}
 		free(q);
 		if (!w) {
 			s->refreshing = 0;
@@ -229,6 +249,7 @@ static void connect_step(struct ph_surface *s)
 		watch(s, UV_WRITABLE);
 		break;
 	case PGRES_POLLING_OK:
+		uv_timer_stop(s->retry);
 		PQsetnonblocking(s->conn, 1);
 		s->connected = 1;
 		if (s->failures)
@@ -246,15 +267,33 @@ static void connect_step(struct ph_surface *s)
 	}
 }
 
+static void quiet_notices(void *arg, const char *msg)
+{
+	(void)arg;
+	(void)msg;
+}
+
+static void enqueue(struct ph_surface *s, enum qkind kind, struct waiter *w);
+
+/* As ph_pg_connect() does, but without blocking: the DSN expanded after
+ * our connect_timeout, so its own wins; libpq does not enforce it for an
+ * asynchronous connect, the retry timer does (PH_SURFACE_CONNECT_MS). */
 static void db_connect(struct ph_surface *s)
 {
-	s->conn = PQconnectStart(s->dsn);
+	const char *const keys[] = { "connect_timeout", "dbname", NULL };
+	const char *const vals[] = { "10", s->dsn, NULL };
+
+	s->conn = PQconnectStartParams(keys, vals, 1);
 	if (!s->conn || PQstatus(s->conn) == CONNECTION_BAD) {
 		char buf[400];
 
 		db_lost(s, s->conn ? ph_pg_errmsg(s->conn, NULL, buf, sizeof(buf)) : "out of memory");
 		return;
 	}
+	PQsetNoticeProcessor(s->conn, quiet_notices, NULL);
+	/* first in the FIFO: whatever is queued meanwhile runs after it */
+	enqueue(s, Q_SETUP, NULL);
+	uv_timer_start(s->retry, on_retry, PH_SURFACE_CONNECT_MS, 0);
 	watch(s, UV_WRITABLE);
 }
 
@@ -311,7 +350,9 @@ static void pump(struct ph_surface *s)
 
 	if (!q || s->sent || !s->connected)
 		return;
-	if (!q->w) {
+	if (q->kind == Q_SETUP) {
+		ok = PQsendQuery(s->conn, SETUP_SQL);
+	} else if (q->kind == Q_SNAPSHOT) {
 		ok = PQsendQuery(s->conn, SNAPSHOT_SQL);
 	} else {
 		char version[24];
@@ -331,12 +372,13 @@ static void pump(struct ph_surface *s)
 	watch(s, PQflush(s->conn) == 1 ? UV_READABLE | UV_WRITABLE : UV_READABLE);
 }
 
-static void enqueue(struct ph_surface *s, struct waiter *w)
+static void enqueue(struct ph_surface *s, enum qkind kind, struct waiter *w)
 {
 	struct query *q = calloc(1, sizeof(*q));
 
 	if (!q)
 		return;
+	q->kind = kind;
 	q->w = w;
 	if (s->qtail)
 		s->qtail->next = q;
@@ -360,7 +402,7 @@ static void refresh(struct ph_surface *s)
 		return;
 	}
 	s->refreshing = 1;
-	enqueue(s, NULL);
+	enqueue(s, Q_SNAPSHOT, NULL);
 }
 
 static void take_snapshot(struct ph_surface *s)
@@ -623,7 +665,7 @@ static void check(struct waiter *w)
 		return;
 	}
 	w->queued = 1;
-	enqueue(s, w);
+	enqueue(s, Q_CHECK, w);
 }
 
 static void checked(struct ph_surface *s, struct waiter *w)
@@ -666,10 +708,16 @@ static void query_done(struct ph_surface *s)
 	s->qhead = q->next;
 	if (!s->qhead)
 		s->qtail = NULL;
-	if (!q->w)
+	if (q->kind == Q_SNAPSHOT)
 		take_snapshot(s);
-	else
+	else if (q->kind == Q_CHECK)
 		checked(s, q->w);
+	else if (s->nres && PQresultStatus(s->res[0]) != PGRES_COMMAND_OK) {
+		char buf[400];
+
+		ph_log(PH_WARN, "http", "status connection: %s: %s", SETUP_SQL,
+		       ph_pg_errmsg(s->conn, s->res[0], buf, sizeof(buf)));
+	}
 	free(q);
 	for (int i = 0; i < s->nres; i++)
 		PQclear(s->res[i]);
@@ -869,7 +917,7 @@ void ph_surface_stop(struct ph_surface *s)
 		struct query *q = s->qhead;
 
 		s->qhead = q->next;
-		if (q->w)
+		if (q->kind == Q_CHECK)
 			q->w->queued = 0;
 		free(q);
 	}

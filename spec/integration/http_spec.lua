@@ -386,6 +386,38 @@ describe("projhost run --http", function()
 		assert.equal("parked", cjson.decode(body).result)
 	end)
 
+	it("keeps a /wait longer than the connection timeout (PH_HTTP_TIMEOUT_S) until its own timeout", function()
+		start()
+		h.wait_until(applied("tally"), 20, "tally to apply its events")
+		assert.equal(0, (h.run({ "pause", "tally", "--db", dsn })))
+		append("acct-3")
+		local code, body = get(base, "/wait?projection=tally&stream=acct-3&version=1&timeout_ms=12000")
+		assert.equal(504, code, body)
+		assert.equal("pending", cjson.decode(body).result)
+	end)
+
+	it("answers /health/live while the database hangs, and /health/ready says why it is not ready", function()
+		start()
+		h.wait_until(function() return get(base, "/health/ready") == 200 end, 20, "ready")
+		local locker = h.connect(dsn)
+		assert(locker:exec("BEGIN"))
+		assert(locker:exec("LOCK TABLE projhost.checkpoints IN ACCESS EXCLUSIVE MODE"))
+		core.sleep(2.2) -- the snapshot is stale: the next request reads it again
+		local file = os.tmpname()
+		local bg = io.popen(("curl -s --max-time 60 -o %s -w '%%{http_code}' %s"):format(file,
+			sh_quote(base .. "/health/ready")))
+		core.sleep(0.5)
+		assert.equal(200, (get(base, "/health/live")))
+		local status = bg:read("*a")
+		bg:close()
+		assert(locker:exec("ROLLBACK"))
+		locker:close()
+		assert.equal("503", status)
+		assert.matches("statement timeout", h.read_file(file), 1, true)
+		os.remove(file)
+		h.wait_until(function() return get(base, "/health/ready") == 200 end, 20, "ready again")
+	end)
+
 	it("refuses bad /wait parameters (400) and an unknown projection (404)", function()
 		start()
 		h.wait_until(applied("tally"), 20, "tally to apply its events")
@@ -396,6 +428,8 @@ describe("projhost run --http", function()
 			"?projection=tally&stream=acct-1&version=1&timeout_ms=1e3",
 			"?projection=tally&stream=acct-1&version=99999999999999999999999",
 			"?projection=&stream=acct-1&version=1",
+			"?projection=tally&stream=acct-1%00x&version=1", -- a NUL cannot be part of a stream name
+			"?projection=tally&stream=acct-1&version=1%00",
 		}) do
 			local code, body = get(base, "/wait" .. q)
 			assert.equal(400, code, q .. ": " .. body)
