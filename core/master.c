@@ -978,7 +978,11 @@ static void on_watchdog(uv_timer_t *t)
 
 static void on_fallback(uv_timer_t *t)
 {
-	wake_all(t->data);
+	struct master *m = t->data;
+
+	wake_all(m);
+	if (m->surface)
+		ph_surface_recheck(m->surface);
 }
 
 static void on_signal(uv_signal_t *h, int sig)

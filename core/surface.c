@@ -907,6 +907,12 @@ void ph_surface_batch_done(struct ph_surface *s, const char *proj)
 			check(w);
 }
 
+void ph_surface_recheck(struct ph_surface *s)
+{
+	for (struct waiter *w = s->waiters; w; w = w->next)
+		check(w);
+}
+
 void ph_surface_stop(struct ph_surface *s)
 {
 	if (!s)

@@ -62,6 +62,13 @@ void ph_surface_loaded(struct ph_surface *s, int errors);
 /** ph_surface_batch_done() - a worker answered a batch of @proj: re-check its waiters. */
 void ph_surface_batch_done(struct ph_surface *s, const char *proj);
 
+/**
+ * ph_surface_recheck() - check every waiter again: the fallback poll's
+ * backstop for batches that another instance committed (this host's own
+ * batches answer their waiters through ph_surface_batch_done()).
+ */
+void ph_surface_recheck(struct ph_surface *s);
+
 /** ph_surface_stop() - answer what waits (503), close everything, free @s. */
 void ph_surface_stop(struct ph_surface *s);
 
