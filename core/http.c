@@ -318,13 +318,15 @@ struct ph_http *ph_http_start(uv_loop_t *loop, const char *addr, ph_http_handler
 	h->loop = loop;
 	h->cb = cb;
 	h->arg = arg;
+	/* no MHD_OPTION_LISTENING_ADDRESS_REUSE: its SO_REUSEPORT would let a
+	 * second host share the port silently (MHD's default SO_REUSEADDR
+	 * already allows a quick restart) */
 	h->d = MHD_start_daemon(flags, 0, NULL, NULL, on_access, h,
 				MHD_OPTION_EXTERNAL_LOGGER, on_mhd_log, h,	/* first: it covers the others */
 				MHD_OPTION_SOCK_ADDR, ai->ai_addr,
 				MHD_OPTION_CONNECTION_LIMIT, (unsigned)PH_HTTP_CONNECTIONS,
 				MHD_OPTION_CONNECTION_MEMORY_LIMIT, (size_t)PH_HTTP_CONN_MEMORY,
 				MHD_OPTION_CONNECTION_TIMEOUT, (unsigned)PH_HTTP_TIMEOUT_S,
-				MHD_OPTION_LISTENING_ADDRESS_REUSE, (unsigned)1,
 				MHD_OPTION_NOTIFY_COMPLETED, on_completed, h,
 				MHD_OPTION_END);
 	if (!h->d) {
