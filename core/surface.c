@@ -169,7 +169,7 @@ static void watch(struct ph_surface *s, int events)
 	int fd = PQsocket(s->conn);
 
 	if (s->poll && s->poll_fd != fd)
-		drop_poll(s);	/* libpq moved on to another host */
+		drop_poll(s);
 	if (!s->poll) {
 		s->poll = calloc(1, sizeof(*s->poll));
 		if (!s->poll || uv_poll_init(s->loop, s->poll, fd) != 0) {
@@ -241,6 +241,9 @@ static void db_lost(struct ph_surface *s, const char *why)
 
 static void connect_step(struct ph_surface *s)
 {
+	/* a new watch per step: libpq may have closed its socket for the next
+	 * host of the DSN and opened another under the same number */
+	drop_poll(s);
 	switch (PQconnectPoll(s->conn)) {
 	case PGRES_POLLING_READING:
 		watch(s, UV_READABLE);
@@ -273,7 +276,7 @@ static void quiet_notices(void *arg, const char *msg)
 	(void)msg;
 }
 
-static void enqueue(struct ph_surface *s, enum qkind kind, struct waiter *w);
+static int enqueue(struct ph_surface *s, enum qkind kind, struct waiter *w);
 
 /* As ph_pg_connect() does, but without blocking: the DSN expanded after
  * our connect_timeout, so its own wins; libpq does not enforce it for an
@@ -291,8 +294,9 @@ static void db_connect(struct ph_surface *s)
 		return;
 	}
 	PQsetNoticeProcessor(s->conn, quiet_notices, NULL);
-	/* first in the FIFO: whatever is queued meanwhile runs after it */
-	enqueue(s, Q_SETUP, NULL);
+	/* first in the FIFO: whatever is queued meanwhile runs after it (out
+	 * of memory: without the statement timeout) */
+	(void)enqueue(s, Q_SETUP, NULL);
 	uv_timer_start(s->retry, on_retry, PH_SURFACE_CONNECT_MS, 0);
 	watch(s, UV_WRITABLE);
 }
@@ -310,7 +314,7 @@ static void on_io(uv_poll_t *p, int status, int events)
 		connect_step(s);
 		return;
 	}
-	if (status < 0 || !PQconsumeInput(s->conn)) {
+	if (status < 0 || !PQconsumeInput(s->conn) || PQstatus(s->conn) == CONNECTION_BAD) {
 		char buf[400];
 
 		db_lost(s, ph_pg_errmsg(s->conn, NULL, buf, sizeof(buf)));
@@ -372,12 +376,12 @@ static void pump(struct ph_surface *s)
 	watch(s, PQflush(s->conn) == 1 ? UV_READABLE | UV_WRITABLE : UV_READABLE);
 }
 
-static void enqueue(struct ph_surface *s, enum qkind kind, struct waiter *w)
+static int enqueue(struct ph_surface *s, enum qkind kind, struct waiter *w)
 {
 	struct query *q = calloc(1, sizeof(*q));
 
 	if (!q)
-		return;
+		return -1;
 	q->kind = kind;
 	q->w = w;
 	if (s->qtail)
@@ -386,6 +390,7 @@ static void enqueue(struct ph_surface *s, enum qkind kind, struct waiter *w)
 		s->qhead = q;
 	s->qtail = q;
 	pump(s);
+	return 0;
 }
 
 /* ---- the snapshot ---- */
@@ -402,7 +407,12 @@ static void refresh(struct ph_surface *s)
 		return;
 	}
 	s->refreshing = 1;
-	enqueue(s, Q_SNAPSHOT, NULL);
+	if (enqueue(s, Q_SNAPSHOT, NULL) != 0) {
+		s->refreshing = 0;
+		snprintf(s->snap_err, sizeof(s->snap_err), "out of memory");
+		s->have_snap = 0;
+		answer_snapreqs(s);
+	}
 }
 
 static void take_snapshot(struct ph_surface *s)
@@ -665,7 +675,11 @@ static void check(struct waiter *w)
 		return;
 	}
 	w->queued = 1;
-	enqueue(s, Q_CHECK, w);
+	if (enqueue(s, Q_CHECK, w) != 0) {
+		w->queued = 0;
+		if (w->timed_out)
+			waiter_answer(w, 500, NULL, "out of memory");
+	}
 }
 
 static void checked(struct ph_surface *s, struct waiter *w)
