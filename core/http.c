@@ -58,18 +58,33 @@ static void on_poll(uv_poll_t *p, int status, int events)
 	drive(p->data);
 }
 
+static unsigned connections(struct ph_http *h)
+{
+	const union MHD_DaemonInfo *i = h->d ? MHD_get_daemon_info(h->d, MHD_DAEMON_INFO_CURRENT_CONNECTIONS) : NULL;
+
+	return i ? i->num_connections : 0;
+}
+
 /* Run MHD, then arm the timer for its next timeout (0: work is waiting,
  * e.g. a resumed connection). */
 static void drive(struct ph_http *h)
 {
 	MHD_UNSIGNED_LONG_LONG ms;
 
+	unsigned before = connections(h);
+
 	if (!h->d || h->running)
 		return;
 	h->running = 1;
 	MHD_run(h->d);
 	h->running = 0;
-	if (MHD_get_timeout(h->d, &ms) == MHD_YES)
+	/* At its connection limit MHD takes the listening socket out of its
+	 * epoll set and puts it back only in a later MHD_run(): when the
+	 * connections that closed were the last events, nothing else would
+	 * call it, and new clients would wait in the kernel's queue for ever. */
+	if (connections(h) < before)
+		uv_timer_start(h->timer, on_timer, 0, 0);
+	else if (MHD_get_timeout(h->d, &ms) == MHD_YES)
 		uv_timer_start(h->timer, on_timer, ms > 60000 ? 60000 : (uint64_t)ms, 0);
 	else
 		uv_timer_stop(h->timer);
