@@ -51,7 +51,8 @@ deps:
 		DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq --no-install-recommends $$missing >/dev/null || exit 1; \
 	fi
 
-build: $(BIN) $(BUILD)/lib/projhost/core.so $(BUILD)/queue_test $(BUILD)/proto_test $(BUILD)/schedule_test $(BUILD)/registry_test
+build: $(BIN) $(BUILD)/lib/projhost/core.so $(BUILD)/queue_test $(BUILD)/proto_test $(BUILD)/schedule_test $(BUILD)/registry_test \
+       $(BUILD)/pipeline_test
 
 $(BUILD)/obj/%.o: core/%.c $(HDRS) | deps
 	@mkdir -p $(dir $@)
@@ -75,6 +76,11 @@ $(BUILD)/schedule_test: spec/core/schedule_test.c $(BUILD)/obj/schedule.o $(HDRS
 # C checks of the projection registry, run by spec/core/schedule_spec.lua
 $(BUILD)/registry_test: spec/core/registry_test.c $(BUILD)/obj/registry.o $(BUILD)/obj/proto.o $(BUILD)/obj/log.o $(HDRS)
 	$(CC) $(CFLAGS) $(LDFLAGS) -o $@ $< $(BUILD)/obj/registry.o $(BUILD)/obj/proto.o $(BUILD)/obj/log.o -lm
+
+# C checks of the pipeline's record (tags, routing), run by spec/core/pipeline_spec.lua;
+# it answers for libpq's sending calls itself, so no server is needed
+$(BUILD)/pipeline_test: spec/core/pipeline_test.c $(BUILD)/obj/pipeline.o $(BUILD)/obj/stmt.o $(BUILD)/obj/pg.o $(HDRS)
+	$(CC) $(CFLAGS) $(LDFLAGS) -o $@ $< $(BUILD)/obj/pipeline.o $(BUILD)/obj/stmt.o $(BUILD)/obj/pg.o $(PKG_LIBS)
 
 # C checks of the master/worker messages, run by spec/core/proto_spec.lua
 $(BUILD)/proto_test: spec/core/proto_test.c $(BUILD)/obj/proto.o $(HDRS)

@@ -32,7 +32,7 @@ void ph_pipe_release(struct ph_pipe *p)
 }
 
 /* Note what goes into the pipeline next; -1 when out of memory. */
-static int add_sent(struct ph_pipe *p, int kind, const char *name)
+static int add_sent(struct ph_pipe *p, int kind, const char *name, int tag)
 {
 	if (p->nsent >= p->scap) {
 		int cap = p->scap ? p->scap * 2 : 64;
@@ -44,18 +44,21 @@ static int add_sent(struct ph_pipe *p, int kind, const char *name)
 		p->scap = cap;
 	}
 	p->sent[p->nsent].kind = (unsigned char)kind;
+	p->sent[p->nsent].tag = tag;
 	snprintf(p->sent[p->nsent].name, sizeof(p->sent[0].name), "%s", name ? name : "");
 	p->nsent++;
 	return 0;
 }
 
-int ph_pipe_send(struct ph_pipe *p, int kind, const char *sql, int n, const char *const *vals, int may_prepare)
+int ph_pipe_send(struct ph_pipe *p, int kind, int tag, const char *sql, int n, const char *const *vals,
+		 int may_prepare)
 {
 	int parse = 0;
 	const char *name = may_prepare && p->stmts ? ph_stmts_use(p->stmts, sql, &parse) : NULL;
 
 	if (parse) {
-		if (add_sent(p, PH_PIPE_PREPARE, name) != 0)
+		/* its error is the statement's: the same tag */
+		if (add_sent(p, PH_PIPE_PREPARE, name, tag) != 0)
 			return -1;
 		if (!PQsendPrepare(p->conn, name, sql, n, NULL)) {
 			ph_stmts_forget(p->stmts, name);
@@ -63,7 +66,7 @@ int ph_pipe_send(struct ph_pipe *p, int kind, const char *sql, int n, const char
 			return 0;
 		}
 	}
-	if (add_sent(p, kind, name) != 0)
+	if (add_sent(p, kind, name, tag) != 0)
 		return -1;
 	if (name ? !PQsendQueryPrepared(p->conn, name, n, vals, NULL, NULL, 0)
 		 : !PQsendQueryParams(p->conn, sql, n, NULL, vals, NULL, NULL, 0)) {
@@ -95,6 +98,7 @@ int ph_pipe_account(struct ph_pipe *p, struct ph_pipe_seen *seen, PGresult *r, i
 		if (st == PGRES_FATAL_ERROR && !seen->err) {
 			seen->err = r;
 			seen->err_index = p->q + 1;
+			seen->err_tag = sn->tag;
 		} else {
 			PQclear(r);
 		}
@@ -104,7 +108,35 @@ int ph_pipe_account(struct ph_pipe *p, struct ph_pipe_seen *seen, PGresult *r, i
 	if ((st == PGRES_FATAL_ERROR || st == PGRES_NONFATAL_ERROR) && !seen->err) {
 		seen->err = r;
 		seen->err_index = p->q;
+		seen->err_tag = sn ? sn->tag : 0;
 		*kept = 1;
 	}
 	return p->q;
+}
+
+void ph_pipe_lost(const struct ph_pipe *p, struct ph_pipe_seen *seen)
+{
+	if (seen->err)
+		return;
+	seen->err_index = p->q + 1;
+	/* the entry not read next is the statement's, or its Parse's */
+	seen->err_tag = p->k < p->nsent ? p->sent[p->k].tag : 0;
+}
+
+int ph_pipe_pending_next(const struct ph_pipe *p, struct ph_pipe_walk *w, int *tag)
+{
+	if (w->entry < p->k) {
+		w->entry = p->k;
+		w->q = p->q;
+	}
+	while (w->entry < p->nsent) {
+		const struct ph_pipe_sent *sn = &p->sent[w->entry++];
+
+		/* a Parse is no statement */
+		if (sn->kind != PH_PIPE_PREPARE) {
+			*tag = sn->tag;
+			return ++w->q;
+		}
+	}
+	return 0;
 }

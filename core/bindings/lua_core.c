@@ -103,19 +103,105 @@ static int ph_l_hash(lua_State *L)
 	return 1;
 }
 
-/* core.log(level, who, msg): level is "debug", "info", "warn" or "error".
- * One formatter for C and Lua, so every line of the host looks the same;
- * who and msg may hold any byte (NULs too): ph_log_text escapes them. */
-static int ph_l_log(lua_State *L)
+/* A record's arguments: level, who, msg [, fields] at index 1..4. fields =
+ * { position = int, stream = string, version = int }, each optional, read
+ * raw (a metatable of the caller's runs nothing here); a value of another
+ * kind is a programmer error and raises. */
+struct rec {
+	enum ph_level level;
+	const char *who, *msg;
+	size_t who_len, msg_len;
+	struct ph_log_fields f;
+};
+
+static long long int_field(lua_State *L, int t, const char *key, unsigned bit, unsigned *has)
+{
+	lua_Number x;
+
+	lua_pushstring(L, key);
+	lua_rawget(L, t);
+	if (lua_isnil(L, -1)) {
+		lua_pop(L, 1);
+		return 0;
+	}
+	x = lua_tonumber(L, -1);
+	/* -2^63 <= x < 2^63, whole: NaN fails every comparison */
+	if (lua_type(L, -1) != LUA_TNUMBER || !(x >= -9223372036854775808.0 && x < 9223372036854775808.0)
+	    || x != (lua_Number)(long long)x)
+		luaL_error(L, "core.log: fields.%s must be an integer (got %s)", key, luaL_typename(L, -1));
+	lua_pop(L, 1);
+	*has |= bit;
+	return (long long)x;
+}
+
+static void check_rec(lua_State *L, struct rec *r)
 {
 	static const char *const levels[] = { "debug", "info", "warn", "error", NULL };
-	int level = luaL_checkoption(L, 1, "info", levels);
-	size_t who_len, msg_len;
-	const char *who = luaL_optlstring(L, 2, "host", &who_len);
-	const char *msg = luaL_checklstring(L, 3, &msg_len);
 
-	ph_log_text((enum ph_level)level, who, who_len, msg, msg_len);
+	r->level = (enum ph_level)luaL_checkoption(L, 1, "info", levels);
+	r->who = luaL_optlstring(L, 2, "host", &r->who_len);
+	r->msg = luaL_checklstring(L, 3, &r->msg_len);
+	memset(&r->f, 0, sizeof(r->f));
+	if (lua_isnoneornil(L, 4))
+		return;
+	luaL_checktype(L, 4, LUA_TTABLE);
+	r->f.position = int_field(L, 4, "position", PH_LOG_POSITION, &r->f.has);
+	r->f.version = int_field(L, 4, "version", PH_LOG_VERSION, &r->f.has);
+	lua_pushstring(L, "stream");
+	lua_rawget(L, 4);
+	if (lua_type(L, -1) == LUA_TSTRING)
+		r->f.stream = lua_tolstring(L, -1, &r->f.stream_len);
+	else if (!lua_isnil(L, -1))
+		luaL_error(L, "core.log: fields.stream must be a string (got %s)", luaL_typename(L, -1));
+	/* the string stays referenced by the table at index 4 */
+	lua_pop(L, 1);
+}
+
+/* core.log(level, who, msg [, fields]): level is "debug", "info", "warn" or
+ * "error"; who a projection, or "host"/"worker" (nil: "host"); fields the
+ * event's position, stream and version (see check_rec). One formatter for
+ * C and Lua, so every line of the host looks the same; who, msg and the
+ * stream may hold any byte (NULs too): log.c escapes them. */
+static int ph_l_log(lua_State *L)
+{
+	struct rec r;
+
+	check_rec(L, &r);
+	ph_log_rec(r.level, r.who, r.who_len, &r.f, r.msg, r.msg_len);
 	return 0;
+}
+
+static const char *const formats[] = { "text", "json", NULL };
+
+/* core.log_line(level, who, msg [, fields [, format]]) -> the line core.log
+ * would write for this record (newline included), in format ("text" or
+ * "json"; default the process's). Nothing is written: specs read it. */
+static int ph_l_log_line(lua_State *L)
+{
+	char line[PH_LOG_JSON_LINE];
+	struct timespec ts;
+	struct rec r;
+	enum ph_log_format fmt;
+	size_t n;
+
+	check_rec(L, &r);
+	fmt = lua_isnoneornil(L, 5) ? ph_log_get_format() : (enum ph_log_format)luaL_checkoption(L, 5, NULL, formats);
+	clock_gettime(CLOCK_REALTIME, &ts);
+	n = ph_log_render(line, sizeof(line), fmt, &ts, r.level, r.who, r.who_len, &r.f, r.msg, r.msg_len);
+	lua_pushlstring(L, line, n);
+	return 1;
+}
+
+/* core.log_format([name]) -> the format of this process's lines; with
+ * name ("text" or "json"), the format from now on (PROJHOST_LOG_FORMAT,
+ * read by projhost.config, which has checked it: anything else is a
+ * programmer error). */
+static int ph_l_log_format(lua_State *L)
+{
+	if (!lua_isnoneornil(L, 1))
+		ph_log_set_format((enum ph_log_format)luaL_checkoption(L, 1, NULL, formats));
+	lua_pushstring(L, formats[ph_log_get_format()]);
+	return 1;
 }
 
 /* core.log_debug(on): write debug lines too (PROJHOST_DEBUG, read by
@@ -166,6 +252,8 @@ static int ph_l_escape(lua_State *L)
 static const luaL_Reg core_funcs[] = {
 	{ "log", ph_l_log },
 	{ "log_debug", ph_l_log_debug },
+	{ "log_line", ph_l_log_line },
+	{ "log_format", ph_l_log_format },
 	{ "escape", ph_l_escape },
 	{ "connect", ph_l_connect },
 	{ "monotime", ph_l_monotime },

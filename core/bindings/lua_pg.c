@@ -7,6 +7,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <limits.h>
 #include <poll.h>
 
 #include <lua.h>
@@ -20,8 +21,9 @@
 #define PH_CONN_MT "projhost.conn"
 #define MAX_PARAMS 256
 
-/* The pipeline's record (what was sent, routing, prepared statements) is
- * core/pipeline.c's; this file turns its results into Lua values. */
+/* The pipeline's record (what was sent, routing, prepared statements,
+ * which tag each statement has) is core/pipeline.c's; this file turns its
+ * results into Lua values and keeps the tags' values (see hold_tag). */
 /* How rows become events (conn:event_fields): which columns are copied
  * into the event table under which name (and as numbers or text), which
  * stay in the page until a handler reads them, and which two say where a
@@ -42,6 +44,7 @@ struct ph_l_fields {
 typedef struct {
 	PGconn *conn;
 	struct ph_pipe pipe;	/* pipelined texts run as prepared statements */
+	int ntags;		/* tags held in the environment table (see hold_tag) */
 	struct ph_l_fields fields;
 } ph_l_conn;
 
@@ -106,6 +109,9 @@ int ph_l_connect(lua_State *L)
 	c = lua_newuserdata(L, sizeof(*c));
 	memset(c, 0, sizeof(*c));
 	c->conn = conn;
+	/* the tags of the statements queued (see hold_tag) */
+	lua_newtable(L);
+	lua_setfenv(L, -2);
 	/* no statement cache (out of memory): nothing is prepared */
 	ph_pipe_init(&c->pipe, conn, ph_stmts_new(PH_MAX_PREPARED));
 	luaL_getmetatable(L, PH_CONN_MT);
@@ -153,107 +159,117 @@ static int collect_params(lua_State *L, int first, const char **vals, char bufs[
 	return n > 0 ? n : 0;
 }
 
-static int drain(ph_l_conn *c, PGresult **last, PGresult **err, int *err_index);
-
 static void push_events(lua_State *L, PGresult *res, const struct ph_l_fields *fields);
 static ph_l_page_t *push_page(lua_State *L, PGresult *res, const struct ph_l_fields *fields);
 static void push_rows(lua_State *L, PGresult *res);
 
-/* nil, msg, code[, index of the pipelined statement that failed] */
-static int push_error_at(lua_State *L, PGconn *conn, PGresult *res, int idx)
-{
-	int n = push_error(L, conn, res);
-
-	if (idx) {
-		lua_pushinteger(L, idx);
-		n++;
-	}
-	return n;
-}
-
-/* Run the statement at stack slot 2 with parameters from slot 3 on. In
- * pipeline mode it joins the queue and the pipeline is synced, so earlier
- * statements' errors surface here: *@err_index then says which (1-based,
- * counting from the last sync). */
-static PGresult *run(lua_State *L, ph_l_conn *c, int *err_index)
-{
-	const char *sql = luaL_checkstring(L, 2);
-	const char *vals[MAX_PARAMS];
-	static char bufs[MAX_PARAMS][32];
-	int n = collect_params(L, 3, vals, bufs);
-	PGresult *last = NULL, *err = NULL;
-
-	*err_index = 0;
-	/* Without parameters, the simple query protocol: a setup or reset
-	 * string may hold several statements. */
-	if (PQpipelineStatus(c->conn) == PQ_PIPELINE_OFF)
-		return n == 0 ? PQexec(c->conn, sql) : PQexecParams(c->conn, sql, n, NULL, vals, NULL, NULL, 0);
-	if (ph_pipe_send(&c->pipe, PH_PIPE_ROWS, sql, n, vals, 0) <= 0)
-		return NULL;
-	if (drain(c, &last, &err, err_index) != 0) {
-		if (last)
-			PQclear(last);
-		return err;
-	}
-	return last;
-}
-
-/* conn:exec(sql, ...) -> affected row count | nil, msg, code[, index] */
-static int ph_l_conn_exec(lua_State *L)
-{
-	ph_l_conn *c = check_c(L);
-	int idx;
-	PGresult *res = run(L, c, &idx);
-	ExecStatusType st = res ? PQresultStatus(res) : PGRES_FATAL_ERROR;
-	const char *t;
-
-	if (st != PGRES_COMMAND_OK && st != PGRES_TUPLES_OK)
-		return push_error_at(L, c->conn, res, idx);
-	t = PQcmdTuples(res);
-	lua_pushnumber(L, t && *t ? strtod(t, NULL) : (st == PGRES_TUPLES_OK ? PQntuples(res) : 0));
-	PQclear(res);
-	return 1;
-}
-
-/* Push the rows of @res as an array of tables keyed by column name. */
-static void push_rows(lua_State *L, PGresult *res)
-{
-	int nr = PQntuples(res), nf = PQnfields(res);
-
-	lua_createtable(L, nr, 0);
-	for (int r = 0; r < nr; r++) {
-		lua_createtable(L, 0, nf);
-		for (int f = 0; f < nf; f++) {
-			if (PQgetisnull(res, r, f))
-				continue;
-			lua_pushlstring(L, PQgetvalue(res, r, f), PQgetlength(res, r, f));
-			lua_setfield(L, -2, PQfname(res, f));
-		}
-		lua_rawseti(L, -2, r + 1);
-	}
-}
-
-/* conn:query(sql, ...) -> rows, count | nil, msg, code[, index] */
-static int ph_l_conn_query(lua_State *L)
-{
-	ph_l_conn *c = check_c(L);
-	int idx;
-	PGresult *res = run(L, c, &idx);
-	ExecStatusType st = res ? PQresultStatus(res) : PGRES_FATAL_ERROR;
-
-	if (st != PGRES_COMMAND_OK && st != PGRES_TUPLES_OK)
-		return push_error_at(L, c->conn, res, idx);
-	push_rows(L, res);
-	lua_pushinteger(L, PQntuples(res));
-	PQclear(res);
-	return 2;
-}
-
 /*
  * Pipeline mode: per-event statements of a batch are queued without waiting
- * for each round trip; errors come back at the next sync with the index of
- * the statement that failed, so the caller can tell which event it was.
+ * for each round trip; errors come back at the next sync, so the caller
+ * must be told which statement failed. Each statement may carry a tag, any
+ * Lua value but nil (conn:send_as, conn:query_as, ...: the worker tags a
+ * statement with the event that caused it): the tag of the failed one comes
+ * back with the error, conn:pending() lists those still waiting. A
+ * statement sent without a tag (conn:send, ...) comes back as its number
+ * since the last sync instead, as it always did.
+ *
+ * core/pipeline.c records each statement's tag as an int (see hold_tag):
+ * false and whole numbers in [0, INT_TAG_MAX) - our own statements and the
+ * index of the event that made one, nearly every statement - are coded in
+ * it; any other value lives in the connection's environment table (its
+ * uservalue), slots 1..ntags in the order they were sent. Storing every
+ * tag in the table cost ~5-10% more per queued statement than the worker's
+ * old mirror of statement numbers (20,000 statements a sync, measured
+ * here); coded ones cost nothing. Every sync, and a change of mode, empties
+ * the table: a tag is never kept alive past its statement.
  */
+#define NO_TAG 0
+#define FALSE_TAG (-1)
+#define INT_TAG_MAX (INT_MAX - 1)
+
+/* Hold the value at stack slot @slot (0: none) as the tag of the statement
+ * about to be sent. Return: its tag for ph_pipe_send: NO_TAG; k + 1 for a
+ * whole number k in [0, INT_TAG_MAX); FALSE_TAG; or -(s + 1) for slot s of
+ * the environment table. The methods' stack slot 1 is the connection (so
+ * are all the functions below). */
+static int hold_tag(lua_State *L, ph_l_conn *c, int slot)
+{
+	if (!slot)
+		return NO_TAG;
+	if (lua_type(L, slot) == LUA_TNUMBER) {
+		lua_Number d = lua_tonumber(L, slot);
+
+		/* the range first: casting a number outside it is undefined */
+		if (d >= 0 && d < INT_TAG_MAX && d == (lua_Number)(int)d)
+			return (int)d + 1;
+	} else if (lua_type(L, slot) == LUA_TBOOLEAN && !lua_toboolean(L, slot)) {
+		return FALSE_TAG;
+	}
+	lua_getfenv(L, 1);
+	lua_pushvalue(L, slot);
+	lua_rawseti(L, -2, c->ntags + 1);
+	lua_pop(L, 1);
+	return -(++c->ntags + 1);
+}
+
+/* The statement @tag was held for was not sent after all. */
+static void drop_tag(lua_State *L, ph_l_conn *c, int tag)
+{
+	if (tag > FALSE_TAG)
+		return;
+	/* the table's: the last slot */
+	lua_getfenv(L, 1);
+	lua_pushnil(L);
+	lua_rawseti(L, -2, -tag - 1);
+	lua_pop(L, 1);
+	c->ntags--;
+}
+
+/* Push what names statement @q (its tag @tag): the value it was sent with,
+ * its number when it had none, nil when it is no statement (the connection
+ * broke after the last result). Before the sync is ended (end_sync). */
+static void push_tag(lua_State *L, ph_l_conn *c, int q, int tag)
+{
+	if (tag > NO_TAG) {
+		lua_pushinteger(L, tag - 1);
+	} else if (tag == FALSE_TAG) {
+		lua_pushboolean(L, 0);
+	} else if (tag < FALSE_TAG) {
+		lua_getfenv(L, 1);
+		lua_rawgeti(L, -1, -tag - 1);
+		lua_remove(L, -2);
+	} else if (q > 0 && q <= c->pipe.pending) {
+		lua_pushinteger(L, q);
+	} else {
+		lua_pushnil(L);
+	}
+}
+
+/* The pipeline was synced (or its mode changed): what was queued is gone,
+ * and so are the tags' values. */
+static void end_sync(lua_State *L, ph_l_conn *c)
+{
+	ph_pipe_reset(&c->pipe);
+	if (!c->ntags)
+		return;
+	lua_getfenv(L, 1);
+	for (int i = 1; i <= c->ntags; i++) {
+		lua_pushnil(L);
+		lua_rawseti(L, -2, i);
+	}
+	lua_pop(L, 1);
+	c->ntags = 0;
+}
+
+/* nil, msg, code, tag of the statement @seen charged its error to (and
+ * @seen's error is cleared). */
+static int push_failure(lua_State *L, ph_l_conn *c, struct ph_pipe_seen *seen)
+{
+	push_error(L, c->conn, seen->err);
+	seen->err = NULL;
+	push_tag(L, c, seen->err_index, seen->err_tag);
+	return 4;
+}
 
 /* Where one drain or take stands in the results of the pipeline. */
 struct cursor {
@@ -303,18 +319,18 @@ static int take_result(ph_l_conn *c, struct cursor *cur, PGresult *r)
 }
 
 /* Sync and read every pending result. Without @L the last result is kept
- * in *@last; with @L each statement's result goes into the table at stack
- * slot @results (see conn:sync(true)). The first error goes to *@err with
- * its 1-based index - also one conn:take met earlier. Results conn:take
- * returned are not read again. Return: 0 ok, -1 error. */
-static int drain_results(ph_l_conn *c, lua_State *L, int results, PGresult **last, PGresult **err,
-			 int *err_index)
+ * in @seen->last; with @L each statement's result goes into the table at
+ * stack slot @results (see conn:sync(true)). The first error goes to
+ * @seen->err with its statement's number and tag - also one conn:take met
+ * earlier. Results conn:take returned are not read again. The caller ends
+ * the sync (end_sync) once it pushed the tag. Return: 0 ok, -1 error. */
+static int drain_results(ph_l_conn *c, lua_State *L, int results, struct ph_pipe_seen *seen)
 {
-	struct cursor cur = { L, results, { NULL, c->pipe.err, c->pipe.err_index } };
+	struct cursor cur = { L, results, { NULL, c->pipe.err, c->pipe.err_index, c->pipe.err_tag } };
 	int nulls = 0, rc = 0;
 
 	c->pipe.err = NULL;
-	c->pipe.err_index = 0;
+	c->pipe.err_index = c->pipe.err_tag = 0;
 	if (!PQpipelineSync(c->conn)) {
 		rc = -1;
 		goto out;
@@ -326,8 +342,7 @@ static int drain_results(ph_l_conn *c, lua_State *L, int results, PGresult **las
 			/* one NULL ends each statement's results; two in a row
 			 * mean nothing more is coming (the connection broke) */
 			if (++nulls > 1 || PQstatus(c->conn) == CONNECTION_BAD) {
-				if (!cur.seen.err)
-					cur.seen.err_index = c->pipe.q + 1;
+				ph_pipe_lost(&c->pipe, &cur.seen);
 				rc = -1;
 				goto out;
 			}
@@ -342,17 +357,129 @@ static int drain_results(ph_l_conn *c, lua_State *L, int results, PGresult **las
 	}
 	rc = cur.seen.err ? -1 : 0;
 out:
-	*last = cur.seen.last;
-	*err = cur.seen.err;
-	*err_index = cur.seen.err_index;
-	ph_pipe_reset(&c->pipe);
+	*seen = cur.seen;
 	return rc;
+}
+
+/* Run the statement whose text is at stack slot 2, or 3 after a tag at
+ * slot 2 (@tagged: conn:query_as), with parameters after it. In pipeline
+ * mode it joins the queue and the pipeline is synced, so earlier
+ * statements' errors surface here. Return: its result (the caller's to
+ * clear; its status is COMMAND_OK or TUPLES_OK), or NULL after pushing
+ * nil, msg, code[, tag] - *@nret values. The tag is the failed statement's
+ * (push_tag); when the statement itself failed outside pipeline mode, or
+ * could not be sent, its own tag, and none without one. */
+static PGresult *run(lua_State *L, ph_l_conn *c, int tagged, int *nret)
+{
+	int base = tagged ? 3 : 2, tag;
+	const char *sql = luaL_checkstring(L, base);
+	const char *vals[MAX_PARAMS];
+	static char bufs[MAX_PARAMS][32];
+	int n = collect_params(L, base + 1, vals, bufs);
+	struct ph_pipe_seen seen;
+	PGresult *res = NULL;
+
+	if (tagged && lua_isnil(L, 2))
+		luaL_argerror(L, 2, "a tag must not be nil");
+	/* Without parameters, the simple query protocol: a setup or reset
+	 * string may hold several statements. */
+	if (PQpipelineStatus(c->conn) == PQ_PIPELINE_OFF) {
+		ExecStatusType st;
+
+		res = n == 0 ? PQexec(c->conn, sql) : PQexecParams(c->conn, sql, n, NULL, vals, NULL, NULL, 0);
+		st = res ? PQresultStatus(res) : PGRES_FATAL_ERROR;
+		if (st == PGRES_COMMAND_OK || st == PGRES_TUPLES_OK)
+			return res;
+		goto own;
+	}
+	tag = hold_tag(L, c, tagged ? 2 : 0);
+	if (ph_pipe_send(&c->pipe, PH_PIPE_ROWS, tag, sql, n, vals, 0) <= 0) {
+		drop_tag(L, c, tag);
+		goto own;
+	}
+	if (drain_results(c, NULL, 0, &seen) != 0) {
+		if (seen.last)
+			PQclear(seen.last);
+		*nret = push_failure(L, c, &seen);
+		end_sync(L, c);
+		return NULL;
+	}
+	end_sync(L, c);
+	return seen.last;
+own:
+	*nret = push_error(L, c->conn, res);
+	if (tagged) {
+		lua_pushvalue(L, 2);
+		(*nret)++;
+	}
+	return NULL;
+}
+
+/* conn:exec(sql, ...) -> affected row count | nil, msg, code[, tag] */
+static int ph_l_conn_exec(lua_State *L)
+{
+	ph_l_conn *c = check_c(L);
+	int nret;
+	PGresult *res = run(L, c, 0, &nret);
+	const char *t;
+
+	if (!res)
+		return nret;
+	t = PQcmdTuples(res);
+	lua_pushnumber(L, t && *t ? strtod(t, NULL) : (PQresultStatus(res) == PGRES_TUPLES_OK ? PQntuples(res) : 0));
+	PQclear(res);
+	return 1;
+}
+
+/* Push the rows of @res as an array of tables keyed by column name. */
+static void push_rows(lua_State *L, PGresult *res)
+{
+	int nr = PQntuples(res), nf = PQnfields(res);
+
+	lua_createtable(L, nr, 0);
+	for (int r = 0; r < nr; r++) {
+		lua_createtable(L, 0, nf);
+		for (int f = 0; f < nf; f++) {
+			if (PQgetisnull(res, r, f))
+				continue;
+			lua_pushlstring(L, PQgetvalue(res, r, f), PQgetlength(res, r, f));
+			lua_setfield(L, -2, PQfname(res, f));
+		}
+		lua_rawseti(L, -2, r + 1);
+	}
+}
+
+static int query(lua_State *L, int tagged)
+{
+	ph_l_conn *c = check_c(L);
+	int nret;
+	PGresult *res = run(L, c, tagged, &nret);
+
+	if (!res)
+		return nret;
+	push_rows(L, res);
+	lua_pushinteger(L, PQntuples(res));
+	PQclear(res);
+	return 2;
+}
+
+/* conn:query(sql, ...) -> rows, count | nil, msg, code[, tag] */
+static int ph_l_conn_query(lua_State *L)
+{
+	return query(L, 0);
+}
+
+/* conn:query_as(tag, sql, ...): conn:query whose statement carries @tag -
+ * given back when it is the one that failed (also outside pipeline mode) */
+static int ph_l_conn_query_as(lua_State *L)
+{
+	return query(L, 1);
 }
 
 /*
  * conn:take() -> the result of the first statement not yet read since the
  * last sync (rows, events, a page or a count, by how it was sent), before
- * the sync | nil, msg, code, index. For a result wanted early: the worker
+ * the sync | nil, msg, code, tag. For a result wanted early: the worker
  * takes the page it read ahead and makes its events while the server still
  * runs the statements queued after it. The statement must have been
  * followed by conn:flush(), or the server may still hold its tail. An error
@@ -361,8 +488,8 @@ out:
 static int ph_l_conn_take(lua_State *L)
 {
 	ph_l_conn *c = check_c(L);
-	struct cursor cur = { L, 0, { NULL, NULL, 0 } };
-	int q0 = c->pipe.q;
+	struct cursor cur = { L, 0, { NULL, NULL, 0, 0 } };
+	int q0 = c->pipe.q, lost = 0;
 
 	if (PQpipelineStatus(c->conn) == PQ_PIPELINE_OFF || c->pipe.q >= c->pipe.pending)
 		return luaL_error(L, "conn:take: no statement is waiting for its result");
@@ -373,34 +500,58 @@ static int ph_l_conn_take(lua_State *L)
 
 		if (!r) {
 			/* the NULL after a Parse's result; or a broken connection */
-			if (PQstatus(c->conn) == CONNECTION_BAD)
-				return push_error_at(L, c->conn, NULL, c->pipe.q + 1);
+			if (PQstatus(c->conn) == CONNECTION_BAD) {
+				ph_pipe_lost(&c->pipe, &cur.seen);
+				lost = 1;
+				break;
+			}
 			continue;
 		}
 		take_result(c, &cur, r);
 	}
 	/* the NULL that ends the statement's results */
-	if (PQgetResult(c->conn) != NULL)
+	if (!lost && PQgetResult(c->conn) != NULL)
 		return luaL_error(L, "conn:take: more than one result for one statement");
-	if (!cur.seen.err) {
+	if (!cur.seen.err && !lost) {
 		lua_rawgeti(L, cur.results, c->pipe.q);
 		return 1;
 	}
-	/* kept for the sync, reported now too */
-	if (c->pipe.err)
-		PQclear(cur.seen.err);
-	else {
+	/* kept for the sync, reported now too; the first error stays first */
+	if (c->pipe.err) {
+		if (cur.seen.err)
+			PQclear(cur.seen.err);
+	} else if (cur.seen.err) {
 		c->pipe.err = cur.seen.err;
 		c->pipe.err_index = cur.seen.err_index;
+		c->pipe.err_tag = cur.seen.err_tag;
+	}
+	if (!c->pipe.err) {
+		/* lost with no error met: the sync says so again */
+		push_error_of(L, c->conn, NULL);
+		push_tag(L, c, cur.seen.err_index, cur.seen.err_tag);
+		return 4;
 	}
 	push_error_of(L, c->conn, c->pipe.err);
-	lua_pushinteger(L, c->pipe.err_index);
+	push_tag(L, c, c->pipe.err_index, c->pipe.err_tag);
 	return 4;
 }
 
-static int drain(ph_l_conn *c, PGresult **last, PGresult **err, int *err_index)
+/* conn:pending() -> the tags of the statements whose results were not read
+ * yet, in the order they were sent (a statement sent without a tag: its
+ * number); empty after a sync. The worker charges the statements the
+ * server still runs to the first event that queued one. */
+static int ph_l_conn_pending(lua_State *L)
 {
-	return drain_results(c, NULL, 0, last, err, err_index);
+	ph_l_conn *c = check_c(L);
+	struct ph_pipe_walk w = { 0 };
+	int q, tag, i = 0;
+
+	lua_createtable(L, c->pipe.pending - c->pipe.q, 0);
+	while ((q = ph_pipe_pending_next(&c->pipe, &w, &tag)) > 0) {
+		push_tag(L, c, q, tag);
+		lua_rawseti(L, -2, ++i);
+	}
+	return 1;
 }
 
 /* conn:pipeline(on) -> true | nil, msg, code. Leaving needs a synced pipeline. */
@@ -415,7 +566,7 @@ static int ph_l_conn_pipeline(lua_State *L)
 		return push_error(L, c->conn, NULL);
 	/* what is queued stays queued while the mode does not change */
 	if (on != was_on) {
-		ph_pipe_reset(&c->pipe);
+		end_sync(L, c);
 		if (c->pipe.err)
 			PQclear(c->pipe.err);
 		c->pipe.err = NULL;
@@ -424,17 +575,28 @@ static int ph_l_conn_pipeline(lua_State *L)
 	return 1;
 }
 
-static int send_kind(lua_State *L, int kind)
+/* Queue a statement of @kind: its text at stack slot 2, or 3 after its tag
+ * (@tagged), parameters after it. It returns the statement's number since
+ * the last sync: results come back by position (conn:sync(true)'s
+ * results[n]; the worker finds the page it read ahead there), errors by
+ * tag. */
+static int send_kind(lua_State *L, int kind, int tagged)
 {
 	ph_l_conn *c = check_c(L);
-	const char *sql = luaL_checkstring(L, 2);
+	int base = tagged ? 3 : 2;
+	const char *sql = luaL_checkstring(L, base);
 	const char *vals[MAX_PARAMS];
 	static char bufs[MAX_PARAMS][32];
-	int n = collect_params(L, 3, vals, bufs), q;
+	int n = collect_params(L, base + 1, vals, bufs), q, tag;
 
+	if (tagged && lua_isnil(L, 2))
+		luaL_argerror(L, 2, "a tag must not be nil");
 	if (PQpipelineStatus(c->conn) == PQ_PIPELINE_OFF)
 		return luaL_error(L, "conn:send needs pipeline mode (conn:pipeline(true))");
-	q = ph_pipe_send(&c->pipe, kind, sql, n, vals, 1);
+	tag = hold_tag(L, c, tagged ? 2 : 0);
+	q = ph_pipe_send(&c->pipe, kind, tag, sql, n, vals, 1);
+	if (q <= 0)
+		drop_tag(L, c, tag);
 	if (q < 0)
 		return luaL_error(L, "out of memory");
 	if (q == 0)
@@ -446,47 +608,48 @@ static int send_kind(lua_State *L, int kind)
 /* conn:send(sql, ...) -> statements pending | nil, msg, code (pipeline mode) */
 static int ph_l_conn_send(lua_State *L)
 {
-	return send_kind(L, PH_PIPE_COUNT);
+	return send_kind(L, PH_PIPE_COUNT, 0);
 }
 
 /* conn:send_query(sql, ...): like send; conn:sync(true) returns its rows */
 static int ph_l_conn_send_query(lua_State *L)
 {
-	return send_kind(L, PH_PIPE_ROWS);
+	return send_kind(L, PH_PIPE_ROWS, 0);
 }
 
 /* conn:send_events(sql, ...): like send; conn:sync(true) returns event tables */
 static int ph_l_conn_send_events(lua_State *L)
 {
-	return send_kind(L, PH_PIPE_EVENTS);
+	return send_kind(L, PH_PIPE_EVENTS, 0);
 }
 
 /* conn:send_page(sql, ...): like send_events, but conn:sync(true) returns
  * the page itself; page:events() makes the event tables when wanted. */
 static int ph_l_conn_send_page(lua_State *L)
 {
-	return send_kind(L, PH_PIPE_PAGE);
+	return send_kind(L, PH_PIPE_PAGE, 0);
 }
 
-/* conn:sync(true): sync and return every statement's result: results[i] is
- * the affected count, the rows or the events (by how it was sent), or false
- * for a failed or skipped one. -> true, results | nil, msg, code, index, results */
-static int sync_collect(lua_State *L, ph_l_conn *c)
+/* conn:send_as(tag, sql, ...), send_query_as, send_events_as,
+ * send_page_as: the same, the statement tagged @tag (any value but nil) */
+static int ph_l_conn_send_as(lua_State *L)
 {
-	PGresult *last, *err;
-	int idx, results;
+	return send_kind(L, PH_PIPE_COUNT, 1);
+}
 
-	lua_createtable(L, c->pipe.pending, 0);
-	results = lua_gettop(L);
-	if (drain_results(c, L, results, &last, &err, &idx) == 0) {
-		lua_pushboolean(L, 1);
-		lua_insert(L, results);
-		return 2;
-	}
-	push_error(L, c->conn, err);
-	lua_pushinteger(L, idx);
-	lua_pushvalue(L, results);
-	return 5;
+static int ph_l_conn_send_query_as(lua_State *L)
+{
+	return send_kind(L, PH_PIPE_ROWS, 1);
+}
+
+static int ph_l_conn_send_events_as(lua_State *L)
+{
+	return send_kind(L, PH_PIPE_EVENTS, 1);
+}
+
+static int ph_l_conn_send_page_as(lua_State *L)
+{
+	return send_kind(L, PH_PIPE_PAGE, 1);
 }
 
 /* conn:flush() -> true | nil, msg, code: send what the pipeline holds now,
@@ -517,26 +680,41 @@ static int ph_l_conn_consume(lua_State *L)
 	return 1;
 }
 
-/* conn:sync() -> true | nil, msg, code, index of the failed statement */
+/*
+ * conn:sync() -> true | nil, msg, code, tag of the failed statement
+ * conn:sync(true): sync and return every statement's result: results[i] is
+ * the affected count, the rows or the events (by how it was sent), or false
+ * for a failed or skipped one. -> true, results | nil, msg, code, tag, results
+ */
 static int ph_l_conn_sync(lua_State *L)
 {
 	ph_l_conn *c = check_c(L);
-	PGresult *last, *err;
-	int idx;
+	struct ph_pipe_seen seen;
+	int n, results = 0;
 
-	if (lua_toboolean(L, 2))
-		return sync_collect(L, c);
-	if (drain(c, &last, &err, &idx) == 0) {
-		if (last)
-			PQclear(last);
-		lua_pushboolean(L, 1);
-		return 1;
+	if (lua_toboolean(L, 2)) {
+		lua_createtable(L, c->pipe.pending, 0);
+		results = lua_gettop(L);
 	}
-	if (last)
-		PQclear(last);
-	push_error(L, c->conn, err);
-	lua_pushinteger(L, idx);
-	return 4;
+	if (drain_results(c, results ? L : NULL, results, &seen) == 0) {
+		if (seen.last)
+			PQclear(seen.last);
+		end_sync(L, c);
+		lua_pushboolean(L, 1);
+		if (!results)
+			return 1;
+		lua_insert(L, results);
+		return 2;
+	}
+	if (seen.last)
+		PQclear(seen.last);
+	n = push_failure(L, c, &seen);
+	end_sync(L, c);
+	if (results) {
+		lua_pushvalue(L, results);
+		n++;
+	}
+	return n;
 }
 
 /*
@@ -725,12 +903,13 @@ static int ph_l_page_last(lua_State *L)
 static int ph_l_conn_events(lua_State *L)
 {
 	ph_l_conn *c = check_c(L);
-	int idx;
-	PGresult *res = run(L, c, &idx);
-	ExecStatusType st = res ? PQresultStatus(res) : PGRES_FATAL_ERROR;
+	int nret;
+	PGresult *res = run(L, c, 0, &nret);
 
-	if (st != PGRES_TUPLES_OK)
-		return push_error_at(L, c->conn, res, idx);
+	if (!res)
+		return nret;
+	if (PQresultStatus(res) != PGRES_TUPLES_OK)
+		return push_error(L, c->conn, res);
 	push_events(L, res, &c->fields);
 	return 1;
 }
@@ -865,6 +1044,7 @@ static int ph_l_conn_close(lua_State *L)
 	if (c->conn)
 		PQfinish(c->conn);
 	c->conn = NULL;
+	end_sync(L, c);
 	ph_stmts_free(c->pipe.stmts);
 	ph_pipe_release(&c->pipe);
 	ph_pipe_init(&c->pipe, NULL, NULL);
@@ -880,6 +1060,12 @@ static const luaL_Reg conn_methods[] = {
 	{ "send_query", ph_l_conn_send_query },
 	{ "send_events", ph_l_conn_send_events },
 	{ "send_page", ph_l_conn_send_page },
+	{ "send_as", ph_l_conn_send_as },
+	{ "send_query_as", ph_l_conn_send_query_as },
+	{ "send_events_as", ph_l_conn_send_events_as },
+	{ "send_page_as", ph_l_conn_send_page_as },
+	{ "query_as", ph_l_conn_query_as },
+	{ "pending", ph_l_conn_pending },
 	{ "event_fields", ph_l_conn_event_fields },
 	{ "sync", ph_l_conn_sync },
 	{ "flush", ph_l_conn_flush },

@@ -48,6 +48,9 @@ M.VARS = {
 		"'on': every batch waits for its commit's WAL flush; else catch-up batches do not (the last one does)" },
 	PROJHOST_DEBUG = { false, function(s) return s ~= "" end,
 		"set (to anything): log debug records too" },
+	PROJHOST_LOG_FORMAT = { "text", function(s) return (s == "text" or s == "json") and s or nil end,
+		"'text' (lines for people) or 'json' (one JSON object a line, for log shippers): "
+			.. "the format of every log line (core/log.h)" },
 	PROJHOST_WORKER_MEMORY_MB = { 1024, number(0, 1048576, true),
 		"address space a worker may allocate, in MB (RLIMIT_DATA; 0: no limit)" },
 	PROJHOST_HTTP = { nil, text,
@@ -76,8 +79,12 @@ function M.read(name, getenv, warn)
 	return v
 end
 
+-- a line on stderr, or a log record when the log is for machines (a
+-- PROJHOST_LOG_FORMAT=json reader expects nothing but JSON lines)
 local function warn(msg)
-	io.stderr:write("projhost: ", require("projhost.core").escape(msg), "\n")
+	local core = require "projhost.core"
+	if core.log_format() == "json" then return core.log("warn", "host", msg) end
+	io.stderr:write("projhost: ", core.escape(msg), "\n")
 end
 
 --- M.read(name), read once per process.

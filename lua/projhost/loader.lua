@@ -293,6 +293,10 @@ local function validate(t, path, src_lines)
 		return fail("name", name, "'name' must be a string of letters, digits, _ - . (got "
 			.. (type(name) == "string" and ("'" .. name .. "'") or type(name)) .. ")")
 	end
+	if name == "host" or name == "worker" then
+		-- a log line's who (core/log.c): the process's own lines
+		return fail("name", name, "'" .. name .. "' names the host's own log lines; choose another name")
+	end
 	def.name = name
 
 	local version = t.version

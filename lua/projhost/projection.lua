@@ -183,9 +183,33 @@ end
 -- Apply one event.  The handler mutates `state` in place or returns a new
 -- table; returning anything else is a bug we report with the handler's
 -- definition line.  Errors propagate: the caller decides (pcall + rollback).
+-- What projection code is given of an event: a table of its own with the
+-- event's fields (and the same lazy ones), so nothing it writes into it -
+-- an assignment, a rawset, a field it made load - reaches the host's
+-- event, whose position, version, stream, tx, partition and index say
+-- what the batch commits, where the next read starts, what a failure
+-- plan retries and what is parked (before: `e.position = e.position +
+-- 1000` in a handler moved a checkpoint past 1,000 events never applied).
+-- The fields are named, not copied with next() (a trace abort on every
+-- event in LuaJIT 2.1); an event has no others (see projhost.reads'
+-- EVENT_FIELDS and the worker's partition/index; projhost.testing's
+-- events are made of the same names).
+local function view(e)
+	return setmetatable({
+		position = rawget(e, "position"), version = rawget(e, "version"),
+		stream = rawget(e, "stream"), type = rawget(e, "type"),
+		id = rawget(e, "id"), tx = rawget(e, "tx"), data = rawget(e, "data"),
+		metadata = rawget(e, "metadata"), time = rawget(e, "time"),
+		partition = rawget(e, "partition"), index = rawget(e, "index"),
+		_page = rawget(e, "_page"), _row = rawget(e, "_row"),
+	}, EVENT_MT)
+end
+M.view = view
+
 function M.apply(def, state, e, ctx)
 	local h = M.handler(def, e.type)
 	if not h then return state end
+	e = view(e)
 	if ctx then ctx.event = e end
 	local r = h(state, e, ctx)
 	if r == nil then return state end

@@ -233,4 +233,74 @@ describe("NOTIFY of appends", function()
 		host:kill(15)
 		assert.equal(0, host:wait(30), host:output())
 	end)
+
+	it("wakes two hosts for a skipped append, a slow skipper included", function()
+		-- each host keeps its own epochs (wake_check): a skip must wake
+		-- both, whichever of them starts the newer epoch first
+		local da, db = h.tmpdir(), h.tmpdir()
+		h.write_file(da .. "/parts.lua", PARTS)
+		h.write_file(db .. "/parts.lua", PARTS) -- the same projection: its partitions shared
+		h.write_file(da .. "/all.lua", (ALL:gsub("'all'", "'a'"):gsub('"everything"', '"ev_a"')))
+		h.write_file(db .. "/all.lua", (ALL:gsub("'all'", "'b'"):gsub('"everything"', '"ev_b"')))
+		assert(conn:exec([[CREATE FUNCTION public.slow_commit() RETURNS trigger LANGUAGE plpgsql AS $$
+			BEGIN
+				IF current_setting('test.slow', true) = 'on' THEN PERFORM pg_sleep(3); END IF;
+				RETURN NULL;
+			END $$]]))
+		assert(conn:exec([[CREATE CONSTRAINT TRIGGER zz_slow AFTER UPDATE ON projhost.streams
+			DEFERRABLE INITIALLY DEFERRED FOR EACH ROW EXECUTE FUNCTION public.slow_commit()]]))
+		assert(conn:exec("CREATE TABLE nt_applied (who text, stream text, version bigint, PRIMARY KEY (who, stream, version))"))
+		append(conn, "nt-0")
+		local env = { env = { PROJHOST_POLL_INTERVAL = "600" } }
+		local hosts = { h.spawn({ "run", "--db", dsn, da }, env), h.spawn({ "run", "--db", dsn, db }, env) }
+		local function output()
+			return hosts[1]:output() .. "\n----\n" .. hosts[2]:output()
+		end
+		local function applied(who, stream)
+			return tonumber(scalar(conn, "SELECT count(*) FROM nt_applied WHERE who = $1 AND stream = $2",
+				who, stream)) or 0
+		end
+		local function everywhere(stream, what)
+			local ok, err = pcall(h.wait_until, function()
+				return applied("a", stream) == 1 and applied("b", stream) == 1 and applied("parts", stream) == 1
+			end, 30, what)
+			if not ok then error(err .. "\n" .. output()) end
+		end
+		everywhere("nt-0", "the first event applied by both hosts")
+		require("projhost.core").sleep(2)
+
+		local holder = h.connect(dsn)
+		assert(holder:query("SELECT pg_advisory_lock($1, $2)", CLASS, K))
+		local before = skips(conn)
+		append(conn, "nt-quiet")
+		assert.equal(before + 1, skips(conn))
+		assert(holder:query("SELECT pg_advisory_unlock($1, $2)", CLASS, K))
+		require("projhost.core").sleep(1)
+		assert.equal(0, applied("a", "nt-quiet") + applied("b", "nt-quiet"), "applied with no wake-up at all?")
+		append(conn, "nt-loud")
+		everywhere("nt-loud", "the notified event applied")
+		everywhere("nt-quiet", "the skipped event applied by both hosts")
+
+		-- a skipper still committing while both hosts hear a notification
+		local slow = h.connect(dsn)
+		assert(holder:query("SELECT pg_advisory_lock($1, $2)", CLASS, K))
+		before = skips(conn)
+		assert(slow:exec("BEGIN"))
+		assert(slow:exec("SET LOCAL test.slow = 'on'"))
+		append(slow, "nt-slow")
+		assert(slow:pipeline(true))
+		slow:send("COMMIT")
+		assert(slow:flush())
+		h.wait_until(function() return skips(conn) == before + 1 end, 10, "the slow commit skipped its NOTIFY")
+		assert(holder:query("SELECT pg_advisory_unlock($1, $2)", CLASS, K))
+		append(conn, "nt-cover")
+		everywhere("nt-cover", "the covering event applied")
+		everywhere("nt-slow", "the slow skipped event applied by both hosts after its commit")
+		assert(slow:sync())
+		assert(slow:pipeline(false))
+		slow:close()
+		holder:close()
+		for _, p in ipairs(hosts) do p:kill(15) end
+		for _, p in ipairs(hosts) do assert.equal(0, p:wait(30), output()) end
+	end)
 end)

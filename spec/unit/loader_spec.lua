@@ -196,6 +196,25 @@ describe("projhost.loader", function()
 			starts_with(BAD .. "bad_name.lua:3: 'name' must be", load_error("bad_name"))
 		end)
 
+		it("a name the host's own log lines use", function()
+			for _, name in ipairs({ "host", "worker" }) do
+				local def, err = loader.load_source("return { name = '" .. name .. "', when = {} }", "p.lua")
+				assert.is_nil(def)
+				assert.matches("'" .. name .. "' names the host's own log lines", err, 1, true)
+			end
+			local dir = os.tmpname()
+			os.remove(dir)
+			assert(require("lfs").mkdir(dir))
+			local f = assert(io.open(dir .. "/host.lua", "w"))
+			f:write("return { when = {} }")
+			f:close()
+			local def, err = loader.load_file(dir .. "/host.lua")
+			os.remove(dir .. "/host.lua")
+			require("lfs").rmdir(dir)
+			assert.is_nil(def)
+			assert.matches("'host' names the host's own log lines", err, 1, true)
+		end)
+
 		it("a partition other than \"stream\"", function()
 			starts_with(BAD .. "bad_partition.lua:3: 'partition' must be \"stream\"",
 				load_error("bad_partition"))

@@ -171,7 +171,10 @@ local function version()
 end
 
 function M.main(argv)
-	require("projhost.core").log_debug(require("projhost.config").get("PROJHOST_DEBUG"))
+	local core, config = require "projhost.core", require "projhost.config"
+	-- the log's settings, once per process (the master and every worker pass here)
+	core.log_format(config.get("PROJHOST_LOG_FORMAT"))
+	core.log_debug(config.get("PROJHOST_DEBUG"))
 	local words = {}
 	for i = 1, #(argv or {}) do words[i] = argv[i] end
 	local cmd, problem, usage = M.parse(words)

@@ -18,38 +18,43 @@ local M = {}
 loader.log_fn = function(level, msg, path)
 	local ctx = S.running and of(S.running).ctx
 	local ev = ctx and ctx.event
-	local at = ev and ("pos=" .. tostring(ev.position) .. " ") or ""
-	if path then at = at .. path .. ": " end
-	log(level, S.running and of(S.running).cp or "worker", at .. tostring(msg))
+	local at = path and (path .. ": ") or ""
+	log(level, S.running and of(S.running).cp or "worker", at .. tostring(msg), session.event_fields(ev))
 end
 
 -- Pipeline mode for the handlers of a batch (design §5): ctx:exec queues
 -- its statement without waiting for the round trip; the results are read
--- at the next ctx:query / ctx:emit or at the end of the batch. sent[i] is
--- the tag of the i-th statement since the last sync, so an error is
--- charged to what caused it: the index of the event (in the job's events)
--- whose handler issued it; a range { lo, hi } of events for a set-based
--- write (ctx:upsert rows of events lo..hi) or for the states stored
--- (state = true); false for our own statements. first is the first error
--- seen ({ tag, err, code }) - after it the transaction is aborted anyway.
+-- at the next ctx:query / ctx:emit or at the end of the batch. Every
+-- statement queued in pipeline mode carries a tag saying what caused it
+-- (conn:send_as, conn:query_as; core/bindings/lua_pg.c keeps them and gives
+-- back the failed statement's with its error, however many syncs the batch
+-- had), so an error is charged to what caused it: the index of the event
+-- (in the job's events) whose handler issued it; a range { lo, hi } of
+-- events for a set-based write (ctx:upsert rows of events lo..hi) or for
+-- the states stored (transact.state_tag); false for our own statements.
+-- Only tagged sends here: a statement sent without a tag comes back as its
+-- number, which would pass for an event. first is the first error seen
+-- ({ tag, err, code }) - after it the transaction is aborted anyway.
 -- Also per batch: async (SET LOCAL synchronous_commit = off was sent),
 -- writes (statements the handlers queued), handler_sql (the handlers
 -- sent any SQL: their session settings are undone after COMMIT), flush_lo
 -- (the first event whose ctx:upsert rows may still be pending), and the
--- page read ahead: ahead (its statement index while pending), ahead_size
--- (the size asked for), ahead_page ({ page, events? } once taken; see
--- take_ahead in page.lua). The table is S.pipe (state.lua).
+-- page read ahead: ahead (its statement number while pending: its result
+-- is found by position at the sync, and a sync in between - ctx:query,
+-- ctx:emit - reads and drops it), ahead_size (the size asked for),
+-- ahead_page ({ page, events? } once taken; see take_ahead in page.lua).
+-- The table is S.pipe (state.lua).
 
 local function pipe_begin()
-	pipe.sent, pipe.first, pipe.async = {}, nil, false
+	pipe.first, pipe.async = nil, false
 	pipe.ahead, pipe.ahead_page, pipe.writes = nil, nil, 0
 	pipe.handler_sql, pipe.flush_lo = false, 1
 	pipe.on = S.conn:pipeline(true) and true or false
 end
 
-local function pipe_note(idx, tag, err, code)
+-- the first error of the batch, charged to tag (what conn: gave back)
+local function pipe_note(tag, err, code)
 	if pipe.first then return end
-	if idx and idx <= #pipe.sent then tag = pipe.sent[idx] end
 	pipe.first = { tag = tag, err = err .. " [" .. tostring(code) .. "]", code = code }
 end
 M.pipe_begin, M.pipe_note = pipe_begin, pipe_note
@@ -59,44 +64,42 @@ M.pipe_begin, M.pipe_note = pipe_begin, pipe_note
 local function pipe_end()
 	local conn = S.conn
 	if not pipe.on then return pipe.first end
-	local ok, err, code, idx, results
+	local ok, err, code, tag, results
 	if pipe.ahead then
 		-- not taken (see page.lua's take_ahead): the page is among the results
-		ok, err, code, idx, results = conn:sync(true)
+		ok, err, code, tag, results = conn:sync(true)
 		if ok then results = err end
 		local page = results and results[pipe.ahead]
 		if type(page) == "userdata" then pipe.ahead_page = { page = page } end
 		pipe.ahead = nil
 	else
-		ok, err, code, idx = conn:sync()
+		ok, err, code, tag = conn:sync()
 	end
-	if not ok then pipe_note(idx, false, err, code) end
+	if not ok then pipe_note(tag, err, code) end
 	pipe.on, pipe.async = false, false
 	if conn:ok() then conn:pipeline(false) end
-	pipe.sent = {}
 	return pipe.first
 end
 
--- A handler's ctx:query or ctx:emit synced the pipeline (conn:query): the
--- statement indexes start again, and a page read ahead on conn went with
--- the results.
-local function pipe_synced()
-	if pipe.on then pipe.sent, pipe.ahead = {}, nil end
+-- The tags of the statements queued and not read yet, in order (nil when
+-- not in pipeline mode).
+local function pipe_pending()
+	return pipe.on and S.conn:pending() or nil
 end
-M.pipe_end, M.pipe_synced = pipe_end, pipe_synced
+M.pipe_end, M.pipe_pending = pipe_end, pipe_pending
 
 local function backend_for(def)
 	local rt = of(def)
 	local b = {}
-	local function note(err, code, idx)
+	-- tag: what caused the failed statement, as conn: gave it back
+	local function note(err, code, tag)
 		if not S.failed_sql then S.failed_sql = err .. " [" .. tostring(code) .. "]" end
-		if pipe.on then pipe_note(idx, S.cur > 0 and S.cur or false, err, code) end
+		if pipe.on then pipe_note(tag, err, code) end
 	end
 	-- statements queued in the pipeline, tagged with what caused them
 	local function send(tag, sql, ...)
-		local n, err, code = S.conn:send(sql, ...)
-		if not n then note(err, code); return nil, err, code end
-		pipe.sent[n] = tag
+		local n, err, code = S.conn:send_as(tag, sql, ...)
+		if not n then note(err, code, tag); return nil, err, code end
 		pipe.writes = pipe.writes + 1
 		return true
 	end
@@ -120,11 +123,12 @@ local function backend_for(def)
 		end
 		return b.exec(sql, ...)
 	end
+	-- a sync: the page read ahead, if still queued, went with the results
 	function b.query(sql, ...)
 		pipe.handler_sql = true
-		local rows, err, code, idx = S.conn:query(sql, ...)
-		if not rows then note(err, code, idx) end
-		pipe_synced()
+		local rows, err, code, tag = S.conn:query_as(S.cur > 0 and S.cur or false, sql, ...)
+		if not rows then note(err, code, tag) end
+		pipe.ahead = nil
 		return rows, err, code
 	end
 	function b.emit(stream, etype, data, metadata)
@@ -144,7 +148,7 @@ local function backend_for(def)
 		if pipe.async and pipe.on then
 			-- others may act on emitted events: this batch waits for its
 			-- commit to be on disk after all (see transact.ASYNC_CATCHUP)
-			S.conn:send("SET LOCAL synchronous_commit = on")
+			S.conn:send_as(false, "SET LOCAL synchronous_commit = on")
 			pipe.async = false
 		end
 		local ok, body = P.encode({ { type = etype, data = data or {}, metadata = md } })
@@ -152,18 +156,17 @@ local function backend_for(def)
 			-- ctx:emit checked data and metadata: only what we added is left
 			error("ctx:emit: the event cannot be encoded as JSON: " .. errtext(body), 3)
 		end
-		local rows, err, code, idx = S.conn:query("SELECT projhost.append($1, NULL, $2::jsonb) AS version",
-			stream, body)
-		pipe_synced()
+		local rows, err, code, tag = S.conn:query_as(S.cur > 0 and S.cur or false,
+			"SELECT projhost.append($1, NULL, $2::jsonb) AS version", stream, body)
+		pipe.ahead = nil -- a sync (see b.query)
 		if not rows then
-			note(err, code, idx)
+			note(err, code, tag)
 			return nil, err, code
 		end
 		return tonumber(rows[1].version)
 	end
 	function b.log(level, msg)
-		local ev = b.ctx and b.ctx.event
-		log(level, rt.cp, ev and ("pos=" .. ev.position .. " " .. msg) or msg)
+		log(level, rt.cp, msg, session.event_fields(b.ctx and b.ctx.event))
 	end
 	return b
 end

@@ -6,6 +6,7 @@
 -- in its checkpoint row.
 local core = require "projhost.core"
 local guard = require "projhost.guard"
+local P = require "projhost.projection"
 local S = require "projhost.worker.state"
 local session = require "projhost.worker.session"
 
@@ -69,24 +70,25 @@ end
 local function decide(def, err, e, attempt)
 	local rt = of(def)
 	if not def.on_error then return default_action(attempt) end
-	-- which event, as every log line about one says
-	local at = ("pos=%s %s: "):format(tostring(e.position), def.file)
+	-- which event, as every log line about one says (its position, stream
+	-- and version are the line's fields)
+	local at, about = def.file .. ": ", session.event_fields(e)
 	local o = overrun_at(def, e.position, HOOKS)
 	if o then
 		overrun_clear(def, e.position)
-		log("error", rt.cp, at .. "on_error " .. tostring(o.reason) .. "; using the default action")
+		log("error", rt.cp, at .. "on_error " .. tostring(o.reason) .. "; using the default action", about)
 		return default_action(attempt)
 	end
 	core.beat(e.position, "on_error")
-	local ok, action, delay = guard.call(def.budget, def.on_error, err, e, attempt)
+	local ok, action, delay = guard.call(def.budget, def.on_error, err, P.view(e), attempt)
 	core.beat()
 	if not ok then
-		log("error", rt.cp, at .. "on_error itself failed (" .. first_line(action) .. "); using the default action")
+		log("error", rt.cp, at .. "on_error itself failed (" .. first_line(action) .. "); using the default action", about)
 		return default_action(attempt)
 	end
 	if type(action) ~= "string" or not ACTIONS[action] then
 		log("error", rt.cp, at .. "on_error returned " .. (type(action) == "string" and action or type(action)) ..
-			", expected retry|skip|park|fail|stop; using the default action")
+			", expected retry|skip|park|fail|stop; using the default action", about)
 		return default_action(attempt)
 	end
 	if action == "retry" then
@@ -116,7 +118,9 @@ M.lock_checkpoint = lock_checkpoint
 -- Returns status, delay.
 local function error_action(def, part, e, err, prev)
 	local rt = of(def)
-	local where = string.format("pos=%d event %s@%d (%s)", e.position, e.stream, e.version, e.type)
+	local what = string.format("event %s@%d (%s)", e.stream, e.version, e.type)
+	-- the checkpoint's error column says where as text; the log line has fields
+	local where = string.format("pos=%d ", e.position) .. what
 	if not ensure_conn() then return "dberror", backoff() end
 	local ok, xerr, xcode = x("BEGIN")
 	local row
@@ -147,8 +151,9 @@ local function error_action(def, part, e, err, prev)
 	local action, delay = decide(def, err, e, attempt)
 	local fkey = rt.cp .. "\t" .. action
 	S.fails[fkey] = (S.fails[fkey] or 0) + 1
-	log("error", rt.cp, string.format("%s failed (attempt %d): %s -> %s%s", where, attempt,
-		first_line(err), action, action == "retry" and string.format(" in %.2fs", delay) or ""))
+	log("error", rt.cp, string.format("%s failed (attempt %d): %s -> %s%s", what, attempt,
+		first_line(err), action, action == "retry" and string.format(" in %.2fs", delay) or ""),
+		session.event_fields(e))
 	local status = "more"
 	ok = true
 	if action == "retry" then

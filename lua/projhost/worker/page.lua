@@ -144,7 +144,6 @@ local function open_page(def, job, plan)
 			pipe_end()
 			return "dberror", dberror(def, err2 or "reading the state failed", code)
 		end
-		pipe.sent = {}
 	end
 	if not row or row.status ~= "running" or tonumber(row.version) ~= def.version then
 		pipe_end()
@@ -165,7 +164,7 @@ local function open_page(def, job, plan)
 		state = row.state and json.decode(row.state)
 	end
 
-	pipe.sent = {}
+	-- from here on every statement is tagged (see ctx.lua): ours are false
 	if not limit and not serial(def) and (ahead or #rows == want) then
 		-- Read the next page now, inside this transaction, so the server
 		-- reads it while this page is handled here (make bench: worker
@@ -181,21 +180,19 @@ local function open_page(def, job, plan)
 			tx, pos = e.tx, e.position
 		end
 		local size = rt.batch or BATCH
-		local idx = conn:send_page(rt.read_sql, tx, pos, size, unpack(rp, 1, #rp))
+		-- its number: the page is found by position among the results
+		local idx = conn:send_page_as(false, rt.read_sql, tx, pos, size, unpack(rp, 1, #rp))
 		if idx then
-			pipe.sent[idx] = false
 			pipe.ahead, pipe.ahead_size = idx, size
 			-- a full page: more events are waiting, this batch is in the
 			-- middle of a catch-up (see ASYNC_CATCHUP)
-			if ASYNC_CATCHUP then
-				idx = conn:send("SET LOCAL synchronous_commit = off")
-				if idx then pipe.sent[idx], pipe.async = false, true end
+			if ASYNC_CATCHUP and conn:send_as(false, "SET LOCAL synchronous_commit = off") then
+				pipe.async = true
 			end
 			conn:flush()
 		end
 	end
-	local idx = conn:send(reads.RESTORE_SQL, unpack(planner_session))
-	if idx then pipe.sent[idx] = false end
+	conn:send_as(false, reads.RESTORE_SQL, unpack(planner_session))
 	if ahead then rows = ahead.events or ahead.page:events() end
 
 	local events = rows
@@ -216,11 +213,10 @@ local function store_page(job, states)
 	local def, last = job.def, job.events[n]
 	local page = last._page
 	of(def).batch = batch_for(#states[1], page and page:bytes() / page:count() or 0)
-	local idx = S.conn:send([[UPDATE projhost.checkpoints SET state = $2::jsonb, last_tx = $3::xid8,
+	S.conn:send_as(state_tag(job), [[UPDATE projhost.checkpoints SET state = $2::jsonb, last_tx = $3::xid8,
 		last_pos = $4, script_hash = $5, error = NULL, updated_at = now()
 		WHERE projection = $1 AND partition = '']],
 		of(def).cp, states[1], last.tx, last.position, def.hash)
-	if idx then pipe.sent[idx] = state_tag(job) end
 end
 
 -- one transaction over exactly plan's events (the failure path)
@@ -275,7 +271,7 @@ local function run_batch(def)
 	report(def, n, string.format("pos=%d ", last_pos), status == "idle" and not caught[key])
 	if status == "idle" and not caught[key] then
 		caught[key] = true
-		log("info", rt.cp, string.format("pos=%d caught up", last_pos))
+		log("info", rt.cp, "caught up", { position = last_pos })
 		run_caught_up(def)
 		-- what the hook wrote is not ours to guess
 		rt.last = nil

@@ -18,14 +18,13 @@ local load_event, lock_checkpoint = events.load_event, failure.lock_checkpoint
 local pipe_begin, state_tag = ctxm.pipe_begin, transact.state_tag
 local json = P.json
 local of = S.of
-local pipe, parked_checked = S.pipe, S.parked_checked
+local parked_checked = S.parked_checked
 
 local M = {}
 
 local function store_parked(job, states)
-	local idx = S.conn:send([[UPDATE projhost.checkpoints SET state = $3::jsonb, updated_at = now()
+	S.conn:send_as(state_tag(job), [[UPDATE projhost.checkpoints SET state = $3::jsonb, updated_at = now()
 		WHERE projection = $1 AND partition = $2]], of(job.def).cp, job.groups[1].part, states[1])
-	if idx then pipe.sent[idx] = state_tag(job) end
 end
 
 local function retry_parked(def)
@@ -52,13 +51,13 @@ local function retry_parked(def)
 			pipe_begin()
 			local o = transact.transact(def, job)
 			if not o then
-				log("info", rt.cp, string.format("pos=%d parked event applied on retry", e.position))
+				log("info", rt.cp, "parked event applied on retry", session.event_fields(e))
 				-- the partition's state changed under the worker's cache
 				rt.last = nil
 			else
 				rollback()
 				local msg = first_line(o.err or o.status)
-				log("error", rt.cp, string.format("pos=%d parked event failed again: %s", e.position, msg))
+				log("error", rt.cp, "parked event failed again: " .. msg, session.event_fields(e))
 				x([[UPDATE projhost.parked SET retry_requested = false, attempts = attempts + 1,
 					error = $2, parked_at = now() WHERE id = $1]], p.id, msg)
 			end

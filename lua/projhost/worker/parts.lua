@@ -94,9 +94,8 @@ local function open_parts(def, job, wanted, plan)
 		return "dberror", dberror(def, res, code)
 	end
 	local evrows = res[4]
-	pipe.sent = {}
-	local ri = conn:send(reads.RESTORE_SQL, unpack(planner_session))
-	if ri then pipe.sent[ri] = false end
+	-- from here on every statement is tagged (see ctx.lua): ours are false
+	conn:send_as(false, reads.RESTORE_SQL, unpack(planner_session))
 
 	-- each partition's rows come in version order (reads.PARTS_SQL); a
 	-- plan that ever did otherwise is sorted here, not taken for a gap.
@@ -209,8 +208,7 @@ local function open_parts(def, job, wanted, plan)
 		-- third of its time). A job of one partition - nearly every live
 		-- batch - waits, and so does one that emits; the catch-up's end
 		-- waits for all of them (see caught_up_partitioned).
-		local idx = conn:send("SET LOCAL synchronous_commit = off")
-		if idx then pipe.sent[idx], pipe.async = false, true end
+		if conn:send_as(false, "SET LOCAL synchronous_commit = off") then pipe.async = true end
 	end
 	return true
 end
@@ -230,28 +228,24 @@ local function store_parts(job, states)
 	-- the checkpoints and COMMIT ride the same sync as the handlers'
 	-- statements; after an error PostgreSQL skips them
 	if #up_p > 0 then
-		local idx = conn:send([[UPDATE projhost.checkpoints c SET state = coalesce(u.s::jsonb, c.state),
+		conn:send_as(state_tag(job), [[UPDATE projhost.checkpoints c SET state = coalesce(u.s::jsonb, c.state),
 			last_pos = u.v, script_hash = $5, error = NULL, updated_at = now()
 			FROM unnest($2::text[], $3::text[], $4::bigint[]) AS u(p, s, v)
 			WHERE c.projection = $1 AND c.partition = u.p]],
 			of(job.def).cp, pg_text_array(up_p), pg_text_array(up_s), "{" .. table.concat(up_v, ",") .. "}",
 			job.def.hash)
-		if idx then pipe.sent[idx] = state_tag(job) end
 	end
 	if #in_p > 0 then
 		-- new partitions (see open_parts): no ON CONFLICT, a row made
 		-- meanwhile must fail this batch
-		local idx = conn:send([[INSERT INTO projhost.checkpoints (projection, partition, version, state,
+		local tag = state_tag(job)
+		tag.claim = true
+		conn:send_as(tag, [[INSERT INTO projhost.checkpoints (projection, partition, version, state,
 			last_pos, script_hash)
 			SELECT $1, u.p, $2, u.s::jsonb, u.v, $6 FROM unnest($3::text[], $4::text[], $5::bigint[]) AS u(p, s, v)
 			ORDER BY u.p]],
 			of(job.def).cp, job.def.version, pg_text_array(in_p), pg_text_array(in_s),
 			"{" .. table.concat(in_v, ",") .. "}", job.def.hash)
-		if idx then
-			local tag = state_tag(job)
-			tag.claim = true
-			pipe.sent[idx] = tag
-		end
 	end
 end
 

@@ -15,10 +15,27 @@ local planner_session = S.planner_session
 -- runaway SQL (libpq syntax: "30s", "2min", or ms)
 local STATEMENT_TIMEOUT = config.get("PROJHOST_STATEMENT_TIMEOUT")
 
-local function log(level, who, msg)
-	core.log(level, who, msg)
+-- log(level, who, msg [, fields]): one log record (core/log.h); fields
+-- = { position =, stream =, version = } of the event it is about, passed
+-- as data (a json line carries each as a field; a text line shows the
+-- position as "pos=N "), never written into msg.
+local function log(level, who, msg, fields)
+	core.log(level, who, msg, fields)
 end
 M.log = log
+
+-- The fields of event e for log(): read raw and kept only when they are
+-- what the store gives (a handler may have changed its e), so a log call
+-- about an event never fails because of it.
+local function event_fields(e)
+	if type(e) ~= "table" then return nil end
+	local p, s, v = rawget(e, "position"), rawget(e, "stream"), rawget(e, "version")
+	local function int(x)
+		if type(x) == "number" and x == x and x % 1 == 0 and x >= -2 ^ 63 and x < 2 ^ 63 then return x end
+	end
+	return { position = int(p), stream = type(s) == "string" and s or nil, version = int(v) }
+end
+M.event_fields = event_fields
 
 -- Our own session settings: set on every new connection, and again after a
 -- batch whose handlers sent SQL (see transact).

@@ -18,7 +18,7 @@ S.planner_session = {} -- the session's values of reads.PLANNER, read when the c
 S.paths = {}           -- the paths served
 
 -- The batch in flight (see ctx.lua, where pipe's fields are described).
-S.pipe = { on = false, sent = {}, first = nil }
+S.pipe = { on = false, first = nil }
 S.cur = 0              -- index of the event whose handler runs (0: none)
 S.failed_sql = nil     -- first SQL error seen while running the current event
 

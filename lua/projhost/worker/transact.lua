@@ -13,7 +13,7 @@ local failure = require "projhost.worker.failure"
 local errtext, rollback, db_fault = session.errtext, session.rollback, session.db_fault
 local STATEMENT_TIMEOUT, SESSION_SQL, SESSION_PARAMS =
 	session.STATEMENT_TIMEOUT, session.SESSION_SQL, session.SESSION_PARAMS
-local ctx_for, pipe_end = ctxm.ctx_for, ctxm.pipe_end
+local ctx_for, pipe_end, pipe_pending = ctxm.ctx_for, ctxm.pipe_end, ctxm.pipe_pending
 local overrun_at, serial, NOT_HOOKS = failure.overrun_at, failure.serial, failure.NOT_HOOKS
 local of = S.of
 local pipe, overrun = S.pipe, S.overrun
@@ -128,7 +128,7 @@ local function outcome_of(job, fail_i, fail_err)
 	-- the handlers' statements still queued run under the budget too: the
 	-- watchdog charges an overrun to the first event that sent one
 	local first_sent
-	for _, tag in pairs(pipe.sent) do
+	for _, tag in ipairs(pipe_pending() or {}) do
 		if type(tag) == "number" and (not first_sent or tag < first_sent) then first_sent = tag end
 	end
 	local e = first_sent and job.events[first_sent]
@@ -228,16 +228,16 @@ local function transact(def, job)
 		end
 		if pipe.handler_sql then
 			-- a handler may have changed our statement timeout (SET LOCAL)
-			conn:send("SELECT set_config('statement_timeout', $1, true)", STATEMENT_TIMEOUT)
+			conn:send_as(false, "SELECT set_config('statement_timeout', $1, true)", STATEMENT_TIMEOUT)
 		end
 		job.store(job, states)
-		conn:send("COMMIT")
+		conn:send_as(false, "COMMIT")
 		if pipe.handler_sql then
 			-- its session settings (SET without LOCAL) stay with the
 			-- connection: undo them, so they never reach another
 			-- projection's statements
-			conn:send("RESET ALL")
-			conn:send(SESSION_SQL, unpack(SESSION_PARAMS))
+			conn:send_as(false, "RESET ALL")
+			conn:send_as(false, SESSION_SQL, unpack(SESSION_PARAMS))
 		end
 		if job.after_commit then job.after_commit(job) end
 	end
