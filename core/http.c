@@ -108,9 +108,9 @@ static void on_mhd_log(void *cls, const char *fmt, va_list ap)
 	while (n && (buf[n - 1] == '\n' || buf[n - 1] == '\r'))
 		buf[--n] = '\0';
 	if (h->log_dropped)
-		ph_log(PH_WARN, "http", "%s (and %u more messages in the last second)", buf, h->log_dropped);
+		ph_log(PH_WARN, "host", "http: %s (and %u more messages in the last second)", buf, h->log_dropped);
 	else
-		ph_log(PH_WARN, "http", "%s", buf);
+		ph_log(PH_WARN, "host", "http: %s", buf);
 	h->log_at = now;
 	h->log_dropped = 0;
 }

@@ -203,7 +203,7 @@ static void db_lost(struct ph_surface *s, const char *why)
 	unsigned ms = 500u << (s->failures < 6 ? s->failures : 6);
 
 	if (!s->failures++)
-		ph_log(PH_WARN, "http", "status connection: %s; retrying with backoff", why);
+		ph_log(PH_WARN, "host", "http status connection: %s; retrying with backoff", why);
 	snprintf(s->dberr, sizeof(s->dberr), "database unreachable: %s", why);
 	drop_poll(s);
 	PQfinish(s->conn);
@@ -256,7 +256,7 @@ static void connect_step(struct ph_surface *s)
 		PQsetnonblocking(s->conn, 1);
 		s->connected = 1;
 		if (s->failures)
-			ph_log(PH_INFO, "http", "status connection: database reachable again");
+			ph_log(PH_INFO, "host", "http status connection: database reachable again");
 		s->failures = 0;
 		s->dberr[0] = '\0';
 		watch(s, UV_READABLE);
@@ -729,7 +729,7 @@ static void query_done(struct ph_surface *s)
 	else if (s->nres && PQresultStatus(s->res[0]) != PGRES_COMMAND_OK) {
 		char buf[400];
 
-		ph_log(PH_WARN, "http", "status connection: %s: %s", SETUP_SQL,
+		ph_log(PH_WARN, "host", "http status connection: %s: %s", SETUP_SQL,
 		       ph_pg_errmsg(s->conn, s->res[0], buf, sizeof(buf)));
 	}
 	free(q);
