@@ -2,12 +2,12 @@
 
 DEBS      := luajit libluajit-5.1-dev libpq-dev libuv1-dev lua-busted lua-cjson \
              postgresql pkg-config gcc make util-linux luarocks lua-filesystem \
-             lua-check cppcheck
-PKGS      := luajit libpq libuv
+             lua-check cppcheck libmicrohttpd-dev prometheus chromium curl
+PKGS      := luajit libpq libuv libmicrohttpd
 CC        ?= cc
 OPT       ?= -O2
 PKG_CFLAGS = $(shell pkg-config --cflags $(PKGS) 2>/dev/null)
-PKG_LIBS   = $(shell pkg-config --libs libpq libuv 2>/dev/null)
+PKG_LIBS   = $(shell pkg-config --libs libpq libuv libmicrohttpd 2>/dev/null)
 LUA_LIBS   = $(shell pkg-config --libs luajit 2>/dev/null)
 CFLAGS    += -std=c11 -D_GNU_SOURCE $(OPT) -g -Wall -Wextra -Werror -fPIC -Icore $(PKG_CFLAGS) \
              -DPH_LUADIR='"$(PREFIX)/share/projhost/lua"'
@@ -19,7 +19,7 @@ BIN       ?= projhost
 # subsystems in core/ (no Lua in them), the Lua bindings in core/bindings/
 # (the only place that includes lua.h; main.c is the binary's entry).
 LIB_SRCS  := core/log.c core/beat.c core/pg.c core/stmt.c core/frame.c core/proto.c core/queue.c core/pipeline.c core/registry.c core/schedule.c core/proc.c \
-             core/wakecheck.c core/master.c \
+             core/wakecheck.c core/http.c core/metrics.c core/surface.c core/master.c \
              core/bindings/lua_core.c core/bindings/lua_pg.c core/bindings/lua_master.c core/bindings/lua_worker.c \
              core/bindings/lua_proc.c
 HDRS      := $(wildcard core/*.h core/bindings/*.h spec/core/*.h)
@@ -97,8 +97,10 @@ asan:
 test: build
 	./projhost test
 
+# make run serves HTTP here (RUN_HTTP=127.0.0.1:9000 make run to move it)
+RUN_HTTP  ?= 127.0.0.1:8187
 run: build
-	./projhost run --demo projections
+	./projhost run --demo --http $(RUN_HTTP) projections
 
 # Not part of test: a throwaway cluster, ~1M-event data sets, one table
 # (and bench/results.json) of projhost next to the plain-libpq limit.

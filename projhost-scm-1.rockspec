@@ -24,6 +24,7 @@ dependencies = {
 external_dependencies = {
 	LIBPQ = { header = "postgresql/libpq-fe.h", library = "pq" },
 	LIBUV = { header = "uv.h", library = "uv" },
+	MICROHTTPD = { header = "microhttpd.h", library = "microhttpd" },
 }
 build = {
 	type = "builtin",
@@ -31,14 +32,15 @@ build = {
 		["projhost.core"] = {
 			sources = {
 				"core/log.c", "core/beat.c", "core/pg.c", "core/stmt.c", "core/frame.c", "core/proto.c", "core/queue.c", "core/pipeline.c", "core/registry.c", "core/schedule.c",
-				"core/proc.c", "core/wakecheck.c", "core/master.c",
+				"core/proc.c", "core/wakecheck.c", "core/http.c", "core/metrics.c", "core/surface.c", "core/master.c",
 				"core/bindings/lua_core.c", "core/bindings/lua_pg.c", "core/bindings/lua_master.c",
 				"core/bindings/lua_worker.c", "core/bindings/lua_proc.c",
 			},
 			defines = { "_GNU_SOURCE" },
-			incdirs = { "core", "$(LIBPQ_INCDIR)/postgresql", "$(LIBPQ_INCDIR)", "$(LIBUV_INCDIR)" },
-			libdirs = { "$(LIBPQ_LIBDIR)", "$(LIBUV_LIBDIR)" },
-			libraries = { "pq", "uv" },
+			incdirs = { "core", "$(LIBPQ_INCDIR)/postgresql", "$(LIBPQ_INCDIR)", "$(LIBUV_INCDIR)",
+				"$(MICROHTTPD_INCDIR)" },
+			libdirs = { "$(LIBPQ_LIBDIR)", "$(LIBUV_LIBDIR)", "$(MICROHTTPD_LIBDIR)" },
+			libraries = { "pq", "uv", "microhttpd" },
 		},
 		["projhost"] = "lua/projhost/init.lua",
 		["projhost.cli"] = "lua/projhost/cli/init.lua",

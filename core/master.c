@@ -24,6 +24,7 @@
 #include "queue.h"
 #include "registry.h"
 #include "schedule.h"
+#include "surface.h"
 #include "wakecheck.h"
 
 struct master;
@@ -58,6 +59,7 @@ struct worker {
 	int64_t killed_pos;	/* on this event */
 	int killed_kind;	/* running this kind of code (beat.h) */
 	double killed_budget;
+	uint64_t job_start;	/* uv_hrtime() when its job was sent (batch duration) */
 };
 
 struct master {
@@ -96,6 +98,7 @@ struct master {
 	int load_errors;
 
 	struct ph_msg init_msg;
+	struct ph_surface *surface;	/* --http; NULL: not served */
 };
 
 static void dispatch(struct master *m);
@@ -168,6 +171,14 @@ static int next_round_is_window(const struct ph_proj *p)
 static void wake_all_cb(void *arg)
 {
 	wake_all(arg);
+}
+
+/* For GET /wait: whether this host serves @name. */
+static int known_cb(void *arg, const char *name)
+{
+	struct master *m = arg;
+
+	return find_proj(m, name) != NULL;
 }
 
 static int stream_matches(const struct ph_proj *p, const char *stream)
@@ -265,6 +276,15 @@ static void handle_ready(struct worker *w, char *msg)
 	m->signature = sig;
 	ph_registry_carry(&m->reg, &before, initial);
 	ph_registry_free(&before);
+	if (m->surface) {
+		struct ph_metrics *mx = ph_surface_metrics(m->surface);
+
+		if (!initial && errors)
+			mx->reloads_error++;
+		else if (!initial)
+			mx->reloads_ok++;
+		ph_surface_loaded(m->surface, errors);
+	}
 	if (initial)
 		ph_log(PH_INFO, "host", "serving %d projection%s%s", m->reg.n,
 		       m->reg.n == 1 ? "" : "s",
@@ -346,6 +366,8 @@ static void handle_done(struct worker *w, char *msg)
 	uint64_t now = now_ms(m);
 	int relist = 0;
 	enum ph_verb v;
+	const char *done_proj = NULL;	/* a batch's answer (not a find's) */
+	uint64_t done_count = 0;
 
 	while ((v = ph_proto_next(&msg, f, 4, &n)) != PH_V_END) {
 		switch (v) {
@@ -356,6 +378,12 @@ static void handle_done(struct worker *w, char *msg)
 			p = n >= 1 ? find_proj(m, f[0]) : NULL;
 			if (n >= 2)
 				m->round_work += strtoul(f[1], NULL, 10);
+			done_proj = n >= 1 ? f[0] : NULL;
+			done_count = n >= 2 ? strtoull(f[1], NULL, 10) : 0;
+			break;
+		case PH_V_FAILS:
+			if (n >= 3 && m->surface)
+				ph_metrics_error(ph_surface_metrics(m->surface), f[0], f[1], strtoull(f[2], NULL, 10));
 			break;
 		case PH_V_FOUND:
 			p = n >= 1 ? find_proj(m, f[0]) : NULL;
@@ -411,6 +439,11 @@ static void handle_done(struct worker *w, char *msg)
 		if (w->jobs[i])
 			entry_done(m, w->jobs[i], "more", 0);
 	w->njobs = 0;
+	if (done_proj && m->surface) {
+		ph_metrics_batch(ph_surface_metrics(m->surface), done_proj, done_count,
+				 (double)(uv_hrtime() - w->job_start) / 1e9);
+		ph_surface_batch_done(m->surface, done_proj);
+	}
 	if (relist)
 		request_reload(m, "the projection list changed (a shadow rebuild)");
 	if (w->quitting || m->stopping)
@@ -526,8 +559,11 @@ static void on_worker_exit(uv_process_t *proc, int64_t status, int sig)
 		ph_log(PH_WARN, "host", "worker %d exited unexpectedly (%s %d)", w->slot,
 		       sig ? "signal" : "exit", sig ? sig : (int)status);
 	}
-	if (!w->quitting)
+	if (!w->quitting) {
 		m->crashes++;
+		if (m->surface)
+			ph_surface_metrics(m->surface)->restarts++;
+	}
 	if (!w->ready && !m->stopping && ++m->startup_failures >= 5) {
 		/* A worker that cannot even start (broken install, bad
 		 * library path) will not start next time either. */
@@ -715,6 +751,7 @@ static int give_work(struct master *m, struct worker *w, uint64_t now)
 		ph_msg_free(&mb);
 		return 1;
 	}
+	w->job_start = uv_hrtime();
 	if (mb.failed || send_frame(w, mb.buf, mb.len) != 0) {
 		/* its entries come back through the exit callback */
 		ph_log(PH_ERROR, "host", "worker %d: cannot send a job (out of memory?); replacing it", w->slot);
@@ -941,7 +978,11 @@ static void on_watchdog(uv_timer_t *t)
 
 static void on_fallback(uv_timer_t *t)
 {
-	wake_all(t->data);
+	struct master *m = t->data;
+
+	wake_all(m);
+	if (m->surface)
+		ph_surface_recheck(m->surface);
 }
 
 static void on_signal(uv_signal_t *h, int sig)
@@ -1113,18 +1154,27 @@ int ph_master_run(const struct ph_master_cfg *cfg)
 	uv_signal_start(&m.sigterm, on_signal, SIGTERM);
 	uv_signal_start(&m.sighup, on_signal, SIGHUP);
 
-	for (int i = 0; i < m.nworkers; i++)
+	if (cfg->http && *cfg->http && !(m.surface = ph_surface_start(&loop, cfg->http, cfg->dsn, cfg->stall_after, known_cb, &m))) {
+		m.rc = 1;
+		m.stopping = 1;
+	}
+	for (int i = 0; !m.stopping && i < m.nworkers; i++)
 		spawn_worker(&m, i);
-	if (!cfg->once) {
+	if (m.stopping) {
+		/* nothing was started: fall through to the cleanup */
+	} else if (!cfg->once) {
 		uint64_t ms = (uint64_t)((cfg->poll_interval > 0 ? cfg->poll_interval : 5.0) * 1000);
 
 		listen_connect(&m);
 		uv_timer_start(&m.fallback, on_fallback, ms, ms);
 		start_watchers(&m);
 	}
-	uv_run(&loop, UV_RUN_DEFAULT);
+	if (!m.stopping)
+		uv_run(&loop, UV_RUN_DEFAULT);
 
 	/* stopped: close what is left and let the callbacks run */
+	ph_surface_stop(m.surface);
+	m.surface = NULL;
 	if (m.lpoll)
 		uv_close((uv_handle_t *)m.lpoll, on_poll_closed);
 	if (m.lconn)

@@ -20,6 +20,8 @@ struct ph_master_cfg {
 					 * clamped to what the process can run */
 	int once;			/* catch up, then exit */
 	double poll_interval;		/* fallback poll, seconds: a lost NOTIFY only delays */
+	const char *http;		/* serve HTTP on this "host:port" (surface.h); NULL: not */
+	double stall_after;		/* PROJHOST_STALL_AFTER: seconds, for what HTTP says is stalled */
 };
 
 /**

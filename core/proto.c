@@ -24,6 +24,7 @@ static const char *const verbs[] = {
 	[PH_V_PART] = "part",
 	[PH_V_FOUND] = "found",
 	[PH_V_RELIST] = "relist",
+	[PH_V_FAILS] = "fails",
 };
 
 #define NVERBS (sizeof(verbs) / sizeof(verbs[0]))

@@ -33,6 +33,15 @@
  *       part <partition>               per partition that is behind
  *     relist                           (in any answer) a shadow rebuild
  *                                      switched over: reload every worker
+ *     fails  <projection> <action> <n>  (in any answer) <n> failed events
+ *                                      of <projection> got the error
+ *                                      <action> (retry, skip, park, fail,
+ *                                      stop) since the last answer; for
+ *                                      projhost_handler_errors_total
+ *
+ * The master times each job from sending it to its "done" answer (the
+ * batch duration it exports); "done"'s <count> is the events applied, and
+ * a "done" answer re-checks the HTTP /wait requests of that projection.
  *
  * Statuses: more (batch was full), idle (caught up), held (events waiting
  * behind the xmin horizon), locked (another worker or instance has it),
@@ -82,6 +91,7 @@ enum ph_verb {
 	PH_V_PART,
 	PH_V_FOUND,
 	PH_V_RELIST,
+	PH_V_FAILS,
 };
 
 /** ph_proto_verb_name() - the verb as written in a message ("" for END). */

@@ -10,7 +10,7 @@
 #include "lua_core.h"
 #include "master.h"
 
-/* core.run_master{ dsn=, bin=, paths={...}, workers=, once=, poll_interval= } -> exit code */
+/* core.run_master{ dsn=, bin=, paths={...}, workers=, once=, poll_interval=, http=, stall_after= } -> exit code */
 int ph_l_run_master(lua_State *L)
 {
 	struct ph_master_cfg cfg = { 0 };
@@ -33,6 +33,10 @@ int ph_l_run_master(lua_State *L)
 	cfg.once = lua_toboolean(L, -1);
 	lua_getfield(L, 1, "poll_interval");
 	cfg.poll_interval = luaL_optnumber(L, -1, 5.0);
+	lua_getfield(L, 1, "http");
+	cfg.http = luaL_optstring(L, -1, NULL);	/* anchored by the options table */
+	lua_getfield(L, 1, "stall_after");
+	cfg.stall_after = luaL_optnumber(L, -1, 60.0);
 	lua_getfield(L, 1, "paths");
 	luaL_checktype(L, -1, LUA_TTABLE);
 	n = (int)lua_objlen(L, -1);

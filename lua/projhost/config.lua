@@ -55,6 +55,9 @@ M.VARS = {
 		"address space a worker may allocate, in MB (RLIMIT_DATA; 0: no limit)" },
 	PROJHOST_STALL_AFTER = { 60, number(0, 86400 * 365),
 		"seconds a projection with events behind may go without its checkpoint moving before it counts as stalled" },
+	PROJHOST_HTTP = { nil, text,
+		"host:port the master serves HTTP on (/metrics, /health/live, /health/ready, /status, /, /wait); "
+			.. "`run --http` overrides it; unset: no HTTP" },
 	PROJHOST_LUADIR = { nil, text,
 		"directory of the Lua library the binary loads (read by the binary itself, before Lua)" },
 }

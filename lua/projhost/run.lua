@@ -29,7 +29,7 @@ function M.warn_if_superuser(dsn)
 	return true
 end
 
--- opts: dsn, bin, paths, workers, once
+-- opts: dsn, bin, paths, workers, once, http (host:port or nil)
 function M.main(opts)
 	local paths = {}
 	for i, p in ipairs(opts.paths) do paths[i] = absolute(p) end
@@ -40,7 +40,9 @@ function M.main(opts)
 		paths = paths,
 		workers = opts.workers or 1,
 		once = opts.once and true or false,
+		http = opts.http,
 		poll_interval = require("projhost.config").get("PROJHOST_POLL_INTERVAL"),
+		stall_after = require("projhost.config").get("PROJHOST_STALL_AFTER"),
 	}
 end
 

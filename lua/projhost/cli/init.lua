@@ -12,7 +12,7 @@ local util = require "projhost.cli.util"
 local M = {}
 
 local USAGE = {
-	run = "projhost run [--db DSN] [--workers N] [--once] [--demo] [PATH...]",
+	run = "projhost run [--db DSN] [--workers N] [--once] [--demo] [--http HOST:PORT] [PATH...]",
 	append = "projhost append STREAM TYPE [JSON] [--expected-version N] [--metadata JSON] [--db DSN]\n"
 		.. "       projhost append [STREAM] --file EVENTS.ndjson|- [--db DSN]",
 	status = "projhost status [NAME] [--json] [--failed] [--behind] [--limit N] [--db DSN]",
@@ -42,7 +42,8 @@ else the embedded cluster under $PROJHOST_HOME (default ./.projhost), started on
 -- number >= 0, fractions allowed, at most a year).
 -- min/max bound the positional words; sub lists allowed first words.
 local SPECS = {
-	run = { flags = { db = "string", workers = "workers", once = "bool", demo = "bool" }, min = 0, max = math.huge },
+	run = { flags = { db = "string", workers = "workers", once = "bool", demo = "bool", http = "string" },
+		min = 0, max = math.huge },
 	append = { flags = { db = "string", ["expected-version"] = "version", metadata = "string", file = "string" },
 		min = 0, max = 3 },
 	status = { flags = { db = "string", json = "bool", failed = "bool", behind = "bool", limit = "version" },

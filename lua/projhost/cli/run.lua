@@ -90,6 +90,8 @@ function commands.run(cmd)
 		dsn = dsn,
 		workers = cmd.flags.workers or 1,
 		once = cmd.flags.once == true,
+		-- --http ADDR, else PROJHOST_HTTP; "" (or neither) serves none
+		http = cmd.flags.http or require("projhost.config").get("PROJHOST_HTTP"),
 		paths = paths,
 		bin = exe_path(),
 	}

@@ -149,6 +149,8 @@ local function error_action(def, part, e, err, prev)
 	if not rows then return "dberror", dberror(def, xerr, xcode) end
 	local attempt = tonumber(rows[1].attempts)
 	local action, delay = decide(def, err, e, attempt)
+	local fkey = rt.cp .. "\t" .. action
+	S.fails[fkey] = (S.fails[fkey] or 0) + 1
 	log("error", rt.cp, string.format("%s failed (attempt %d): %s -> %s%s", what, attempt,
 		first_line(err), action, action == "retry" and string.format(" in %.2fs", delay) or ""),
 		session.event_fields(e))

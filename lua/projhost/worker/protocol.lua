@@ -120,6 +120,19 @@ local function overruns_of(lines)
 	return o
 end
 
+-- The "fails" lines (proto.h) of the error actions given since the last
+-- answer, appended to reply.
+local function with_fails(reply)
+	if not next(S.fails) then return reply end
+	local out = { reply }
+	for key, n in pairs(S.fails) do
+		local name, action = key:match("^(.*)\t(%a+)$")
+		out[#out + 1] = wire.line("fails", name, action, n)
+	end
+	S.fails = {}
+	return table.concat(out, "\n")
+end
+
 function M.handle(msg)
 	local lines = wire.parse(msg)
 	local f = lines[1] or {}
@@ -131,6 +144,7 @@ function M.handle(msg)
 		overrun[f[2]] = overruns_of(lines)
 		local reply = job(f[2], parts)
 		if S.relist then reply, S.relist = reply .. "\n" .. wire.line("relist"), false end
+		reply = with_fails(reply)
 		-- after "not enough memory" this state cannot be trusted: answer,
 		-- then exit so the master starts a fresh worker
 		return reply, S.out_of_memory
@@ -138,7 +152,7 @@ function M.handle(msg)
 		overrun[f[2]] = overruns_of(lines)
 		local reply = find(f[2], f[3] or "")
 		if S.relist then reply, S.relist = reply .. "\n" .. wire.line("relist"), false end
-		return reply
+		return with_fails(reply)
 	elseif verb == "init" then
 		return init(f)
 	elseif verb == "reload" then

@@ -25,6 +25,9 @@ S.failed_sql = nil     -- first SQL error seen while running the current event
 -- Events whose code overran its budget or killed its worker (see failure.lua).
 S.overrun = {}
 S.out_of_memory = false
+-- "checkpoint name\taction" -> failed events given that action since the
+-- last answer (protocol.lua sends them as "fails" lines; failure.lua counts)
+S.fails = {}
 -- The master's list of projections is out of date (see lifecycle.lua).
 S.relist = false
 -- checkpoint name -> monotime of the last look for parked retries
