@@ -338,8 +338,6 @@ static void log_va(enum ph_level level, const char *who, const struct ph_log_fie
 	ph_log_rec(level, who, who ? strlen(who) : 0, f, msg, (size_t)n);
 }
 
-/* first caller: master.c's budget line ("pos=N ... overran"), when merged */
-// cppcheck-suppress unusedFunction
 void ph_log_at(enum ph_level level, const char *who, const struct ph_log_fields *f, const char *fmt, ...)
 {
 	va_list ap;

@@ -530,10 +530,10 @@ static void on_worker_exit(uv_process_t *proc, int64_t status, int sig)
 			kind = 0;
 		}
 		if (kind)
-			ph_log(PH_WARN, ph_queue_entry_proj(w->jobs[0]),
-			       "pos=%lld worker %d died during a batch (%s %d) running %s code; the batch rolled back and the event is charged with it",
-			       (long long)pos, w->slot, sig ? "signal" : "exit", sig ? sig : (int)status,
-			       ph_beat_kind_name(kind));
+			ph_log_at(PH_WARN, ph_queue_entry_proj(w->jobs[0]),
+				  &(struct ph_log_fields){ .has = PH_LOG_POSITION, .position = (long long)pos },
+				  "worker %d died during a batch (%s %d) running %s code; the batch rolled back and the event is charged with it",
+				  w->slot, sig ? "signal" : "exit", sig ? sig : (int)status, ph_beat_kind_name(kind));
 		else
 			ph_log(PH_WARN, ph_queue_entry_proj(w->jobs[0]),
 			       "worker %d died during a batch (%s %d); the batch rolled back and will be redone",
@@ -966,8 +966,8 @@ static void on_watchdog(uv_timer_t *t)
 		ms = ph_beat_read(w->beat, &pos, &kind);
 		if (ms < 0 || ms < (int64_t)(p->budget * 1000))
 			continue;
-		ph_log(PH_ERROR, p->name, "pos=%lld %s overran its budget of %gs; killing worker %d",
-		       (long long)pos, ph_beat_kind_name(kind), p->budget, w->slot);
+		ph_log_at(PH_ERROR, p->name, &(struct ph_log_fields){ .has = PH_LOG_POSITION, .position = (long long)pos },
+			  "%s overran its budget of %gs; killing worker %d", ph_beat_kind_name(kind), p->budget, w->slot);
 		w->killed_pos_valid = 1;
 		w->killed_pos = pos;
 		w->killed_kind = kind ? kind : PH_BEAT_HANDLER;

@@ -332,7 +332,8 @@ end
 
 -- One "applied" line per projection per second at most, so a catch-up of
 -- millions of events does not flood the log and a live event still shows.
-local function report(def, n, where, force)
+-- fields: the log record's (core.log), e.g. { position = where the batch ended }
+local function report(def, n, fields, force)
 	local rt = of(def)
 	local p = progress[rt.cp]
 	local now = core.monotime()
@@ -344,7 +345,7 @@ local function report(def, n, where, force)
 		p.last = now
 	end
 	if p.n > 0 and (force or now - p.at >= 1) then
-		log("info", rt.cp, string.format("%sapplied %d event%s", where, p.n, p.n == 1 and "" or "s"))
+		log("info", rt.cp, string.format("applied %d event%s", p.n, p.n == 1 and "" or "s"), fields)
 		p.at, p.n = now, 0
 	end
 	-- caught up (force): the last count now, and the run is over

@@ -257,7 +257,7 @@ local function run_batch(def)
 		local plan = { kind = "page", events = events, start = job.start }
 		local status, delay, committed = settle(def, plan, o, attempt_page(def))
 		if status == "dberror" then delay = dberror(def, "the batch's database work failed") end
-		report(def, committed, "", false)
+		report(def, committed, nil, false)
 		return status, committed, delay
 	end
 	S.db_failures = 0
@@ -268,7 +268,7 @@ local function run_batch(def)
 	local status, key = "more", rt.cp .. "\t"
 	if n < job.want then status = job.held and "held" or "idle" end
 	if n == job.want then caught[key] = nil end
-	report(def, n, string.format("pos=%d ", last_pos), status == "idle" and not caught[key])
+	report(def, n, { position = last_pos }, status == "idle" and not caught[key])
 	if status == "idle" and not caught[key] then
 		caught[key] = true
 		log("info", rt.cp, "caught up", { position = last_pos })

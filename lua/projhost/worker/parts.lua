@@ -318,7 +318,7 @@ local function run_partitions(def, parts)
 			results[g.part] = { status == "dberror" and "dberror" or "more", status == "dberror" and delay or 0 }
 		end
 		if culprit then results[culprit.partition] = { status, delay } end
-		report(def, committed, "", false)
+		report(def, committed, nil, false)
 		return committed, results
 	end
 	local total = 0
@@ -328,7 +328,7 @@ local function run_partitions(def, parts)
 	end
 
 	S.db_failures = 0
-	report(def, total, "", false)
+	report(def, total, nil, false)
 	S.new_checkpoints = S.new_checkpoints + (job.inserted or 0)
 	if S.new_checkpoints >= S.analyze_at then
 		-- see "Checkpoint rows this worker created" above
