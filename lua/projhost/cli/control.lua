@@ -124,7 +124,14 @@ function commands.parked(cmd)
 		return 0
 	end
 	if sub == "skip" then
-		local n, msg = conn:exec("DELETE FROM projhost.parked WHERE $1::text IS NULL OR projection = $1", name)
+		-- recorded as skipped, so projhost.applied()/wait_for say so
+		local n, msg = conn:exec([[WITH d AS (DELETE FROM projhost.parked
+				WHERE $1::text IS NULL OR projection = $1
+				RETURNING projection, partition, global_position, stream_id, stream_version, error)
+			INSERT INTO projhost.skipped (projection, partition, global_position, stream_id, stream_version, error)
+			SELECT projection, partition, global_position, stream_id, stream_version,
+				'projhost parked skip: ' || coalesce(error, '')
+			FROM d ON CONFLICT (projection, global_position) DO NOTHING]], name)
 		conn:close()
 		if not n then return fail(what, msg) end
 		say(("skipped %d parked event%s%s"):format(n, n == 1 and "" or "s", name and " of " .. escape(name) or ""))

@@ -37,14 +37,18 @@ function commands.wait(cmd)
 		end
 		done = rows[1].ok == "t"
 	until done or core.monotime() >= deadline
-	local answer = "applied"
+	local answer, how = "applied", nil
 	if done and stream then
-		rows, msg = conn:query("SELECT projhost.applied($1, $2, $3) AS a", name, stream, version)
+		-- and who skipped it: its on_error, or an operator (cli/control.lua)
+		rows, msg = conn:query([[SELECT projhost.applied($1, $2, $3) AS a,
+			(SELECT CASE WHEN s.error LIKE 'projhost parked skip:%' THEN 'operator' END FROM projhost.skipped s
+			WHERE s.projection = $1 AND s.stream_id = $2 AND s.stream_version = $3 LIMIT 1) AS how]],
+			name, stream, version)
 		if not rows then
 			conn:close()
 			return fail("wait", msg)
 		end
-		answer = rows[1].a
+		answer, how = rows[1].a, rows[1].how
 	end
 	conn:close()
 	local what = stream and ("%s@%d"):format(escape(stream), version) or "everything committed before the call"
@@ -54,7 +58,8 @@ function commands.wait(cmd)
 	if answer == "parked" then
 		say(("%s parked %s (its handler failed: projhost parked list %s)"):format(escape(name), what, escape(name)))
 	elseif answer == "skipped" then
-		say(("%s skipped %s (its on_error said skip)"):format(escape(name), what))
+		say(("%s skipped %s (%s)"):format(escape(name), what,
+			how == "operator" and "projhost parked skip" or "its on_error said skip"))
 	else
 		say(("%s applied %s"):format(escape(name), what))
 	end
