@@ -90,6 +90,7 @@ local GROUPS = {
 	streams = { "partitioned_deep", "partitioned_wide" },
 	pgbench = { "append_empty", "append_empty_nonotify", "append_store", "append_store_nonotify" },
 	file = { "file_small", "file_large" },
+	ops = { "status_1m", "wait_for", "metrics" },
 }
 local ONLY
 do
@@ -635,6 +636,56 @@ local function latency_row()
 	return ldsn
 end
 
+-- issue 13 on a live host serving HTTP (run --http): projhost.wait_for
+-- right after an append's commit until the batch applying it committed
+-- (OPS_WAITS appends, one at a time), and GET /metrics (OPS_SCRAPES
+-- requests, by curl: its time_total)
+local OPS_WAITS, OPS_SCRAPES = 200, 50
+local function ops_rows(ldsn)
+	if not (wanted("wait_for") or wanted("metrics")) then return end
+	local conn = connect(ldsn)
+	local log = scratch("ops-host.log")
+	local pid = spawn(BIN, { "run", "--db", ldsn, "--http", "127.0.0.1:0", ROOT .. "/bench/projections/latency.lua" },
+		{ log = log })
+	local addr
+	local deadline = core.monotime() + 30
+	repeat
+		addr = read_file(log):match("serving HTTP on http://(127%.0%.0%.1:%d+)/")
+		if addr and read_file(log):find("bench_latency pos=%d+ caught up") then break end
+		addr = nil
+		if not children[pid] or wait_child(pid, 0) or core.monotime() > deadline then
+			error("the ops host did not get ready:\n" .. tail(read_file(log), 10), 0)
+		end
+		core.sleep(0.02)
+	until false
+	if wanted("wait_for") then
+		local t = {}
+		for i = 1, OPS_WAITS do
+			local v = tonumber(sql(conn, "SELECT projhost.append('lat-ops', NULL, '[{\"type\":\"Tick\"}]') AS v")[1].v)
+			local t0 = wallclock()
+			local ok = sql(conn, "SELECT projhost.wait_for('bench_latency', 'lat-ops', $1, 5000) AS ok", v)[1].ok
+			if ok ~= "t" then error("wait_for timed out at lat-ops@" .. v, 0) end
+			t[i] = (wallclock() - t0) * 1000
+		end
+		table.sort(t)
+		results.rows.wait_for = { p50_ms = t[math.ceil(#t * 0.5)], p99_ms = t[math.ceil(#t * 0.99)],
+			max_ms = t[#t], nruns = 1, waits = #t }
+	end
+	if wanted("metrics") then
+		local t = {}
+		for i = 1, OPS_SCRAPES do
+			local r = run("/usr/bin/curl", { "-sS", "-o", "/dev/null", "-w", "%{time_total}\n",
+				"http://" .. addr .. "/metrics" }, { name = "curl" })
+			t[i] = tonumber(must(r, "curl /metrics"):match("([%d%.]+)%s*$")) * 1000
+		end
+		table.sort(t)
+		results.rows.metrics = { p50_ms = t[math.ceil(#t * 0.5)], p99_ms = t[math.ceil(#t * 0.99)],
+			max_ms = t[#t], nruns = 1, scrapes = #t }
+	end
+	kill_child(pid)
+	conn:close()
+end
+
 -- "2026-11-22T22:54:32.883Z" -> seconds since the epoch
 local function iso_to_epoch(y, mo, d, h, mi, s, ms)
 	y, mo = tonumber(y), tonumber(mo)
@@ -958,10 +1009,39 @@ local function pcount_row(label, dsn, c, cat)
 	end
 end
 
+-- issue 13: `projhost status` (every projection) and `status NAME` of the
+-- partitioned one over the store's WIDE_STREAMS streams, each the median of
+-- three runs (the target: under a second with 1,000,000 partitions); the
+-- partitions are row 10's (BENCH_ONLY=partitioned_wide,status_1m)
+local function status_row(dsn, c)
+	if not wanted("status_1m") then return end
+	if not results.rows.partitioned_wide then
+		results.rows.status_1m = { failed = "needs row partitioned_wide (its partitions)" }
+		return
+	end
+	local function median_of(args)
+		local t = {}
+		for i = 1, 3 do
+			local r = run(BIN, args, { name = "status" })
+			must(r, "projhost " .. table.concat(args, " "))
+			t[i] = r.seconds
+		end
+		return median(t)
+	end
+	results.rows.status_1m = {
+		status_s = median_of({ "status", "--db", dsn }),
+		status_name_s = median_of({ "status", "bench_pwide", "--limit", "20", "--db", dsn }),
+		partitions = tonumber(sql(c, [[SELECT count(*) AS n FROM projhost.checkpoints
+			WHERE projection = 'bench_pwide']])[1].n),
+		streams = tonumber(sql(c, "SELECT count(*) AS n FROM projhost.streams")[1].n),
+		nruns = 3,
+	}
+end
+
 -- rows 8-11 on the store of STORE_N events
 local function store_rows()
 	if not (wanted_any("store") or wanted_any("streams") or wanted("append_store")
-		or wanted("append_store_nonotify")) then return end
+		or wanted("append_store_nonotify") or wanted("status_1m")) then return end
 	-- the store of their own first: each share's events alone, analyzed
 	local own = {}
 	for _, sh in ipairs(SHARES) do
@@ -1024,6 +1104,7 @@ local function store_rows()
 	-- 10. partitioned: the same number of events over 10x the streams
 	pcount_row("partitioned_deep", sdsn, c, "deep")
 	pcount_row("partitioned_wide", sdsn, c, "wide")
+	status_row(sdsn, c)
 
 	-- 9. live latency with the store's events all projected: latency.lua's
 	-- checkpoint is set to the store's last event before the host starts
@@ -1277,6 +1358,19 @@ local function report(m)
 		fig("file_large", "events_per_s", ev), commas(FILE_LINES[1]) .. " lines", x_s(fl), "cost <= 1.5x",
 		verdict(fl and fl <= 1.5), nruns("file_large", "file_small"))
 
+	-- issue 13's figures
+	local secs = function(v) return ("%.2f s"):format(v) end
+	local st, stn = num("status_1m", "status_s"), num("status_1m", "status_name_s")
+	local sr = results.rows.status_1m
+	row(("13 status, %s streams (%s partitions)"):format(sr and commas(sr.streams) or "?",
+		sr and commas(sr.partitions) or "?"), fig("status_1m", "status_s", secs),
+		"status NAME " .. fig("status_1m", "status_name_s", secs), "", "< 1 s each",
+		verdict(st and stn and st < 1 and stn < 1), nruns("status_1m"))
+	row("  wait_for after an append p50/p99", fig("wait_for", "p50_ms", ms) .. " / " .. fig("wait_for", "p99_ms", ms),
+		"", "", "", "", nruns("wait_for"))
+	row("  GET /metrics p50/p99", fig("metrics", "p50_ms", ms) .. " / " .. fig("metrics", "p99_ms", ms),
+		"", "", "", "", nruns("metrics"))
+
 	-- BENCH_ONLY: only the lines of rows that ran (a "runs" of 0 or 0/0)
 	if ONLY then
 		local kept, at = {}, nil
@@ -1287,7 +1381,7 @@ local function report(m)
 		lines, sub = kept, at or #kept + 1
 	end
 	local head = { "", "projhost", "limit (C, libpq)", "ratio", "target", "", "runs" }
-	local head11 = { "issue 11: at scale", "projhost", "compared with", "ratio", "target", "", "runs" }
+	local head11 = { "issues 11 (at scale), 13 (operations)", "projhost", "compared with", "ratio", "target", "", "runs" }
 	if sub > 1 then
 		table.insert(lines, sub, head11)
 	else
@@ -1349,6 +1443,7 @@ local function main()
 	partitioned_rows()
 	local ldsn = latency_row()
 	reload_row(ldsn)
+	ops_rows(ldsn)
 	-- issue 11
 	local t11 = core.monotime()
 	store_rows()
