@@ -2,73 +2,10 @@
 -- clients: curl, promtool (Debian prometheus), headless Chromium, and raw
 -- sockets for hostile clients (slowloris, oversized headers, too many
 -- connections).
---
--- Until the lag helper's schema step is merged, projhost.projection_status,
--- status_json and applied are created here as stubs - in this spec's
--- database only, and only when the real ones are missing - so everything
--- asserted is a shape or a value this spec controls.
 local h = require "helpers"
 local core = require "projhost.core"
 local cjson = require "projhost.json"
 local ffi = require "ffi"
-
-local STUBS = [[
-DO $do$ BEGIN
-IF to_regprocedure('projhost.projection_status(text, double precision)') IS NULL THEN
-CREATE FUNCTION projhost.projection_status(p_projection text DEFAULT NULL, p_stall_after double precision DEFAULT 60)
-RETURNS TABLE (projection text, status text, partitioned boolean, partitions bigint, failed bigint,
-	paused bigint, stopped bigint, events_behind bigint, behind_estimated boolean,
-	lag_seconds double precision, applied_1m bigint, rate_1m double precision,
-	eta_seconds double precision, parked bigint, stalled boolean, "position" bigint,
-	error text, updated_at timestamptz)
-LANGUAGE sql STABLE AS $f$
-	SELECT c.projection,
-		CASE WHEN bool_or(c.status = 'failed') THEN 'failed' WHEN bool_or(c.status = 'stopped') THEN 'stopped'
-			WHEN bool_or(c.status = 'paused') THEN 'paused' ELSE 'running' END,
-		bool_or(c.partition <> ''), count(*) FILTER (WHERE c.partition <> ''),
-		count(*) FILTER (WHERE c.status = 'failed'), count(*) FILTER (WHERE c.status = 'paused'),
-		count(*) FILTER (WHERE c.status = 'stopped'), 0::bigint, false, 0::float8, 0::bigint, 0::float8,
-		NULL::float8, (SELECT count(*) FROM projhost.parked k WHERE k.projection = c.projection), false,
-		max(c.last_pos), max(c.error), max(c.updated_at)
-	FROM projhost.checkpoints c
-	WHERE p_projection IS NULL OR c.projection = p_projection
-	GROUP BY c.projection ORDER BY 1
-$f$;
-END IF;
-IF to_regprocedure('projhost.status_json(text, double precision)') IS NULL THEN
-CREATE FUNCTION projhost.status_json(p_projection text DEFAULT NULL, p_stall_after double precision DEFAULT 60)
-RETURNS jsonb LANGUAGE sql STABLE AS $f$
-	SELECT jsonb_build_object(
-		'projections', coalesce((SELECT jsonb_agg(jsonb_build_object('name', s.projection, 'status', s.status,
-			'behind', s.events_behind, 'parked', s.parked, 'error', s.error) ORDER BY s.projection)
-			FROM projhost.projection_status(p_projection, p_stall_after) s), '[]'::jsonb),
-		'horizon', NULL)
-$f$;
-END IF;
-IF to_regprocedure('projhost.applied(text, text, bigint)') IS NULL THEN
-CREATE FUNCTION projhost.applied(p_projection text, p_stream text, p_version bigint)
-RETURNS text LANGUAGE plpgsql STABLE AS $f$
-DECLARE e record; c record;
-BEGIN
-	IF NOT EXISTS (SELECT 1 FROM projhost.checkpoints WHERE projection = p_projection) THEN
-		RAISE EXCEPTION 'unknown projection %', p_projection USING ERRCODE = '42704';
-	END IF;
-	SELECT * INTO e FROM projhost.events WHERE stream_id = p_stream AND stream_version = p_version;
-	IF NOT FOUND THEN
-		RAISE EXCEPTION 'no event %@%', p_stream, p_version USING ERRCODE = 'P0002';
-	END IF;
-	IF EXISTS (SELECT 1 FROM projhost.parked WHERE projection = p_projection
-			AND stream_id = p_stream AND stream_version = p_version) THEN
-		RETURN 'parked';
-	END IF;
-	SELECT * INTO c FROM projhost.checkpoints WHERE projection = p_projection AND partition = '';
-	IF FOUND AND (e.transaction_id, e.global_position) <= (c.last_tx, c.last_pos) THEN RETURN 'applied'; END IF;
-	SELECT * INTO c FROM projhost.checkpoints WHERE projection = p_projection AND partition = p_stream;
-	IF FOUND AND c.last_pos >= p_version THEN RETURN 'applied'; END IF;
-	RETURN 'pending';
-END $f$;
-END IF;
-END $do$]]
 
 -- tally: every event of category acct. picky (partitioned): parks an
 -- event without an amount, fails on one with "boom" in it.
@@ -187,7 +124,6 @@ describe("projhost run --http", function()
 		append("acct-1")
 		append("acct-2")
 		append("acct-1")
-		assert(conn:exec(STUBS))
 	end)
 
 	after_each(function()
@@ -280,6 +216,39 @@ describe("projhost run --http", function()
 		assert.matches("picky", body, 1, true)
 		assert.matches("failed", body, 1, true)
 		assert.equal(200, (get(base, "/health/live")))
+	end)
+
+	it("is not ready while a projection is stalled (a lock held on its read model), and says so", function()
+		h.write_file(dir .. "/stuck.lua", [[
+return {
+	name = "stuck",
+	from = { category = "stk" },
+	setup = "CREATE TABLE IF NOT EXISTS stuck_rows (n int)",
+	when = { ["*"] = function(s, e, ctx) ctx:exec("INSERT INTO stuck_rows VALUES (1)") end },
+}
+]])
+		start({ PROJHOST_STALL_AFTER = "2" })
+		h.wait_until(function() return get(base, "/health/ready") == 200 end, 20, "ready")
+		h.wait_until(function()
+			return h.scalar(conn, "SELECT to_regclass('stuck_rows') IS NOT NULL") == "t"
+		end, 20, "stuck set up")
+		local locker = h.connect(dsn)
+		assert(locker:exec("BEGIN"))
+		assert(locker:exec("LOCK TABLE stuck_rows IN ACCESS EXCLUSIVE MODE"))
+		append("stk-1")
+		local code, body
+		h.wait_until(function()
+			code, body = get(base, "/health/ready")
+			return code == 503
+		end, 30, "not ready while stuck is stalled")
+		assert.matches("stuck", body, 1, true)
+		assert.matches("stalled", body, 1, true)
+		local _, metrics = get(base, "/metrics")
+		assert.matches('projhost_projection_up{projection="stuck",status="stalled"} 1', metrics, 1, true)
+		assert.equal(200, (get(base, "/health/live")))
+		assert(locker:exec("ROLLBACK"))
+		locker:close()
+		h.wait_until(function() return get(base, "/health/ready") == 200 end, 30, "ready once it moves again")
 	end)
 
 	it("is not ready while a file does not load, and says which", function()
