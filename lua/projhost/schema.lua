@@ -1407,6 +1407,20 @@ M.steps = {
 		-- a held event: its partition waits behind it (`parked retry` applies
 		-- it and the rest in order, `parked skip` drops it and releases them)
 		[[ALTER TABLE projhost.parked ADD COLUMN hold boolean NOT NULL DEFAULT false]],
+		-- a done partition's events after its checkpoint are not behind
+		-- (they are never applied): counted as done, so they neither show
+		-- in events_behind nor make the projection stalled. The step 5
+		-- body is kept under another name and does the rest; the done
+		-- rows are few and in checkpoints_status_idx.
+		[[ALTER FUNCTION projhost.partitioned_behind(text, bigint) RENAME TO partitioned_behind_v5]],
+		[[CREATE FUNCTION projhost.partitioned_behind(p_projection text, p_done bigint,
+			OUT events bigint, OUT estimated boolean, OUT oldest timestamptz)
+		LANGUAGE sql STABLE AS $fn$
+			SELECT b.events, b.estimated, b.oldest FROM projhost.partitioned_behind_v5(p_projection,
+				p_done + coalesce((SELECT sum(greatest(st.version - c.last_pos, 0))
+					FROM projhost.checkpoints c JOIN projhost.streams st ON st.stream_id = c.partition
+					WHERE c.projection = p_projection AND c.status = 'done'), 0)::bigint) b
+		$fn$]],
 	},
 }
 

@@ -94,6 +94,8 @@ describe("finished partitions (ctx:done)", function()
 		assert.same({ 1, 2, 3, 4 }, applied("wf-2"))
 		assert.equal("done", scalar(conn, [[SELECT status FROM projhost.partition_status
 			WHERE projection = 'wf' AND partition = 'wf-1']]))
+		-- its events are not behind: the projection is caught up
+		assert.equal("0", scalar(conn, "SELECT events_behind FROM projhost.projection_status('wf')"))
 		local code, out, err = h.run({ "status", "wf", "--db", dsn })
 		assert.equal(0, code, out .. err)
 		assert.matches("wf%-1 [^\n]* done", out)
