@@ -45,7 +45,10 @@
  *
  * Statuses: more (batch was full), idle (caught up), held (events waiting
  * behind the xmin horizon), locked (another worker or instance has it),
- * retry (handler asked for a delay), dberror, failed, stopped, paused.
+ * retry (handler asked for a delay), dberror, failed, stopped, paused,
+ * done (a handler finished the partition: ctx:done), holding (the
+ * partition waits behind a held dead letter: on_error "hold"). A status the
+ * master does not know is settled like failed (ph_sched_done).
  *
  * Discovery tokens are the worker's (find_partitions in worker/discovery.lua
  * says what they hold): the master sends a round's pages the token of the page

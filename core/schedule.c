@@ -33,7 +33,10 @@ struct ph_next ph_sched_done(const char *status, double delay, unsigned *attempt
 		n.at = now + (uint64_t)(delay > 0 ? delay * 1000 : 0);
 		n.hard = 1;
 	} else {
-		/* failed, stopped, paused: wait for an operator's wake-up */
+		/* failed, stopped, paused, done (a handler finished the
+		 * partition: ctx:done), holding (a held event waits in the
+		 * dead letters: on_error "hold"): wait for an operator's
+		 * wake-up. Not "held": that one is the horizon's, above. */
 		n.settled = 1;
 	}
 	return n;

@@ -209,6 +209,10 @@ M.view = view
 function M.apply(def, state, e, ctx)
 	local h = M.handler(def, e.type)
 	if not h then return state end
+	-- a partition a handler marked done (ctx:done) in this batch: the
+	-- rest of its events are not applied
+	local done = ctx and ctx._done
+	if done and done[e.stream] then return state end
 	e = view(e)
 	if ctx then ctx.event = e end
 	local r = h(state, e, ctx)
@@ -432,9 +436,34 @@ function M.new_ctx(def, backend)
 		return true
 	end
 
-	-- Forget pending upserts (the batch rolled back).
+	-- ctx:done(): the partition of the event being handled is finished.
+	-- Recorded here (ctx._done: stream -> the version of the event that
+	-- finished it) for the backend's batch to store with the checkpoint,
+	-- so it commits or rolls back with everything else of the batch; the
+	-- partition's later events in the batch are not applied (M.apply).
+	-- Partitioned projections only (partition = "stream"): an
+	-- unpartitioned projection has no partition to finish, and finishing
+	-- the whole projection is what `pause` is for.
+	function ctx.done(self)
+		check_self(self, "done")
+		if def.partition == nil then
+			error(("ctx:done: projection '%s' is not partitioned (partition = \"stream\"): "
+				.. "only a partition can be done"):format(errtext(def.name)), 2)
+		end
+		local e = ctx.event
+		if e == nil then error("ctx:done: call it in a handler (no event is being handled)", 2) end
+		local done = ctx._done
+		if not done then done = {}; ctx._done = done end
+		if done[e.stream] == nil then done[e.stream] = e.version end
+		if backend.done then backend.done(e) end
+		return true
+	end
+
+	-- Forget pending upserts and partitions done (the batch rolled back,
+	-- or a new one begins).
 	function ctx._discard()
 		pending, pending_order = {}, {}
+		ctx._done = nil
 	end
 
 	-- Write pending upserts through backend.exec, one statement per table.

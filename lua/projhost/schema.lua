@@ -1390,6 +1390,38 @@ M.steps = {
 		NOTE_APPLIED,
 		STALL_NEWS,
 	},
+	-- issue 14: finished partitions (ctx:done: 'done') and partitions held
+	-- behind a dead letter (on_error "hold": 'held', its parked row marked
+	-- hold). The CHECK is replaced in one ALTER, NOT VALID and not
+	-- validated here: every row obeys the old CHECK, whose statuses are a
+	-- subset of the new one's, so a validating scan could find nothing -
+	-- and inside the migration's transaction it would read the whole table
+	-- under the ACCESS EXCLUSIVE lock the ALTER took (held to COMMIT),
+	-- stopping every batch meanwhile (1,000,000 partitions: a full scan).
+	-- New rows are checked either way. Neither statement rewrites the
+	-- table (ADD COLUMN with a constant default is a catalog change).
+	{
+		[[ALTER TABLE projhost.checkpoints DROP CONSTRAINT checkpoints_status_check,
+			ADD CONSTRAINT checkpoints_status_check
+			CHECK (status IN ('running', 'paused', 'failed', 'stopped', 'done', 'held')) NOT VALID]],
+		-- a held event: its partition waits behind it (`parked retry` applies
+		-- it and the rest in order, `parked skip` drops it and releases them)
+		[[ALTER TABLE projhost.parked ADD COLUMN hold boolean NOT NULL DEFAULT false]],
+		-- a done partition's events after its checkpoint are not behind
+		-- (they are never applied): counted as done, so they neither show
+		-- in events_behind nor make the projection stalled. The step 5
+		-- body is kept under another name and does the rest; the done
+		-- rows are few and in checkpoints_status_idx.
+		[[ALTER FUNCTION projhost.partitioned_behind(text, bigint) RENAME TO partitioned_behind_v5]],
+		[[CREATE FUNCTION projhost.partitioned_behind(p_projection text, p_done bigint,
+			OUT events bigint, OUT estimated boolean, OUT oldest timestamptz)
+		LANGUAGE sql STABLE AS $fn$
+			SELECT b.events, b.estimated, b.oldest FROM projhost.partitioned_behind_v5(p_projection,
+				p_done + coalesce((SELECT sum(greatest(st.version - c.last_pos, 0))
+					FROM projhost.checkpoints c JOIN projhost.streams st ON st.stream_id = c.partition
+					WHERE c.projection = p_projection AND c.status = 'done'), 0)::bigint) b
+		$fn$]],
+	},
 }
 
 M.latest = #M.steps

@@ -45,6 +45,12 @@ static void batch_answers(void)
 	CHECK(n.at == UINT64_MAX && n.settled);
 	n = ph_sched_done("paused", 0, &attempts, &holds, 1000);
 	CHECK(n.at == UINT64_MAX && n.settled);
+	/* a finished partition, and one held behind a dead letter, too:
+	 * never polled (a held partition is "holding", not "held") */
+	n = ph_sched_done("done", 0, &attempts, &holds, 1000);
+	CHECK(n.at == UINT64_MAX && n.settled && !n.hard);
+	n = ph_sched_done("holding", 0, &attempts, &holds, 1000);
+	CHECK(n.at == UINT64_MAX && n.settled && !n.hard);
 	puts("ok a batch's answer says when it runs again");
 }
 

@@ -21,7 +21,16 @@ local M = {}
 -- default error action: retry with exponential backoff, then fail
 local DEFAULT_RETRIES = 3
 
-local ACTIONS = { retry = true, skip = true, park = true, fail = true, stop = true }
+local ACTIONS = { retry = true, skip = true, park = true, fail = true, stop = true, hold = true }
+
+-- A checkpoint status as the master is told it (core/proto.h): a partition
+-- held behind a dead letter is "holding" - "held" tells the master that
+-- events wait behind the xmin horizon, which it polls for.
+local function reported(status)
+	if status == "held" then return "holding" end
+	return status
+end
+M.reported = reported
 
 local function default_action(attempt)
 	if attempt <= DEFAULT_RETRIES then return "retry", 0.5 * 2 ^ (attempt - 1) end
@@ -80,7 +89,7 @@ local function decide(def, err, e, attempt)
 		return default_action(attempt)
 	end
 	core.beat(e.position, "on_error")
-	local ok, action, delay = guard.call(def.budget, def.on_error, err, P.view(e), attempt)
+	local ok, action, delay, opts = guard.call(def.budget, def.on_error, err, P.view(e), attempt)
 	core.beat()
 	if not ok then
 		log("error", rt.cp, at .. "on_error itself failed (" .. first_line(action) .. "); using the default action", about)
@@ -88,7 +97,7 @@ local function decide(def, err, e, attempt)
 	end
 	if type(action) ~= "string" or not ACTIONS[action] then
 		log("error", rt.cp, at .. "on_error returned " .. (type(action) == "string" and action or type(action)) ..
-			", expected retry|skip|park|fail|stop; using the default action", about)
+			", expected retry|skip|park|hold|fail|stop; using the default action", about)
 		return default_action(attempt)
 	end
 	if action == "retry" then
@@ -96,6 +105,10 @@ local function decide(def, err, e, attempt)
 		-- a delay that is not a finite number is no delay we can wait for
 		if not d or d ~= d or d == math.huge or d == -math.huge then d = 0.5 * 2 ^ (attempt - 1) end
 		delay = math.min(math.max(d, 0), 86400)
+		-- "retry", delay, { silent = true }: no error line per attempt
+		-- (the attempt is counted all the same). rawget: a table of the
+		-- script's, whose metatable must not run here
+		if type(opts) == "table" and rawget(opts, "silent") == true then return action, delay, true end
 	end
 	return action, delay
 end
@@ -135,7 +148,7 @@ local function error_action(def, part, e, err, prev)
 	end
 	if ok == nil then return "dberror", dberror(def, xerr, xcode) end
 	if row == false then rollback(); return "locked", 0 end
-	if row.status ~= "running" then rollback(); return row.status, 0 end
+	if row.status ~= "running" then rollback(); return reported(row.status), 0 end
 	if prev and (tonumber(row.last_pos) ~= prev.pos or (prev.tx and row.last_tx ~= prev.tx)) then
 		rollback()
 		return "more", 0
@@ -148,12 +161,21 @@ local function error_action(def, part, e, err, prev)
 		rt.cp, part, e.position, where .. ": " .. first_line(err))
 	if not rows then return "dberror", dberror(def, xerr, xcode) end
 	local attempt = tonumber(rows[1].attempts)
-	local action, delay = decide(def, err, e, attempt)
+	local action, delay, silent = decide(def, err, e, attempt)
+	if action == "hold" and part == "" then
+		-- an unpartitioned projection has one order for everything: holding
+		-- it would stop the projection (that is "stop"); it parks instead
+		log("warn", rt.cp, def.file .. ": on_error returned hold, which needs a partitioned projection "
+			.. "(partition = \"stream\"); parking the event instead", session.event_fields(e))
+		action = "park"
+	end
 	local fkey = rt.cp .. "\t" .. action
 	S.fails[fkey] = (S.fails[fkey] or 0) + 1
-	log("error", rt.cp, string.format("%s failed (attempt %d): %s -> %s%s", what, attempt,
-		first_line(err), action, action == "retry" and string.format(" in %.2fs", delay) or ""),
-		session.event_fields(e))
+	if not silent then
+		log("error", rt.cp, string.format("%s failed (attempt %d): %s -> %s%s", what, attempt,
+			first_line(err), action, action == "retry" and string.format(" in %.2fs", delay) or ""),
+			session.event_fields(e))
+	end
 	local status = "more"
 	ok = true
 	if action == "retry" then
@@ -181,6 +203,21 @@ local function error_action(def, part, e, err, prev)
 				event_id, stream_id, stream_version, event_type, error, attempts)
 				VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)]], rt.cp, part, e.position, e.id,
 				e.stream, e.version, e.type, first_line(err), attempt)
+		end
+	elseif action == "hold" then
+		-- the event stays where it is (the checkpoint is just before it)
+		-- and the partition waits behind it: parked, marked hold, and the
+		-- checkpoint 'held', so neither discovery nor a batch reads it
+		-- until `parked retry` (status running again: the next batch
+		-- applies it, then the rest) or `parked skip` (past it)
+		status = "holding"
+		ok, xerr, xcode = x([[INSERT INTO projhost.parked (projection, partition, global_position,
+			event_id, stream_id, stream_version, event_type, error, attempts, hold)
+			VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, true)]], rt.cp, part, e.position, e.id,
+			e.stream, e.version, e.type, first_line(err), attempt)
+		if ok then
+			ok, xerr, xcode = x([[UPDATE projhost.checkpoints SET status = 'held', updated_at = now()
+				WHERE projection = $1 AND partition = $2]], rt.cp, part)
 		end
 	elseif action == "fail" then
 		status = "failed"

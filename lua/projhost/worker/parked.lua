@@ -23,8 +23,13 @@ local parked_checked = S.parked_checked
 local M = {}
 
 local function store_parked(job, states)
-	S.conn:send_as(state_tag(job), [[UPDATE projhost.checkpoints SET state = $3::jsonb, updated_at = now()
-		WHERE projection = $1 AND partition = $2]], of(job.def).cp, job.groups[1].part, states[1])
+	local part = job.groups[1].part
+	-- a parked event's handler may finish its partition (ctx:done) too
+	local done = of(job.def).ctx._done
+	S.conn:send_as(state_tag(job), [[UPDATE projhost.checkpoints SET state = $3::jsonb,
+		status = CASE WHEN $4 THEN 'done' ELSE status END, updated_at = now()
+		WHERE projection = $1 AND partition = $2]], of(job.def).cp, part, states[1],
+		done and done[part] ~= nil or false)
 end
 
 local function retry_parked(def)

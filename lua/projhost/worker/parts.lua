@@ -138,7 +138,8 @@ local function open_parts(def, job, wanted, plan)
 		elseif r.held then
 			results[p] = { "locked", 0 }
 		elseif r.status then
-			results[p] = { r.status, 0 }
+			-- paused, failed, stopped, done, held: nothing was read
+			results[p] = { failure.reported(r.status), 0 }
 		elseif r.new then
 			r.last_pos = 0
 			locked[#locked + 1] = r
@@ -213,11 +214,27 @@ local function open_parts(def, job, wanted, plan)
 	return true
 end
 
+-- The partitions a handler finished in this batch (ctx:done): stream ->
+-- the version of the event that finished it. Their checkpoint stops at
+-- that event (the events after it are not applied: projhost.projection's
+-- apply) and its status becomes 'done', in the batch's transaction.
+local function done_of(job)
+	local ctx = of(job.def).ctx
+	return ctx and ctx._done
+end
+
 local function store_parts(job, states)
 	local conn = S.conn
 	local up_p, up_s, up_v = {}, {}, {}
 	local in_p, in_s, in_v = {}, {}, {}
+	local done = done_of(job)
+	local done_p, done_v = {}, {}
 	for i, g in ipairs(job.groups) do
+		local dv = done and done[g.part]
+		if dv then
+			g.last, g.status = dv, "done"
+			done_p[#done_p + 1], done_v[#done_v + 1] = g.part, dv
+		end
 		if g.new then
 			in_p[#in_p + 1], in_s[#in_s + 1], in_v[#in_v + 1] = g.part, states[i], g.last
 		else
@@ -246,6 +263,15 @@ local function store_parts(job, states)
 			ORDER BY u.p]],
 			of(job.def).cp, job.def.version, pg_text_array(in_p), pg_text_array(in_s),
 			"{" .. table.concat(in_v, ",") .. "}", job.def.hash)
+	end
+	if #done_p > 0 then
+		-- seldom: a second write of those rows, after the first (status
+		-- is in checkpoints_status_idx's predicate: no HOT update anyway)
+		conn:send_as(state_tag(job), [[UPDATE projhost.checkpoints c SET status = 'done', last_pos = u.v,
+			error = NULL, updated_at = now()
+			FROM unnest($2::text[], $3::bigint[]) AS u(p, v)
+			WHERE c.projection = $1 AND c.partition = u.p]],
+			of(job.def).cp, pg_text_array(done_p), "{" .. table.concat(done_v, ",") .. "}")
 	end
 end
 
