@@ -11,7 +11,7 @@
 
 #include "metrics.h"
 
-const char *const ph_metrics_actions[PH_ACTIONS] = { "retry", "skip", "park", "fail", "stop" };
+const char *const ph_metrics_actions[PH_ACTIONS] = { "retry", "skip", "park", "hold", "fail", "stop" };
 const char *const ph_metrics_statuses[PH_STATUSES] = { "running", "paused", "failed", "stopped", "stalled",
 							"rebuilding" };
 static const double bucket_le[PH_BUCKETS] = { 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30 };

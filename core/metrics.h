@@ -31,7 +31,7 @@ void ph_buf_printf(struct ph_buf *b, const char *fmt, ...) __attribute__((format
 void ph_buf_free(struct ph_buf *b);
 
 /* The error actions (worker/failure.lua), in the order they are exported. */
-#define PH_ACTIONS 5
+#define PH_ACTIONS 6
 extern const char *const ph_metrics_actions[PH_ACTIONS];
 
 /* Upper bounds of the batch duration histogram's buckets, seconds. */

@@ -35,7 +35,7 @@
  *                                      switched over: reload every worker
  *     fails  <projection> <action> <n>  (in any answer) <n> failed events
  *                                      of <projection> got the error
- *                                      <action> (retry, skip, park, fail,
+ *                                      <action> (retry, skip, park, hold, fail,
  *                                      stop) since the last answer; for
  *                                      projhost_handler_errors_total
  *
