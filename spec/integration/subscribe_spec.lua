@@ -359,6 +359,18 @@ describe("GET /subscribe", function()
 			return
 		end
 		start()
+		-- headless Chromium dumps the DOM at the load event: an image from a
+		-- second host's /wait, pending for 25 s (its projection never
+		-- applies), holds it back while the first host is killed
+		local hold = h.tmpdir()
+		h.write_file(hold .. "/stuck.lua", [[return { name = "stuck", from = { category = "stuck" },
+			when = { ["*"] = function() error("never") end },
+			on_error = function() return "retry", 0.5 end }]])
+		local other = h.spawn({ "run", "--db", dsn, "--http", "127.0.0.1:0", hold })
+		local oaddr = h.wait_until(function()
+			return other:output():match("serving HTTP on http://(127%.0%.0%.1:%d+)/")
+		end, 20, "the second host's address")
+		append("stuck-1", "Ev")
 		local addr = base:match("//(.*)$")
 		local page = h.tmpdir() .. "/sse.html"
 		-- the page is a file: its EventSource is cross-origin, which only
@@ -371,11 +383,12 @@ describe("GET /subscribe", function()
 				out.textContent = seen.join("\n");
 			});
 			es.addEventListener("caught_up", () => { out.dataset.caught = (+(out.dataset.caught || 0) + 1); });
-		</script></body></html>]]):format(base))
+		</script><img src="http://%s/wait?projection=stuck&stream=stuck-1&version=1&timeout_ms=25000"></body></html>]])
+			:format(base, oaddr))
 		local dom = os.tmpname()
 		local profile = h.tmpdir()
 		local pid = read_all(("timeout 120 chromium --headless --no-sandbox --disable-gpu --disable-web-security"
-			.. " --user-data-dir=%s --timeout=25000 --dump-dom %s > %s 2>/dev/null & echo $!")
+			.. " --user-data-dir=%s --dump-dom %s > %s 2>/dev/null & echo $!")
 			:format(profile, sh_quote("file://" .. page), dom)):match("%d+")
 		for i = 1, 5 do append("web-1", "Ev", { n = i }) end
 		h.wait_until(function()
