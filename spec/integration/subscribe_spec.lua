@@ -75,10 +75,11 @@ pcall(ffi.cdef, [[
 	long recv(int, void *, size_t, int);
 	int close(int);
 	int poll(void *, unsigned long, int);
-	int setsockopt(int, int, int, const void *, uint32_t);
 	uint16_t htons(uint16_t);
 	uint32_t htonl(uint32_t);
 ]])
+-- apart: when http_spec declared the rest first, that whole cdef fails
+pcall(ffi.cdef, "int setsockopt(int, int, int, const void *, uint32_t);")
 
 local function tcp(port, rcvbuf)
 	local fd = ffi.C.socket(2, 1, 0)
