@@ -19,7 +19,7 @@ BIN       ?= projhost
 # subsystems in core/ (no Lua in them), the Lua bindings in core/bindings/
 # (the only place that includes lua.h; main.c is the binary's entry).
 LIB_SRCS  := core/log.c core/beat.c core/pg.c core/stmt.c core/frame.c core/proto.c core/queue.c core/pipeline.c core/registry.c core/schedule.c core/proc.c \
-             core/wakecheck.c core/http.c core/metrics.c core/surface.c core/master.c \
+             core/wakecheck.c core/http.c core/metrics.c core/surface.c core/subscribe.c core/master.c \
              core/bindings/lua_core.c core/bindings/lua_pg.c core/bindings/lua_master.c core/bindings/lua_worker.c \
              core/bindings/lua_proc.c
 HDRS      := $(wildcard core/*.h core/bindings/*.h spec/core/*.h)

@@ -32,7 +32,7 @@ build = {
 		["projhost.core"] = {
 			sources = {
 				"core/log.c", "core/beat.c", "core/pg.c", "core/stmt.c", "core/frame.c", "core/proto.c", "core/queue.c", "core/pipeline.c", "core/registry.c", "core/schedule.c",
-				"core/proc.c", "core/wakecheck.c", "core/http.c", "core/metrics.c", "core/surface.c", "core/master.c",
+				"core/proc.c", "core/wakecheck.c", "core/http.c", "core/metrics.c", "core/surface.c", "core/subscribe.c", "core/master.c",
 				"core/bindings/lua_core.c", "core/bindings/lua_pg.c", "core/bindings/lua_master.c",
 				"core/bindings/lua_worker.c", "core/bindings/lua_proc.c",
 			},

@@ -28,6 +28,13 @@ struct ph_http_req {
 	struct MHD_Response *resp;	/* a deferred answer to queue once resumed */
 	unsigned status;
 	struct ph_http_req *prev, *next;	/* deferred ones */
+	/* a stream (ph_http_stream) */
+	ph_http_pull pull;
+	ph_http_gone gone;
+	void *sarg;
+	int paused;			/* suspended by its reader: nothing to send */
+	int ended;			/* ph_http_stop(): the reader ends it */
+	struct ph_http_req *sprev, *snext;	/* streams */
 };
 
 struct ph_http {
@@ -38,6 +45,7 @@ struct ph_http {
 	ph_http_handler cb;
 	void *arg;
 	struct ph_http_req *deferred;
+	struct ph_http_req *streams;
 	int running;			/* inside MHD_run(): do not call it again */
 	char addr[128];
 	uint64_t log_at;		/* the last MHD message logged (ms) */
@@ -216,6 +224,16 @@ static void on_completed(void *cls, struct MHD_Connection *c, void **con_cls, en
 	if (!r)
 		return;
 	unlink_deferred(r);
+	if (r->pull) {
+		if (r->sprev)
+			r->sprev->snext = r->snext;
+		else
+			r->h->streams = r->snext;
+		if (r->snext)
+			r->snext->sprev = r->sprev;
+		if (r->gone)
+			r->gone(r->sarg);
+	}
 	if (r->resp)
 		MHD_destroy_response(r->resp);
 	free(r->path);
@@ -245,6 +263,70 @@ int ph_http_respond(struct ph_http_req *r, unsigned status, const char *ctype, c
 	MHD_resume_connection(r->conn);
 	uv_timer_start(r->h->timer, on_timer, 0, 0);
 	return resp ? 0 : -1;
+}
+
+/* MHD asks for more of a stream: what the puller has, or a pause (the
+ * only way not to be asked again at once: MHD allows suspending here). */
+static ssize_t stream_reader(void *cls, uint64_t pos, char *buf, size_t max)
+{
+	struct ph_http_req *r = cls;
+	ssize_t n;
+
+	(void)pos;
+	if (r->ended)
+		return MHD_CONTENT_READER_END_OF_STREAM;
+	n = r->pull(r->sarg, buf, max);
+	if (n < 0)
+		return MHD_CONTENT_READER_END_OF_STREAM;
+	if (n == 0 && !r->paused) {
+		r->paused = 1;
+		MHD_suspend_connection(r->conn);
+	}
+	return n;
+}
+
+int ph_http_stream(struct ph_http_req *r, const char *ctype, ph_http_pull pull, ph_http_gone gone, void *arg)
+{
+	struct MHD_Response *resp;
+
+	r->answered = 1;
+	r->status = 0;
+	resp = MHD_create_response_from_callback(MHD_SIZE_UNKNOWN, 16 * 1024, stream_reader, r, NULL);
+	if (!resp)
+		return -1;
+	MHD_add_response_header(resp, MHD_HTTP_HEADER_CONTENT_TYPE, ctype);
+	MHD_add_response_header(resp, MHD_HTTP_HEADER_CACHE_CONTROL, "no-store");
+	MHD_add_response_header(resp, "X-Content-Type-Options", "nosniff");
+	/* proxies (nginx) must not hold the events back */
+	MHD_add_response_header(resp, "X-Accel-Buffering", "no");
+	if (MHD_queue_response(r->conn, 200, resp) != MHD_YES) {
+		MHD_destroy_response(resp);
+		return -1;
+	}
+	MHD_destroy_response(resp);
+	r->status = 200;
+	r->pull = pull;
+	r->gone = gone;
+	r->sarg = arg;
+	r->snext = r->h->streams;
+	if (r->h->streams)
+		r->h->streams->sprev = r;
+	r->h->streams = r;
+	return 0;
+}
+
+void ph_http_stream_wake(struct ph_http_req *r)
+{
+	if (!r->paused)
+		return;
+	r->paused = 0;
+	MHD_resume_connection(r->conn);
+	uv_timer_start(r->h->timer, on_timer, 0, 0);
+}
+
+const char *ph_http_header(const struct ph_http_req *r, const char *name)
+{
+	return MHD_lookup_connection_value(r->conn, MHD_HEADER_KIND, name);
 }
 
 const char *ph_http_path(const struct ph_http_req *r)
@@ -380,6 +462,11 @@ void ph_http_stop(struct ph_http *h)
 	while (h->deferred)
 		ph_http_respond(h->deferred, MHD_HTTP_SERVICE_UNAVAILABLE, "text/plain; charset=utf-8",
 				"shutting down\n", 14);
+	/* MHD must not be stopped with a connection suspended */
+	for (struct ph_http_req *r = h->streams; r; r = r->snext) {
+		r->ended = 1;
+		ph_http_stream_wake(r);
+	}
 	/* let MHD take the resumed connections back before it closes them all */
 	if (h->d)
 		MHD_run(h->d);

@@ -20,6 +20,7 @@
 #define PH_HTTP_H
 
 #include <stddef.h>
+#include <sys/types.h>
 #include <uv.h>
 
 #define PH_HTTP_CONNECTIONS 64
@@ -67,5 +68,32 @@ const char *ph_http_arg(const struct ph_http_req *r, const char *name);
  * of memory (the connection is then closed).
  */
 int ph_http_respond(struct ph_http_req *r, unsigned status, const char *ctype, const char *body, size_t len);
+
+/**
+ * ph_http_pull - a stream's next bytes: copy at most @max into @buf and
+ * return how many; 0: none yet (the connection is suspended, costing the
+ * loop nothing, until ph_http_stream_wake()); -1: the stream ends.
+ */
+typedef ssize_t (*ph_http_pull)(void *arg, char *buf, size_t max);
+
+/** ph_http_gone - the stream's connection ended (client left, or after its end). */
+typedef void (*ph_http_gone)(void *arg);
+
+/**
+ * ph_http_stream() - answer @r 200 with a body of unknown length (chunked
+ * on HTTP/1.1; closed at the end on HTTP/1.0) of type @ctype, pulled with
+ * @pull(@arg) whenever the client can take more. Only from the handler
+ * itself (not deferred). @gone(@arg) is called exactly once, when the
+ * connection ends; @r stays valid until then. A client that stops reading
+ * is closed after PH_HTTP_TIMEOUT_S without progress, as any other.
+ * Return: 0, or -1 (out of memory: the connection is closed, @gone is not called).
+ */
+int ph_http_stream(struct ph_http_req *r, const char *ctype, ph_http_pull pull, ph_http_gone gone, void *arg);
+
+/** ph_http_stream_wake() - there are bytes to pull now (or its end). */
+void ph_http_stream_wake(struct ph_http_req *r);
+
+/** ph_http_header() - the value of request header @name, or NULL. */
+const char *ph_http_header(const struct ph_http_req *r, const char *name);
 
 #endif

@@ -156,6 +156,8 @@ static void wake_all(struct master *m)
 	for (int i = 0; i < m->reg.n; i++)
 		wake(m, &m->reg.projs[i], "", now);
 	dispatch(m);
+	if (m->surface)
+		ph_surface_wake(m->surface);	/* subscribers read too */
 }
 
 /* Whether @p's next discovery round reads only the events since its last
@@ -886,6 +888,8 @@ static void on_listen_readable(uv_poll_t *h, int status, int events)
 		wake_all(m);
 	else
 		dispatch(m);
+	if (notified && !all && m->surface)
+		ph_surface_wake(m->surface);
 }
 
 static void listen_connect(struct master *m)

@@ -16,6 +16,7 @@
 #include "http.h"
 #include "log.h"
 #include "pg.h"
+#include "subscribe.h"
 #include "surface.h"
 
 enum route { R_METRICS, R_READY, R_STATUS, R_PAGE };
@@ -40,11 +41,17 @@ struct waiter {
 };
 
 /* A query in the FIFO: the session's settings, the snapshot, or a check of w. */
-enum qkind { Q_SETUP, Q_SNAPSHOT, Q_CHECK };
+enum qkind { Q_SETUP, Q_SNAPSHOT, Q_CHECK, Q_CALL };
 
 struct query {
 	enum qkind kind;
 	struct waiter *w;
+	/* Q_CALL: ph_surface_query() */
+	char *sql;
+	char **params;
+	int n;
+	void (*cb)(void *, PGresult *);
+	void *arg;
 	struct query *next;
 };
 
@@ -79,6 +86,8 @@ struct ph_surface {
 
 	struct waiter *waiters;
 	int nwaiters;
+
+	struct ph_subs *subs;
 };
 
 /* Connecting and each query are bounded: a stuck statement (a lock, a
@@ -98,6 +107,7 @@ static const char SNAPSHOT_SQL[] =
 
 static void db_connect(struct ph_surface *s);
 static void pump(struct ph_surface *s);
+static void call_done(struct query *q, PGresult *r);
 static void answer_snapreqs(struct ph_surface *s);
 static void check(struct waiter *w);
 
@@ -226,6 +236,10 @@ static void db_lost(struct ph_surface *s, const char *why)
 			free(q);
 			continue;
 		}
+		if (q->kind == Q_CALL) {
+			call_done(q, NULL);
+			continue;
+		}
 		free(q);
 		if (!w) {
 			s->refreshing = 0;
@@ -265,6 +279,7 @@ static void connect_step(struct ph_surface *s)
 		s->dberr[0] = '\0';
 		watch(s, UV_READABLE);
 		pump(s);
+		ph_subs_wake(s->subs);	/* what was appended meanwhile */
 		break;
 	default: {
 		char buf[400];
@@ -364,6 +379,8 @@ static void pump(struct ph_surface *s)
 		ok = PQsendQueryParams(s->conn, SETUP_SQL, 1, NULL, params, NULL, NULL, 0);
 	} else if (q->kind == Q_SNAPSHOT) {
 		ok = PQsendQuery(s->conn, SNAPSHOT_SQL);
+	} else if (q->kind == Q_CALL) {
+		ok = PQsendQueryParams(s->conn, q->sql, q->n, NULL, (const char *const *)q->params, NULL, NULL, 0);
 	} else {
 		char version[24];
 		const char *params[3] = { q->w->proj, q->w->stream, version };
@@ -397,6 +414,56 @@ static int enqueue(struct ph_surface *s, enum qkind kind, struct waiter *w)
 	s->qtail = q;
 	pump(s);
 	return 0;
+}
+
+/* ---- queries of others (subscribe.c) ---- */
+
+/* Answer and free a Q_CALL (@r NULL: it never ran). */
+static void call_done(struct query *q, PGresult *r)
+{
+	q->cb(q->arg, r);
+	for (int i = 0; i < q->n; i++)
+		free(q->params[i]);
+	free(q->params);
+	free(q->sql);
+	free(q);
+}
+
+int ph_surface_query(struct ph_surface *s, const char *sql, int n, const char *const *params,
+		     void (*cb)(void *arg, PGresult *res), void *arg)
+{
+	struct query *q;
+
+	if (!s->connected || !(q = calloc(1, sizeof(*q))))
+		return -1;
+	q->kind = Q_CALL;
+	q->cb = cb;
+	q->arg = arg;
+	q->sql = strdup(sql);
+	q->params = calloc((size_t)n + 1, sizeof(char *));
+	for (int i = 0; q->params && i < n; i++)
+		if ((q->params[i] = strdup(params[i] ? params[i] : "")))
+			q->n = i + 1;
+	if (!q->sql || !q->params || q->n != n) {
+		for (int i = 0; q->params && i < q->n; i++)
+			free(q->params[i]);
+		free(q->params);
+		free(q->sql);
+		free(q);
+		return -1;
+	}
+	if (s->qtail)
+		s->qtail->next = q;
+	else
+		s->qhead = q;
+	s->qtail = q;
+	pump(s);
+	return 0;
+}
+
+void ph_surface_wake(struct ph_surface *s)
+{
+	ph_subs_wake(s->subs);
 }
 
 /* ---- the snapshot ---- */
@@ -483,6 +550,7 @@ static void serve_metrics(struct ph_surface *s, struct ph_http_req *r)
 	struct ph_status_row *rows = status_rows(s, &n);
 
 	ph_metrics_render(&b, &s->m, s->have_snap ? rows : NULL, n, horizon_age(s));
+	ph_subs_metrics(s->subs, &b);
 	free(rows);
 	respond_buf(r, 200, "text/plain; version=0.0.4; charset=utf-8", &b);
 }
@@ -732,7 +800,19 @@ static void query_done(struct ph_surface *s)
 		take_snapshot(s);
 	else if (q->kind == Q_CHECK)
 		checked(s, q->w);
-	else if (s->nres && PQresultStatus(s->res[0]) != PGRES_TUPLES_OK) {
+	else if (q->kind == Q_CALL) {
+		/* the results are the caller's until it returns: what it queues
+		 * meanwhile may lose the connection, which clears s->res */
+		PGresult *res[2];
+		int nres = s->nres;
+
+		memcpy(res, s->res, sizeof(res));
+		s->nres = 0;
+		call_done(q, nres ? res[nres - 1] : NULL);
+		for (int i = 0; i < nres; i++)
+			PQclear(res[i]);
+		q = NULL;
+	} else if (s->nres && PQresultStatus(s->res[0]) != PGRES_TUPLES_OK) {
 		char buf[400];
 
 		ph_log(PH_WARN, "host", "http status connection: %s: %s", SETUP_SQL,
@@ -847,6 +927,10 @@ static void on_request(struct ph_http_req *r, void *arg)
 		serve_wait(s, r);
 		return;
 	}
+	if (strcmp(path, "/subscribe") == 0) {
+		ph_subs_serve(s->subs, r);
+		return;
+	}
 	if (strcmp(path, "/metrics") == 0)
 		route = R_METRICS;
 	else if (strcmp(path, "/health/ready") == 0)
@@ -894,9 +978,11 @@ struct ph_surface *ph_surface_start(uv_loop_t *loop, const char *addr, const cha
 	snprintf(s->stall_after, sizeof(s->stall_after), "%.17g", stall_after);
 	s->known = known;
 	s->arg = arg;
-	s->http = ph_http_start(loop, addr, on_request, s, err, sizeof(err));
+	s->subs = ph_subs_new(loop, s);
+	s->http = s->subs ? ph_http_start(loop, addr, on_request, s, err, sizeof(err)) : NULL;
 	if (!s->http) {
-		ph_log(PH_ERROR, "host", "cannot serve HTTP: %s", err);
+		ph_log(PH_ERROR, "host", "cannot serve HTTP: %s", s->subs ? err : "out of memory");
+		ph_subs_free(s->subs);
 		free(s->retry);
 		free(s->dsn);
 		free(s);
@@ -904,7 +990,7 @@ struct ph_surface *ph_surface_start(uv_loop_t *loop, const char *addr, const cha
 	}
 	uv_timer_init(loop, s->retry);
 	s->retry->data = s;
-	ph_log(PH_INFO, "host", "serving HTTP on http://%s/ (/metrics /health/live /health/ready /status /wait)",
+	ph_log(PH_INFO, "host", "serving HTTP on http://%s/ (/metrics /health/live /health/ready /status /wait /subscribe)",
 	       ph_http_address(s->http));
 	db_connect(s);
 	return s;
@@ -940,22 +1026,29 @@ void ph_surface_stop(struct ph_surface *s)
 		return;
 	/* nothing more is read: every answer still owed is given now */
 	drop_poll(s);
-	while (s->qhead) {
-		struct query *q = s->qhead;
-
-		s->qhead = q->next;
+	for (struct query *q = s->qhead; q; q = q->next)
 		if (q->kind == Q_CHECK)
 			q->w->queued = 0;
-		free(q);
-	}
-	s->qtail = NULL;
 	s->refreshing = 0;
 	snprintf(s->snap_err, sizeof(s->snap_err), "shutting down");
 	s->have_snap = 0;
 	answer_snapreqs(s);
 	while (s->waiters)
 		waiter_answer(s->waiters, 503, NULL, "shutting down");
+	ph_subs_shutdown(s->subs);
 	ph_http_stop(s->http);
+	/* the subscribers are gone: their reads end with no result */
+	while (s->qhead) {
+		struct query *q = s->qhead;
+
+		s->qhead = q->next;
+		if (q->kind == Q_CALL)
+			call_done(q, NULL);
+		else
+			free(q);
+	}
+	s->qtail = NULL;
+	ph_subs_free(s->subs);
 	for (int i = 0; i < s->nres; i++)
 		PQclear(s->res[i]);
 	PQclear(s->rows);

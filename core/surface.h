@@ -19,6 +19,7 @@
  *                      parameters; 404 unknown projection or no such event;
  *                      503 database unreachable at the timeout, or
  *                      PH_WAIT_MAX_WAITERS already waiting
+ *   GET /subscribe?... Server-Sent Events (subscribe.h)
  *
  * The database figures (projection_status(), status_json()) are one
  * snapshot, read on demand and kept PH_SURFACE_FRESH_MS: a scrape storm
@@ -28,6 +29,7 @@
 #define PH_SURFACE_H
 
 #include <stdint.h>
+#include <libpq-fe.h>
 #include <uv.h>
 
 #include "http.h"
@@ -69,6 +71,21 @@ void ph_surface_batch_done(struct ph_surface *s, const char *proj);
  * batches answer their waiters through ph_surface_batch_done()).
  */
 void ph_surface_recheck(struct ph_surface *s);
+
+/**
+ * ph_surface_query() - run @sql with @n text @params on the surface's
+ * connection, after what is queued; @cb(@arg, result) gets its last result
+ * (NULL: the connection was lost or the surface stops), which it must not
+ * clear. Return: 0, or -1 (not connected, or out of memory: @cb is not called).
+ */
+int ph_surface_query(struct ph_surface *s, const char *sql, int n, const char *const *params,
+		     void (*cb)(void *arg, PGresult *res), void *arg);
+
+/**
+ * ph_surface_wake() - new events may have been committed (a NOTIFY, a
+ * wake-up of every projection, the fallback poll): subscribers read them.
+ */
+void ph_surface_wake(struct ph_surface *s);
 
 /** ph_surface_stop() - answer what waits (503), close everything, free @s. */
 void ph_surface_stop(struct ph_surface *s);
