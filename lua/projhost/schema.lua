@@ -983,7 +983,8 @@ RETURNS jsonb LANGUAGE sql STABLE AS $fn$
 $fn$]]
 
 -- Read-your-writes. Has p_projection handled the event p_stream@p_version?
--- 'applied' | 'parked' | 'skipped' (by its on_error) | 'pending'. Exact,
+-- 'applied' | 'parked' | 'skipped' (by its on_error or an operator) |
+-- 'ignored' (its partition is done: ctx:done) | 'pending'. Exact,
 -- and immune to gaps: partitioned, the partition's checkpoint (a stream
 -- version) against the version; unpartitioned, no event the projection
 -- reads lies between its checkpoint (transaction, position) and the
@@ -1030,8 +1031,12 @@ BEGIN
 				quote_literal(p_projection), s.kind, quote_literal(s.value), quote_literal(p_stream)
 				USING ERRCODE = '22023';
 		END IF;
-		v_pending := coalesce((SELECT last_pos FROM projhost.checkpoints
-			WHERE projection = p_projection AND partition = p_stream), 0) < p_version;
+		SELECT last_pos, status INTO f FROM projhost.checkpoints
+		WHERE projection = p_projection AND partition = p_stream;
+		-- a partition its handler marked done (ctx:done, issue 14) never
+		-- applies its later events: handled, as ignored
+		IF f.status = 'done' AND f.last_pos < p_version THEN RETURN 'ignored'; END IF;
+		v_pending := coalesce(f.last_pos, 0) < p_version;
 	ELSIF c.last_pos IS NULL THEN
 		v_pending := true;
 	ELSIF (e.transaction_id, e.global_position) <= (c.last_tx, c.last_pos) THEN

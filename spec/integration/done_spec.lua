@@ -99,6 +99,14 @@ describe("finished partitions (ctx:done)", function()
 		local code, out, err = h.run({ "status", "wf", "--db", dsn })
 		assert.equal(0, code, out .. err)
 		assert.matches("wf%-1 [^\n]* done", out)
+		-- read-your-writes: an event after the done one is handled (ignored),
+		-- one before it applied, and wait_for does not wait on either
+		assert.equal("ignored", scalar(conn, "SELECT projhost.applied('wf', 'wf-1', 4)"))
+		assert.equal("applied", scalar(conn, "SELECT projhost.applied('wf', 'wf-1', 2)"))
+		assert.equal("t", scalar(conn, "SELECT projhost.wait_for('wf', 'wf-1', 3, 0)"))
+		code, out, err = h.run({ "wait", "wf", "--stream", "wf-1", "--version", "3", "--timeout", "1", "--db", dsn })
+		assert.equal(0, code, err)
+		assert.equal("wf ignored wf-1@3 (its partition is done: ctx:done)\n", out)
 	end)
 
 	it("is rolled back with its batch: a handler that fails after ctx:done leaves the partition running",

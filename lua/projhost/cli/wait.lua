@@ -57,6 +57,8 @@ function commands.wait(cmd)
 	end
 	if answer == "parked" then
 		say(("%s parked %s (its handler failed: projhost parked list %s)"):format(escape(name), what, escape(name)))
+	elseif answer == "ignored" then
+		say(("%s ignored %s (its partition is done: ctx:done)"):format(escape(name), what))
 	elseif answer == "skipped" then
 		say(("%s skipped %s (%s)"):format(escape(name), what,
 			how == "operator" and "projhost parked skip" or "its on_error said skip"))
