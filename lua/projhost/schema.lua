@@ -820,7 +820,8 @@ RETURNS TABLE (projection text, status text, partitioned boolean, partitions big
 	eta_seconds double precision, parked bigint, stalled boolean, "position" bigint,
 	error text, updated_at timestamptz,
 	running bigint, reset_pending boolean, progress double precision, shadow_of text,
-	source_kind text, source_value text, source_types text[], version int)
+	source_kind text, source_value text, source_types text[], version int,
+	done bigint, held bigint)
 -- short queries over big tables: compiling them costs more than running
 LANGUAGE plpgsql STABLE SET jit = off AS $fn$
 #variable_conflict use_column
@@ -854,15 +855,16 @@ BEGIN
 	FOREACH r IN ARRAY coalesce(v_all, '{}') LOOP
 		-- the rows not running: few, and indexed (checkpoints_status_idx)
 		SELECT count(*) FILTER (WHERE c.status = 'paused'), count(*) FILTER (WHERE c.status = 'failed'),
-			count(*) FILTER (WHERE c.status = 'stopped')
-		INTO paused, failed, stopped
+			count(*) FILTER (WHERE c.status = 'stopped'), count(*) FILTER (WHERE c.status = 'done'),
+			count(*) FILTER (WHERE c.status = 'held')
+		INTO paused, failed, stopped, done, held
 		FROM projhost.checkpoints c WHERE c.projection = r.name AND c.status <> 'running';
 		s := NULL;
 		SELECT * INTO s FROM projhost.sources WHERE projection = r.name;
 		projection := r.name;
 		partitioned := coalesce(s.partitioned, r.parts > 0);
 		partitions := CASE WHEN partitioned THEN r.parts ELSE 1 END;
-		running := r.n - paused - failed - stopped;
+		running := r.n - paused - failed - stopped - done - held;
 		-- `projhost reset` sets the version to 0 (the worker resets it)
 		reset_pending := r.version = 0;
 		SELECT c.version, c.last_pos INTO version, v_own FROM projhost.checkpoints c
@@ -955,7 +957,7 @@ RETURNS jsonb LANGUAGE sql STABLE AS $fn$
 			'partitioned', l.partitioned,
 			'partitions', l.partitions,
 			'statuses', jsonb_build_object('running', l.running, 'paused', l.paused,
-				'failed', l.failed, 'stopped', l.stopped),
+				'failed', l.failed, 'stopped', l.stopped, 'done', l.done, 'held', l.held),
 			'events_behind', l.events_behind,
 			'behind', l.events_behind,
 			'behind_estimated', l.behind_estimated,

@@ -311,7 +311,7 @@ describe("status", function()
 		assert.equal("bal", bal.name)
 		assert.equal(3, bal.partitions)
 		assert.equal("failed", bal.status)
-		assert.same({ running = 1, paused = 0, failed = 1, stopped = 1 }, bal.statuses)
+		assert.same({ running = 1, paused = 0, failed = 1, stopped = 1, done = 0, held = 0 }, bal.statuses)
 		assert.equal(10, bal.position)
 		-- its streams a, b, c have no events: nothing behind (issue 13: no
 		-- longer the top position minus its own); its source is not known

@@ -94,6 +94,9 @@ describe("finished partitions (ctx:done)", function()
 		assert.same({ 1, 2, 3, 4 }, applied("wf-2"))
 		assert.equal("done", scalar(conn, [[SELECT status FROM projhost.partition_status
 			WHERE projection = 'wf' AND partition = 'wf-1']]))
+		local doc = require("projhost.json").decode(scalar(conn, "SELECT projhost.status_json('wf')::text"))
+		local st = doc.projections[1].statuses
+		assert.same({ 1, 0 }, { st.done, st.held })
 		-- its events are not behind: the projection is caught up
 		assert.equal("0", scalar(conn, "SELECT events_behind FROM projhost.projection_status('wf')"))
 		local code, out, err = h.run({ "status", "wf", "--db", dsn })
