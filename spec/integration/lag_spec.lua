@@ -203,6 +203,9 @@ describe("lag", function()
 			assert.is_true(by[n].rate_1m > 0, n)
 		end
 		assert.equal(35, by.lp.partitions)
+		code, out, err = h.run({ "status", "lp", "--behind", "--db", dsn })
+		assert.equal(0, code, err)
+		assert.matches("\nno partition is behind\n$", out)
 		-- what the run applied in the last minute, from the workers' samples
 		assert.equal(330 + 29, by.lp.applied_1m)
 	end)

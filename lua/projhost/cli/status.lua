@@ -55,8 +55,17 @@ WHERE projection = $1 AND (NOT $2 OR status = 'failed') AND (NOT $3 OR behind > 
 ORDER BY partition
 LIMIT $4]]
 
-local function print_partitions(conn, name, cmd)
+-- proj: NAME's entry of the status document
+local function print_partitions(conn, name, cmd, proj)
 	local limit = cmd.flags.limit or DEFAULT_LIMIT
+	if cmd.flags.behind and proj and proj.partitioned and proj.events_behind == 0 then
+		-- exact for a partitioned projection (the sum over its streams, see
+		-- projhost.lag_rows): no partition is behind, and comparing every
+		-- one with its stream to find none costs 2 s at 1,000,000
+		say("")
+		say("no partition is behind")
+		return true
+	end
 	-- --behind must look at every partition's stream: one hash join (1 s
 	-- at 1,000,000 partitions), where the planner's walk in key order with
 	-- a lookup per partition, looking for a LIMIT it may never reach, took 14
@@ -155,7 +164,7 @@ function commands.status(cmd)
 		say("horizon: no open transaction holds it back")
 	end
 	if name then
-		local ok, perr = print_partitions(conn, name, cmd)
+		local ok, perr = print_partitions(conn, name, cmd, doc.projections[1])
 		if not ok then
 			conn:close()
 			return fail("status", perr)
