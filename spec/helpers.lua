@@ -10,6 +10,9 @@
 --   h.run(args, opts)       run the binary: code, stdout, stderr
 --   h.spawn(args, opts)     run it in the background: p.pid, p:alive(),
 --                           p:kill(sig), p:wait(timeout) -> code|nil, p:output()
+--   h.sh_quote(s), h.read_all(cmd)  a shell word; a command's whole output
+--   h.tcp_connect(port, rcvbuf?), h.tcp_send(fd, s), h.tcp_recv(fd, timeout),
+--   h.tcp_close(fd)         raw TCP clients of 127.0.0.1 (hostile HTTP ones)
 --   h.stop_all()            kill the children h.spawn started
 --   h.wait_until(fn, timeout_s, what)
 --   h.scalar(conn, sql, ...) the first column of the first row
@@ -364,6 +367,69 @@ function h.fresh_db(name)
 	assert(conn:exec("CREATE DATABASE " .. name))
 	conn:close()
 	return (pg.dsn:gsub("dbname=%S+", "dbname=" .. name))
+end
+
+function h.sh_quote(s)
+	return "'" .. tostring(s):gsub("'", "'\\''") .. "'"
+end
+
+function h.read_all(cmd)
+	local p = assert(io.popen(cmd))
+	local out = p:read("*a")
+	p:close()
+	return out
+end
+
+-- Raw TCP clients through the FFI (one declaration for every spec: a
+-- second ffi.cdef of the same struct fails whole).
+local ffi = require "ffi"
+ffi.cdef [[
+	struct ph_spec_sockaddr_in { uint16_t family; uint16_t port; uint32_t addr; char zero[8]; };
+	int socket(int, int, int);
+	int connect(int, const void *, uint32_t);
+	int setsockopt(int, int, int, const void *, uint32_t);
+	long send(int, const void *, size_t, int);
+	long recv(int, void *, size_t, int);
+	int close(int);
+	int poll(void *, unsigned long, int);
+	uint16_t htons(uint16_t);
+	uint32_t htonl(uint32_t);
+]]
+
+-- A connected socket to 127.0.0.1:port; rcvbuf: SO_RCVBUF (a slow reader).
+function h.tcp_connect(port, rcvbuf)
+	local fd = ffi.C.socket(2, 1, 0)
+	assert(fd >= 0, "socket")
+	if rcvbuf then
+		local v = ffi.new("int[1]", rcvbuf)
+		ffi.C.setsockopt(fd, 1 --[[SOL_SOCKET]], 8 --[[SO_RCVBUF]], v, 4)
+	end
+	local sa = ffi.new("struct ph_spec_sockaddr_in")
+	sa.family = 2
+	sa.port = ffi.C.htons(port)
+	sa.addr = ffi.C.htonl(0x7f000001)
+	assert(ffi.C.connect(fd, sa, ffi.sizeof(sa)) == 0, "connect")
+	return fd
+end
+
+function h.tcp_send(fd, s)
+	return tonumber(ffi.C.send(fd, s, #s, 0x4000 --[[MSG_NOSIGNAL]]))
+end
+
+-- Wait up to timeout seconds for fd to be readable; then what recv gives:
+-- the bytes, "" at EOF (or reset by the peer), or nil (nothing yet).
+function h.tcp_recv(fd, timeout)
+	local pfd = ffi.new("struct { int fd; short events; short revents; }[1]")
+	pfd[0].fd, pfd[0].events = fd, 1
+	if ffi.C.poll(pfd, 1, math.floor(timeout * 1000)) <= 0 then return nil end
+	local buf = ffi.new("char[65536]")
+	local n = tonumber(ffi.C.recv(fd, buf, 65536, 0))
+	if n < 0 then return "" end
+	return ffi.string(buf, n)
+end
+
+function h.tcp_close(fd)
+	ffi.C.close(fd)
 end
 
 return h

@@ -5,7 +5,6 @@
 local h = require "helpers"
 local core = require "projhost.core"
 local cjson = require "projhost.json"
-local ffi = require "ffi"
 
 -- tally: every event of category acct. picky (partitioned): parks an
 -- event without an amount, fails on one with "boom" in it.
@@ -36,16 +35,8 @@ return {
 }
 ]]
 
-local function sh_quote(s)
-	return "'" .. tostring(s):gsub("'", "'\\''") .. "'"
-end
-
-local function read_all(cmd)
-	local p = assert(io.popen(cmd))
-	local out = p:read("*a")
-	p:close()
-	return out
-end
+local sh_quote, read_all = h.sh_quote, h.read_all
+local tcp, send, recv = h.tcp_connect, h.tcp_send, h.tcp_recv
 
 -- curl: status, body, content type. extra: more curl arguments.
 local function get(base, path, extra)
@@ -58,45 +49,6 @@ local function get(base, path, extra)
 	return tonumber(code), body, ctype
 end
 
--- Raw TCP clients (hostile ones) through the FFI.
-pcall(ffi.cdef, [[
-	struct ph_sockaddr_in { uint16_t family; uint16_t port; uint32_t addr; char zero[8]; };
-	int socket(int, int, int);
-	int connect(int, const void *, uint32_t);
-	long send(int, const void *, size_t, int);
-	long recv(int, void *, size_t, int);
-	int close(int);
-	int poll(void *, unsigned long, int);
-	uint16_t htons(uint16_t);
-	uint32_t htonl(uint32_t);
-]])
-
-local function tcp(port)
-	local fd = ffi.C.socket(2, 1, 0)
-	assert(fd >= 0, "socket")
-	local sa = ffi.new("struct ph_sockaddr_in")
-	sa.family = 2
-	sa.port = ffi.C.htons(port)
-	sa.addr = ffi.C.htonl(0x7f000001)
-	assert(ffi.C.connect(fd, sa, ffi.sizeof(sa)) == 0, "connect")
-	return fd
-end
-
-local function send(fd, s)
-	return tonumber(ffi.C.send(fd, s, #s, 0x4000 --[[MSG_NOSIGNAL]]))
-end
-
--- Wait up to timeout seconds for fd to be readable; then what recv gives:
--- the bytes, "" at EOF, or nil (nothing yet / error).
-local function recv(fd, timeout)
-	local pfd = ffi.new("struct { int fd; short events; short revents; }[1]")
-	pfd[0].fd, pfd[0].events = fd, 1
-	if ffi.C.poll(pfd, 1, math.floor(timeout * 1000)) <= 0 then return nil end
-	local buf = ffi.new("char[65536]")
-	local n = tonumber(ffi.C.recv(fd, buf, 65536, 0))
-	if n < 0 then return "" end -- reset by the peer: closed too
-	return ffi.string(buf, n)
-end
 
 describe("projhost run --http", function()
 	local dsn, conn, dir, host, base, port
@@ -487,7 +439,7 @@ return {
 			if got and got:match("^HTTP/1%.1 200") and got:find('"result":"applied"', 1, true) then
 				answered = answered + 1
 			end
-			ffi.C.close(socks[i])
+			h.tcp_close(socks[i])
 		end
 		assert.equal(32, answered)
 	end)
@@ -502,7 +454,7 @@ return {
 		assert.is_nil(recv(fd, 0.5))
 		host:kill(2)
 		local got = recv(fd, 20)
-		ffi.C.close(fd)
+		h.tcp_close(fd)
 		assert.matches("^HTTP/1%.1 503", got)
 		assert.matches("shutting down", got, 1, true)
 		assert.equal(0, host:wait(20))
@@ -518,7 +470,7 @@ return {
 		-- a client that never finishes is timed out (PH_HTTP_TIMEOUT_S)
 		local got = recv(fd, 40)
 		assert.is_not_nil(got, "the server did not close the slow connection")
-		ffi.C.close(fd)
+		h.tcp_close(fd)
 		assert.equal(200, (get(base, "/health/live")))
 	end)
 
@@ -529,7 +481,7 @@ return {
 		local fd = tcp(port)
 		send(fd, "GET /" .. ("x"):rep(200000) .. " HTTP/1.1\r\nHost: x\r\n\r\n")
 		local got = recv(fd, 20)
-		ffi.C.close(fd)
+		h.tcp_close(fd)
 		assert.truthy(got == "" or (got and got:match("^HTTP/1%.1 4%d%d")), got)
 		assert.equal(200, (get(base, "/health/live")))
 	end)
@@ -550,7 +502,7 @@ return {
 		local held = fds() - before
 		-- (a few more for the master's own descriptors coming and going)
 		assert.truthy(held >= 32 and held <= 64 + 4, "descriptors held: " .. held)
-		for i = 1, 100 do ffi.C.close(socks[i]) end
+		for i = 1, 100 do h.tcp_close(socks[i]) end
 		h.wait_until(function() return get(base, "/health/live") == 200 end, 20, "an answer after the flood")
 		h.wait_until(function() return fds() <= before + 1 end, 20, "the flood's connections to be closed")
 	end)

@@ -4,18 +4,9 @@
 local h = require "helpers"
 local core = require "projhost.core"
 local cjson = require "projhost.json"
-local ffi = require "ffi"
 
-local function sh_quote(s)
-	return "'" .. tostring(s):gsub("'", "'\\''") .. "'"
-end
-
-local function read_all(cmd)
-	local p = assert(io.popen(cmd))
-	local out = p:read("*a")
-	p:close()
-	return out
-end
+local sh_quote, read_all = h.sh_quote, h.read_all
+local tcp, send, recv = h.tcp_connect, h.tcp_send, h.tcp_recv
 
 -- SSE text into events: { id =, event =, data = (decoded JSON or raw) },
 -- and comments as { comment = text }.
@@ -65,49 +56,6 @@ function Curl:events() return events_of(self:parsed()) end
 function Curl:stop()
 	os.execute("kill " .. self.pid .. " 2>/dev/null")
 	os.remove(self.file)
-end
-
-pcall(ffi.cdef, [[
-	struct ph_sockaddr_in { uint16_t family; uint16_t port; uint32_t addr; char zero[8]; };
-	int socket(int, int, int);
-	int connect(int, const void *, uint32_t);
-	long send(int, const void *, size_t, int);
-	long recv(int, void *, size_t, int);
-	int close(int);
-	int poll(void *, unsigned long, int);
-	uint16_t htons(uint16_t);
-	uint32_t htonl(uint32_t);
-]])
--- apart: when http_spec declared the rest first, that whole cdef fails
-pcall(ffi.cdef, "int setsockopt(int, int, int, const void *, uint32_t);")
-
-local function tcp(port, rcvbuf)
-	local fd = ffi.C.socket(2, 1, 0)
-	assert(fd >= 0, "socket")
-	if rcvbuf then
-		local v = ffi.new("int[1]", rcvbuf)
-		ffi.C.setsockopt(fd, 1 --[[SOL_SOCKET]], 8 --[[SO_RCVBUF]], v, 4)
-	end
-	local sa = ffi.new("struct ph_sockaddr_in")
-	sa.family = 2
-	sa.port = ffi.C.htons(port)
-	sa.addr = ffi.C.htonl(0x7f000001)
-	assert(ffi.C.connect(fd, sa, ffi.sizeof(sa)) == 0, "connect")
-	return fd
-end
-
-local function send(fd, s)
-	return tonumber(ffi.C.send(fd, s, #s, 0x4000 --[[MSG_NOSIGNAL]]))
-end
-
-local function recv(fd, timeout)
-	local pfd = ffi.new("struct { int fd; short events; short revents; }[1]")
-	pfd[0].fd, pfd[0].events = fd, 1
-	if ffi.C.poll(pfd, 1, math.floor(timeout * 1000)) <= 0 then return nil end
-	local buf = ffi.new("char[65536]")
-	local n = tonumber(ffi.C.recv(fd, buf, 65536, 0))
-	if n < 0 then return "" end
-	return ffi.string(buf, n)
 end
 
 -- Everything until EOF (or timeout seconds without a byte).
@@ -304,7 +252,7 @@ describe("GET /subscribe", function()
 			return body:find("\nprojhost_subscriber_overflows_total 1\n", 1, true)
 		end, 60, "an overflow in /metrics")
 		local rest, eof = recv_all(fd, 20)
-		ffi.C.close(fd)
+		h.tcp_close(fd)
 		assert.is_true(eof)
 		local text = (head .. rest):gsub("^.-\r\n\r\n", "")
 		local list = parse(text)
@@ -333,7 +281,7 @@ describe("GET /subscribe", function()
 			local s = recv(fd, 10) or ""
 			if s:find("^HTTP/1%.%d 503") then
 				limit = i - 1
-				ffi.C.close(fd)
+				h.tcp_close(fd)
 				break
 			end
 			assert.matches("^HTTP/1%.%d 200", s)
@@ -343,15 +291,15 @@ describe("GET /subscribe", function()
 		-- the rest of the surface still answers
 		assert.equal("200", read_all(("curl -s -o /dev/null -w '%%{http_code}' --max-time 10 %s")
 			:format(sh_quote(base .. "/health/live"))))
-		ffi.C.close(table.remove(fds))
+		h.tcp_close(table.remove(fds))
 		h.wait_until(function()
 			local fd = tcp(port)
 			send(fd, "GET /subscribe?all=1 HTTP/1.0\r\n\r\n")
 			local s = recv(fd, 10) or ""
 			if s:find("^HTTP/1%.%d 200") then fds[#fds + 1] = fd return true end
-			ffi.C.close(fd)
+			h.tcp_close(fd)
 		end, 45, "a free subscriber slot (noticed at a heartbeat)")
-		for _, fd in ipairs(fds) do ffi.C.close(fd) end
+		for _, fd in ipairs(fds) do h.tcp_close(fd) end
 	end)
 
 	it("a browser's EventSource (headless Chromium) reconnects after the host is killed and ends with every event once, in order", function()
@@ -413,6 +361,12 @@ describe("GET /subscribe", function()
 			ids[#ids + 1] = id
 		end
 		assert.same({ 1, 2, 3, 4, 5, 6, 7, 8, 9, 10 }, ns, text)
+		-- each with its own resume token (TX.POS), in the store's order
+		for i = 2, #ids do
+			local t1, p1 = ids[i - 1]:match("^(%d+)%.(%d+)$")
+			local t2, p2 = ids[i]:match("^(%d+)%.(%d+)$")
+			assert.is_true(tonumber(t2) > tonumber(t1) or (t2 == t1 and tonumber(p2) > tonumber(p1)), text)
+		end
 		-- one marker per connection: the first and the reconnection
 		assert.matches('data%-caught="2"', text)
 	end)
