@@ -10,6 +10,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/resource.h>
 #include <sys/socket.h>
 #include <sys/types.h>
 
@@ -48,6 +49,7 @@ struct ph_http {
 	struct ph_http_req *streams;
 	int running;			/* inside MHD_run(): do not call it again */
 	char addr[128];
+	unsigned limit;			/* connections served (connection_limit()) */
 	uint64_t log_at;		/* the last MHD message logged (ms) */
 	unsigned log_dropped;
 };
@@ -391,6 +393,36 @@ static void on_closed_free(uv_handle_t *hd)
 	free(hd);
 }
 
+/* PH_HTTP_CONNECTIONS, with the descriptors for them: a fresh Debian
+ * session's soft limit is 1,024 (its hard one far more), and a connection
+ * accepted past it fails with EMFILE - and so would the master's next
+ * pipe or database connection. The soft limit is raised as far as needed
+ * (a process may, up to its hard limit); where the hard limit is lower,
+ * fewer connections are served, said once. */
+static unsigned connection_limit(void)
+{
+	const rlim_t want = PH_HTTP_CONNECTIONS + PH_HTTP_FD_RESERVE;
+	struct rlimit rl;
+
+	if (getrlimit(RLIMIT_NOFILE, &rl) != 0)
+		return PH_HTTP_CONNECTIONS;
+	if (rl.rlim_cur != RLIM_INFINITY && rl.rlim_cur < want) {
+		struct rlimit up = rl;
+
+		up.rlim_cur = rl.rlim_max == RLIM_INFINITY || rl.rlim_max >= want ? want : rl.rlim_max;
+		if (setrlimit(RLIMIT_NOFILE, &up) == 0)
+			rl = up;
+	}
+	if (rl.rlim_cur == RLIM_INFINITY || rl.rlim_cur >= want)
+		return PH_HTTP_CONNECTIONS;
+	unsigned n = rl.rlim_cur > PH_HTTP_FD_RESERVE + 64 ? (unsigned)(rl.rlim_cur - PH_HTTP_FD_RESERVE) : 64;
+
+	ph_log(PH_WARN, "host", "the open files limit is %llu: serving at most %u HTTP connections, not %d "
+	       "(raise it with ulimit -n %llu)", (unsigned long long)rl.rlim_cur, n, PH_HTTP_CONNECTIONS,
+	       (unsigned long long)want);
+	return n;
+}
+
 struct ph_http *ph_http_start(uv_loop_t *loop, const char *addr, ph_http_handler cb, void *arg, char *err,
 			      size_t errlen)
 {
@@ -413,6 +445,7 @@ struct ph_http *ph_http_start(uv_loop_t *loop, const char *addr, ph_http_handler
 	if (six)
 		flags |= MHD_USE_IPv6;
 	h->loop = loop;
+	h->limit = connection_limit();
 	h->cb = cb;
 	h->arg = arg;
 	/* no MHD_OPTION_LISTENING_ADDRESS_REUSE: its SO_REUSEPORT would let a
@@ -421,7 +454,7 @@ struct ph_http *ph_http_start(uv_loop_t *loop, const char *addr, ph_http_handler
 	h->d = MHD_start_daemon(flags, 0, NULL, NULL, on_access, h,
 				MHD_OPTION_EXTERNAL_LOGGER, on_mhd_log, h,	/* first: it covers the others */
 				MHD_OPTION_SOCK_ADDR, ai->ai_addr,
-				MHD_OPTION_CONNECTION_LIMIT, (unsigned)PH_HTTP_CONNECTIONS,
+				MHD_OPTION_CONNECTION_LIMIT, h->limit,
 				MHD_OPTION_CONNECTION_MEMORY_LIMIT, (size_t)PH_HTTP_CONN_MEMORY,
 				MHD_OPTION_CONNECTION_TIMEOUT, (unsigned)PH_HTTP_TIMEOUT_S,
 				MHD_OPTION_NOTIFY_COMPLETED, on_completed, h,
@@ -453,6 +486,13 @@ struct ph_http *ph_http_start(uv_loop_t *loop, const char *addr, ph_http_handler
 	uv_poll_start(h->poll, UV_READABLE, on_poll);
 	drive(h);
 	return h;
+}
+
+unsigned ph_http_share(const struct ph_http_req *r, unsigned n)
+{
+	unsigned long long v = (unsigned long long)n * r->h->limit / PH_HTTP_CONNECTIONS;
+
+	return v ? (unsigned)v : 1;
 }
 
 void ph_http_stop(struct ph_http *h)

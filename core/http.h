@@ -6,7 +6,7 @@
  *
  * A slow or hostile client never blocks the loop: reads and writes are
  * nonblocking, and what one may hold is bounded - PH_HTTP_CONNECTIONS
- * connections (more are closed at once), PH_HTTP_CONN_MEMORY bytes of
+ * connections (more are closed at once; fewer under a low open-files limit), PH_HTTP_CONN_MEMORY bytes of
  * request per connection (a larger request line or header is answered 431
  * or 414), PH_HTTP_TIMEOUT_S seconds without progress (the connection is
  * closed). Only GET and HEAD are served (405 for anything else, without
@@ -23,7 +23,14 @@
 #include <sys/types.h>
 #include <uv.h>
 
-#define PH_HTTP_CONNECTIONS 64
+/* Connections at once: room for PH_SUB_MAX (1,024) subscribers and
+ * PH_WAIT_MAX_WAITERS (256) waiters, which hold theirs, and 128 more for
+ * /metrics, /health and the page (surface.c checks the sum). Each costs a
+ * descriptor: ph_http_start() raises the soft RLIMIT_NOFILE to fit them
+ * and PH_HTTP_FD_RESERVE more (the master's pipes, database connections,
+ * files), or serves fewer connections when the hard limit is lower. */
+#define PH_HTTP_CONNECTIONS 1408
+#define PH_HTTP_FD_RESERVE 256
 #define PH_HTTP_CONN_MEMORY (32 * 1024)
 #define PH_HTTP_TIMEOUT_S 10
 
@@ -52,6 +59,13 @@ const char *ph_http_address(const struct ph_http *h);
  * The loop must run afterwards for the handles to close.
  */
 void ph_http_stop(struct ph_http *h);
+
+/**
+ * ph_http_share() - @n connections of PH_HTTP_CONNECTIONS, scaled to the
+ * ones the server of @r serves (fewer under a low open-files limit): a
+ * route's cap on connections it holds (subscribers, waiters). At least 1.
+ */
+unsigned ph_http_share(const struct ph_http_req *r, unsigned n);
 
 /** ph_http_path() - the request's path, without the query string. */
 const char *ph_http_path(const struct ph_http_req *r);

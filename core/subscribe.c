@@ -88,7 +88,7 @@ struct ph_subs {
 	int reading, again;
 	uv_timer_t *held, *beat;
 	unsigned held_ms;
-	unsigned long long overflows, delivered;
+	unsigned long long overflows, delivered, reads;
 	int failing;			/* the last read failed (logged once per streak) */
 };
 
@@ -447,8 +447,10 @@ static void live_read(struct ph_subs *S)
 	snprintf(p[0], sizeof(p[0]), "%llu", S->head.tx);
 	snprintf(p[1], sizeof(p[1]), "%lld", S->head.pos);
 	snprintf(p[2], sizeof(p[2]), "%d", PH_SUB_PAGE);
-	if (ph_surface_query(S->s, LIVE_SQL, 3, params, on_live, S) == 0)
+	if (ph_surface_query(S->s, LIVE_SQL, 3, params, on_live, S) == 0) {
 		S->reading = 1;
+		S->reads++;
+	}
 }
 
 void ph_subs_wake(struct ph_subs *S)
@@ -592,7 +594,7 @@ void ph_subs_serve(struct ph_subs *S, struct ph_http_req *r)
 		bad(r, 400, "category and stream must not be empty; all must be 1\n");
 		return;
 	}
-	if (S->n >= PH_SUB_MAX) {
+	if (S->n >= (int)ph_http_share(r, PH_SUB_MAX)) {
 		bad(r, 503, "too many subscribers; try again later\n");
 		return;
 	}
@@ -659,8 +661,10 @@ void ph_subs_metrics(struct ph_subs *S, struct ph_buf *b)
 		      "# HELP projhost_subscriber_events_total Events sent to subscribers.\n"
 		      "# TYPE projhost_subscriber_events_total counter\nprojhost_subscriber_events_total %llu\n"
 		      "# HELP projhost_subscriber_overflows_total Subscribers disconnected for falling behind.\n"
-		      "# TYPE projhost_subscriber_overflows_total counter\nprojhost_subscriber_overflows_total %llu\n",
-		      S->n, S->delivered, S->overflows);
+		      "# TYPE projhost_subscriber_overflows_total counter\nprojhost_subscriber_overflows_total %llu\n"
+		      "# HELP projhost_subscriber_reads_total Shared reads of new events for every live subscriber.\n"
+		      "# TYPE projhost_subscriber_reads_total counter\nprojhost_subscriber_reads_total %llu\n",
+		      S->n, S->delivered, S->overflows, S->reads);
 }
 
 static void on_closed(uv_handle_t *h)

@@ -42,10 +42,12 @@
 
 struct ph_surface;
 
-/* Subscribers at once: a quarter of the connections, so that /wait
- * (PH_WAIT_MAX_WAITERS, half) and subscribers together leave a quarter for
- * /metrics and /health. */
-#define PH_SUB_MAX (PH_HTTP_CONNECTIONS / 4)
+/* Subscribers at once (issue 14: "a thousand idle subscribers"); with
+ * /wait's PH_WAIT_MAX_WAITERS they leave connections for /metrics and
+ * /health (see PH_HTTP_CONNECTIONS). An idle one costs its connection, a
+ * struct and its buffer's high-water mark - no database work: every
+ * subscriber is fed from one shared read per batch of new events. */
+#define PH_SUB_MAX 1024
 /* Unsent bytes a subscriber may have before it overflows. */
 #define PH_SUB_BUFFER (256 * 1024)
 /* Events per read (the shared live read, a catch-up page). */

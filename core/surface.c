@@ -19,6 +19,10 @@
 #include "subscribe.h"
 #include "surface.h"
 
+/* subscribers and waiters hold their connections: the rest must stay */
+_Static_assert(PH_SUB_MAX + PH_WAIT_MAX_WAITERS + 64 <= PH_HTTP_CONNECTIONS,
+	       "PH_HTTP_CONNECTIONS leaves no room for /metrics and /health");
+
 enum route { R_METRICS, R_READY, R_STATUS, R_PAGE };
 
 /* A request waiting for the snapshot. */
@@ -881,7 +885,7 @@ static void serve_wait(struct ph_surface *s, struct ph_http_req *r)
 		ph_buf_free(&b);
 		return;
 	}
-	if (s->nwaiters >= PH_WAIT_MAX_WAITERS) {
+	if (s->nwaiters >= (int)ph_http_share(r, PH_WAIT_MAX_WAITERS)) {
 		respond_error(r, 503, "too many /wait requests at once; try again");
 		return;
 	}

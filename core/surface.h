@@ -42,7 +42,7 @@
 /* /wait requests held at once; more are answered 503 at once, so waiters
  * (which hold their connections for up to PH_WAIT_MAX_MS) never take every
  * connection and /metrics and /health stay reachable */
-#define PH_WAIT_MAX_WAITERS (PH_HTTP_CONNECTIONS / 2)
+#define PH_WAIT_MAX_WAITERS 256
 
 struct ph_surface;
 

@@ -10,9 +10,11 @@
 --   h.run(args, opts)       run the binary: code, stdout, stderr
 --   h.spawn(args, opts)     run it in the background: p.pid, p:alive(),
 --                           p:kill(sig), p:wait(timeout) -> code|nil, p:output()
+--                           (opts: env, cwd, stdin, prefix = { "/usr/bin/prlimit", ... })
 --   h.sh_quote(s), h.read_all(cmd)  a shell word; a command's whole output
 --   h.tcp_connect(port, rcvbuf?), h.tcp_send(fd, s), h.tcp_recv(fd, timeout),
 --   h.tcp_close(fd)         raw TCP clients of 127.0.0.1 (hostile HTTP ones)
+--   h.open_files(n)         this process's soft open-files limit (-> the old one)
 --   h.stop_all()            kill the children h.spawn started
 --   h.wait_until(fn, timeout_s, what)
 --   h.scalar(conn, sql, ...) the first column of the first row
@@ -127,8 +129,16 @@ local function child_env(extra)
 end
 
 -- Start the binary; returns pid. files: stdin, stdout, stderr paths.
+-- opts.prefix: a command that runs it ({ "/usr/bin/prlimit", "--nofile=512" }: a path).
 local function spawn(args, opts, files)
 	files.cwd = opts.cwd
+	if opts.prefix then
+		local argv = {}
+		for i = 2, #opts.prefix do argv[#argv + 1] = opts.prefix[i] end
+		argv[#argv + 1] = h.bin
+		for _, a in ipairs(args) do argv[#argv + 1] = a end
+		return proc.spawn(opts.prefix[1], argv, child_env(opts.env), files)
+	end
 	return proc.spawn(h.bin, args, child_env(opts.env), files)
 end
 
@@ -394,7 +404,21 @@ ffi.cdef [[
 	int poll(void *, unsigned long, int);
 	uint16_t htons(uint16_t);
 	uint32_t htonl(uint32_t);
+	struct ph_spec_rlimit { uint64_t cur, max; };
+	int getrlimit(int, struct ph_spec_rlimit *);
+	int setrlimit(int, const struct ph_spec_rlimit *);
 ]]
+
+-- Set this process's soft limit of open files (children inherit it) to n,
+-- at most its hard limit; returns the one it had.
+function h.open_files(n)
+	local rl = ffi.new("struct ph_spec_rlimit")
+	assert(ffi.C.getrlimit(7 --[[RLIMIT_NOFILE]], rl) == 0, "getrlimit")
+	local had = tonumber(rl.cur)
+	rl.cur = math.min(n, tonumber(rl.max))
+	assert(ffi.C.setrlimit(7, rl) == 0, "setrlimit")
+	return had
+end
 
 -- A connected socket to 127.0.0.1:port; rcvbuf: SO_RCVBUF (a slow reader).
 function h.tcp_connect(port, rcvbuf)

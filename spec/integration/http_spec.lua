@@ -53,8 +53,10 @@ end
 describe("projhost run --http", function()
 	local dsn, conn, dir, host, base, port
 
-	local function start(env, paths)
-		host = h.spawn({ "run", "--db", dsn, "--http", "127.0.0.1:0", paths or dir }, { env = env })
+	local function start(env, paths, opts)
+		opts = opts or {}
+		opts.env = env
+		host = h.spawn({ "run", "--db", dsn, "--http", "127.0.0.1:0", paths or dir }, opts)
 		local addr = h.wait_until(function()
 			return host:output():match("serving HTTP on http://(127%.0%.0%.1:%d+)/")
 		end, 20, "the HTTP address in the log")
@@ -410,38 +412,40 @@ return {
 	end)
 
 	it("holds at most PH_WAIT_MAX_WAITERS /wait requests, so /health still answers", function()
+		local had = h.open_files(4096)
 		start()
 		h.wait_until(applied("tally"), 20, "tally to apply its events")
 		assert.equal(0, (h.run({ "pause", "tally", "--db", dsn })))
 		append("acct-3")
 		local socks = {}
 		local req = "GET /wait?projection=tally&stream=acct-3&version=1&timeout_ms=60000 HTTP/1.1\r\nHost: x\r\n\r\n"
-		for i = 1, 40 do
+		for i = 1, 300 do
 			socks[i] = tcp(port)
 			send(socks[i], req)
 		end
 		-- the ones past the cap are answered 503 at once; the others wait
 		local refused, waiting = 0, 0
 		core.sleep(1)
-		for i = 1, 40 do
+		for i = 1, 300 do
 			local got = recv(socks[i], 0.05)
 			if got and got:match("^HTTP/1%.1 503") then refused = refused + 1
 			elseif got == nil then waiting = waiting + 1 end
 		end
-		assert.equal(32, waiting)
-		assert.equal(8, refused)
+		assert.equal(256, waiting)
+		assert.equal(44, refused)
 		assert.equal(200, (get(base, "/health/live")))
 		-- and all of them are answered by the batch that applies the event
 		assert.equal(0, (h.run({ "resume", "tally", "--db", dsn })))
 		local answered = 0
-		for i = 1, 40 do
+		for i = 1, 300 do
 			local got = recv(socks[i], 20)
 			if got and got:match("^HTTP/1%.1 200") and got:find('"result":"applied"', 1, true) then
 				answered = answered + 1
 			end
 			h.tcp_close(socks[i])
 		end
-		assert.equal(32, answered)
+		assert.equal(256, answered)
+		h.open_files(had)
 	end)
 
 	it("stops cleanly on SIGINT, answering a /wait still pending with 503", function()
@@ -486,24 +490,49 @@ return {
 		assert.equal(200, (get(base, "/health/live")))
 	end)
 
-	it("holds at most its connection limit (PH_HTTP_CONNECTIONS) and serves again when they go", function()
+	it("holds at most its connection limit (PH_HTTP_CONNECTIONS, fewer under a low open-files limit) and serves again when they go", function()
+		local had = h.open_files(4096) -- our side of the flood
+		local function flood(n, most)
+			local function fds()
+				return tonumber(read_all("ls /proc/" .. host.pid .. "/fd | wc -l"))
+			end
+			local before = fds()
+			local socks = {}
+			for i = 1, n do
+				socks[i] = tcp(port)
+				send(socks[i], "GET /health/live HTTP/1.1\r\nHost: x\r\n") -- never finished
+			end
+			core.sleep(0.5)
+			-- the kernel queues the rest; the master holds no more than its limit
+			local held = fds() - before
+			-- (a few more for the master's own descriptors coming and going)
+			assert.truthy(held >= most / 2 and held <= most + 4, "descriptors held: " .. held)
+			for i = 1, n do h.tcp_close(socks[i]) end
+			h.wait_until(function() return get(base, "/health/live") == 200 end, 20, "an answer after the flood")
+			h.wait_until(function() return fds() <= before + 1 end, 20, "the flood's connections to be closed")
+		end
 		start()
-		local function fds()
-			return tonumber(read_all("ls /proc/" .. host.pid .. "/fd | wc -l"))
+		flood(1500, 1408)
+		h.stop_all()
+		-- a hard limit of 512 descriptors: 256 connections, said at the start
+		start(nil, nil, { prefix = { "/usr/bin/prlimit", "--nofile=512:512" } })
+		assert.matches("the open files limit is 512: serving at most 256 HTTP connections", host:output())
+		flood(400, 256)
+		-- and its subscribers' share of them (1,024 of 1,408): /metrics stays
+		local subs = {}
+		for i = 1, 300 do
+			local fd = tcp(port)
+			send(fd, "GET /subscribe?all=1 HTTP/1.0\r\n\r\n")
+			local got = h.tcp_recv(fd, 10) or ""
+			subs[i] = fd
+			if not got:find("^HTTP/1%.%d 200") then
+				assert.matches("^HTTP/1%.%d 503", got)
+				assert.equal(math.floor(1024 * 256 / 1408) + 1, i)
+				break
+			end
 		end
-		local before = fds()
-		local socks = {}
-		for i = 1, 100 do
-			socks[i] = tcp(port)
-			send(socks[i], "GET /health/live HTTP/1.1\r\nHost: x\r\n") -- never finished
-		end
-		core.sleep(0.5)
-		-- the kernel queues the rest; the master holds no more than its limit
-		local held = fds() - before
-		-- (a few more for the master's own descriptors coming and going)
-		assert.truthy(held >= 32 and held <= 64 + 4, "descriptors held: " .. held)
-		for i = 1, 100 do h.tcp_close(socks[i]) end
-		h.wait_until(function() return get(base, "/health/live") == 200 end, 20, "an answer after the flood")
-		h.wait_until(function() return fds() <= before + 1 end, 20, "the flood's connections to be closed")
+		assert.equal(200, (get(base, "/metrics")))
+		for _, fd in ipairs(subs) do h.tcp_close(fd) end
+		h.open_files(had)
 	end)
 end)

@@ -271,11 +271,14 @@ describe("GET /subscribe", function()
 		assert.equal(8000, rev[#rev].data.data.n)
 	end)
 
-	it("answers 503 beyond its subscriber limit and frees a slot when a client leaves", function()
+	it("serves a thousand idle subscribers from one shared read per batch, 503 beyond 1,024, a slot freed when one leaves", function()
+		-- the host starts under a fresh Debian session's soft limit of open
+		-- files (1,024): it must raise its own to hold them all
+		local had = h.open_files(1024)
 		start()
-		local fds = {}
-		local limit
-		for i = 1, 40 do
+		h.open_files(4096) -- our side of the connections
+		local subs, limit = {}, nil
+		for i = 1, 1100 do
 			local fd = tcp(port)
 			send(fd, "GET /subscribe?all=1 HTTP/1.0\r\n\r\n")
 			local s = recv(fd, 10) or ""
@@ -285,21 +288,49 @@ describe("GET /subscribe", function()
 				break
 			end
 			assert.matches("^HTTP/1%.%d 200", s)
-			fds[#fds + 1] = fd
+			subs[i] = { fd = fd, text = s }
 		end
-		assert.equal(16, limit)
+		assert.equal(1024, limit)
+		assert.falsy(host:output():find("open files limit", 1, true))
+		local function reads()
+			local m = read_all(("curl -s --max-time 10 %s"):format(sh_quote(base .. "/metrics")))
+			return tonumber(m:match("\nprojhost_subscriber_reads_total (%d+)"))
+		end
+		-- every one attached (live from its ": subscribed" on)
+		for _, u in ipairs(subs) do
+			h.wait_until(function()
+				u.text = u.text .. (recv(u.fd, 0) or "")
+				return u.text:find(": subscribed\n", 1, true)
+			end, 20, "the subscribed comment")
+		end
+		local r0 = reads()
+		for i = 1, 10 do append("fan-" .. i % 3, "Ev", { n = i }) end
+		for _, u in ipairs(subs) do
+			local ev = h.wait_until(function()
+				u.text = u.text .. (recv(u.fd, 0.05) or "")
+				local ev = events_of(parse(u.text:gsub("^.-\r\n\r\n", "")))
+				return #ev >= 10 and ev
+			end, 30, "ten events at every subscriber")
+			assert.equal(10, #ev)
+			for i, e in ipairs(ev) do assert.equal(i, e.data.data.n) end
+		end
+		-- ten appends, a few wake-ups each at most: the reads do not grow
+		-- with the number of subscribers (one each would be 10,240)
+		local dr = reads() - r0
+		assert.truthy(dr >= 1 and dr <= 40, "shared reads for 10 appends: " .. dr)
 		-- the rest of the surface still answers
 		assert.equal("200", read_all(("curl -s -o /dev/null -w '%%{http_code}' --max-time 10 %s")
 			:format(sh_quote(base .. "/health/live"))))
-		h.tcp_close(table.remove(fds))
+		h.tcp_close(table.remove(subs).fd)
 		h.wait_until(function()
 			local fd = tcp(port)
 			send(fd, "GET /subscribe?all=1 HTTP/1.0\r\n\r\n")
 			local s = recv(fd, 10) or ""
-			if s:find("^HTTP/1%.%d 200") then fds[#fds + 1] = fd return true end
+			if s:find("^HTTP/1%.%d 200") then subs[#subs + 1] = { fd = fd } return true end
 			h.tcp_close(fd)
 		end, 45, "a free subscriber slot (noticed at a heartbeat)")
-		for _, fd in ipairs(fds) do h.tcp_close(fd) end
+		for _, u in ipairs(subs) do h.tcp_close(u.fd) end
+		h.open_files(had)
 	end)
 
 	it("a browser's EventSource (headless Chromium) reconnects after the host is killed and ends with every event once, in order", function()
