@@ -135,23 +135,29 @@ return { from = { category = "rl" }, when = { ["*"] = function(s) s.n = (s.n or 
 		assert.equal("2", scalar(conn, "SELECT state->>'n' FROM projhost.checkpoints WHERE projection = 'second'"))
 	end)
 
-	it("rebuilds a new version in the shadow and switches over once it caught up", function()
+	it("rebuilds a new version in the shadow and switches over once it caught up, dropping the old one's dead letters", function()
+		-- version 1 parks its 7th event; version 2 applies every one
 		local function counter(version, step)
 			return ([[
 return {
 	name = "shadowed",
 	version = %d,
 	from = { category = "rl" },
-	when = { ["*"] = function(s) s.total = (s.total or 0) + %d end },
+	when = { ["*"] = function(s, e)
+		if %d == 1 and e.version == 7 then error("seventh") end
+		s.total = (s.total or 0) + %d
+	end },
+	on_error = function() return "park" end,
 }
-]]):format(version, step)
+]]):format(version, version, step)
 		end
 		h.write_file(dir .. "/shadowed.lua", counter(1, 1))
 		append_many(50)
 		local host = h.spawn({ "run", "--db", dsn, dir }, { env = { PROJHOST_BATCH_SIZE = 5 } })
 		h.wait_until(function()
-			return scalar(conn, "SELECT state->>'total' FROM projhost.checkpoints WHERE projection = 'shadowed'") == "50"
+			return scalar(conn, "SELECT state->>'total' FROM projhost.checkpoints WHERE projection = 'shadowed'") == "49"
 		end, 20, "version 1")
+		assert.equal("1", scalar(conn, "SELECT count(*) FROM projhost.parked WHERE projection = 'shadowed'"))
 		h.write_file(dir .. "/shadowed.lua", counter(2, 10))
 		h.wait_until(function() return host:output():find("version 2 caught up in the shadow: switched over", 1, true) end,
 			20, "the switch-over")
@@ -161,6 +167,7 @@ return {
 		end, 20, "version 2 to serve")
 		assert.equal("2", scalar(conn, "SELECT version FROM projhost.checkpoints WHERE projection = 'shadowed'"))
 		assert.equal("0", scalar(conn, "SELECT count(*) FROM projhost.checkpoints WHERE projection LIKE '%@%'"))
+		assert.equal("0", scalar(conn, "SELECT count(*) FROM projhost.parked"))
 		assert.matches("shadowed@2", host:output(), 1, true)
 	end)
 

@@ -127,8 +127,17 @@ local function reset_projection(def)
 		end
 	end
 	ok, err, code = x("DELETE FROM projhost.checkpoints WHERE projection = $1 AND partition <> ''", rt.cp)
-	-- what it skipped and how much it applied belong to the old version
+	-- what it skipped, parked and held and how much it applied belong to
+	-- the old version: the rebuild applies every event again (one that
+	-- fails again is parked anew), so a `parked retry` of an old dead
+	-- letter would apply its event twice
+	local dropped = 0
 	if ok then ok, err, code = x("DELETE FROM projhost.skipped WHERE projection = $1", rt.cp) end
+	if ok then
+		ok, err, code = q("WITH d AS (DELETE FROM projhost.parked WHERE projection = $1 RETURNING 1) "
+			.. "SELECT count(*) AS n FROM d", rt.cp)
+		if ok then dropped = tonumber(ok[1].n) end
+	end
 	if ok then
 		ok, err, code = x("UPDATE projhost.sources SET applied = 0, version = $2 WHERE projection = $1",
 			rt.cp, def.version)
@@ -141,8 +150,10 @@ local function reset_projection(def)
 	if ok then ok, err, code = x("COMMIT") end
 	if not ok then return nil, err, code end
 	forget_caught(rt.cp)
-	log("info", rt.cp, string.format("version %s -> %d: reset, rebuilding from the start",
-		tostring(old), def.version))
+	log("info", rt.cp, string.format("version %s -> %d: reset, rebuilding from the start%s",
+		tostring(old), def.version, dropped > 0
+			and string.format(" (dropped %d parked event%s of the old version)", dropped, dropped == 1 and "" or "s")
+			or ""))
 	return true
 end
 
@@ -179,6 +190,8 @@ local function promote(def)
 	if ok then
 		ok, err, code = x("UPDATE projhost.checkpoints SET projection = $1 WHERE projection = $2", name, shadow)
 	end
+	-- the serving version's dead letters go with it (see reset_projection)
+	if ok then ok, err, code = x("DELETE FROM projhost.parked WHERE projection = $1", name) end
 	if ok then
 		ok, err, code = x("UPDATE projhost.parked SET projection = $1 WHERE projection = $2", name, shadow)
 	end
