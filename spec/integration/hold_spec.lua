@@ -174,6 +174,25 @@ describe("held partitions (on_error \"hold\")", function()
 		assert.equal("3", scalar(conn, "SELECT attempts FROM projhost.checkpoints WHERE partition = 'hp-9'"))
 	end)
 
+	it("/metrics counts held events and silent retries by action", function()
+		for _, t in ipairs({ "A", "Poison", "B" }) do ins(conn, "hp-1", t) end
+		for _, t in ipairs({ "A", "Flaky", "B" }) do ins(conn, "hp-9", t) end
+		local host = h.spawn({ "run", "--db", dsn, "--http", "127.0.0.1:0", dir })
+		local addr = h.wait_until(function()
+			return host:output():match("serving HTTP on http://(127%.0%.0%.1:%d+)/")
+		end, 20, "the HTTP address")
+		h.wait_until(function()
+			local ok, st = pcall(cp, "hp-1")
+			return ok and st and st.status == "held" and #applied("hp-9") == 2
+		end, 30, "hp-1 held and hp-9 done")
+		local body = h.read_all("curl -s --max-time 10 http://" .. addr .. "/metrics")
+		for action, n in pairs({ hold = 1, retry = 2, skip = 1 }) do
+			assert.matches(('\nprojhost_handler_errors_total{projection="hp",action="%s"} %d\n'):format(action, n),
+				body, 1, true)
+		end
+		assert.matches('\nprojhost_parked_events{projection="hp"} 1\n', body, 1, true)
+	end)
+
 	it("an unpartitioned projection parks instead, with a warning", function()
 		h.write_file(dir .. "/uh.lua", [[
 return {
