@@ -64,6 +64,7 @@ build = {
 		["projhost.schema"] = "lua/projhost/schema.lua",
 		["projhost.test_output"] = "lua/projhost/test_output.lua",
 		["projhost.testing"] = "lua/projhost/testing.lua",
+		["projhost.units"] = "lua/projhost/units.lua",
 		["projhost.wire"] = "lua/projhost/wire.lua",
 		["projhost.worker"] = "lua/projhost/worker/init.lua",
 		["projhost.worker.ctx"] = "lua/projhost/worker/ctx.lua",

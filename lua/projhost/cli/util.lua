@@ -91,14 +91,8 @@ function M.print_table(rows, cols)
 	for i = 1, #rows do line(function(c) return cells[i][c] end) end
 end
 
--- A number of seconds for people: "45s", "2m10s", "1h05m" ("?" for nil).
-function M.duration(s)
-	if type(s) ~= "number" or s ~= s then return "?" end
-	s = math.floor(math.max(s, 0) + 0.5)
-	if s < 60 then return s .. "s" end
-	if s < 3600 then return string.format("%dm%02ds", math.floor(s / 60), s % 60) end
-	return string.format("%dh%02dm", math.floor(s / 3600), math.floor(s % 3600 / 60))
-end
+-- A number of seconds for people (one rule: projhost.units).
+M.duration = require("projhost.units").duration
 
 -- A name is known when projhost.checkpoints has it (a projection that has
 -- run at least once). -> true | nil, "no projection named X (known: ...)"

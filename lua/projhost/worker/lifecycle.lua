@@ -306,7 +306,7 @@ end
 M.prepare = prepare
 
 -- seconds for people ("2m10s"), the CLI's rule
-local duration = require("projhost.cli.util").duration
+local duration = require("projhost.units").duration
 
 -- A catch-up's progress, from projhost.projection_status (every worker's
 -- samples): applied in the last minute, events/s, remaining, ETA. The
