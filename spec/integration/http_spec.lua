@@ -427,7 +427,7 @@ return {
 		local refused, waiting = 0, 0
 		core.sleep(1)
 		for i = 1, 300 do
-			local got = recv(socks[i], 0.05)
+			local got = recv(socks[i], 0) -- the refusals came during the second
 			if got and got:match("^HTTP/1%.1 503") then refused = refused + 1
 			elseif got == nil then waiting = waiting + 1 end
 		end

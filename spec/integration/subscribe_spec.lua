@@ -340,12 +340,15 @@ describe("GET /subscribe", function()
 		end
 		start()
 		-- headless Chromium dumps the DOM at the load event: an image from a
-		-- second host's /wait, pending for 25 s (its projection never
-		-- applies), holds it back while the first host is killed
+		-- second host's /wait, pending until its projection applies (once a
+		-- row is in stuck_go), holds it back while the first host is killed
 		local hold = h.tmpdir()
 		h.write_file(hold .. "/stuck.lua", [[return { name = "stuck", from = { category = "stuck" },
-			when = { ["*"] = function() error("never") end },
-			on_error = function() return "retry", 0.5 end }]])
+			setup = { "CREATE TABLE IF NOT EXISTS stuck_go (x int)" },
+			when = { ["*"] = function(s, e, ctx)
+				if ctx:query("SELECT count(*) AS n FROM stuck_go")[1].n == "0" then error("not yet") end
+			end },
+			on_error = function() return "retry", 0.2 end }]])
 		local other = h.spawn({ "run", "--db", dsn, "--http", "127.0.0.1:0", hold })
 		local oaddr = h.wait_until(function()
 			return other:output():match("serving HTTP on http://(127%.0%.0%.1:%d+)/")
@@ -363,7 +366,7 @@ describe("GET /subscribe", function()
 				out.textContent = seen.join("\n");
 			});
 			es.addEventListener("caught_up", () => { out.dataset.caught = (+(out.dataset.caught || 0) + 1); });
-		</script><img src="http://%s/wait?projection=stuck&stream=stuck-1&version=1&timeout_ms=25000"></body></html>]])
+		</script><img src="http://%s/wait?projection=stuck&stream=stuck-1&version=1&timeout_ms=90000"></body></html>]])
 			:format(base, oaddr))
 		local dom = os.tmpname()
 		local profile = h.tmpdir()
@@ -381,6 +384,12 @@ describe("GET /subscribe", function()
 		for i = 6, 8 do append("web-2", "Ev", { n = i }) end
 		start(addr)
 		for i = 9, 10 do append("web-1", "Ev", { n = i }) end
+		-- the browser reconnected and got the rest (6 to 10) from the new host
+		h.wait_until(function()
+			local body = read_all(("curl -s --max-time 10 %s"):format(sh_quote(base .. "/metrics")))
+			return body:find("\nprojhost_subscriber_events_total [5-9]") or body:find("\nprojhost_subscriber_events_total %d%d")
+		end, 60, "the browser to receive the rest")
+		assert(conn:exec("INSERT INTO stuck_go VALUES (1)"))
 		h.wait_until(function() return os.execute("kill -0 " .. pid .. " 2>/dev/null") ~= 0
 			and os.execute("kill -0 " .. pid .. " 2>/dev/null") ~= true end, 90, "chromium to finish")
 		local text = h.read_file(dom) or ""
