@@ -1263,14 +1263,19 @@ $fn$]]
 --      costs one event; until what was found adds up to E, and at most
 --      M.BEHIND_WINDOW events. A partition a little behind has its last
 --      event among the newest (10 or 1,000 of 1,000,000 behind: a few ms);
---   3. when a limit is asked and step 2 finds so many behind that the
+--   3. when a limit is asked and step 2's share of streams behind says a
 --      walk of the source's streams in key order (a checkpoint lookup
---      each), which stops at the limit, would read fewer streams than step
---      2's next chunk events: that walk (100,000 of 1,000,000 behind: a
---      few ms);
+--      each) would reach the limit in fewer streams than its next chunk
+--      has events: that walk, a page of streams at a time, what it finds
+--      returned at once (in key order, the start of the answer); at most
+--      four times the streams expected (20,000 to M.BEHIND_WINDOW), then
+--      step 4 for the streams after it (100,000 of 1,000,000 behind: the
+--      walk reads some hundreds of streams);
 --   4. else (step 2 ran out of window or events before E was accounted
---      for, a source not known): the join of every stream with its
---      checkpoint, as before - exact, and the only slow case (1.2-2 s).
+--      for: partitions behind whose last event is old among many newer
+--      ones applied; a source not known): the join of every stream with
+--      its checkpoint, as before - exact, and the slow case (1.2-2 s at
+--      1,000,000, after step 2's look).
 -- Steps 1-3 need E of the same snapshot. lag_rows notes each projection's
 -- (projhost.note_behind: a transaction-local setting of the session, with
 -- the snapshot it counted in); `status NAME --behind` runs status_json and
@@ -1354,6 +1359,7 @@ SET enable_mergejoin = on SET enable_nestloop = on SET enable_sort = on SET work
 DECLARE
 	s projhost.sources;
 	f record;
+	r record;
 	v_events bigint;
 	v_few boolean;
 	v_parts text[] := '{}';
@@ -1361,14 +1367,20 @@ DECLARE
 	v_left bigint;
 	v_n bigint;
 	v_seen bigint := 0;
+	v_found bigint := 0;
 	v_tx xid8 := '18446744073709551615';
 	v_pos bigint := 9223372036854775807;
-	v_chunk bigint := 1000;
+	v_chunk bigint := @CHUNK@;
 	v_p text[];
 	v_b bigint[];
+	v_range text := '';
 	v_walk text;
-	v_range text;
-	v_streams real;
+	v_page text;
+	v_after text := '';
+	v_last text;
+	v_rows bigint := p_limit;
+	v_walked bigint := 0;
+	v_budget double precision;
 BEGIN
 	IF p_limit < 0 THEN
 		RAISE EXCEPTION 'projhost.partitions_behind: the limit must be >= 0 or NULL, not %', p_limit
@@ -1382,38 +1394,45 @@ BEGIN
 			LIMIT p_limit;
 		RETURN;
 	END IF;
-	IF s.projection IS NOT NULL THEN
-		v_events := (projhost.noted_behind(pg_current_snapshot()::text)->>p_projection)::bigint;
-		IF v_events IS NULL THEN
-			SELECT l.events_behind INTO v_events FROM projhost.lag_rows(p_projection, 0) l;
-		END IF;
-		IF v_events = 0 THEN RETURN; END IF;
-		f := projhost.source_filter(s.kind, s.value, NULL, s.name, true);
-		-- the streams in key order, each with its checkpoint (steps 3, 4);
-		-- in the C collation a category's streams are a key range (as the
-		-- worker's walk reads them: "C" to "C.", '.' follows '-'), in
-		-- others the walk reads every stream up to the limit
-		SELECT CASE WHEN s.kind = 'category' AND d.datcollate IN ('C', 'POSIX')
-			THEN format(' AND st.stream_id >= %L AND st.stream_id < %L', s.value, s.value || '.') ELSE '' END
-		INTO v_range FROM pg_database d WHERE d.datname = current_database();
-		v_walk := format($q$SELECT st.stream_id, coalesce(c.last_pos, 0), c.updated_at, c.status, c.error,
-				st.version - coalesce(c.last_pos, 0)
-			FROM projhost.streams st
-			LEFT JOIN projhost.checkpoints c ON c.projection = $1 AND c.partition = st.stream_id
-			WHERE %s%s AND st.version > coalesce(c.last_pos, 0) AND c.status IS DISTINCT FROM 'done'
-			ORDER BY st.stream_id LIMIT $2$q$, f.range_sql, v_range);
-		-- streams in the walk's range, about (step 3), at most
-		SELECT greatest(c.reltuples, 1) INTO v_streams FROM pg_class c WHERE c.oid = 'projhost.streams'::regclass;
+	IF s.projection IS NULL THEN
+		-- a source not known (it has not run since step 5): its checkpoints
+		-- (step 4's join)
+		PERFORM set_config('enable_nestloop', 'off', true), set_config('enable_mergejoin', 'off', true);
+		RETURN QUERY SELECT ps.partition, ps.version, ps.processed_at, ps.status, ps.error, ps.behind
+			FROM projhost.partition_status ps WHERE ps.projection = p_projection AND ps.behind > 0
+			ORDER BY ps.partition LIMIT p_limit;
+		RETURN;
 	END IF;
+	v_events := (projhost.noted_behind(pg_current_snapshot()::text)->>p_projection)::bigint;
+	IF v_events IS NULL THEN
+		SELECT l.events_behind INTO v_events FROM projhost.lag_rows(p_projection, 0) l;
+	END IF;
+	IF v_events = 0 OR p_limit = 0 THEN RETURN; END IF;
+	f := projhost.source_filter(s.kind, s.value, NULL, s.name, true);
+	-- the source's streams in key order after $3, each with its checkpoint
+	-- (steps 3, 4). In the C collation a category's streams are a key range
+	-- (as the worker's walk reads them: "C" to "C.", '.' follows '-'); in
+	-- others a walk reads every stream before them too.
+	IF s.kind = 'category' AND (SELECT d.datcollate IN ('C', 'POSIX') FROM pg_database d
+		WHERE d.datname = current_database()) THEN
+		v_range := format(' AND st.stream_id >= %L AND st.stream_id < %L', s.value, s.value || '.');
+	END IF;
+	v_walk := format($q$SELECT st.stream_id, coalesce(c.last_pos, 0), c.updated_at, c.status, c.error,
+			st.version - coalesce(c.last_pos, 0)
+		FROM projhost.streams st
+		LEFT JOIN projhost.checkpoints c ON c.projection = $1 AND c.partition = st.stream_id
+		WHERE %s%s AND st.stream_id > $3 AND st.version > coalesce(c.last_pos, 0)
+			AND c.status IS DISTINCT FROM 'done'
+		ORDER BY st.stream_id LIMIT $2$q$, f.range_sql, v_range);
 	PERFORM set_config('enable_seqscan', 'off', true), set_config('enable_bitmapscan', 'off', true),
 		set_config('enable_hashjoin', 'off', true), set_config('enable_mergejoin', 'off', true);
 	IF s.kind = 'stream' THEN
 		-- one stream: a lookup
-		RETURN QUERY EXECUTE v_walk USING p_projection, p_limit;
+		RETURN QUERY EXECUTE v_walk USING p_projection, p_limit, v_after;
 		RETURN;
 	END IF;
 	IF v_events IS NOT NULL THEN
-		-- 1. (the index's predicate: status <> 'running')
+		-- 1. (checkpoints_status_idx's predicate: status <> 'running')
 		SELECT count(*) <= @FEW@ INTO v_few FROM (SELECT 1 FROM projhost.checkpoints c
 			WHERE c.projection = p_projection AND c.status <> 'running' LIMIT @FEW@ + 1) x;
 		IF v_few THEN
@@ -1425,7 +1444,7 @@ BEGIN
 		END IF;
 		v_left := v_events - (SELECT coalesce(sum(b), 0) FROM unnest(v_behind) b);
 		-- 2.
-		WHILE v_left > 0 AND v_seen < @WINDOW@ LOOP
+		WHILE v_left > 0 AND v_chunk > 0 LOOP
 			EXECUTE format($q$WITH w AS MATERIALIZED (
 					SELECT e.stream_id, e.stream_version, e.transaction_id, e.global_position
 					FROM projhost.events e
@@ -1437,7 +1456,8 @@ BEGIN
 					WHERE w.stream_version > coalesce(c.last_pos, 0)
 						AND (c.status IS NULL OR c.status = 'running' OR NOT $5 AND c.status <> 'done'))
 				SELECT (SELECT count(*) FROM w), l.transaction_id, l.global_position, x.parts, x.behind
-				FROM (SELECT array_agg(b.stream_id) AS parts, array_agg(st.version - coalesce(b.last_pos, 0)) AS behind
+				FROM (SELECT array_agg(b.stream_id) AS parts,
+						array_agg(st.version - coalesce(b.last_pos, 0)) AS behind
 					FROM b JOIN projhost.streams st ON st.stream_id = b.stream_id AND st.version = b.stream_version) x
 				LEFT JOIN (SELECT w.transaction_id, w.global_position FROM w
 					ORDER BY w.transaction_id, w.global_position LIMIT 1) l ON true$q$, f.range_sql)
@@ -1446,18 +1466,15 @@ BEGIN
 			v_behind := v_behind || coalesce(v_b, '{}');
 			v_left := v_left - (SELECT coalesce(sum(b), 0) FROM unnest(v_b) b);
 			v_seen := v_seen + v_n;
-			-- no more events (or they do not account for E: a streams row
+			v_found := v_found + coalesce(cardinality(v_p), 0);
+			-- no more events (and they do not account for E: a streams row
 			-- past its events, written by hand)
 			EXIT WHEN v_n < v_chunk;
 			v_chunk := least(v_chunk * 4, @WINDOW@ - v_seen);
-			-- 3. when the walk to the limit would cost less than the next
-			-- chunk: it reads about limit x streams / streams behind (at
-			-- least those found), a lookup each, as a chunk does per event
-			IF v_left > 0 AND p_limit IS NOT NULL
-				AND p_limit * v_streams <= v_chunk::real * greatest(cardinality(v_parts), 1) THEN
-				RETURN QUERY EXECUTE v_walk USING p_projection, p_limit;
-				RETURN;
-			END IF;
+			-- 3. the walk to the limit reads about limit / the share of
+			-- streams behind among those of the events seen
+			v_budget := p_limit::double precision * v_seen / greatest(v_found, 1);
+			EXIT WHEN v_left > 0 AND v_budget <= v_chunk;
 		END LOOP;
 		IF v_left = 0 THEN
 			RETURN QUERY SELECT u.p, coalesce(c.last_pos, 0), c.updated_at, c.status, c.error, u.b
@@ -1466,20 +1483,49 @@ BEGIN
 				ORDER BY u.p LIMIT p_limit;
 			RETURN;
 		END IF;
+		IF v_left > 0 AND v_budget <= v_chunk THEN
+			-- 3. a page of @PAGE@ streams at a time, what it finds returned at
+			-- once (in key order: the start of the answer); four times the
+			-- streams expected at most, then step 4 for the rest
+			v_page := format($q$WITH k AS MATERIALIZED (SELECT st.stream_id, st.version FROM projhost.streams st
+					WHERE %s%s AND st.stream_id > $2 ORDER BY st.stream_id LIMIT $3)
+				SELECT * FROM (SELECT k.stream_id AS p, coalesce(c.last_pos, 0) AS v, c.updated_at AS t,
+						c.status AS s, c.error AS e, k.version - coalesce(c.last_pos, 0) AS b
+					FROM k LEFT JOIN projhost.checkpoints c ON c.projection = $1 AND c.partition = k.stream_id
+					WHERE k.version > coalesce(c.last_pos, 0) AND c.status IS DISTINCT FROM 'done'
+					ORDER BY k.stream_id LIMIT $4) x
+				UNION ALL SELECT max(k.stream_id), count(*), NULL, NULL, NULL, NULL FROM k$q$, f.range_sql, v_range);
+			v_budget := least(greatest(4 * v_budget, @PAGE@ * 4), @WINDOW@);
+			LOOP
+				FOR r IN EXECUTE v_page USING p_projection, v_after, @PAGE@, v_rows LOOP
+					IF r.b IS NULL THEN
+						v_last := r.p;
+						v_n := r.v;
+					ELSE
+						partition := r.p;
+						version := r.v;
+						processed_at := r.t;
+						status := r.s;
+						error := r.e;
+						behind := r.b;
+						RETURN NEXT;
+						v_rows := v_rows - 1;
+					END IF;
+				END LOOP;
+				v_walked := v_walked + v_n;
+				IF v_rows = 0 OR v_n < @PAGE@ THEN RETURN; END IF;
+				v_after := v_last;
+				EXIT WHEN v_walked >= v_budget;
+			END LOOP;
+		END IF;
 	END IF;
-	-- 4.
+	-- 4. (after step 3's pages: the streams after them)
 	PERFORM set_config('enable_seqscan', 'on', true), set_config('enable_hashjoin', 'on', true),
 		set_config('enable_nestloop', 'off', true);
-	IF s.projection IS NULL THEN
-		-- a source not known: its checkpoints
-		RETURN QUERY SELECT ps.partition, ps.version, ps.processed_at, ps.status, ps.error, ps.behind
-			FROM projhost.partition_status ps WHERE ps.projection = p_projection AND ps.behind > 0
-			ORDER BY ps.partition LIMIT p_limit;
-		RETURN;
-	END IF;
-	RETURN QUERY EXECUTE v_walk USING p_projection, p_limit;
+	RETURN QUERY EXECUTE v_walk USING p_projection, v_rows, v_after;
 END
-$fn$]]):gsub("@FEW@", tostring(M.BEHIND_FEW)):gsub("@WINDOW@", tostring(M.BEHIND_WINDOW))
+$fn$]]):gsub("@[A-Z]+@", { ["@FEW@"] = tostring(M.BEHIND_FEW), ["@WINDOW@"] = tostring(M.BEHIND_WINDOW),
+	["@CHUNK@"] = "1000", ["@PAGE@"] = "5000" })
 
 -- Step 1 is the contract of design §2; names are relied on elsewhere.
 M.steps = {

@@ -319,6 +319,22 @@ describe("lag", function()
 			assert.same(listed(t), listed(assert(conn:query(BEHIND, limit))), limit)
 		end
 		assert.same(listed(truth), listed(assert(conn:query(BEHIND, nil))))
+
+		-- a walk that guessed wrong (a share behind among the newest events
+		-- that the streams in key order do not have): it stops after its
+		-- pages and the join goes on after them
+		assert(conn:exec([[INSERT INTO projhost.checkpoints (projection, partition, last_pos)
+			SELECT 'lp', stream_id, 0 FROM projhost.streams WHERE stream_id LIKE 'lacct-%'
+			ON CONFLICT (projection, partition) DO NOTHING]]))
+		h.insert_events(conn, "lacct-m", 25000, 25000) -- lacct-m-0.., after lacct-9.. and before lacct-new
+		assert(conn:exec([[INSERT INTO projhost.checkpoints (projection, partition, last_pos)
+			SELECT 'lp', stream_id, 0 FROM projhost.streams WHERE stream_id LIKE 'lacct-m-%']]))
+		assert(conn:exec([[UPDATE projhost.checkpoints c SET last_pos = st.version FROM projhost.streams st
+			WHERE c.projection = 'lp' AND st.stream_id = c.partition]]))
+		cp("lacct-17", "last_pos = 1")
+		for i = 1, 5 do append("lacct-x" .. i, 1) end
+		assert.same({ { "lacct-17", "1", "2", "running" }, { "lacct-x1", "0", "1" }, { "lacct-x2", "0", "1" } },
+			listed(assert(conn:query(BEHIND, 3))))
 		assert.matches("projhost.partitions_behind: the limit must be >= 0",
 			select(2, conn:query("SELECT * FROM projhost.partitions_behind('lp', -1)")), 1, true)
 	end)
