@@ -1412,9 +1412,11 @@ BEGIN
 	-- the source's streams in key order after $3, each with its checkpoint
 	-- (steps 3, 4). In the C collation a category's streams are a key range
 	-- (as the worker's walk reads them: "C" to "C.", '.' follows '-'); in
-	-- others a walk reads every stream before them too.
-	IF s.kind = 'category' AND (SELECT d.datcollate IN ('C', 'POSIX') FROM pg_database d
-		WHERE d.datname = current_database()) THEN
+	-- others a walk reads every stream before them too. (datlocprovider,
+	-- PostgreSQL 15: 'i' is an ICU default collation, whatever datcollate says.)
+	IF s.kind = 'category' AND (SELECT d.datcollate IN ('C', 'POSIX')
+			AND coalesce(to_jsonb(d)->>'datlocprovider', 'c') = 'c'
+		FROM pg_database d WHERE d.datname = current_database()) THEN
 		v_range := format(' AND st.stream_id >= %L AND st.stream_id < %L', s.value, s.value || '.');
 	END IF;
 	v_walk := format($q$SELECT st.stream_id, coalesce(c.last_pos, 0), c.updated_at, c.status, c.error,
