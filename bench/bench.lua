@@ -1418,8 +1418,8 @@ local function report(m)
 	local secs = function(v) return ("%.2f s"):format(v) end
 	local st, stn = num("status_1m", "status_s"), num("status_1m", "status_name_s")
 	local sr = results.rows.status_1m
-	row(("13 status, %s streams (%s partitions)"):format(sr and commas(sr.streams) or "?",
-		sr and commas(sr.partitions) or "?"), fig("status_1m", "status_s", secs),
+	row(("13 status, %s streams (%s partitions)"):format(sr and sr.streams and commas(sr.streams) or "?",
+		sr and sr.partitions and commas(sr.partitions) or "?"), fig("status_1m", "status_s", secs),
 		"status NAME " .. fig("status_1m", "status_name_s", secs), "", "< 1 s each",
 		verdict(st and stn and st < 1 and stn < 1), nruns("status_1m"))
 	local sb, sbd = num("status_behind_1m", "limit_s"), num("status_behind_1m", "default_s")
