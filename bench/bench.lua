@@ -90,7 +90,7 @@ local GROUPS = {
 	streams = { "partitioned_deep", "partitioned_wide" },
 	pgbench = { "append_empty", "append_empty_nonotify", "append_store", "append_store_nonotify" },
 	file = { "file_small", "file_large" },
-	ops = { "status_1m", "wait_for", "metrics" },
+	ops = { "status_1m", "status_behind_1m", "wait_for", "metrics" },
 }
 local ONLY
 do
@@ -1038,10 +1038,65 @@ local function status_row(dsn, c)
 	}
 end
 
+-- issue 13: `status NAME --behind` with BEHIND_STREAMS of the store's
+-- WIDE_STREAMS partitions behind, `--limit 20` and without (the default
+-- limit), each the median of three runs. Every wide stream gets a
+-- checkpoint at its version first (row 10's partitions, completed with SQL
+-- where its timeout cut it; without row 10 a `run --once` then sets the
+-- projection up and finds nothing behind), then one event is appended to
+-- BEHIND_STREAMS of them, spread over the keys.
+local BEHIND_STREAMS = 100
+local function status_behind_row(dsn, c)
+	if not wanted("status_behind_1m") then return end
+	local ok, err = pcall(function()
+		sql(c, [[INSERT INTO projhost.checkpoints (projection, partition, version, last_pos)
+			SELECT 'bench_pwide', stream_id, 1, version FROM projhost.streams WHERE stream_id LIKE 'wide-%'
+			ORDER BY stream_id ON CONFLICT (projection, partition) DO NOTHING]])
+		sql(c, [[UPDATE projhost.checkpoints p SET last_pos = st.version FROM projhost.streams st
+			WHERE p.projection = 'bench_pwide' AND p.partition = st.stream_id AND p.last_pos <> st.version]])
+		sql(c, "VACUUM ANALYZE projhost.checkpoints")
+		if #sql(c, "SELECT 1 FROM projhost.sources WHERE projection = 'bench_pwide'") == 0 then
+			must(run(BIN, { "run", "--once", "--db", dsn, ROOT .. "/bench/projections/pcount_wide.lua" },
+				{ name = "pcount_wide-setup", timeout = 120 }), "run --once pcount_wide.lua")
+		end
+		sql(c, [[SELECT count(projhost.append('wide-' || (k * ($1::int / $2::int)), NULL, '[{"type":"Noise"}]'))
+			FROM generate_series(0, $2::int - 1) k]], WIDE_STREAMS, BEHIND_STREAMS)
+	end)
+	if not ok then
+		results.rows.status_behind_1m = { failed = tostring(err) }
+		return
+	end
+	local function median_of(args)
+		local t = {}
+		for i = 1, 3 do
+			local r = run(BIN, args, { name = "status-behind" })
+			local out = must(r, "projhost " .. table.concat(args, " "))
+			-- the first 20 of the 100 (a partition line each)
+			local _, listed = out:gsub("\nwide%-%d+%s+%d+%s", "")
+			if listed ~= 20 or not out:find("(first 20 shown", 1, true) then
+				error(("projhost %s listed %d partitions:\n%s"):format(table.concat(args, " "), listed, tail(out, 25)), 0)
+			end
+			t[i] = r.seconds
+		end
+		return median(t)
+	end
+	ok, err = pcall(function()
+		results.rows.status_behind_1m = {
+			limit_s = median_of({ "status", "bench_pwide", "--behind", "--limit", "20", "--db", dsn }),
+			default_s = median_of({ "status", "bench_pwide", "--behind", "--db", dsn }),
+			partitions = tonumber(sql(c, [[SELECT count(*) AS n FROM projhost.checkpoints
+				WHERE projection = 'bench_pwide' AND partition <> '']])[1].n),
+			behind = BEHIND_STREAMS,
+			nruns = 3,
+		}
+	end)
+	if not ok then results.rows.status_behind_1m = { failed = tostring(err) } end
+end
+
 -- rows 8-11 on the store of STORE_N events
 local function store_rows()
 	if not (wanted_any("store") or wanted_any("streams") or wanted("append_store")
-		or wanted("append_store_nonotify") or wanted("status_1m")) then return end
+		or wanted("append_store_nonotify") or wanted("status_1m") or wanted("status_behind_1m")) then return end
 	-- the store of their own first: each share's events alone, analyzed
 	local own = {}
 	for _, sh in ipairs(SHARES) do
@@ -1105,6 +1160,7 @@ local function store_rows()
 	pcount_row("partitioned_deep", sdsn, c, "deep")
 	pcount_row("partitioned_wide", sdsn, c, "wide")
 	status_row(sdsn, c)
+	status_behind_row(sdsn, c)
 
 	-- 9. live latency with the store's events all projected: latency.lua's
 	-- checkpoint is set to the store's last event before the host starts
@@ -1362,10 +1418,17 @@ local function report(m)
 	local secs = function(v) return ("%.2f s"):format(v) end
 	local st, stn = num("status_1m", "status_s"), num("status_1m", "status_name_s")
 	local sr = results.rows.status_1m
-	row(("13 status, %s streams (%s partitions)"):format(sr and commas(sr.streams) or "?",
-		sr and commas(sr.partitions) or "?"), fig("status_1m", "status_s", secs),
+	row(("13 status, %s streams (%s partitions)"):format(sr and sr.streams and commas(sr.streams) or "?",
+		sr and sr.partitions and commas(sr.partitions) or "?"), fig("status_1m", "status_s", secs),
 		"status NAME " .. fig("status_1m", "status_name_s", secs), "", "< 1 s each",
 		verdict(st and stn and st < 1 and stn < 1), nruns("status_1m"))
+	local sb, sbd = num("status_behind_1m", "limit_s"), num("status_behind_1m", "default_s")
+	local sbr = results.rows.status_behind_1m
+	row(("  status NAME --behind, %s of %s behind"):format(sbr and sbr.behind or "?",
+		sbr and sbr.partitions and commas(sbr.partitions) or "?"),
+		"--limit 20 " .. fig("status_behind_1m", "limit_s", secs),
+		"no --limit " .. fig("status_behind_1m", "default_s", secs), "", "< 1 s each",
+		verdict(sb and sbd and sb < 1 and sbd < 1), nruns("status_behind_1m"))
 	row("  wait_for after an append p50/p99", fig("wait_for", "p50_ms", ms) .. " / " .. fig("wait_for", "p99_ms", ms),
 		"", "", "", "", nruns("wait_for"))
 	row("  GET /metrics p50/p99", fig("metrics", "p50_ms", ms) .. " / " .. fig("metrics", "p99_ms", ms),

@@ -210,6 +210,135 @@ describe("lag", function()
 		assert.equal(330 + 29, by.lp.applied_1m)
 	end)
 
+	-- `status NAME --behind` (projhost.partitions_behind): every case of
+	-- a partition behind, among many caught up, found without a join of
+	-- every stream with its checkpoint (no sequential scan of either table:
+	-- the newest events, the checkpoints not running) - a case the quick
+	-- look missed would end in that join (or in a wrong list)
+	it("lists the partitions behind from where they can be: no checkpoint yet, failed, done, old and new", function()
+		assert.equal(0, (h.run({ "run", "--once", "--db", dsn, dir }))) -- schema, sources
+		-- 1,500 streams of 2 events, all applied: lacct-K's at positions
+		-- K+1 and K+1501, so lacct-0..499 have none among the newest 1,000
+		h.insert_events(conn, "lacct", 3000, 1500)
+		local code, out, err = h.run({ "run", "--once", "--db", dsn, dir })
+		assert.equal(0, code, out .. err)
+		local function append(stream, n)
+			local events = {}
+			for i = 1, n do events[i] = '{"type": "Inc"}' end
+			assert(conn:query("SELECT projhost.append($1, NULL, $2::jsonb)", stream, "[" .. table.concat(events, ",") .. "]"))
+		end
+		local function cp(partition, set)
+			assert(conn:exec("UPDATE projhost.checkpoints SET " .. set .. " WHERE projection = 'lp' AND partition = $1",
+				partition))
+		end
+		cp("lacct-17", "last_pos = 1") -- old: its last event is far back
+		assert(conn:exec("DELETE FROM projhost.checkpoints WHERE projection = 'lp' AND partition = 'lacct-33'"))
+		cp("lacct-40", "last_pos = 1, status = 'failed', error = 'pos=41 boom'")
+		cp("lacct-8", "status = 'done'")
+		append("lacct-8", 2) -- never behind: done
+		append("lacct-5", 1)
+		append("lacct-new", 3) -- no checkpoint row yet
+		local want = { { "lacct-17", "1", "1", "running" }, { "lacct-33", "0", "2" }, { "lacct-40", "1", "1", "failed" },
+			{ "lacct-5", "2", "1", "running" }, { "lacct-new", "0", "3" } }
+		local function listed(rows)
+			local t = {}
+			for i, r in ipairs(rows) do t[i] = { r.partition, r.version, r.behind, r.status } end
+			return t
+		end
+		local function seq_scans()
+			return scalar(conn, [[SELECT coalesce(sum(seq_scan), 0) FROM pg_stat_xact_user_tables
+				WHERE schemaname = 'projhost' AND relname IN ('streams', 'checkpoints')]])
+		end
+		local BEHIND = "SELECT partition, version, behind, status FROM projhost.partitions_behind('lp', $1)"
+		-- the truth, from the tables
+		local truth = assert(conn:query([[SELECT s.stream_id AS partition, coalesce(c.last_pos, 0) AS version,
+				s.version - coalesce(c.last_pos, 0) AS behind, c.status
+			FROM projhost.streams s LEFT JOIN projhost.checkpoints c ON c.projection = 'lp' AND c.partition = s.stream_id
+			WHERE split_part(s.stream_id, '-', 1) = 'lacct' AND s.version > coalesce(c.last_pos, 0)
+				AND c.status IS DISTINCT FROM 'done' ORDER BY 1]]))
+		assert.same(want, listed(truth))
+
+		-- as `status NAME --behind` asks: events behind counted once
+		assert(conn:exec("BEGIN ISOLATION LEVEL REPEATABLE READ"))
+		assert.equal(1 + 2 + 1 + 1 + 3, status_json(conn, "lp").lp.events_behind)
+		local scans = seq_scans()
+		assert.same(want, listed(assert(conn:query(BEHIND, nil))))
+		assert.same({ want[1], want[2] }, listed(assert(conn:query(BEHIND, 2))))
+		assert.same({}, listed(assert(conn:query(BEHIND, 0))))
+		assert.equal(scans, seq_scans())
+		-- its own write since: counted again, not taken from the note
+		cp("lacct-99", "last_pos = 1")
+		assert.same({ want[1], want[2], want[3], want[4], { "lacct-99", "1", "1", "running" }, want[5] },
+			listed(assert(conn:query(BEHIND, nil))))
+		assert(conn:exec("ROLLBACK"))
+		-- another snapshot's note (READ COMMITTED): an append committed meanwhile
+		assert(conn:exec("BEGIN"))
+		status_json(conn, "lp")
+		local other = h.connect(dsn)
+		assert(other:query("SELECT projhost.append('lacct-77', NULL, '[{\"type\": \"Inc\"}]')"))
+		other:close()
+		assert.same({ want[1], want[2], want[3], want[4], { "lacct-77", "2", "1", "running" }, want[5] },
+			listed(assert(conn:query(BEHIND, nil))))
+		assert(conn:exec("ROLLBACK"))
+		cp("lacct-77", "last_pos = 3")
+		-- on its own (events behind counted here) and by the CLI
+		assert.same(want, listed(assert(conn:query(BEHIND, nil))))
+		code, out, err = h.run({ "status", "lp", "--behind", "--db", dsn })
+		assert.equal(0, code, err)
+		assert.matches("\nlacct%-17%s+1%s+%S+%s+running%s+1\nlacct%-33%s+0%s+new%s+2\n"
+			.. "lacct%-40%s+1%s+%S+%s+failed%s+1%s+pos=41 boom\nlacct%-5%s+2%s+%S+%s+running%s+1\n"
+			.. "lacct%-new%s+0%s+new%s+3\n$", out)
+		code, out, err = h.run({ "status", "lp", "--behind", "--limit", "2", "--db", dsn })
+		assert.equal(0, code, err)
+		assert.matches("\nlacct%-17%s[^\n]+\nlacct%-33%s[^\n]+\n%(first 2 shown; %-%-limit N shows more%)\n$", out)
+		code, out, err = h.run({ "status", "lp", "--behind", "--failed", "--db", dsn })
+		assert.equal(0, code, err)
+		assert.matches("\nPARTITION[^\n]+\nlacct%-40%s[^\n]+pos=41 boom\n$", out)
+		-- an unpartitioned projection: its one row
+		local lu = assert(conn:query("SELECT partition, behind FROM projhost.partitions_behind('lu')"))
+		assert.same({ { partition = "", behind = "7" } }, lu)
+
+		-- many behind (more than the newest events hold: a walk in key
+		-- order to the limit), and a streams row past its events (written
+		-- by hand: the events do not account for it, the join does)
+		assert(conn:exec([[INSERT INTO projhost.events (stream_id, stream_version, event_type)
+			SELECT stream_id, version + 1, 'Inc' FROM projhost.streams WHERE stream_id LIKE 'lacct-%' ORDER BY 1]]))
+		assert(conn:exec([[UPDATE projhost.streams s SET version = e.v, last_position = e.p
+			FROM (SELECT stream_id, max(stream_version) AS v, max(global_position) AS p FROM projhost.events
+				GROUP BY 1) e WHERE e.stream_id = s.stream_id]]))
+		assert(conn:exec("UPDATE projhost.streams SET version = version + 1 WHERE stream_id = 'lacct-1000'"))
+		truth = assert(conn:query([[SELECT s.stream_id AS partition, coalesce(c.last_pos, 0) AS version,
+				s.version - coalesce(c.last_pos, 0) AS behind, c.status
+			FROM projhost.streams s LEFT JOIN projhost.checkpoints c ON c.projection = 'lp' AND c.partition = s.stream_id
+			WHERE split_part(s.stream_id, '-', 1) = 'lacct' AND s.version > coalesce(c.last_pos, 0)
+				AND c.status IS DISTINCT FROM 'done' ORDER BY 1]]))
+		assert.equal(1500 - 1 + 1, #truth) -- lacct-8 done, lacct-new
+		for _, limit in ipairs({ 3, 50, 2000 }) do
+			local t = {}
+			for i = 1, math.min(limit, #truth) do t[i] = truth[i] end
+			assert.same(listed(t), listed(assert(conn:query(BEHIND, limit))), limit)
+		end
+		assert.same(listed(truth), listed(assert(conn:query(BEHIND, nil))))
+
+		-- a walk that guessed wrong (a share behind among the newest events
+		-- that the streams in key order do not have): it stops after its
+		-- pages and the join goes on after them
+		assert(conn:exec([[INSERT INTO projhost.checkpoints (projection, partition, last_pos)
+			SELECT 'lp', stream_id, 0 FROM projhost.streams WHERE stream_id LIKE 'lacct-%'
+			ON CONFLICT (projection, partition) DO NOTHING]]))
+		h.insert_events(conn, "lacct-m", 25000, 25000) -- lacct-m-0.., after lacct-9.. and before lacct-new
+		assert(conn:exec([[INSERT INTO projhost.checkpoints (projection, partition, last_pos)
+			SELECT 'lp', stream_id, 0 FROM projhost.streams WHERE stream_id LIKE 'lacct-m-%']]))
+		assert(conn:exec([[UPDATE projhost.checkpoints c SET last_pos = st.version FROM projhost.streams st
+			WHERE c.projection = 'lp' AND st.stream_id = c.partition]]))
+		cp("lacct-17", "last_pos = 1")
+		for i = 1, 5 do append("lacct-x" .. i, 1) end
+		assert.same({ { "lacct-17", "1", "2", "running" }, { "lacct-x1", "0", "1" }, { "lacct-x2", "0", "1" } },
+			listed(assert(conn:query(BEHIND, 3))))
+		assert.matches("projhost.partitions_behind: the limit must be >= 0",
+			select(2, conn:query("SELECT * FROM projhost.partitions_behind('lp', -1)")), 1, true)
+	end)
+
 	it("estimates past its cap and says so", function()
 		assert.equal(0, (h.run({ "run", "--once", "--db", dsn, dir })))
 		local cap = require("projhost.schema").BEHIND_CAP
