@@ -15,6 +15,7 @@ local transact = require "projhost.worker.transact"
 local parked = require "projhost.worker.parked"
 local config = require "projhost.config"
 local reads = require "projhost.reads"
+local timers = require "projhost.worker.timers"
 
 local log, first_line = session.log, session.first_line
 local q, x, rollback = session.q, session.x, session.rollback
@@ -78,6 +79,8 @@ local function ensure_setup(def)
 	local ok, err, code = x([[INSERT INTO projhost.checkpoints (projection, partition, version)
 		VALUES ($1, '', $2) ON CONFLICT DO NOTHING]], rt.cp, def.version)
 	if ok then ok, err, code = x(SOURCE_SQL, source_params(def)) end
+	-- every = SECONDS: its tick's timer row
+	if ok then ok, err, code = timers.arm(def, x) end
 	if not ok then return nil, err, code end
 	if #def.setup > 0 then
 		x("BEGIN")
@@ -127,8 +130,11 @@ local function reset_projection(def)
 		end
 	end
 	ok, err, code = x("DELETE FROM projhost.checkpoints WHERE projection = $1 AND partition <> ''", rt.cp)
-	-- what it skipped and how much it applied belong to the old version
+	-- what it skipped and how much it applied belong to the old version,
+	-- and so do its timers (a rebuild schedules its own; a tick starts over)
 	if ok then ok, err, code = x("DELETE FROM projhost.skipped WHERE projection = $1", rt.cp) end
+	if ok then ok, err, code = x("DELETE FROM projhost.timers WHERE projection = $1", rt.cp) end
+	if ok then ok, err, code = timers.arm(def, x) end
 	if ok then
 		ok, err, code = x("UPDATE projhost.sources SET applied = 0, version = $2 WHERE projection = $1",
 			rt.cp, def.version)
@@ -182,8 +188,8 @@ local function promote(def)
 	if ok then
 		ok, err, code = x("UPDATE projhost.parked SET projection = $1 WHERE projection = $2", name, shadow)
 	end
-	-- its source, skips and samples go with it
-	for _, t in ipairs({ "sources", "skipped", "samples" }) do
+	-- its source, skips, samples and timers go with it
+	for _, t in ipairs({ "sources", "skipped", "samples", "timers" }) do
 		if ok then ok, err, code = x("DELETE FROM projhost." .. t .. " WHERE projection = $1", name) end
 		if ok then
 			ok, err, code = x("UPDATE projhost." .. t .. " SET projection = $1 WHERE projection = $2", name, shadow)

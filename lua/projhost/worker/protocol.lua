@@ -10,6 +10,7 @@ local lifecycle = require "projhost.worker.lifecycle"
 local page = require "projhost.worker.page"
 local parts_m = require "projhost.worker.parts"
 local discovery = require "projhost.worker.discovery"
+local timers = require "projhost.worker.timers"
 
 local log, rollback, end_orphan = session.log, session.rollback, session.end_orphan
 local load_all, promote, caught_up_partitioned =
@@ -61,6 +62,8 @@ local function job(name, parts)
 		out[1] = wire.line("done", name, n or 0)
 		out[2] = wire.line("part", "", status, string.format("%.3f", delay or 0))
 	end
+	-- when the projection's next timer is due (worker/timers.lua)
+	out[#out + 1] = def and timers.due_line(wire, name) or nil
 	return table.concat(out, "\n")
 end
 
@@ -79,6 +82,16 @@ local function find(name, token)
 		caught_up_partitioned(def)
 	elseif #list > 0 then
 		caught[of(def).cp .. "\t*"] = nil
+	end
+	-- the partitions with due timers, after the streams behind (one index
+	-- read of projhost.timers), and when the next one is due
+	local due = {}
+	if status == "more" or status == "idle" then
+		local listed = {}
+		for _, s in ipairs(list) do listed[s] = true end
+		for _, p in ipairs(timers.find_due(def) or {}) do
+			if not listed[p] then listed[p] = true; due[#due + 1] = p end
+		end
 	end
 	-- bounded by bytes as well as by count. A walk's page stops at the
 	-- budget and goes on after the last stream included; a window's streams
@@ -100,7 +113,15 @@ local function find(name, token)
 			bytes, last = bytes + #line + 1, s
 		end
 	end
+	for _, p in ipairs(due) do
+		-- (one that does not fit is listed by the next look)
+		local line = wire.line("part", p)
+		if bytes + #line + 1 > wire.BUDGET then break end
+		out[#out + 1] = line
+		bytes = bytes + #line + 1
+	end
 	out[1] = wire.line("found", name, status, next_token)
+	out[#out + 1] = timers.due_line(wire, name)
 	return table.concat(out, "\n")
 end
 
