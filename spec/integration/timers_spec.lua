@@ -98,6 +98,49 @@ return {
 }
 ]]
 
+-- bad: Arm schedules the timers data.types names, due now. Flaky always
+-- fails (retried once, then parked: dropped); Loop's first run loops until
+-- the watchdog kills its worker (then retried); Gate fails until bad_fix
+-- has a row (on_error fails its partition, keeping the timer).
+local BAD = [[
+return {
+	name = "bad",
+	partition = "stream",
+	from = { category = "bad" },
+	options = { budget = 1 },
+	setup = {
+		"CREATE TABLE IF NOT EXISTS bad_log (seq bigserial, stream text, what text)",
+		"CREATE TABLE IF NOT EXISTS bad_fix (x int)",
+		"CREATE SEQUENCE IF NOT EXISTS bad_loop_seq",
+		"CREATE SEQUENCE IF NOT EXISTS bad_flaky_seq",
+	},
+	when = {
+		Arm = function(s, e, ctx)
+			for _, t in ipairs(e.data.types) do ctx:schedule(0, t, { from = e.version }) end
+		end,
+		Later = function(s, e, ctx) ctx:exec("INSERT INTO bad_log (stream, what) VALUES ($1, 'Later')", e.stream) end,
+		Flaky = function(s, e, ctx)
+			ctx:query("SELECT nextval('bad_flaky_seq')")
+			error("flaky timer")
+		end,
+		Loop = function(s, e, ctx)
+			if ctx:query("SELECT nextval('bad_loop_seq') AS v")[1].v == "1" then while true do end end
+			ctx:exec("INSERT INTO bad_log (stream, what) VALUES ($1, 'Loop')", e.stream)
+		end,
+		Gate = function(s, e, ctx)
+			if ctx:query("SELECT count(*) AS n FROM bad_fix")[1].n == "0" then error("gate closed") end
+			ctx:exec("INSERT INTO bad_log (stream, what) VALUES ($1, 'Gate')", e.stream)
+		end,
+	},
+	on_error = function(err, e, attempt)
+		if not e.timer then return "skip" end
+		if e.type == "Gate" then return "fail" end
+		if attempt <= 1 then return "retry", 0 end
+		return "park"
+	end,
+}
+]]
+
 local dsn, conn, dir
 
 local function run_once()
@@ -189,6 +232,41 @@ describe("durable timers", function()
 		assert.equal(0, count("SELECT count(*) FROM projhost.timers"))
 		host:kill(15)
 		assert.equal(0, host:wait(15), host:output())
+	end)
+
+	it("a failing timer follows on_error: retried, parked (dropped, said), failed (kept: resume fires it)",
+		function()
+		h.write_file(dir .. "/bad.lua", BAD)
+		ins(conn, "bad-1", "Arm", { types = { "Flaky" } })
+		ins(conn, "bad-2", "Arm", { types = { "Loop" } })
+		ins(conn, "bad-3", "Arm", { types = { "Gate" } })
+		local err = run_once()
+		-- Flaky: run twice (retried once), then dropped with an error line
+		assert.equal("2", scalar(conn, "SELECT last_value FROM bad_flaky_seq"))
+		assert.matches("timer bad%-1 %(Flaky%) failed %(attempt 2%): [^\n]*flaky timer %-> park", err)
+		assert.matches("timer bad%-1 %(Flaky%) dropped after on_error \"park\"", err)
+		-- Loop: the watchdog killed its worker in the timer's batch; retried, fired once
+		assert.matches("overran", err, 1, true)
+		assert.same({ "Loop" }, (function()
+			local out = {}
+			for _, r in ipairs(assert(conn:query("SELECT what FROM bad_log WHERE stream = 'bad-2'"))) do
+				out[#out + 1] = r.what
+			end
+			return out
+		end)())
+		-- Gate: its partition failed, the timer kept
+		assert.equal("failed", scalar(conn, [[SELECT status FROM projhost.checkpoints
+			WHERE projection = 'bad' AND partition = 'bad-3']]))
+		assert.equal("bad-3", scalar(conn, "SELECT string_agg(partition, ',') FROM projhost.timers"))
+		-- the partitions go on; resume fires the kept timer
+		ins(conn, "bad-1", "Later")
+		assert(conn:exec("INSERT INTO bad_fix VALUES (1)"))
+		local code, out, rerr = h.run({ "resume", "bad", "--partition", "bad-3", "--db", dsn })
+		assert.equal(0, code, out .. rerr)
+		run_once()
+		assert.equal(1, count("SELECT count(*) FROM bad_log WHERE stream = 'bad-1' AND what = 'Later'"))
+		assert.equal(1, count("SELECT count(*) FROM bad_log WHERE stream = 'bad-3' AND what = 'Gate'"))
+		assert.equal(0, count("SELECT count(*) FROM projhost.timers"))
 	end)
 
 	it("reset drops the projection's timers", function()
