@@ -391,6 +391,10 @@ static void handle_done(struct worker *w, char *msg)
 				due_s = atof(f[1]);
 			}
 			break;
+		case PH_V_FIRED:
+			if (n >= 2 && m->surface)
+				ph_metrics_timers(ph_surface_metrics(m->surface), f[0], strtoull(f[1], NULL, 10));
+			break;
 		case PH_V_FAILS:
 			if (n >= 3 && m->surface)
 				ph_metrics_error(ph_surface_metrics(m->surface), f[0], f[1], strtoull(f[2], NULL, 10));

@@ -26,6 +26,7 @@ static const char *const verbs[] = {
 	[PH_V_RELIST] = "relist",
 	[PH_V_FAILS] = "fails",
 	[PH_V_DUE] = "due",
+	[PH_V_FIRED] = "fired",
 };
 
 #define NVERBS (sizeof(verbs) / sizeof(verbs[0]))

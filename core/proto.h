@@ -46,6 +46,8 @@
  *                                      unpartitioned projection, the
  *                                      discovery of a partitioned one, which
  *                                      lists the partitions with due timers
+ *     fired  <projection> <n>          (in a done answer) the batch fired <n>
+ *                                      timers; for projhost_timers_fired_total
  *
  * The master times each job from sending it to its "done" answer (the
  * batch duration it exports); "done"'s <count> is the events applied, and
@@ -104,6 +106,7 @@ enum ph_verb {
 	PH_V_RELIST,
 	PH_V_FAILS,
 	PH_V_DUE,
+	PH_V_FIRED,
 };
 
 /** ph_proto_verb_name() - the verb as written in a message ("" for END). */

@@ -302,11 +302,21 @@ describe("durable timers", function()
 	it("two hosts fire 1,000 timers across 100 partitions exactly once each", function()
 		assert(conn:exec([[SELECT projhost.append('pm-m' || s, NULL, '[{"type":"Many","data":{"k":10}}]')
 			FROM generate_series(1, 100) s]]))
-		local args = { "run", "--workers", "2", "--db", dsn, dir }
+		local args = { "run", "--workers", "2", "--db", dsn, "--http", "127.0.0.1:0", dir }
 		local hosts = { h.spawn(args), h.spawn(args) }
 		h.wait_until(function() return count("SELECT count(*) FROM pm_log WHERE what = 'Deadline'") >= 1000 end,
 			60, "1,000 timers")
 		h.wait_until(function() return count("SELECT count(*) FROM projhost.timers") == 0 end, 10, "no timer left")
+		-- each host counts what its workers fired: 1,000 together
+		local fired = 0
+		for _, p in ipairs(hosts) do
+			local addr = h.wait_until(function()
+				return p:output():match("serving HTTP on http://(127%.0%.0%.1:%d+)/")
+			end, 10, "the HTTP address")
+			local m = h.read_all("curl -s http://" .. addr .. "/metrics")
+			fired = fired + tonumber(m:match('projhost_timers_fired_total{projection="pm"} (%d+)') or 0)
+		end
+		assert.equal(1000, fired)
 		for _, p in ipairs(hosts) do p:kill(15) end
 		for _, p in ipairs(hosts) do assert.equal(0, p:wait(15), p:output()) end
 		assert.equal(1000, count("SELECT count(*) FROM pm_log WHERE what = 'Deadline'"))

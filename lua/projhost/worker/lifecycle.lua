@@ -366,9 +366,13 @@ local function report(def, n, fields, force)
 		if not p.busy_since or now - p.last > SAMPLE_EVERY then p.busy_since = now end
 		p.last = now
 	end
-	if p.n > 0 and (force or now - p.at >= 1) then
-		log("info", rt.cp, string.format("applied %d event%s", p.n, p.n == 1 and "" or "s"), fields)
+	-- timers the batches fired (worker/timers.lua), in the same line
+	local t = S.fired_log[rt.cp]
+	if (p.n > 0 or t) and (force or now - p.at >= 1) then
+		log("info", rt.cp, string.format("applied %d event%s", p.n, p.n == 1 and "" or "s")
+			.. (t and string.format(", fired %d timer%s", t, t == 1 and "" or "s") or ""), fields)
 		p.at, p.n = now, 0
+		S.fired_log[rt.cp] = nil
 	end
 	-- caught up (force): the last count now, and the run is over
 	sample(def, p, now, force and p.sn > 0)

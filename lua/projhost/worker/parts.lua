@@ -371,6 +371,7 @@ local function run_partitions(def, parts)
 	end
 
 	S.db_failures = 0
+	timers.count_fired(def, job.fired)
 	report(def, total, nil, false)
 	timers.after_commit(def, core)
 	S.new_checkpoints = S.new_checkpoints + (job.inserted or 0)

@@ -11,6 +11,7 @@ local page = require "projhost.worker.page"
 local parts_m = require "projhost.worker.parts"
 local discovery = require "projhost.worker.discovery"
 local timers = require "projhost.worker.timers"
+local stream_in_source = require("projhost.worker.events").stream_in_source
 
 local log, rollback, end_orphan = session.log, session.rollback, session.end_orphan
 local load_all, promote, caught_up_partitioned =
@@ -64,6 +65,7 @@ local function job(name, parts)
 	end
 	-- when the projection's next timer is due (worker/timers.lua)
 	out[#out + 1] = def and timers.due_line(wire, name) or nil
+	out[#out + 1] = def and timers.fired_line(wire, name) or nil
 	return table.concat(out, "\n")
 end
 
@@ -90,7 +92,9 @@ local function find(name, token)
 		local listed = {}
 		for _, s in ipairs(list) do listed[s] = true end
 		for _, p in ipairs(timers.find_due(def) or {}) do
-			if not listed[p] then listed[p] = true; due[#due + 1] = p end
+			-- (a stream the source no longer reads, after a reload: its
+			-- timers wait, as its checkpoint does)
+			if not listed[p] and stream_in_source(def, p) then listed[p] = true; due[#due + 1] = p end
 		end
 	end
 	-- bounded by bytes as well as by count. A walk's page stops at the

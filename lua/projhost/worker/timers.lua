@@ -294,14 +294,32 @@ function M.after_commit(def, core)
 	end
 end
 
+-- A batch that committed fired n timers: counted for the log line and the
+-- master's projhost_timers_fired_total.
+function M.count_fired(def, n)
+	if not n or n == 0 then return end
+	local cp = of(def).cp
+	S.fired_log[cp] = (S.fired_log[cp] or 0) + n
+	S.fired[cp] = (S.fired[cp] or 0) + n
+end
+
+-- The "fired" line of an answer for checkpoint name cp, or nil.
+function M.fired_line(wire, cp)
+	local n = S.fired[cp]
+	if not n then return nil end
+	S.fired[cp] = nil
+	return wire.line("fired", cp, n)
+end
+
 -- The "due" line of an answer for checkpoint name cp, or nil.
 function M.due_line(wire, cp)
 	local d = S.timer_due[cp]
 	if not d then return nil end
 	S.timer_due[cp] = nil
 	-- a millisecond late rather than early (the master's clock is not the
-	-- server's): never a wake-up that finds it not due yet, again and again
-	return wire.line("due", cp, string.format("%.3f", d + 0.001))
+	-- server's): never a wake-up that finds it not due yet, again and again;
+	-- 0 (due now) stays 0, which --once waits for too
+	return wire.line("due", cp, d > 0 and string.format("%.3f", d + 0.001) or "0")
 end
 
 -- Discovery: the partitions with runnable due timers (at most FIND_DUE),
