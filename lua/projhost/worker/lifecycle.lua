@@ -369,8 +369,9 @@ local function report(def, n, fields, force)
 	-- timers the batches fired (worker/timers.lua), in the same line
 	local t = S.fired_log[rt.cp]
 	if (p.n > 0 or t) and (force or now - p.at >= 1) then
-		log("info", rt.cp, string.format("applied %d event%s", p.n, p.n == 1 and "" or "s")
-			.. (t and string.format(", fired %d timer%s", t, t == 1 and "" or "s") or ""), fields)
+		local fired = t and string.format("fired %d timer%s", t, t == 1 and "" or "s")
+		log("info", rt.cp, (p.n == 0 and fired) or (string.format("applied %d event%s", p.n, p.n == 1 and "" or "s")
+			.. (fired and ", " .. fired or "")), fields)
 		p.at, p.n = now, 0
 		S.fired_log[rt.cp] = nil
 	end
