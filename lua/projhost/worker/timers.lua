@@ -59,12 +59,17 @@ M.BATCH_SQL = [[SELECT NULL::bigint AS id, NULL::text AS partition, NULL::text A
 	ORDER BY t.due, t.id LIMIT $3)]]
 
 -- Partitions with runnable due timers, and the seconds to the next
--- runnable timer not yet due (a row without partition), for discovery.
+-- runnable timer not yet due (a row without partition), for the discovery
+-- of a partitioned projection: partition '' is never one of its partitions
+-- (a timer left from when it was unpartitioned), and listed it would wake
+-- the discovery itself again and again.
 local FIND_SQL = [[(SELECT t.partition, NULL::float8 AS next_s FROM projhost.timers t
-		WHERE t.projection = $1 AND t.due <= now() AND ]] .. RUNNABLE .. [[ ORDER BY t.due LIMIT $2)
+		WHERE t.projection = $1 AND t.due <= now() AND t.partition <> '' AND ]] .. RUNNABLE .. [[
+		ORDER BY t.due LIMIT $2)
 	UNION ALL
 	(SELECT NULL, extract(epoch FROM t.due - now())::float8 FROM projhost.timers t
-		WHERE t.projection = $1 AND t.due > now() AND ]] .. RUNNABLE .. [[ ORDER BY t.due LIMIT 1)]]
+		WHERE t.projection = $1 AND t.due > now() AND t.partition <> '' AND ]] .. RUNNABLE .. [[
+		ORDER BY t.due LIMIT 1)]]
 
 local SCHEDULE_DELAY_SQL = [[INSERT INTO projhost.timers (projection, partition, key, due, timer_type, data)
 	VALUES ($1, $2, $3, now() + $4 * interval '1 second', $5, $6::jsonb)
@@ -208,7 +213,11 @@ end
 -- batch - unless `all` (a failure plan: exactly its timers). Renumbers
 -- e.index and the groups' i0..i1. Returns the new events list, the
 -- count of real events and the last of them, the timers fired (ids).
+local NONE = setmetatable({}, { __newindex = function() error("timers: NONE is read-only", 2) end })
+
 function M.merge(events, groups, by_part, all)
+	-- nearly every batch: no timer is due, the events stay as they are
+	if next(by_part) == nil then return events, #events, events[#events], NONE end
 	local out, fired, n_ev, last_ev = {}, {}, 0, nil
 	for _, g in ipairs(groups) do
 		local ts = by_part[g.part] or {}
