@@ -143,6 +143,10 @@ return {
 
 local dsn, conn, dir
 
+-- hosts whose fallback poll never comes during a spec: what fires a timer
+-- is the master waking the projection at its due time
+local NO_POLL = { env = { PROJHOST_POLL_INTERVAL = 600 } }
+
 local function run_once()
 	local code, out, err = h.run({ "run", "--once", "--db", dsn, dir }, { timeout = 60 })
 	assert.equal(0, code, out .. err)
@@ -207,7 +211,7 @@ describe("durable timers", function()
 
 	it("replaces a timer by key, cancels by key, fires at= and unpartitioned timers, and drops a failed batch's",
 		function()
-		local host = h.spawn({ "run", "--db", dsn, dir })
+		local host = h.spawn({ "run", "--db", dsn, dir }, NO_POLL)
 		local now = tonumber(scalar(conn, "SELECT extract(epoch FROM now())"))
 		ins(conn, "pm-2", "Start", { delay = 3600, key = "r", n = 1 })
 		ins(conn, "pm-2", "Start", { delay = 0.3, key = "r", n = 2 })
@@ -269,6 +273,19 @@ describe("durable timers", function()
 		assert.equal(0, count("SELECT count(*) FROM projhost.timers"))
 	end)
 
+	it("a host started later fires at their due time the timers a stopped one scheduled", function()
+		ins(conn, "pm-9", "Start", { delay = 1, n = 9 })
+		ins(conn, "u-2", "Go", { delay = 1, n = 9 })
+		run_once()
+		assert.equal(2, count("SELECT count(*) FROM projhost.timers"))
+		local host = h.spawn({ "run", "--db", dsn, dir }, NO_POLL)
+		h.wait_until(function() return count("SELECT count(*) FROM projhost.timers") == 0 end, 20, "both fired")
+		assert.same({ "Start", "Deadline:9" }, log_of("pm-9"))
+		assert.equal(1, count("SELECT count(*) FROM uni_log WHERE n = 9"))
+		host:kill(15)
+		assert.equal(0, host:wait(15), host:output())
+	end)
+
 	it("reset drops the projection's timers", function()
 		ins(conn, "pm-7", "Start", { delay = 3600, n = 7 })
 		run_once()
@@ -291,7 +308,7 @@ describe("durable timers", function()
 		a:kill(9)
 		a:wait(10)
 		assert.equal(1, count("SELECT count(*) FROM projhost.timers WHERE projection = 'pm'"))
-		local b = h.spawn({ "run", "--db", dsn, dir })
+		local b = h.spawn({ "run", "--db", dsn, dir }, NO_POLL)
 		h.wait_until(function() return count("SELECT count(*) FROM projhost.timers") == 0 end, 20, "the timer fired")
 		b:kill(15)
 		assert.equal(0, b:wait(15), b:output())
@@ -303,7 +320,7 @@ describe("durable timers", function()
 		assert(conn:exec([[SELECT projhost.append('pm-m' || s, NULL, '[{"type":"Many","data":{"k":10}}]')
 			FROM generate_series(1, 100) s]]))
 		local args = { "run", "--workers", "2", "--db", dsn, "--http", "127.0.0.1:0", dir }
-		local hosts = { h.spawn(args), h.spawn(args) }
+		local hosts = { h.spawn(args, NO_POLL), h.spawn(args, NO_POLL) }
 		h.wait_until(function() return count("SELECT count(*) FROM pm_log WHERE what = 'Deadline'") >= 1000 end,
 			60, "1,000 timers")
 		h.wait_until(function() return count("SELECT count(*) FROM projhost.timers") == 0 end, 10, "no timer left")
@@ -328,7 +345,7 @@ describe("durable timers", function()
 	it("every = 1: two hosts run the tick once per interval, in its own batch, with a usable ctx", function()
 		h.write_file(dir .. "/cron.lua", CRON)
 		local args = { "run", "--db", dsn, dir }
-		local hosts = { h.spawn(args), h.spawn(args) }
+		local hosts = { h.spawn(args, NO_POLL), h.spawn(args, NO_POLL) }
 		h.wait_until(function() return count("SELECT count(*) FROM cron_ticks") >= 4 end, 20, "4 ticks")
 		for _, p in ipairs(hosts) do p:kill(15) end
 		for _, p in ipairs(hosts) do assert.equal(0, p:wait(15), p:output()) end
