@@ -55,6 +55,10 @@ return {
 				VALUES ($1, $2, $3, $4, $5, $6, $7, $8)]=], e.stream, e.type, e.data.n, e.key, e.timer, e.time,
 				e.position, e.version)
 		end,
+		Finish = function(s, e, ctx)
+			ctx:exec("INSERT INTO pm_log (stream, what) VALUES ($1, 'Finish')", e.stream)
+			ctx:done()
+		end,
 		Hang = function(s, e, ctx)
 			ctx:exec("INSERT INTO pm_log (stream, what) VALUES ($1, 'Hang')", e.stream)
 			if ctx:query("SELECT nextval('pm_hang_seq') AS v")[1].v == "1" then
@@ -220,6 +224,9 @@ describe("durable timers", function()
 		ins(conn, "pm-4", "Start", { at = now - 10, n = 4 })
 		ins(conn, "pm-5", "Boom")
 		ins(conn, "pm-6", "Start", { delay = 1, n = 6 })
+		-- a timer's handler finishes its partition: its other timers go with it
+		ins(conn, "pm-10", "Start", { delay = 0, type = "Finish" })
+		ins(conn, "pm-10", "Start", { delay = 3600, key = "later" })
 		ins(conn, "u-1", "Go", { delay = 3600, n = 1 })
 		ins(conn, "u-1", "Go", { delay = 0.2, n = 2 })
 		-- pm-6's timer is due after the others: once it fired, so would they have
@@ -229,6 +236,12 @@ describe("durable timers", function()
 		assert.same({ "Start" }, log_of("pm-3"))
 		assert.same({ "Start", "Deadline:4" }, log_of("pm-4"))
 		assert.same({}, log_of("pm-5"))
+		assert.same({ "Start", "Start", "Finish" }, log_of("pm-10"))
+		assert.same({ "done", "2" }, (function()
+			local r = assert(conn:query([[SELECT status, last_pos FROM projhost.checkpoints
+				WHERE projection = 'pm' AND partition = 'pm-10']]))[1]
+			return { r.status, r.last_pos }
+		end)())
 		assert.same({ "Ping", "2", "t" }, (function()
 			local r = assert(conn:query("SELECT what, n, timer FROM uni_log"))[1]
 			return { r.what, r.n, r.timer }
