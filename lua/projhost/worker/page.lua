@@ -128,7 +128,7 @@ local function open_page(def, job, plan)
 		return "dberror", dberror(def, res, code)
 	end
 	local row, rows, held = res[2][1], res[4], #res[5] > 0
-	local due, truncated = timers.take_read(res[6], core)
+	local due, truncated = timers.take_read(res[6])
 	local hit = row and guess and guess.rx == row.rx and guess.tx == row.last_tx
 		and guess.pos == tonumber(row.last_pos)
 	if row and plan and (row.last_tx ~= plan.start[""].tx or tonumber(row.last_pos) ~= plan.start[""].pos) then
@@ -278,11 +278,11 @@ local function run_batch(def)
 		local status, delay, committed = settle(def, plan, o, attempt_page(def))
 		if status == "dberror" then delay = dberror(def, "the batch's database work failed") end
 		report(def, committed, nil, false)
-		timers.after_commit(def, core)
+		timers.after_commit(def)
 		return status, committed, delay
 	end
 	S.db_failures = 0
-	timers.after_commit(def, core)
+	timers.after_commit(def)
 	timers.count_fired(def, job.fired)
 	local row = job.row
 	local last = job.last_event

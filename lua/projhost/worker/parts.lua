@@ -100,7 +100,7 @@ local function open_parts(def, job, wanted, plan)
 		return "dberror", dberror(def, res, code)
 	end
 	local evrows = res[4]
-	local due, truncated = timers.take_read(res[5], core)
+	local due, truncated = timers.take_read(res[5])
 	-- from here on every statement is tagged (see ctx.lua): ours are false
 	conn:send_as(false, reads.RESTORE_SQL, unpack(planner_session))
 
@@ -361,7 +361,7 @@ local function run_partitions(def, parts)
 		end
 		if culprit then results[culprit.partition] = { status, delay } end
 		report(def, committed, nil, false)
-		timers.after_commit(def, core)
+		timers.after_commit(def)
 		return committed, results
 	end
 	local total = 0
@@ -373,7 +373,7 @@ local function run_partitions(def, parts)
 	S.db_failures = 0
 	timers.count_fired(def, job.fired)
 	report(def, total, nil, false)
-	timers.after_commit(def, core)
+	timers.after_commit(def)
 	S.new_checkpoints = S.new_checkpoints + (job.inserted or 0)
 	if S.new_checkpoints >= S.analyze_at then
 		-- see "Checkpoint rows this worker created" above

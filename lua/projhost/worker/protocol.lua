@@ -73,7 +73,9 @@ local function find(name, token)
 	local def = S.defs[name]
 	if not def or not def.partition then return wire.line("found", name, "idle", "") end
 	local status, list, next_token, found, walk = find_partitions(def, token)
-	if status ~= "more" and status ~= "idle" then
+	-- (its timers are looked at only when the projection could be)
+	local looked = status == "more" or status == "idle"
+	if not looked then
 		-- paused, stopped, failed, dberror: the master waits for a wake-up
 		-- (or the fallback poll) before looking again, from where it was
 		status, next_token = "idle", token
@@ -88,7 +90,7 @@ local function find(name, token)
 	-- the partitions with due timers, after the streams behind (one index
 	-- read of projhost.timers), and when the next one is due
 	local due = {}
-	if status == "more" or status == "idle" then
+	if looked then
 		local listed = {}
 		for _, s in ipairs(list) do listed[s] = true end
 		for _, p in ipairs(timers.find_due(def) or {}) do

@@ -15,8 +15,10 @@
 -- two workers or instances never both fire it; the delete, the handler's
 -- work, the state and the checkpoint commit together, and a batch that
 -- rolls back (an error, SIGKILL) leaves the timer where it was.
-local S = require "projhost.worker.state"
+local core = require "projhost.core"
+local P = require "projhost.projection"
 local reads = require "projhost.reads"
+local S = require "projhost.worker.state"
 
 local of = S.of
 local pipe = S.pipe
@@ -130,7 +132,7 @@ function M.backend(def, b, send)
 	function b.schedule(t)
 		local data = t.data
 		local ok, body = true, nil
-		if data ~= nil then ok, body = require("projhost.projection").encode(data) end
+		if data ~= nil then ok, body = P.encode(data) end
 		if not ok then return nil, "data cannot be encoded as JSON: " .. tostring(body) end
 		local tag = S.cur > 0 and S.cur or false
 		local sent, err, code
@@ -177,30 +179,30 @@ end
 -- The rows of that read: partition -> its timers (due order) as items of
 -- the job; also notes now_s / next_s. Returns by_part, truncated (the
 -- limit was reached: partitions may have more due).
-function M.take_read(rows, core)
+function M.take_read(rows)
 	local by_part, n = {}, 0
-	local head = rows and rows[1]
-	if head then
-		pipe.now_s, pipe.next_s = tonumber(head.now_s), tonumber(head.next_s)
-		pipe.opened_at = core.monotime()
-	end
-	for i = 2, #(rows or {}) do
-		local r = rows[i]
+	for _, r in ipairs(rows or {}) do
 		local id = tonumber(r.id)
-		local item = {
-			timer = true, tick = r.key == M.TICK_KEY or nil, id = id,
-			-- the host's own: names the timer to the watchdog and to the
-			-- failure path (never shown to a handler, see projection.timer_view)
-			position = -id,
-			type = r.type, key = r.key ~= M.TICK_KEY and r.key or nil, partition = r.partition,
-			stream = r.partition ~= "" and r.partition or nil,
-			due = tonumber(r.now_s), due_text = r.due, time = event_time(r.due),
-			data = r.data and require("projhost.json").decode(r.data) or {},
-		}
-		local l = by_part[r.partition]
-		if not l then l = { state = r.state }; by_part[r.partition] = l end
-		l[#l + 1] = item
-		n = n + 1
+		if not id then
+			-- the row that is not a timer
+			pipe.now_s, pipe.next_s = tonumber(r.now_s), tonumber(r.next_s)
+			pipe.opened_at = core.monotime()
+		else
+			local item = {
+				timer = true, tick = r.key == M.TICK_KEY or nil, id = id,
+				-- the host's own: names the timer to the watchdog and to the
+				-- failure path (never shown to a handler, see projection.timer_view)
+				position = -id,
+				type = r.type, key = r.key ~= M.TICK_KEY and r.key or nil, partition = r.partition,
+				stream = r.partition ~= "" and r.partition or nil,
+				due = tonumber(r.now_s), due_text = r.due, time = event_time(r.due),
+				data = r.data and P.json.decode(r.data) or {},
+			}
+			local l = by_part[r.partition]
+			if not l then l = { state = r.state }; by_part[r.partition] = l end
+			l[#l + 1] = item
+			n = n + 1
+		end
 	end
 	return by_part, n >= M.PER_JOB
 end
@@ -283,7 +285,7 @@ end
 -- After COMMIT: seconds from now to the earliest timer the master must
 -- wake the projection for (what this batch scheduled; for an unpartitioned
 -- projection also its next timer not yet due), or nil.
-function M.after_commit(def, core)
+function M.after_commit(def)
 	local rt = of(def)
 	local d
 	local elapsed = pipe.opened_at and (core.monotime() - pipe.opened_at) or 0
@@ -335,6 +337,8 @@ end
 -- and notes the seconds to the next one not yet due. -> list | nil, err, code
 function M.find_due(def)
 	local rt = of(def)
+	-- (the connection may have gone since the discovery's own read)
+	if not S.conn or not S.conn:ok() then return nil, "no connection" end
 	local rows, err, code = S.conn:query(FIND_SQL, rt.cp, FIND_DUE)
 	if not rows then return nil, err, code end
 	local out = {}
