@@ -311,6 +311,30 @@ describe("durable timers", function()
 		assert.same({ "Start" }, log_of("pm-7"))
 	end)
 
+	it("a shadow rebuild schedules its own timers, which replace the old version's at the switch-over", function()
+		local SH = [=[
+return {
+	name = "sh",
+	version = %d,
+	partition = "stream",
+	from = { category = "sh" },
+	when = {
+		Start = function(s, e, ctx) ctx:schedule(3600, "Deadline", { v = %d }, { key = "k" }) end,
+		Deadline = function() end,
+	},
+}
+]=]
+		h.write_file(dir .. "/sh.lua", SH:format(1, 1))
+		ins(conn, "sh-1", "Start")
+		run_once()
+		assert.equal("sh 1", scalar(conn, "SELECT projection || ' ' || (data->>'v') FROM projhost.timers"))
+		h.write_file(dir .. "/sh.lua", SH:format(2, 2))
+		local err = run_once()
+		assert.matches("version 2 caught up in the shadow: switched over", err, 1, true)
+		-- the rebuild's timer, under the name again; the old version's is gone
+		assert.equal("sh 2", scalar(conn, "SELECT string_agg(projection || ' ' || (data->>'v'), ',') FROM projhost.timers"))
+	end)
+
 	it("fires once when the host is SIGKILLed in the timer's batch; another host fires it", function()
 		local a = h.spawn({ "run", "--db", dsn, dir })
 		ins(conn, "pm-8", "Start", { delay = 0, n = 8, type = "Hang" })
