@@ -78,6 +78,7 @@ build = {
 		["projhost.worker.protocol"] = "lua/projhost/worker/protocol.lua",
 		["projhost.worker.session"] = "lua/projhost/worker/session.lua",
 		["projhost.worker.state"] = "lua/projhost/worker/state.lua",
+		["projhost.worker.timers"] = "lua/projhost/worker/timers.lua",
 		["projhost.worker.transact"] = "lua/projhost/worker/transact.lua",
 	},
 }

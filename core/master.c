@@ -370,6 +370,8 @@ static void handle_done(struct worker *w, char *msg)
 	enum ph_verb v;
 	const char *done_proj = NULL;	/* a batch's answer (not a find's) */
 	uint64_t done_count = 0;
+	struct ph_proj *due_proj = NULL;	/* its "due" line (proto.h) */
+	double due_s = 0;
 
 	while ((v = ph_proto_next(&msg, f, 4, &n)) != PH_V_END) {
 		switch (v) {
@@ -382,6 +384,16 @@ static void handle_done(struct worker *w, char *msg)
 				m->round_work += strtoul(f[1], NULL, 10);
 			done_proj = n >= 1 ? f[0] : NULL;
 			done_count = n >= 2 ? strtoull(f[1], NULL, 10) : 0;
+			break;
+		case PH_V_DUE:
+			if (n >= 2) {
+				due_proj = find_proj(m, f[0]);
+				due_s = atof(f[1]);
+			}
+			break;
+		case PH_V_FIRED:
+			if (n >= 2 && m->surface)
+				ph_metrics_timers(ph_surface_metrics(m->surface), f[0], strtoull(f[1], NULL, 10));
 			break;
 		case PH_V_FAILS:
 			if (n >= 3 && m->surface)
@@ -441,6 +453,10 @@ static void handle_done(struct worker *w, char *msg)
 		if (w->jobs[i])
 			entry_done(m, w->jobs[i], "more", 0);
 	w->njobs = 0;
+	/* its next timer: nothing polls for it, the entry waits until then
+	 * (--once does not wait for timers that are not due yet) */
+	if (due_proj && !(due_s > 0 && m->cfg->once))
+		wake(m, due_proj, "", now + (uint64_t)(due_s > 0 ? (due_s < 1e10 ? due_s : 1e10) * 1000 : 0));
 	if (done_proj && m->surface) {
 		ph_metrics_batch(ph_surface_metrics(m->surface), done_proj, done_count,
 				 (double)(uv_hrtime() - w->job_start) / 1e9);

@@ -117,6 +117,14 @@ void ph_metrics_error(struct ph_metrics *m, const char *proj, const char *action
 		}
 }
 
+void ph_metrics_timers(struct ph_metrics *m, const char *proj, uint64_t n)
+{
+	struct ph_mproj *p = proj_of(m, proj);
+
+	if (p)
+		p->timers_fired += n;
+}
+
 void ph_metrics_free(struct ph_metrics *m)
 {
 	for (int i = 0; i < m->n; i++)
@@ -213,6 +221,9 @@ void ph_metrics_render(struct ph_buf *out, const struct ph_metrics *m, const str
 			ph_buf_printf(out, "\",action=\"%s\"} %llu\n", ph_metrics_actions[a],
 				      (unsigned long long)m->projs[i].errors[a]);
 		}
+	family(out, "projhost_timers_fired_total", "counter", "Timers (ctx:schedule, every) fired by this host's workers.");
+	for (int i = 0; i < m->n; i++)
+		sample1(out, "projhost_timers_fired_total", "projection", m->projs[i].name, (double)m->projs[i].timers_fired);
 	family(out, "projhost_batch_duration_seconds", "histogram", "Time a worker took for a batch (job to answer).");
 	for (int i = 0; i < PH_BUCKETS; i++) {
 		cum += m->buckets[i];

@@ -41,6 +41,7 @@ struct ph_mproj {
 	char *name;
 	uint64_t applied;
 	uint64_t errors[PH_ACTIONS];
+	uint64_t timers_fired;
 };
 
 /** struct ph_metrics - counters since the master started. */
@@ -70,6 +71,9 @@ void ph_metrics_batch(struct ph_metrics *m, const char *proj, uint64_t events, d
 
 /** ph_metrics_error() - @n handler errors of @proj got @action. */
 void ph_metrics_error(struct ph_metrics *m, const char *proj, const char *action, uint64_t n);
+
+/** ph_metrics_timers() - batches of @proj fired @n timers ("fired" lines). */
+void ph_metrics_timers(struct ph_metrics *m, const char *proj, uint64_t n);
 
 /** ph_metrics_free() - release @m's projections. */
 void ph_metrics_free(struct ph_metrics *m);

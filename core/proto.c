@@ -25,6 +25,8 @@ static const char *const verbs[] = {
 	[PH_V_FOUND] = "found",
 	[PH_V_RELIST] = "relist",
 	[PH_V_FAILS] = "fails",
+	[PH_V_DUE] = "due",
+	[PH_V_FIRED] = "fired",
 };
 
 #define NVERBS (sizeof(verbs) / sizeof(verbs[0]))

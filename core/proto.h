@@ -38,6 +38,16 @@
  *                                      <action> (retry, skip, park, hold, fail,
  *                                      stop) since the last answer; for
  *                                      projhost_handler_errors_total
+ *     due    <projection> <seconds>    (in a done or found answer) the
+ *                                      projection's next timer is due in
+ *                                      <seconds> (ctx:schedule, every; see
+ *                                      worker/timers.lua): the master wakes
+ *                                      its entry "" then - the batch of an
+ *                                      unpartitioned projection, the
+ *                                      discovery of a partitioned one, which
+ *                                      lists the partitions with due timers
+ *     fired  <projection> <n>          (in a done answer) the batch fired <n>
+ *                                      timers; for projhost_timers_fired_total
  *
  * The master times each job from sending it to its "done" answer (the
  * batch duration it exports); "done"'s <count> is the events applied, and
@@ -95,6 +105,8 @@ enum ph_verb {
 	PH_V_FOUND,
 	PH_V_RELIST,
 	PH_V_FAILS,
+	PH_V_DUE,
+	PH_V_FIRED,
 };
 
 /** ph_proto_verb_name() - the verb as written in a message ("" for END). */

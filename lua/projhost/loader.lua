@@ -41,8 +41,11 @@ M.default_budget = require("projhost.config").get("PROJHOST_BUDGET")
 local FIELDS = {
 	name = true, version = true, from = true, partition = true, setup = true,
 	reset = true, init = true, when = true, on_error = true, caught_up = true,
-	options = true, rebuild = true,
+	options = true, rebuild = true, every = true, tick = true,
 }
+
+-- every = SECONDS (with tick): the shortest and longest interval
+M.EVERY_MIN, M.EVERY_MAX = 0.1, 31622400
 
 local FROM_FIELDS = { all = true, stream = true, category = true, types = true }
 
@@ -417,6 +420,29 @@ local function validate(t, path, src_lines)
 			return fail(field, v, "'" .. field .. "' must be a function")
 		end
 		def[field] = v
+	end
+
+	-- every = SECONDS + tick(s, ctx, now): an unpartitioned projection's
+	-- tick, in a batch of its own at that interval (worker/timers.lua)
+	local every, tick = t.every, t.tick
+	if every ~= nil or tick ~= nil then
+		if def.partition ~= nil then
+			return fail(every ~= nil and "every" or "tick", every ~= nil and every or tick,
+				"'every' and 'tick' need an unpartitioned projection (omit 'partition')")
+		end
+		if every == nil then
+			return fail("tick", tick, "'tick' needs 'every' (seconds between ticks)")
+		elseif tick == nil then
+			return fail("every", every, "'every' needs 'tick' (a function(s, ctx, now))")
+		end
+		if not (finite(every) and every >= M.EVERY_MIN and every <= M.EVERY_MAX) then
+			return fail("every", every, "'every' must be a number of seconds from " .. M.EVERY_MIN .. " to "
+				.. M.EVERY_MAX .. " (got " .. (type(every) == "number" and tostring(every) or type(every)) .. ")")
+		end
+		if type(tick) ~= "function" then
+			return fail("tick", tick, "'tick' must be a function(s, ctx, now) (got " .. type(tick) .. ")")
+		end
+		def.every, def.tick = every, tick
 	end
 
 	local options = t.options

@@ -195,6 +195,7 @@ end
 -- EVENT_FIELDS and the worker's partition/index; projhost.testing's
 -- events are made of the same names).
 local function view(e)
+	if rawget(e, "timer") then return M.timer_view(e) end
 	return setmetatable({
 		position = rawget(e, "position"), version = rawget(e, "version"),
 		stream = rawget(e, "stream"), type = rawget(e, "type"),
@@ -206,13 +207,47 @@ local function view(e)
 end
 M.view = view
 
+-- A timer as a handler sees it (the worker's item: worker/timers.lua):
+-- timer = true, type, data, key, time (the due time, written as events'
+-- times are), stream (its partition; nil for an unpartitioned
+-- projection's), no position, version or id. The item's own position is
+-- the host's (a negative number naming the timer row to the watchdog and
+-- the failure path), never shown.
+function M.timer_view(e)
+	local part = rawget(e, "partition")
+	return {
+		timer = true, type = rawget(e, "type"), key = rawget(e, "key"),
+		data = rawget(e, "data"), metadata = {}, time = rawget(e, "time"),
+		stream = part ~= "" and part or nil, partition = part, index = rawget(e, "index"),
+		-- (ctx:done in a timer's handler: the version its partition is at)
+		_after = rawget(e, "_after"),
+	}
+end
+
+-- Limits of ctx:schedule's arguments (README "Timers"): bytes of a type and
+-- a key, the latest `at` (9999-12-31T23:59:59Z, the last second a
+-- timestamptz prints with four digits) and the longest delay (100 years).
+M.TIMER_TYPE_MAX, M.TIMER_KEY_MAX = 1024, 1024
+M.TIMER_AT_MAX, M.TIMER_DELAY_MAX = 253402300799, 3153600000
+
 function M.apply(def, state, e, ctx)
+	if rawget(e, "tick") then
+		-- every = SECONDS: tick(s, ctx, now), now = the unix time it was due
+		if not def.tick then return state end
+		if ctx then ctx.event = nil end
+		local r = def.tick(state, ctx, rawget(e, "due"))
+		if r == nil then return state end
+		if type(r) ~= "table" then
+			error(("%s: tick returned a %s, expected a table or nothing"):format(def.file or def.name, type(r)), 0)
+		end
+		return r
+	end
 	local h = M.handler(def, e.type)
 	if not h then return state end
 	-- a partition a handler marked done (ctx:done) in this batch: the
 	-- rest of its events are not applied
 	local done = ctx and ctx._done
-	if done and done[e.stream] then return state end
+	if done and done[e.stream or e.partition] then return state end
 	e = view(e)
 	if ctx then ctx.event = e end
 	local r = h(state, e, ctx)
@@ -454,8 +489,84 @@ function M.new_ctx(def, backend)
 		if e == nil then error("ctx:done: call it in a handler (no event is being handled)", 2) end
 		local done = ctx._done
 		if not done then done = {}; ctx._done = done end
-		if done[e.stream] == nil then done[e.stream] = e.version end
+		local v = e.version
+		if v == nil and e.timer then v = rawget(e, "_after") end
+		if done[e.stream] == nil then done[e.stream] = v end
 		if backend.done then backend.done(e) end
+		return true
+	end
+
+	-- ctx:schedule(delay, type, data [, { at =, key = }]) and
+	-- ctx:cancel(key): durable timers (the worker's is worker/timers.lua).
+	-- A timer belongs to the partition of the event being handled (an
+	-- unpartitioned projection's: ""), is recorded in the batch's
+	-- transaction and, when due, comes back to this projection as an event
+	-- with e.timer = true. Arguments are checked here, so a spec fails the
+	-- same way production would.
+	local function partition_of(method)
+		if def.partition == nil then return "" end
+		local e = ctx.event
+		if e == nil then error("ctx:" .. method .. ": call it in a handler (no event is being handled)", 3) end
+		return e.partition or e.stream
+	end
+	local function check_key(method, key)
+		if type(key) ~= "string" or key == "" or #key > M.TIMER_KEY_MAX or key:find("\0", 1, true) then
+			error(("ctx:%s: key must be a non-empty string of at most %d bytes without NUL (got %s)")
+				:format(method, M.TIMER_KEY_MAX, type(key) == "string" and (#key .. " bytes") or type(key)), 3)
+		end
+	end
+	local function finite(x) return type(x) == "number" and x == x and x > -math.huge and x < math.huge end
+
+	function ctx.schedule(self, delay, ttype, data, opts)
+		check_self(self, "schedule")
+		if type(ttype) ~= "string" or ttype == "" or #ttype > M.TIMER_TYPE_MAX or ttype:find("\0", 1, true) then
+			error(("ctx:schedule: type must be a non-empty string of at most %d bytes without NUL (got %s)")
+				:format(M.TIMER_TYPE_MAX, type(ttype) == "string" and (#ttype .. " bytes") or type(ttype)), 2)
+		end
+		check_json("schedule", "data", data)
+		local at, key
+		if opts ~= nil then
+			if type(opts) ~= "table" or getmetatable_raw(opts) ~= nil then
+				error("ctx:schedule: options must be a plain table { at =, key = } (got " .. type(opts) .. ")", 2)
+			end
+			for k in next, opts do
+				if k ~= "at" and k ~= "key" then
+					error("ctx:schedule: unknown option " .. (type(k) == "string" and ("'" .. k .. "'") or type(k))
+						.. " (known: at, key)", 2)
+				end
+			end
+			at, key = rawget(opts, "at"), rawget(opts, "key")
+			if key ~= nil then check_key("schedule", key) end
+		end
+		if at ~= nil then
+			if delay ~= nil then error("ctx:schedule: give a delay or { at = }, not both", 2) end
+			if not finite(at) or at < 0 or at > M.TIMER_AT_MAX then
+				error(("ctx:schedule: at must be a unix time from 0 to %d (got %s)")
+					:format(M.TIMER_AT_MAX, type(at) == "number" and tostring(at) or type(at)), 2)
+			end
+		elseif not finite(delay) or delay < 0 or delay > M.TIMER_DELAY_MAX then
+			error(("ctx:schedule: delay must be a number of seconds from 0 to %d (got %s)")
+				:format(M.TIMER_DELAY_MAX, type(delay) == "number" and tostring(delay) or type(delay)), 2)
+		end
+		if not M.handler(def, ttype) then
+			error(("ctx:schedule: no handler for '%s' in when (nor \"*\"): the timer could never fire")
+				:format(ttype), 2)
+		end
+		local part = partition_of("schedule")
+		if not backend.schedule then error("ctx:schedule: timers are not available here", 2) end
+		local ok, msg, code = backend.schedule({ partition = part, delay = delay, at = at, type = ttype,
+			data = data, key = key })
+		if ok == nil then error(failure("schedule", msg, code), 2) end
+		return true
+	end
+
+	function ctx.cancel(self, key)
+		check_self(self, "cancel")
+		check_key("cancel", key)
+		local part = partition_of("cancel")
+		if not backend.cancel then error("ctx:cancel: timers are not available here", 2) end
+		local ok, msg, code = backend.cancel(part, key)
+		if ok == nil then error(failure("cancel", msg, code), 2) end
 		return true
 	end
 

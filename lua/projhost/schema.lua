@@ -1729,6 +1729,42 @@ M.steps = {
 		LAG_ROWS_NOTED,
 		PARTITIONS_BEHIND,
 	},
+	-- issue 14: durable timers (ctx:schedule, every = SECONDS; see
+	-- worker/timers.lua). One row per pending timer of a checkpoint name
+	-- (NAME, or NAME@V in a shadow rebuild) and partition; a keyed one is
+	-- unique per (projection, partition, key) - NULL keys never conflict -
+	-- and key '' is the every = SECONDS tick's. Due timers are an index
+	-- range of (projection, due), never a scan.
+	{
+		[[CREATE TABLE projhost.timers (
+			id bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+			projection text NOT NULL,
+			partition text NOT NULL DEFAULT '',
+			key text,
+			due timestamptz NOT NULL,
+			timer_type text NOT NULL,
+			data jsonb,
+			created_at timestamptz NOT NULL DEFAULT now(),
+			UNIQUE (projection, partition, key)
+		)]],
+		[[CREATE INDEX timers_due_idx ON projhost.timers (projection, due)]],
+		-- a batch deletes the timers it fires; one that is gone was fired
+		-- by someone else (never so while the batch holds its partitions'
+		-- checkpoint locks): 40001, the batch rolls back and runs again
+		[[CREATE FUNCTION projhost.fire_timers(p_ids bigint[]) RETURNS void
+		LANGUAGE plpgsql AS $fn$
+		DECLARE
+			n bigint;
+		BEGIN
+			DELETE FROM projhost.timers WHERE id = ANY(p_ids);
+			GET DIAGNOSTICS n = ROW_COUNT;
+			IF n <> cardinality(p_ids) THEN
+				RAISE EXCEPTION 'projhost.fire_timers: % of % timers are gone (fired by another batch)',
+					cardinality(p_ids) - n, cardinality(p_ids) USING ERRCODE = '40001';
+			END IF;
+		END
+		$fn$]],
+	},
 }
 
 M.latest = #M.steps

@@ -17,6 +17,9 @@
 --    events are dropped, then the error is raised (logs are kept);
 --  * ctx:exec returns 1 (rows affected); ctx:query returns on_query stubs
 --    or no rows;
+--  * ctx:schedule / ctx:cancel keep pending timers (timers(); a key
+--    replaces, cancel drops), fire() delivers them as the worker does
+--    (e.timer = true, e.time = T.TIME), tick(now) runs an every/tick;
 --  * handlers, init and caught_up run under the projection's budget
 --    (options.budget, else the host's), so a handler that loops fails the
 --    spec with "overran its budget of Xs" instead of hanging it.
@@ -102,6 +105,7 @@ function Harness:reset()
 	self._logs = {}
 	self._versions = {}   -- stream -> last version
 	self._position = 0
+	self._timers = {}     -- pending: { partition, type, data, key, delay | at }
 	return self
 end
 
@@ -156,6 +160,25 @@ function Harness:_backend()
 		log = function(_, msg)
 			self._logs[#self._logs + 1] = msg
 		end,
+		schedule = function(t)
+			local c = deepcopy(t)
+			c.data = c.data and P.json.decode(P.json.encode(c.data)) or {}
+			local list = self._timers
+			for i = #list, 1, -1 do
+				if t.key ~= nil and list[i].key == t.key and list[i].partition == t.partition then
+					table.remove(list, i)
+				end
+			end
+			list[#list + 1] = c
+			return true
+		end,
+		cancel = function(part, key)
+			local list = self._timers
+			for i = #list, 1, -1 do
+				if list[i].key == key and list[i].partition == part then table.remove(list, i) end
+			end
+			return true
+		end,
 	}
 end
 
@@ -164,13 +187,14 @@ end
 function Harness:_mark()
 	local versions = {}
 	for k, v in pairs(self._versions) do versions[k] = v end
-	return { sql = #self._sql, emitted = #self._emitted, versions = versions }
+	return { sql = #self._sql, emitted = #self._emitted, versions = versions, timers = deepcopy(self._timers) }
 end
 
 function Harness:_rollback(mark)
 	for i = #self._sql, mark.sql + 1, -1 do self._sql[i] = nil end
 	for i = #self._emitted, mark.emitted + 1, -1 do self._emitted[i] = nil end
 	self._versions = mark.versions
+	self._timers = mark.timers
 end
 
 -- Run fn under the projection's budget with the sandbox's print captured
@@ -293,6 +317,31 @@ end
 
 function Harness:logs()
 	return deepcopy(self._logs)
+end
+
+-- The pending timers (copies), in the order they were scheduled.
+function Harness:timers()
+	return deepcopy(self._timers)
+end
+
+-- Deliver every pending timer (in the order scheduled) as the worker
+-- does: to its partition's handler for its type (or "*"), e.timer = true,
+-- e.time = T.TIME. Timers its handlers schedule stay pending.
+function Harness:fire()
+	local list = self._timers
+	self._timers = {}
+	for _, t in ipairs(list) do
+		self:_apply({ timer = true, type = t.type, key = t.key, data = t.data, partition = t.partition,
+			stream = t.partition ~= "" and t.partition or nil, time = M.TIME })
+	end
+	return self
+end
+
+-- Run an every = SECONDS projection's tick(s, ctx, now) once.
+function Harness:tick(now)
+	if not self.def.tick then error(self.def.name .. ": has no tick (every = SECONDS)", 2) end
+	self:_apply({ timer = true, tick = true, type = "tick", partition = "", due = now or 0, time = M.TIME })
+	return self
 end
 
 -- Run the caught_up hook (if any) with a recording ctx.

@@ -87,6 +87,7 @@ static const struct { enum ph_verb v; int nf; } shapes[] = {
 	{ PH_V_RELOAD, 0 }, { PH_V_QUIT, 0 }, { PH_V_PROJ, 6 }, { PH_V_ERROR, 2 },
 	{ PH_V_READY, 0 }, { PH_V_DONE, 2 }, { PH_V_PART, 3 }, { PH_V_PART, 1 },
 	{ PH_V_FOUND, 3 }, { PH_V_RELIST, 0 }, { PH_V_FAILS, 3 },
+	{ PH_V_DUE, 2 }, { PH_V_FIRED, 2 },
 };
 
 static void every_message_round_trips(void)

@@ -6,6 +6,7 @@ local loader = require "projhost.loader"
 local P = require "projhost.projection"
 local S = require "projhost.worker.state"
 local session = require "projhost.worker.session"
+local timers = require "projhost.worker.timers"
 
 local log, errtext = session.log, session.errtext
 local of = S.of
@@ -49,6 +50,7 @@ local function pipe_begin()
 	pipe.first, pipe.async = nil, false
 	pipe.ahead, pipe.ahead_page, pipe.writes = nil, nil, 0
 	pipe.handler_sql, pipe.flush_lo = false, 1
+	timers.begin()
 	pipe.on = S.conn:pipeline(true) and true or false
 end
 
@@ -165,6 +167,14 @@ local function backend_for(def)
 		end
 		return tonumber(rows[1].version)
 	end
+	-- ctx:schedule, ctx:cancel (worker/timers.lua): on the batch's
+	-- pipeline, or at once outside one (the caught_up hook)
+	timers.backend(def, b, function(tag, sql, ...)
+		if pipe.on then return send(tag, sql, ...) end
+		local n, err, code = S.conn:exec(sql, ...)
+		if not n then note(err, code) end
+		return n, err, code
+	end)
 	function b.log(level, msg)
 		log(level, rt.cp, msg, session.event_fields(b.ctx and b.ctx.event))
 	end

@@ -9,6 +9,7 @@ local guard = require "projhost.guard"
 local P = require "projhost.projection"
 local S = require "projhost.worker.state"
 local session = require "projhost.worker.session"
+local timers = require "projhost.worker.timers"
 
 local log, first_line = session.log, session.first_line
 local q, x, rollback = session.q, session.x, session.rollback
@@ -131,9 +132,12 @@ M.lock_checkpoint = lock_checkpoint
 -- Returns status, delay.
 local function error_action(def, part, e, err, prev)
 	local rt = of(def)
-	local what = string.format("event %s@%d (%s)", e.stream, e.version, e.type)
+	local timer = rawget(e, "timer")
+	local what = timer and (rawget(e, "tick") and "tick" or string.format("timer %s%s%s (%s)",
+			part ~= "" and part or "", rawget(e, "key") and " key " or "", rawget(e, "key") or "", e.type))
+		or string.format("event %s@%d (%s)", e.stream, e.version, e.type)
 	-- the checkpoint's error column says where as text; the log line has fields
-	local where = string.format("pos=%d ", e.position) .. what
+	local where = timer and what or string.format("pos=%d ", e.position) .. what
 	if not ensure_conn() then return "dberror", backoff() end
 	local ok, xerr, xcode = x("BEGIN")
 	local row
@@ -169,6 +173,13 @@ local function error_action(def, part, e, err, prev)
 			.. "(partition = \"stream\"); parking the event instead", session.event_fields(e))
 		action = "park"
 	end
+	if action == "hold" and timer then
+		-- a timer has no dead letter of its own: its partition stops
+		-- (failed) with the timer kept, and `resume --partition` fires it
+		log("warn", rt.cp, def.file .. ": on_error returned hold for a timer; failing its partition instead "
+			.. "(projhost resume fires it again)")
+		action = "fail"
+	end
 	local fkey = rt.cp .. "\t" .. action
 	S.fails[fkey] = (S.fails[fkey] or 0) + 1
 	if not silent then
@@ -180,6 +191,13 @@ local function error_action(def, part, e, err, prev)
 	ok = true
 	if action == "retry" then
 		status = "retry"
+	elseif timer and (action == "skip" or action == "park") then
+		-- a timer is dropped (a tick re-armed): the error line above says
+		-- which, with its data's type and key
+		ok, xerr, xcode = timers.drop(def, e, x)
+		if ok then
+			log("error", rt.cp, string.format("%s: %s dropped after on_error %q", def.file, what, action))
+		end
 	elseif action == "skip" or action == "park" then
 		-- move past the event; unpartitioned checkpoints are (tx, position),
 		-- partitioned ones the stream version
@@ -252,11 +270,13 @@ local function tail_of(plan, m)
 	for i = 1, m do
 		local e = plan.events[i]
 		-- unpartitioned checkpoints are (tx, position), partitioned ones
-		-- the stream version
-		if plan.kind == "parts" then
-			start[e.partition] = { pos = e.version }
-		else
-			start[e.partition] = { tx = e.tx, pos = e.position }
+		-- the stream version; a timer moves neither
+		if not rawget(e, "timer") then
+			if plan.kind == "parts" then
+				start[e.partition] = { pos = e.version }
+			else
+				start[e.partition] = { tx = e.tx, pos = e.position }
+			end
 		end
 	end
 	local t = { events = {}, start = start, kind = plan.kind, next = plan.next }

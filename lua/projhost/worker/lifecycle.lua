@@ -15,6 +15,7 @@ local transact = require "projhost.worker.transact"
 local parked = require "projhost.worker.parked"
 local config = require "projhost.config"
 local reads = require "projhost.reads"
+local timers = require "projhost.worker.timers"
 
 local log, first_line = session.log, session.first_line
 local q, x, rollback = session.q, session.x, session.rollback
@@ -78,6 +79,8 @@ local function ensure_setup(def)
 	local ok, err, code = x([[INSERT INTO projhost.checkpoints (projection, partition, version)
 		VALUES ($1, '', $2) ON CONFLICT DO NOTHING]], rt.cp, def.version)
 	if ok then ok, err, code = x(SOURCE_SQL, source_params(def)) end
+	-- every = SECONDS: its tick's timer row
+	if ok then ok, err, code = timers.arm(def, x) end
 	if not ok then return nil, err, code end
 	if #def.setup > 0 then
 		x("BEGIN")
@@ -127,12 +130,15 @@ local function reset_projection(def)
 		end
 	end
 	ok, err, code = x("DELETE FROM projhost.checkpoints WHERE projection = $1 AND partition <> ''", rt.cp)
-	-- what it skipped, parked and held and how much it applied belong to
-	-- the old version: the rebuild applies every event again (one that
-	-- fails again is parked anew), so a `parked retry` of an old dead
-	-- letter would apply its event twice
+	-- what it skipped, parked and held, its timers and how much it applied
+	-- belong to the old version: the rebuild applies every event again (one
+	-- that fails again is parked anew, so a `parked retry` of an old dead
+	-- letter would apply its event twice) and schedules its own timers (a
+	-- tick starts over)
 	local dropped = 0
 	if ok then ok, err, code = x("DELETE FROM projhost.skipped WHERE projection = $1", rt.cp) end
+	if ok then ok, err, code = x("DELETE FROM projhost.timers WHERE projection = $1", rt.cp) end
+	if ok then ok, err, code = timers.arm(def, x) end
 	if ok then
 		ok, err, code = q("WITH d AS (DELETE FROM projhost.parked WHERE projection = $1 RETURNING 1) "
 			.. "SELECT count(*) AS n FROM d", rt.cp)
@@ -195,8 +201,8 @@ local function promote(def)
 	if ok then
 		ok, err, code = x("UPDATE projhost.parked SET projection = $1 WHERE projection = $2", name, shadow)
 	end
-	-- its source, skips and samples go with it
-	for _, t in ipairs({ "sources", "skipped", "samples" }) do
+	-- its source, skips, samples and timers go with it
+	for _, t in ipairs({ "sources", "skipped", "samples", "timers" }) do
 		if ok then ok, err, code = x("DELETE FROM projhost." .. t .. " WHERE projection = $1", name) end
 		if ok then
 			ok, err, code = x("UPDATE projhost." .. t .. " SET projection = $1 WHERE projection = $2", name, shadow)
@@ -373,9 +379,14 @@ local function report(def, n, fields, force)
 		if not p.busy_since or now - p.last > SAMPLE_EVERY then p.busy_since = now end
 		p.last = now
 	end
-	if p.n > 0 and (force or now - p.at >= 1) then
-		log("info", rt.cp, string.format("applied %d event%s", p.n, p.n == 1 and "" or "s"), fields)
+	-- timers the batches fired (worker/timers.lua), in the same line
+	local t = S.fired_log[rt.cp]
+	if (p.n > 0 or t) and (force or now - p.at >= 1) then
+		local fired = t and string.format("fired %d timer%s", t, t == 1 and "" or "s")
+		log("info", rt.cp, (p.n == 0 and fired) or (string.format("applied %d event%s", p.n, p.n == 1 and "" or "s")
+			.. (fired and ", " .. fired or "")), fields)
 		p.at, p.n = now, 0
+		S.fired_log[rt.cp] = nil
 	end
 	-- caught up (force): the last count now, and the run is over
 	sample(def, p, now, force and p.sn > 0)

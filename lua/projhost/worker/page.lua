@@ -12,6 +12,7 @@ local ctxm = require "projhost.worker.ctx"
 local failure = require "projhost.worker.failure"
 local transact_m = require "projhost.worker.transact"
 local lifecycle = require "projhost.worker.lifecycle"
+local timers = require "projhost.worker.timers"
 
 local log, first_line = session.log, session.first_line
 local rollback, ensure_conn, backoff, dberror =
@@ -79,7 +80,9 @@ end
 local function open_page(def, job, plan)
 	local rt = of(def)
 	local conn = S.conn
-	local limit = plan and #plan.events
+	-- (a plan's timers are read by id, not counted in its page)
+	local plan_ids = timers.plan_ids(plan)
+	local limit = plan and #plan.events - #plan_ids
 	pipe_begin()
 	if not pipe.on then return "dberror", dberror(def, "cannot enter pipeline mode") end
 	local rp, hp = rt.read_params, rt.held_params
@@ -116,6 +119,8 @@ local function open_page(def, job, plan)
 		conn:send("SELECT 1")
 	end
 	conn:send_query(rt.held_sql, unpack(hp, 1, #hp))
+	-- the due timers (after the lock, so under it)
+	timers.send_read(def, { "" }, plan_ids)
 	local ok, res, code = conn:sync(true)
 	if not ok then
 		pipe.on = false
@@ -123,6 +128,7 @@ local function open_page(def, job, plan)
 		return "dberror", dberror(def, res, code)
 	end
 	local row, rows, held = res[2][1], res[4], #res[5] > 0
+	local due, truncated = timers.take_read(res[6])
 	local hit = row and guess and guess.rx == row.rx and guess.tx == row.last_tx
 		and guess.pos == tonumber(row.last_pos)
 	if row and plan and (row.last_tx ~= plan.start[""].tx or tonumber(row.last_pos) ~= plan.start[""].pos) then
@@ -200,17 +206,30 @@ local function open_page(def, job, plan)
 		local e = to_event(events[i])
 		e.index, e.partition = i, ""
 	end
+	local groups = { { part = "", state = state, i0 = 1, i1 = #events,
+		status = (limit or #events < want) and "idle" or "more" } }
+	local n_events, fired
+	events, n_events, job.last_event, fired = timers.merge(events, groups, due, plan ~= nil)
 	if plan and not same_events(plan, events) then return "more", 0 end
+	timers.send_fire(def, events, fired)
+	job.fired, job.n_events, job.timers_more = #fired, n_events, truncated
 	job.events, job.row, job.want, job.held, job.limit = events, row, want, held, limit
-	job.groups = { { part = "", state = state, i0 = 1, i1 = #events } }
+	job.groups = groups
 	job.start = { [""] = { tx = row.last_tx, pos = tonumber(row.last_pos) } }
 	return true
 end
 
 local function store_page(job, states)
-	local n = #job.events
-	if n == 0 then return end
-	local def, last = job.def, job.events[n]
+	local def, last = job.def, job.last_event
+	if not last then
+		-- only timers fired: the state changed, the checkpoint did not
+		if (job.fired or 0) > 0 then
+			S.conn:send_as(state_tag(job), [[UPDATE projhost.checkpoints SET state = $2::jsonb,
+				script_hash = $3, error = NULL, updated_at = now() WHERE projection = $1 AND partition = '']],
+				of(def).cp, states[1], def.hash)
+		end
+		return
+	end
 	local page = last._page
 	of(def).batch = batch_for(#states[1], page and page:bytes() / page:count() or 0)
 	S.conn:send_as(state_tag(job), [[UPDATE projhost.checkpoints SET state = $2::jsonb, last_tx = $3::xid8,
@@ -250,7 +269,8 @@ local function run_batch(def)
 	local st, d = open_page(def, job)
 	if st ~= true then return st, 0, d end
 	local o = transact(def, job)
-	local events, n = job.events, #job.events
+	-- (the page's events: the job's are them and its timers, see timers.merge)
+	local events, n = job.events, job.n_events
 	if o then
 		rt.last = nil
 		if o.status == "dberror" then return "dberror", 0, dberror(def, first_line(o.err), o.code) end
@@ -258,15 +278,19 @@ local function run_batch(def)
 		local status, delay, committed = settle(def, plan, o, attempt_page(def))
 		if status == "dberror" then delay = dberror(def, "the batch's database work failed") end
 		report(def, committed, nil, false)
+		timers.after_commit(def)
 		return status, committed, delay
 	end
 	S.db_failures = 0
+	timers.after_commit(def)
+	timers.count_fired(def, job.fired)
 	local row = job.row
-	local last_pos = n > 0 and events[n].position or tonumber(row.last_pos)
-	rt.last = { tx = n > 0 and events[n].tx or row.last_tx, pos = last_pos, state = job.groups[1].out,
-		rx = n > 0 and row.my_xid or row.rx, ahead = ahead_page() }
+	local last = job.last_event
+	local last_pos = last and last.position or tonumber(row.last_pos)
+	rt.last = { tx = last and last.tx or row.last_tx, pos = last_pos, state = job.groups[1].out,
+		rx = (last or job.fired > 0) and row.my_xid or row.rx, ahead = ahead_page() }
 	local status, key = "more", rt.cp .. "\t"
-	if n < job.want then status = job.held and "held" or "idle" end
+	if n < job.want and not job.timers_more then status = job.held and "held" or "idle" end
 	if n == job.want then caught[key] = nil end
 	report(def, n, { position = last_pos }, status == "idle" and not caught[key])
 	if status == "idle" and not caught[key] then

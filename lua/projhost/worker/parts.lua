@@ -12,6 +12,7 @@ local ctxm = require "projhost.worker.ctx"
 local failure = require "projhost.worker.failure"
 local transact_m = require "projhost.worker.transact"
 local lifecycle = require "projhost.worker.lifecycle"
+local timers = require "projhost.worker.timers"
 
 local log, first_line = session.log, session.first_line
 local rollback, ensure_conn, backoff, dberror =
@@ -68,9 +69,12 @@ local function open_parts(def, job, wanted, plan)
 	local stop_at
 	if plan then
 		stop_at = {}
-		for _, e in ipairs(plan.events) do stop_at[e.partition] = e.version + 1 end
+		-- (a timer of the plan moves no checkpoint: see timers.lua)
+		for _, e in ipairs(plan.events) do
+			if not rawget(e, "timer") then stop_at[e.partition] = e.version + 1 end
+		end
 		local nx = plan.next
-		if nx then stop_at[nx.partition] = nx.version end
+		if nx and not rawget(nx, "timer") then stop_at[nx.partition] = nx.version end
 	end
 	-- One round trip, one statement for the partitions: open, lock their
 	-- rows and read each stream past its checkpoint (see reads.PARTS_SQL;
@@ -87,6 +91,8 @@ local function open_parts(def, job, wanted, plan)
 	conn:send(reads.PLANNER_SQL)
 	local per = math.max(1, math.min(BATCH, math.floor(JOB_EVENTS / #wanted)))
 	conn:send_events(reads.PARTS_SQL, rt.cp, pg_text_array(wanted), per, not def.own_events, def.name)
+	-- their due timers (only the plan's, on the failure path)
+	timers.send_read(def, wanted, timers.plan_ids(plan))
 	local ok, res, code = conn:sync(true)
 	if not ok then
 		pipe.on = false
@@ -94,6 +100,7 @@ local function open_parts(def, job, wanted, plan)
 		return "dberror", dberror(def, res, code)
 	end
 	local evrows = res[4]
+	local due, truncated = timers.take_read(res[5])
 	-- from here on every statement is tagged (see ctx.lua): ours are false
 	conn:send_as(false, reads.RESTORE_SQL, unpack(planner_session))
 
@@ -191,14 +198,22 @@ local function open_parts(def, job, wanted, plan)
 			last = e.version
 		end
 		g.i1, g.last = #events, last
-		if last > g.start or g.i1 >= g.i0 then
-			g.state = cp.state and json.decode(cp.state)
+		local ts = due[p]
+		if ts and truncated and g.status == "idle" then g.status = "more" end
+		if last > g.start or g.i1 >= g.i0 or ts then
+			-- (a partition with timers and no new event: its state came with them)
+			local st = cp.state or (ts and ts.state)
+			g.state = st and json.decode(st)
 			groups[#groups + 1] = g
 		else
 			results[p] = { g.status, 0 }
 		end
 	end
+	local fired
+	events, job.n_events, job.last_event, fired = timers.merge(events, groups, due, plan ~= nil)
 	if plan and not same_events(plan, events) then return "more", 0 end
+	timers.send_fire(def, events, fired)
+	job.fired = #fired
 	job.events, job.groups = events, groups
 	job.start = {}
 	for _, cp in ipairs(locked) do job.start[cp.partition] = { pos = tonumber(cp.last_pos) } end
@@ -272,6 +287,7 @@ local function store_parts(job, states)
 			FROM unnest($2::text[], $3::bigint[]) AS u(p, v)
 			WHERE c.projection = $1 AND c.partition = u.p]],
 			of(job.def).cp, pg_text_array(done_p), "{" .. table.concat(done_v, ",") .. "}")
+		timers.send_drop_parts(job.def, done_p)
 	end
 end
 
@@ -345,6 +361,7 @@ local function run_partitions(def, parts)
 		end
 		if culprit then results[culprit.partition] = { status, delay } end
 		report(def, committed, nil, false)
+		timers.after_commit(def)
 		return committed, results
 	end
 	local total = 0
@@ -354,7 +371,9 @@ local function run_partitions(def, parts)
 	end
 
 	S.db_failures = 0
+	timers.count_fired(def, job.fired)
 	report(def, total, nil, false)
+	timers.after_commit(def)
 	S.new_checkpoints = S.new_checkpoints + (job.inserted or 0)
 	if S.new_checkpoints >= S.analyze_at then
 		-- see "Checkpoint rows this worker created" above

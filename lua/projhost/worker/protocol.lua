@@ -10,6 +10,8 @@ local lifecycle = require "projhost.worker.lifecycle"
 local page = require "projhost.worker.page"
 local parts_m = require "projhost.worker.parts"
 local discovery = require "projhost.worker.discovery"
+local timers = require "projhost.worker.timers"
+local stream_in_source = require("projhost.worker.events").stream_in_source
 
 local log, rollback, end_orphan = session.log, session.rollback, session.end_orphan
 local load_all, promote, caught_up_partitioned =
@@ -61,6 +63,9 @@ local function job(name, parts)
 		out[1] = wire.line("done", name, n or 0)
 		out[2] = wire.line("part", "", status, string.format("%.3f", delay or 0))
 	end
+	-- when the projection's next timer is due (worker/timers.lua)
+	out[#out + 1] = def and timers.due_line(wire, name) or nil
+	out[#out + 1] = def and timers.fired_line(wire, name) or nil
 	return table.concat(out, "\n")
 end
 
@@ -68,7 +73,9 @@ local function find(name, token)
 	local def = S.defs[name]
 	if not def or not def.partition then return wire.line("found", name, "idle", "") end
 	local status, list, next_token, found, walk = find_partitions(def, token)
-	if status ~= "more" and status ~= "idle" then
+	-- (its timers are looked at only when the projection could be)
+	local looked = status == "more" or status == "idle"
+	if not looked then
 		-- paused, stopped, failed, dberror: the master waits for a wake-up
 		-- (or the fallback poll) before looking again, from where it was
 		status, next_token = "idle", token
@@ -79,6 +86,18 @@ local function find(name, token)
 		caught_up_partitioned(def)
 	elseif #list > 0 then
 		caught[of(def).cp .. "\t*"] = nil
+	end
+	-- the partitions with due timers, after the streams behind (one index
+	-- read of projhost.timers), and when the next one is due
+	local due = {}
+	if looked then
+		local listed = {}
+		for _, s in ipairs(list) do listed[s] = true end
+		for _, p in ipairs(timers.find_due(def) or {}) do
+			-- (a stream the source no longer reads, after a reload: its
+			-- timers wait, as its checkpoint does)
+			if not listed[p] and stream_in_source(def, p) then listed[p] = true; due[#due + 1] = p end
+		end
 	end
 	-- bounded by bytes as well as by count. A walk's page stops at the
 	-- budget and goes on after the last stream included; a window's streams
@@ -100,7 +119,15 @@ local function find(name, token)
 			bytes, last = bytes + #line + 1, s
 		end
 	end
+	for _, p in ipairs(due) do
+		-- (one that does not fit is listed by the next look)
+		local line = wire.line("part", p)
+		if bytes + #line + 1 > wire.BUDGET then break end
+		out[#out + 1] = line
+		bytes = bytes + #line + 1
+	end
 	out[1] = wire.line("found", name, status, next_token)
+	out[#out + 1] = timers.due_line(wire, name)
 	return table.concat(out, "\n")
 end
 

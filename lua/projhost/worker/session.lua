@@ -33,6 +33,8 @@ local function event_fields(e)
 	local function int(x)
 		if type(x) == "number" and x == x and x % 1 == 0 and x >= -2 ^ 63 and x < 2 ^ 63 then return x end
 	end
+	-- (a timer's position is the host's name for it, not a position)
+	if rawget(e, "timer") then p = nil end
 	return { position = int(p), stream = type(s) == "string" and s or nil, version = int(v) }
 end
 M.event_fields = event_fields

@@ -32,6 +32,12 @@ S.fails = {}
 S.relist = false
 -- checkpoint name -> monotime of the last look for parked retries
 S.parked_checked = {}
+-- checkpoint name -> seconds to its next timer, for the answer's "due"
+-- line (worker/timers.lua)
+S.timer_due = {}
+-- checkpoint name -> timers fired since the last "applied" log line / the
+-- last answer's "fired" line
+S.fired_log, S.fired = {}, {}
 -- checkpoint rows this worker created, and when it analyzes (see parts.lua)
 S.new_checkpoints, S.analyze_at = 0, 1000
 
