@@ -244,9 +244,12 @@ function M.walk_sql(def)
 		filter = " AND s.stream_id = $4"
 		params[1] = def.from.stream
 	elseif def.from.category then
-		-- streams of category C sort between "C" and "C." ('.' follows
-		-- '-'): a range on the primary key, then the exact test
-		filter = " AND s.stream_id >= $4 AND s.stream_id < $4 || '.' AND split_part(s.stream_id, '-', 1) = $4"
+		-- a range of streams_category_idx (schema.INDEXES), in any
+		-- collation: a key range of "C" to "C." holds the category only
+		-- where '-' sorts as itself (C, not en_US.UTF-8 or ICU's
+		-- alternate=shifted, which ignore it: 'C.' < 'C-1' - a walk that
+		-- found none of the category's streams)
+		filter = " AND split_part(s.stream_id, '-', 1) = $4"
 		params[1] = def.from.category
 	end
 	return [[WITH w AS MATERIALIZED (

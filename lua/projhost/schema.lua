@@ -1373,7 +1373,6 @@ DECLARE
 	v_chunk bigint := @CHUNK@;
 	v_p text[];
 	v_b bigint[];
-	v_range text := '';
 	v_walk text;
 	v_page text;
 	v_after text := '';
@@ -1410,22 +1409,15 @@ BEGIN
 	IF v_events = 0 OR p_limit = 0 THEN RETURN; END IF;
 	f := projhost.source_filter(s.kind, s.value, NULL, s.name, true);
 	-- the source's streams in key order after $3, each with its checkpoint
-	-- (steps 3, 4). In the C collation a category's streams are a key range
-	-- (as the worker's walk reads them: "C" to "C.", '.' follows '-'); in
-	-- others a walk reads every stream before them too. (datlocprovider,
-	-- PostgreSQL 15: 'i' is an ICU default collation, whatever datcollate says.)
-	IF s.kind = 'category' AND (SELECT d.datcollate IN ('C', 'POSIX')
-			AND coalesce(to_jsonb(d)->>'datlocprovider', 'c') = 'c'
-		FROM pg_database d WHERE d.datname = current_database()) THEN
-		v_range := format(' AND st.stream_id >= %L AND st.stream_id < %L', s.value, s.value || '.');
-	END IF;
+	-- (steps 3, 4): a category's are a range of streams_category_idx, in
+	-- any collation (see reads.walk_sql)
 	v_walk := format($q$SELECT st.stream_id, coalesce(c.last_pos, 0), c.updated_at, c.status, c.error,
 			st.version - coalesce(c.last_pos, 0)
 		FROM projhost.streams st
 		LEFT JOIN projhost.checkpoints c ON c.projection = $1 AND c.partition = st.stream_id
-		WHERE %s%s AND st.stream_id > $3 AND st.version > coalesce(c.last_pos, 0)
+		WHERE %s AND st.stream_id > $3 AND st.version > coalesce(c.last_pos, 0)
 			AND c.status IS DISTINCT FROM 'done'
-		ORDER BY st.stream_id LIMIT $2$q$, f.range_sql, v_range);
+		ORDER BY st.stream_id LIMIT $2$q$, f.range_sql);
 	PERFORM set_config('enable_seqscan', 'off', true), set_config('enable_bitmapscan', 'off', true),
 		set_config('enable_hashjoin', 'off', true), set_config('enable_mergejoin', 'off', true);
 	IF s.kind = 'stream' THEN
@@ -1490,13 +1482,13 @@ BEGIN
 			-- once (in key order: the start of the answer); four times the
 			-- streams expected at most, then step 4 for the rest
 			v_page := format($q$WITH k AS MATERIALIZED (SELECT st.stream_id, st.version FROM projhost.streams st
-					WHERE %s%s AND st.stream_id > $2 ORDER BY st.stream_id LIMIT $3)
+					WHERE %s AND st.stream_id > $2 ORDER BY st.stream_id LIMIT $3)
 				SELECT * FROM (SELECT k.stream_id AS p, coalesce(c.last_pos, 0) AS v, c.updated_at AS t,
 						c.status AS s, c.error AS e, k.version - coalesce(c.last_pos, 0) AS b
 					FROM k LEFT JOIN projhost.checkpoints c ON c.projection = $1 AND c.partition = k.stream_id
 					WHERE k.version > coalesce(c.last_pos, 0) AND c.status IS DISTINCT FROM 'done'
 					ORDER BY k.stream_id LIMIT $4) x
-				UNION ALL SELECT max(k.stream_id), count(*), NULL, NULL, NULL, NULL FROM k$q$, f.range_sql, v_range);
+				UNION ALL SELECT max(k.stream_id), count(*), NULL, NULL, NULL, NULL FROM k$q$, f.range_sql);
 			v_budget := least(greatest(4 * v_budget, @PAGE@ * 4), @WINDOW@);
 			LOOP
 				FOR r IN EXECUTE v_page USING p_projection, v_after, @PAGE@, v_rows LOOP
@@ -1783,6 +1775,12 @@ M.INDEXES = {
 	-- parked events of a projection: counted by status, looked up by wait_for
 	-- the checkpoints that hold an error (status): a batch sets error to
 	-- NULL when it already is, which keeps its update HOT
+	-- a category's streams in key order, in any collation (discovery's
+	-- walk, see reads.walk_sql; the partitions behind): the expression
+	-- depends on stream_id alone, so append's updates of a stream's row
+	-- stay HOT
+	{ name = "streams_category_idx", on = "projhost.streams",
+		columns = "(split_part(stream_id, '-', 1), stream_id)" },
 	{ name = "checkpoints_error_idx", on = "projhost.checkpoints",
 		columns = "(projection) WHERE error IS NOT NULL" },
 	-- the checkpoints not running (status NAME --failed): a status changes

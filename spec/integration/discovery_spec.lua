@@ -77,6 +77,27 @@ describe("partition discovery", function()
 		if conn then conn:close() end
 	end)
 
+	it("finds a category's streams in a database whose collation ignores punctuation", function()
+		-- ICU with alternate=shifted sorts 'pc.' before 'pc-1' (the '-' and
+		-- '.' are ignored at first): no key range of 'pc' to 'pc.' holds the
+		-- category there (glibc's en_US.UTF-8 does the same)
+		local admin = h.connect(h.pg().dsn)
+		assert(admin:exec("DROP DATABASE IF EXISTS discovery_icu WITH (FORCE)"))
+		assert(admin:exec([[CREATE DATABASE discovery_icu TEMPLATE template0 LOCALE_PROVIDER icu
+			ICU_LOCALE 'und-u-ka-shifted' LOCALE 'C']]))
+		admin:close()
+		local idsn = dsn:gsub("dbname=%S+", "dbname=discovery_icu")
+		local ic = h.connect(idsn)
+		assert(require("projhost.schema").migrate(ic))
+		assert.equal("t", scalar(ic, "SELECT 'pc.' < 'pc-1'")) -- the collation this case is about
+		insert_quietly(ic, 300, 30)
+		assert(ic:exec("INSERT INTO projhost.events (stream_id, stream_version, event_type) VALUES ('pcx-1', 1, 'Inc')"))
+		assert.equal(0, (h.run({ "run", "--once", "--db", idsn, dir })))
+		assert.equal(300, applied(ic))
+		assert.equal("30", scalar(ic, "SELECT count(*) FROM projhost.checkpoints WHERE projection = 'pc' AND partition <> ''"))
+		ic:close()
+	end)
+
 	it("of a caught-up host does not walk the streams on every poll", function()
 		insert_quietly(conn, STREAMS, STREAMS)
 		assert.equal(0, (h.run({ "run", "--once", "--db", dsn, dir })))
