@@ -1336,7 +1336,20 @@ RETURNS TABLE (projection text, status text, partitioned boolean, partitions big
 	source_kind text, source_value text, source_types text[], version int,
 	done bigint, held bigint)
 LANGUAGE sql STABLE AS $fn$
-	SELECT l.* FROM projhost.lag_rows_v5(p_projection, p_stall_after) l
+	-- a partitioned projection's statuses count its partitions: step 5's
+	-- counted its own row ('') among them too (running 2 of 2 partitions,
+	-- one of them done); o is that row's status, looked up by key
+	SELECT l.projection, l.status, l.partitioned, l.partitions,
+		l.failed - coalesce((o = 'failed')::int, 0), l.paused - coalesce((o = 'paused')::int, 0),
+		l.stopped - coalesce((o = 'stopped')::int, 0),
+		l.events_behind, l.behind_estimated, l.lag_seconds, l.applied_1m, l.rate_1m, l.eta_seconds,
+		l.parked, l.stalled, l."position", l.error, l.updated_at,
+		l.running - coalesce((o = 'running')::int, 0), l.reset_pending, l.progress, l.shadow_of,
+		l.source_kind, l.source_value, l.source_types, l.version,
+		l.done - coalesce((o = 'done')::int, 0), l.held - coalesce((o = 'held')::int, 0)
+	FROM projhost.lag_rows_v5(p_projection, p_stall_after) l
+	CROSS JOIN LATERAL (SELECT CASE WHEN l.partitioned THEN (SELECT c.status FROM projhost.checkpoints c
+		WHERE c.projection = l.projection AND c.partition = '') END AS o) own
 	WHERE projhost.note_behind(pg_current_snapshot()::text, l.projection, l.events_behind)
 $fn$]]
 

@@ -97,6 +97,9 @@ describe("finished partitions (ctx:done)", function()
 		local doc = require("projhost.json").decode(scalar(conn, "SELECT projhost.status_json('wf')::text"))
 		local st = doc.projections[1].statuses
 		assert.same({ 1, 0 }, { st.done, st.held })
+		-- the partitions' statuses, the projection's own row not among them
+		assert.same({ running = 1, paused = 0, failed = 0, stopped = 0, done = 1, held = 0 }, st)
+		assert.equal(2, doc.projections[1].partitions)
 		-- its events are not behind: the projection is caught up
 		assert.equal("0", scalar(conn, "SELECT events_behind FROM projhost.projection_status('wf')"))
 		local code, out, err = h.run({ "status", "wf", "--db", dsn })
