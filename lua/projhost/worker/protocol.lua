@@ -67,7 +67,10 @@ end
 local function find(name, token)
 	local def = S.defs[name]
 	if not def or not def.partition then return wire.line("found", name, "idle", "") end
-	local status, list, next_token, found, walk = find_partitions(def, token)
+	local status, list, next_token, found, walk, applied = find_partitions(def, token)
+	-- partitions caught up by the round itself (worker/catchup.lua): a
+	-- catch-up, whose end is logged and flushed (caught_up_partitioned)
+	if applied and applied > 0 then caught[of(def).cp .. "\t*"] = nil end
 	if status ~= "more" and status ~= "idle" then
 		-- paused, stopped, failed, dberror: the master waits for a wake-up
 		-- (or the fallback poll) before looking again, from where it was
@@ -101,6 +104,9 @@ local function find(name, token)
 		end
 	end
 	out[1] = wire.line("found", name, status, next_token)
+	-- events the round applied itself (worker/catchup.lua): counted as a
+	-- batch's (--once's rounds, metrics, waiters of GET /wait)
+	if applied and applied > 0 then out[#out + 1] = wire.line("done", name, applied) end
 	return table.concat(out, "\n")
 end
 
