@@ -42,7 +42,7 @@ local transact_m = require "projhost.worker.transact"
 local lifecycle = require "projhost.worker.lifecycle"
 local parts = require "projhost.worker.parts"
 
-local rollback, dberror = session.rollback, session.dberror
+local log, rollback, dberror = session.log, session.rollback, session.dberror
 local pipe_begin, pipe_end = ctxm.pipe_begin, ctxm.pipe_end
 local transact, ASYNC_CATCHUP = transact_m.transact, transact_m.ASYNC_CATCHUP
 local report = lifecycle.report
@@ -62,10 +62,6 @@ local FRESH_MAX = 4
 local CHUNK = 1024
 local JOB_EVENTS = parts.JOB_EVENTS
 local BATCH = transact_m.BATCH
-
--- PROJHOST_DEBUG-free switch for specs and measurements: off, every
--- partition takes the job path (as before this file).
-M.enabled = true
 
 -- One chunk: `list` (sorted stream names, all new). range: every stream
 -- of the key range list[1]..list[#list] is in the list. -> results
@@ -150,7 +146,7 @@ function M.walked(def, rows, n)
 	for i = 1, #rows - 1 do
 		local r = rows[i]
 		local v = tonumber(r.version)
-		if M.enabled and (r.fresh == "t" or r.fresh == true) and v and v <= FRESH_MAX then
+		if (r.fresh == "t" or r.fresh == true) and v and v <= FRESH_MAX then
 			fresh[#fresh + 1] = r.stream_id
 		else
 			out[#out + 1] = r.stream_id
@@ -160,7 +156,7 @@ function M.walked(def, rows, n)
 	-- every stream the page walked is in `fresh`: any run of it is a
 	-- range of the key with nothing else in it
 	local range = #fresh == n
-	local applied, back = 0, {}
+	local applied, back, nback = 0, {}, 0
 	for at = 1, #fresh, CHUNK do
 		local list = {}
 		for i = at, math.min(#fresh, at + CHUNK - 1) do list[#list + 1] = fresh[i] end
@@ -169,9 +165,11 @@ function M.walked(def, rows, n)
 		for _, p in ipairs(list) do
 			local r = results and results[p]
 			-- caught up: read to its end; anything else is the job path's
-			if not (r and r.applied and r[1] == "idle") then back[p] = true end
+			if not (r and r.applied and r[1] == "idle") then back[p], nback = true, nback + 1 end
 		end
 	end
+	log("debug", of(def).cp, ("discovery caught up %d of %d new partitions (%d events)"):format(
+		#fresh - nback, #fresh, applied))
 	if next(back) then
 		-- merged back in the page's order (the master queues them so)
 		local all = {}
