@@ -33,7 +33,6 @@
 -- write failing, the database) is handed to the master whole: the job
 -- path reads each partition again from its row (or from its start) and
 -- gives failures their actions. A crash loses only uncommitted chunks.
-local config = require "projhost.config"
 local reads = require "projhost.reads"
 local S = require "projhost.worker.state"
 local session = require "projhost.worker.session"
@@ -153,6 +152,11 @@ function M.walked(def, rows, n)
 		end
 	end
 	if #fresh == 0 then return out, 0 end
+	-- in key order (the walk's rows come in no particular order): chunks
+	-- of neighbours. (Byte order, the key's in a C-collated database; in
+	-- another one a chunk's range may miss some of its streams - they go
+	-- to the master, unread - or hold others', which are left out.)
+	table.sort(fresh)
 	-- every stream the page walked is in `fresh`: any run of it is a
 	-- range of the key with nothing else in it
 	local range = #fresh == n
