@@ -17,7 +17,9 @@
 --              category (a third index on every append would cost every
 --              store; a stream is a category's part by definition)
 --   partition  events (stream_id, stream_version), the unique key, from the
---              checkpoint's version (see PARTS_SQL)
+--              checkpoint's version (see PARTS_SQL); new partitions caught
+--              up by discovery: the same key, a range of it or a descent
+--              per stream in one scan (see catchup_sql)
 --   discovery  projhost.streams' primary key (a walk, see walk_sql), or
 --              the page's own range over the events since the last pass
 --              (see window_sql)
