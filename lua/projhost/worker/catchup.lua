@@ -28,11 +28,12 @@
 -- with its checkpoint row. Nothing is locked: the row does not exist, and
 -- two workers or instances that take the same partition as new cannot
 -- both commit it - the second INSERT waits for the first transaction and
--- fails on the primary key (23505), which rolls its chunk back whole. Any
--- chunk that does not commit (that, a handler's error, ctx:done's second
--- write failing, the database) is handed to the master whole: the job
--- path reads each partition again from its row (or from its start) and
--- gives failures their actions. A crash loses only uncommitted chunks.
+-- fails on the primary key (23505), which rolls its chunk back whole. A
+-- chunk that does not commit (that, a handler's error, an overrun the
+-- master charged to this round, the database) runs again at once as a
+-- job (parts.run_partitions): the job path reads each partition again
+-- from its row (or from its start) and gives failures their actions. A
+-- crash loses only uncommitted chunks.
 local reads = require "projhost.reads"
 local S = require "projhost.worker.state"
 local session = require "projhost.worker.session"
@@ -46,6 +47,7 @@ local pipe_begin, pipe_end = ctxm.pipe_begin, ctxm.pipe_end
 local transact, ASYNC_CATCHUP = transact_m.transact, transact_m.ASYNC_CATCHUP
 local report = lifecycle.report
 local groups_of, store_parts, inserted = parts.groups_of, parts.store_parts, parts.inserted
+local run_partitions = parts.run_partitions
 local pg_text_array = reads.pg_text_array
 local of = S.of
 local pipe, planner_session = S.pipe, S.planner_session
@@ -165,6 +167,17 @@ function M.walked(def, rows, n)
 		local list = {}
 		for i = at, math.min(#fresh, at + CHUNK - 1) do list[#list + 1] = fresh[i] end
 		local results, total = chunk(def, list, range)
+		if not results then
+			-- not committed: the chunk runs as a job, here and now (the
+			-- job path's rules for what failed; and an overrun the
+			-- master charged to this round - a worker killed in a
+			-- chunk - is this message's, no later job's)
+			total, results = run_partitions(def, list)
+			for _, p in ipairs(list) do
+				local r = results[p]
+				if r then r.applied = true end
+			end
+		end
 		applied = applied + (total or 0)
 		for _, p in ipairs(list) do
 			local r = results and results[p]
