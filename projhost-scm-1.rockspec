@@ -67,6 +67,7 @@ build = {
 		["projhost.units"] = "lua/projhost/units.lua",
 		["projhost.wire"] = "lua/projhost/wire.lua",
 		["projhost.worker"] = "lua/projhost/worker/init.lua",
+		["projhost.worker.catchup"] = "lua/projhost/worker/catchup.lua",
 		["projhost.worker.ctx"] = "lua/projhost/worker/ctx.lua",
 		["projhost.worker.discovery"] = "lua/projhost/worker/discovery.lua",
 		["projhost.worker.events"] = "lua/projhost/worker/events.lua",

@@ -17,7 +17,9 @@
 --              category (a third index on every append would cost every
 --              store; a stream is a category's part by definition)
 --   partition  events (stream_id, stream_version), the unique key, from the
---              checkpoint's version (see PARTS_SQL)
+--              checkpoint's version (see PARTS_SQL); new partitions caught
+--              up by discovery: the same key, a range of it or a descent
+--              per stream in one scan (see catchup_sql)
 --   discovery  projhost.streams' primary key (a walk, see walk_sql), or
 --              the page's own range over the events since the last pass
 --              (see window_sql)
@@ -65,13 +67,17 @@ M.EVENT_FIELDS = {
 }
 
 -- The settings a read runs under, and their names (the worker reads their
--- session values once per connection to set them back).
-M.PLANNER = { "enable_seqscan", "enable_bitmapscan", "enable_sort" }
+-- session values once per connection to set them back). No parallel
+-- workers either: a page of the discovery walk (5,000 streams, 30 ms) was
+-- planned as a Gather Merge, and starting its two workers cost a third of
+-- the page (1,000,000 streams: 2.4 s a walk).
+M.PLANNER = { "enable_seqscan", "enable_bitmapscan", "enable_sort", "max_parallel_workers_per_gather" }
+local PLANNER_VALUE = { max_parallel_workers_per_gather = "0" }
 
 local function planner_sql()
 	local on, back, now = {}, {}, {}
 	for i, name in ipairs(M.PLANNER) do
-		on[i] = ("set_config('%s', 'off', true)"):format(name)
+		on[i] = ("set_config('%s', '%s', true)"):format(name, PLANNER_VALUE[name] or "off")
 		back[i] = ("set_config('%s', $%d, true)"):format(name, i)
 		now[i] = ("current_setting('%s') AS %s"):format(name, name)
 	end
@@ -224,20 +230,60 @@ M.PARTS_SQL = [[SELECT w.p AS partition, e.global_position, e.tx, e.event_id, e.
 		  AND ev.stream_id = w.p AND ev.stream_version > coalesce(l.last_pos, 0)
 		ORDER BY ev.stream_version LIMIT $3) e ON true]]
 
--- "is stream `a`.stream_id at `a`.version past its checkpoint" ($1
--- projection): a checkpoint that is not running never is (an operator
--- wakes it).
+--- The events of new partitions (no checkpoint row: worker/catchup.lua),
+--- each stream from its start, partition after partition in key order and
+--- each in version order: one walk of the unique key (stream_id,
+--- stream_version) instead of a lookup of a checkpoint and a descent per
+--- partition (PARTS_SQL). $1 mark own events, $2 the projection's name,
+--- then either (list) $3 text[] streams - a descent per stream inside one
+--- index scan - or (range) $3 and $4 the first and the last stream: the
+--- range of the key between them, when every stream in it is one of the
+--- job's (a walk's page of new streams and nothing else); events of a
+--- stream that is not one of them (made since) are left to the worker.
+--- Columns: PARTS_SQL's events' (partition, COLS, _own). No lock: two
+--- workers or instances that both take a partition as new cannot both
+--- commit it (the INSERT of its row decides, see worker/parts.lua).
+function M.catchup_sql(range)
+	return [[SELECT ev.stream_id AS partition, ]] .. M.COLS .. [[,
+		CASE WHEN $1 AND split_part(ev.metadata->>'projection', '@', 1) = $2 THEN 1 END AS _own
+	FROM projhost.events ev
+	WHERE ]] .. (range and "ev.stream_id >= $3 AND ev.stream_id <= $4" or "ev.stream_id = ANY($3::text[])") .. [[
+	ORDER BY ev.stream_id, ev.stream_version]]
+end
+
+-- A checkpoint row `c` as behind() reads it: its version when running,
+-- else past any version (one that is not running is never behind: an
+-- operator wakes it); no row (NULL) is version 0.
+local function checkpoint_value(c)
+	return ("CASE WHEN %s.status = 'running' THEN %s.last_pos ELSE 9223372036854775807 END"):format(c, c)
+end
+
+-- The checkpoint of stream `a`.stream_id ($1 projection), looked up.
+local function checkpoint_of(a)
+	return "(SELECT " .. checkpoint_value("c") .. [[
+	FROM projhost.checkpoints c WHERE c.projection = $1 AND c.partition = ]] .. a .. ".stream_id)"
+end
+
+-- "is a stream at version `version` past its checkpoint `cp`" (SQL of
+-- checkpoint_of)
+local function behind_of(version, cp)
+	return version .. " > coalesce(" .. cp .. ", 0)"
+end
+
+-- "is stream `a`.stream_id at `a`.version past its checkpoint"
 local function behind(a)
-	return (a .. [[.version > coalesce((SELECT CASE WHEN c.status = 'running' THEN c.last_pos
-		ELSE 9223372036854775807 END
-	FROM projhost.checkpoints c WHERE c.projection = $1 AND c.partition = ]] .. a .. ".stream_id), 0)")
+	return behind_of(a .. ".version", checkpoint_of(a))
 end
 
 --- A page of the walk over def's streams in key order: $1 projection, $2
 --- the stream after which to go on, $3 streams per page. Rows: the streams
---- behind, then one row without a stream: `last`, the last stream walked,
---- and `n`, how many were. A page costs the streams it walks, one
---- primary-key lookup of a checkpoint each.
+--- behind (in no particular order), with their version and `fresh` (true:
+--- no checkpoint row, see worker/catchup.lua), then one row without a
+--- stream: `last`, the last stream walked, and `n`, how many were. A page
+--- costs the streams it walks and the checkpoints of the same key range:
+--- one range of each primary key, hashed and joined (a lookup per stream
+--- cost twice as much, 1,000,000 streams: 5 s a walk; if the planner
+--- prefers that, it is still an index range per stream).
 function M.walk_sql(def)
 	local filter, params = "", {}
 	if def.from.stream then
@@ -253,13 +299,19 @@ function M.walk_sql(def)
 		params[1] = def.from.category
 	end
 	return [[WITH w AS MATERIALIZED (
-		SELECT s.stream_id, ]] .. behind("s") .. [[ AS behind
+		SELECT s.stream_id, s.version
 		FROM projhost.streams s
 		WHERE s.stream_id > $2]] .. filter .. [[
-		ORDER BY s.stream_id LIMIT $3)
-	SELECT stream_id, NULL AS last, NULL::bigint AS n FROM w WHERE behind
+		ORDER BY s.stream_id LIMIT $3),
+	c AS (
+		SELECT c.partition, ]] .. checkpoint_value("c") .. [[ AS cp
+		FROM projhost.checkpoints c
+		WHERE c.projection = $1 AND c.partition > $2 AND c.partition <= (SELECT max(stream_id) FROM w))
+	SELECT w.stream_id, w.version, c.cp IS NULL AS fresh, NULL AS last, NULL::bigint AS n
+	FROM w LEFT JOIN c ON c.partition = w.stream_id
+	WHERE ]] .. behind_of("w.version", "c.cp") .. [[
 	UNION ALL
-	SELECT NULL, max(stream_id), count(*) FROM w]], params
+	SELECT NULL, NULL, NULL, max(stream_id), count(*) FROM w]], params
 end
 
 --- The streams of def's source that got events since the last pass: the

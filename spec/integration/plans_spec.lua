@@ -135,6 +135,10 @@ local function all_reads(stage)
 	end
 	check(stage .. ": partition reads", reads.PARTS_SQL,
 		{ "p", reads.pg_text_array({ "ten-1", "tiny-7", "big-2" }), 1000, true, "p" }, true)
+	-- new partitions caught up by discovery (worker/catchup.lua)
+	check(stage .. ": new partitions, a list", reads.catchup_sql(false),
+		{ true, "p", reads.pg_text_array({ "big-2", "ten-1", "tiny-7" }) }, true)
+	check(stage .. ": new partitions, a range", reads.catchup_sql(true), { true, "p", "big-2", "big-20" }, true)
 end
 
 describe("every read is an index range", function()

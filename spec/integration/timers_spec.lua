@@ -361,15 +361,23 @@ return {
 		h.wait_until(function() return count("SELECT count(*) FROM pm_log WHERE what = 'Deadline'") >= 1000 end,
 			60, "1,000 timers")
 		h.wait_until(function() return count("SELECT count(*) FROM projhost.timers") == 0 end, 10, "no timer left")
-		-- each host counts what its workers fired: 1,000 together
-		local fired = 0
-		for _, p in ipairs(hosts) do
-			local addr = h.wait_until(function()
+		-- each host counts what its workers fired: 1,000 together (once the
+		-- last batches' answers, which follow their commits, are in)
+		local addrs = {}
+		for i, p in ipairs(hosts) do
+			addrs[i] = h.wait_until(function()
 				return p:output():match("serving HTTP on http://(127%.0%.0%.1:%d+)/")
 			end, 10, "the HTTP address")
-			local m = h.read_all("curl -s http://" .. addr .. "/metrics")
-			fired = fired + tonumber(m:match('projhost_timers_fired_total{projection="pm"} (%d+)') or 0)
 		end
+		local fired
+		pcall(h.wait_until, function()
+			fired = 0
+			for _, addr in ipairs(addrs) do
+				local m = h.read_all("curl -s http://" .. addr .. "/metrics")
+				fired = fired + tonumber(m:match('projhost_timers_fired_total{projection="pm"} (%d+)') or 0)
+			end
+			return fired >= 1000
+		end, 10, "1,000 fired on /metrics")
 		assert.equal(1000, fired)
 		for _, p in ipairs(hosts) do p:kill(15) end
 		for _, p in ipairs(hosts) do assert.equal(0, p:wait(15), p:output()) end

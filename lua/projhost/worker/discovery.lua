@@ -5,6 +5,7 @@ local reads = require "projhost.reads"
 local S = require "projhost.worker.state"
 local session = require "projhost.worker.session"
 local lifecycle = require "projhost.worker.lifecycle"
+local catchup = require "projhost.worker.catchup"
 
 local q, rollback, dberror = session.q, session.rollback, session.dberror
 local of = S.of
@@ -106,14 +107,17 @@ local function find_partitions(def, token)
 		local rows, err, code = planned(sql, rt.cp, t.stream, FIND_WALK, unpack(params))
 		if not rows then dberror(def, err, code); return "dberror", {}, token end
 		local tail = rows[#rows]
-		for i = 1, #rows - 1 do out[i] = rows[i].stream_id end
+		-- new short streams are caught up on the way (worker/catchup.lua);
+		-- the others are the master's, and "found"
+		local applied
+		out, applied = catchup.walked(def, rows, tonumber(tail.n))
 		local found = t.found or #out > 0
 		if tonumber(tail.n) == FIND_WALK then
-			return "more", out, walk_token(t.xmin, found, t.t, tail.last), found, t
+			return "more", out, walk_token(t.xmin, found, t.t, tail.last), found, t, applied
 		end
 		-- the walk is over: a clean one hands over to windows from its
 		-- start; after one that found streams behind, walk again
-		return "idle", out, found and "" or ("i %s 0 %d"):format(t.xmin, t.t), found, t
+		return "idle", out, found and "" or ("i %s 0 %d"):format(t.xmin, t.t), found, t, applied
 	end
 	local sql, params = reads.window_sql(def)
 	local rows, err, code = planned(sql, rt.cp, t.tx, t.pos, FIND_WINDOW, unpack(params))

@@ -60,6 +60,55 @@ local JOB_EVENTS = 128 * BATCH
 -- new cannot both commit it: the second INSERT waits for the first
 -- transaction and then fails on the primary key (23505), which rolls the
 -- second batch back whole; it runs again from the row the first committed.
+-- The groups of a job (transact.lua): for each partition of `locked`
+-- ({ partition, last_pos, state, new }, in the job's order) its rows of
+-- by_part (in version order, up to `per`) from the version after its
+-- checkpoint, up to a gap (held: versions commit in order, so a missing
+-- one is still in flight) or to stop_at[p] (a plan). -> events, groups; a
+-- partition with nothing to apply gets its status in results instead.
+local function groups_of(def, locked, by_part, per, stop_at, results, due, truncated)
+	due = due or {}
+	local events, groups = {}, {}
+	for _, cp in ipairs(locked) do
+		local p = cp.partition
+		local last = tonumber(cp.last_pos)
+		local g = { part = p, start = last, i0 = #events + 1, status = "idle", new = cp.new }
+		g.status = #(by_part[p] or {}) >= per and "more" or "idle"
+		local stop = stop_at and (stop_at[p] or last + 1)
+		for _, r in ipairs(by_part[p] or {}) do
+			local e = to_event(r)
+			if e.version ~= last + 1 then
+				-- versions commit in order, so a gap is one still in flight
+				g.status = "held"
+				break
+			end
+			if stop and e.version >= stop then
+				g.status = "more"
+				break
+			end
+			if visible(def, e.type) and not rawget(e, "_own") then
+				events[#events + 1] = e
+				e.index, e.partition = #events, p
+			end
+			last = e.version
+		end
+		g.i1, g.last = #events, last
+		-- due timers (worker/timers.lua): a partition with timers and no
+		-- new event is a group too, its state came with them
+		local ts = due[p]
+		if ts and truncated and g.status == "idle" then g.status = "more" end
+		if last > g.start or g.i1 >= g.i0 or ts then
+			local st = cp.state or (ts and ts.state)
+			g.state = st and json.decode(st)
+			groups[#groups + 1] = g
+		else
+			results[p] = { g.status, 0 }
+		end
+	end
+	return events, groups
+end
+M.groups_of = groups_of
+
 -- Open a job over partitions `wanted` (sorted). plan (the failure path):
 -- exactly its events, each partition from its start and up to (not
 -- including) its first event that is not in the plan.
@@ -173,42 +222,7 @@ local function open_parts(def, job, wanted, plan)
 		return "empty", 0
 	end
 
-	local events, groups = {}, {}
-	for _, cp in ipairs(locked) do
-		local p = cp.partition
-		local last = tonumber(cp.last_pos)
-		local g = { part = p, start = last, i0 = #events + 1, status = "idle", new = cp.new }
-		g.status = #(by_part[p] or {}) >= per and "more" or "idle"
-		local stop = stop_at and (stop_at[p] or last + 1)
-		for _, r in ipairs(by_part[p] or {}) do
-			local e = to_event(r)
-			if e.version ~= last + 1 then
-				-- versions commit in order, so a gap is one still in flight
-				g.status = "held"
-				break
-			end
-			if stop and e.version >= stop then
-				g.status = "more"
-				break
-			end
-			if visible(def, e.type) and not rawget(e, "_own") then
-				events[#events + 1] = e
-				e.index, e.partition = #events, p
-			end
-			last = e.version
-		end
-		g.i1, g.last = #events, last
-		local ts = due[p]
-		if ts and truncated and g.status == "idle" then g.status = "more" end
-		if last > g.start or g.i1 >= g.i0 or ts then
-			-- (a partition with timers and no new event: its state came with them)
-			local st = cp.state or (ts and ts.state)
-			g.state = st and json.decode(st)
-			groups[#groups + 1] = g
-		else
-			results[p] = { g.status, 0 }
-		end
-	end
+	local events, groups = groups_of(def, locked, by_part, per, stop_at, results, due, truncated)
 	local fired
 	events, job.n_events, job.last_event, fired = timers.merge(events, groups, due, plan ~= nil)
 	if plan and not same_events(plan, events) then return "more", 0 end
@@ -308,6 +322,22 @@ local function attempt_parts(def)
 	end
 end
 
+-- After a commit that made n checkpoint rows (see "Checkpoint rows this
+-- worker created" above).
+local function inserted(def, n)
+	S.new_checkpoints = S.new_checkpoints + (n or 0)
+	if S.new_checkpoints >= S.analyze_at then
+		S.analyze_at = S.analyze_at * 2
+		-- the planner needs the table's size, not fine statistics: a
+		-- small sample (3,000 rows) takes 10 ms at 100,000 rows, not 100
+		S.conn:exec("SET default_statistics_target = 10")
+		local okA, errA = S.conn:exec("ANALYZE projhost.checkpoints")
+		S.conn:exec("RESET default_statistics_target")
+		if not okA then log("warn", of(def).cp, "ANALYZE projhost.checkpoints: " .. tostring(errA)) end
+	end
+end
+M.inserted = inserted
+
 -- Returns count, results { [part] = { status, delay } }.
 local function run_partitions(def, parts)
 	local rt = of(def)
@@ -374,19 +404,9 @@ local function run_partitions(def, parts)
 	timers.count_fired(def, job.fired)
 	report(def, total, nil, false)
 	timers.after_commit(def)
-	S.new_checkpoints = S.new_checkpoints + (job.inserted or 0)
-	if S.new_checkpoints >= S.analyze_at then
-		-- see "Checkpoint rows this worker created" above
-		S.analyze_at = S.analyze_at * 2
-		-- the planner needs the table's size, not fine statistics: a
-		-- small sample (3,000 rows) takes 10 ms at 100,000 rows, not 100
-		S.conn:exec("SET default_statistics_target = 10")
-		local okA, errA = S.conn:exec("ANALYZE projhost.checkpoints")
-		S.conn:exec("RESET default_statistics_target")
-		if not okA then log("warn", rt.cp, "ANALYZE projhost.checkpoints: " .. tostring(errA)) end
-	end
+	inserted(def, job.inserted)
 	return total, results
 end
-M.run_partitions = run_partitions
+M.run_partitions, M.store_parts, M.JOB_EVENTS = run_partitions, store_parts, JOB_EVENTS
 
 return M

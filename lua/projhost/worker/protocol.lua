@@ -72,7 +72,10 @@ end
 local function find(name, token)
 	local def = S.defs[name]
 	if not def or not def.partition then return wire.line("found", name, "idle", "") end
-	local status, list, next_token, found, walk = find_partitions(def, token)
+	local status, list, next_token, found, walk, applied = find_partitions(def, token)
+	-- partitions caught up by the round itself (worker/catchup.lua): a
+	-- catch-up, whose end is logged and flushed (caught_up_partitioned)
+	if applied and applied > 0 then caught[of(def).cp .. "\t*"] = nil end
 	-- (its timers are looked at only when the projection could be)
 	local looked = status == "more" or status == "idle"
 	if not looked then
@@ -128,6 +131,9 @@ local function find(name, token)
 	end
 	out[1] = wire.line("found", name, status, next_token)
 	out[#out + 1] = timers.due_line(wire, name)
+	-- events the round applied itself (worker/catchup.lua): counted as a
+	-- batch's (--once's rounds, metrics, waiters of GET /wait)
+	if applied and applied > 0 then out[#out + 1] = wire.line("done", name, applied) end
 	return table.concat(out, "\n")
 end
 
