@@ -403,6 +403,17 @@ static void pump(struct ph_surface *s)
 	watch(s, PQflush(s->conn) == 1 ? UV_READABLE | UV_WRITABLE : UV_READABLE);
 }
 
+/* Append @q to the FIFO and send what can be sent. */
+static void push(struct ph_surface *s, struct query *q)
+{
+	if (s->qtail)
+		s->qtail->next = q;
+	else
+		s->qhead = q;
+	s->qtail = q;
+	pump(s);
+}
+
 static int enqueue(struct ph_surface *s, enum qkind kind, struct waiter *w)
 {
 	struct query *q = calloc(1, sizeof(*q));
@@ -411,12 +422,7 @@ static int enqueue(struct ph_surface *s, enum qkind kind, struct waiter *w)
 		return -1;
 	q->kind = kind;
 	q->w = w;
-	if (s->qtail)
-		s->qtail->next = q;
-	else
-		s->qhead = q;
-	s->qtail = q;
-	pump(s);
+	push(s, q);
 	return 0;
 }
 
@@ -456,12 +462,7 @@ int ph_surface_query(struct ph_surface *s, const char *sql, int n, const char *c
 		free(q);
 		return -1;
 	}
-	if (s->qtail)
-		s->qtail->next = q;
-	else
-		s->qhead = q;
-	s->qtail = q;
-	pump(s);
+	push(s, q);
 	return 0;
 }
 
