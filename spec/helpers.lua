@@ -15,6 +15,9 @@
 --   h.tcp_connect(port, rcvbuf?), h.tcp_send(fd, s), h.tcp_recv(fd, timeout),
 --   h.tcp_close(fd)         raw TCP clients of 127.0.0.1 (hostile HTTP ones)
 --   h.open_files(n)         this process's soft open-files limit (-> the old one)
+--   h.projection_db(name, files)  a fresh migrated database and a folder of
+--                           projection files { ["x.lua"] = text }: dsn, conn, dir
+--   h.ok(args, dsn, opts)   run the binary with --db dsn, assert exit 0: out, err
 --   h.stop_all()            kill the children h.spawn started
 --   h.wait_until(fn, timeout_s, what)
 --   h.scalar(conn, sql, ...) the first column of the first row
@@ -377,6 +380,24 @@ function h.fresh_db(name)
 	assert(conn:exec("CREATE DATABASE " .. name))
 	conn:close()
 	return (pg.dsn:gsub("dbname=%S+", "dbname=" .. name))
+end
+
+function h.projection_db(name, files)
+	local dsn = h.fresh_db(name)
+	local conn = h.connect(dsn)
+	assert(require("projhost.schema").migrate(conn))
+	local dir = h.tmpdir()
+	for file, text in pairs(files or {}) do h.write_file(dir .. "/" .. file, text) end
+	return dsn, conn, dir
+end
+
+function h.ok(args, dsn, opts)
+	local argv = { unpack(args) }
+	argv[#argv + 1] = "--db"
+	argv[#argv + 1] = dsn
+	local code, out, err = h.run(argv, opts)
+	assert(code == 0, ("projhost %s: exit %s\n%s%s"):format(table.concat(args, " "), tostring(code), out, err))
+	return out, err
 end
 
 function h.sh_quote(s)

@@ -58,18 +58,12 @@ local function cp(stream)
 end
 
 local function run_once(env)
-	local code, out, err = h.run({ "run", "--once", "--db", dsn, dir }, { env = env, timeout = 60 })
-	assert.equal(0, code, out .. err)
-	return err
+	return select(2, h.ok({ "run", "--once", dir }, dsn, { env = env, timeout = 60 }))
 end
 
 describe("finished partitions (ctx:done)", function()
 	before_each(function()
-		dsn = h.fresh_db("done")
-		conn = h.connect(dsn)
-		assert(require("projhost.schema").migrate(conn))
-		dir = h.tmpdir()
-		h.write_file(dir .. "/wf.lua", WF)
+		dsn, conn, dir = h.projection_db("done", { ["wf.lua"] = WF })
 	end)
 
 	after_each(function()

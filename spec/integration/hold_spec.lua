@@ -60,27 +60,16 @@ local function cp(stream)
 end
 
 local function run_once()
-	local code, out, err = h.run({ "run", "--once", "--db", dsn, dir }, { timeout = 60 })
-	assert.equal(0, code, out .. err)
-	return err
+	return select(2, h.ok({ "run", "--once", dir }, dsn, { timeout = 60 }))
 end
 
 local function cli(...)
-	local args = { ... }
-	args[#args + 1] = "--db"
-	args[#args + 1] = dsn
-	local code, out, err = h.run(args)
-	assert.equal(0, code, out .. err)
-	return out
+	return (h.ok({ ... }, dsn))
 end
 
 describe("held partitions (on_error \"hold\")", function()
 	before_each(function()
-		dsn = h.fresh_db("hold")
-		conn = h.connect(dsn)
-		assert(require("projhost.schema").migrate(conn))
-		dir = h.tmpdir()
-		h.write_file(dir .. "/hp.lua", HP)
+		dsn, conn, dir = h.projection_db("hold", { ["hp.lua"] = HP })
 	end)
 
 	after_each(function()

@@ -152,9 +152,7 @@ local dsn, conn, dir
 local NO_POLL = { env = { PROJHOST_POLL_INTERVAL = 600 } }
 
 local function run_once()
-	local code, out, err = h.run({ "run", "--once", "--db", dsn, dir }, { timeout = 60 })
-	assert.equal(0, code, out .. err)
-	return err
+	return select(2, h.ok({ "run", "--once", dir }, dsn, { timeout = 60 }))
 end
 
 local function log_of(stream)
@@ -175,12 +173,7 @@ end
 
 describe("durable timers", function()
 	before_each(function()
-		dsn = h.fresh_db("timers")
-		conn = h.connect(dsn)
-		assert(require("projhost.schema").migrate(conn))
-		dir = h.tmpdir()
-		h.write_file(dir .. "/pm.lua", PM)
-		h.write_file(dir .. "/uni.lua", UNI)
+		dsn, conn, dir = h.projection_db("timers", { ["pm.lua"] = PM, ["uni.lua"] = UNI })
 	end)
 
 	after_each(function()
