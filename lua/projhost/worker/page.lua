@@ -283,7 +283,6 @@ local function run_batch(def)
 	end
 	S.db_failures = 0
 	timers.after_commit(def)
-	timers.count_fired(def, job.fired)
 	local row = job.row
 	local last = job.last_event
 	local last_pos = last and last.position or tonumber(row.last_pos)

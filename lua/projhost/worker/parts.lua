@@ -401,7 +401,6 @@ local function run_partitions(def, parts)
 	end
 
 	S.db_failures = 0
-	timers.count_fired(def, job.fired)
 	report(def, total, nil, false)
 	timers.after_commit(def)
 	inserted(def, job.inserted)

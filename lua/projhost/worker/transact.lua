@@ -9,6 +9,7 @@ local S = require "projhost.worker.state"
 local session = require "projhost.worker.session"
 local ctxm = require "projhost.worker.ctx"
 local failure = require "projhost.worker.failure"
+local timers = require "projhost.worker.timers"
 
 local errtext, rollback, db_fault = session.errtext, session.rollback, session.db_fault
 local STATEMENT_TIMEOUT, SESSION_SQL, SESSION_PARAMS =
@@ -242,7 +243,15 @@ local function transact(def, job)
 		if job.after_commit then job.after_commit(job) end
 	end
 	local o = outcome_of(job, fail_i, fail_err)
-	if o then rollback() end
+	if o then
+		rollback()
+	else
+		-- counted where every batch commits, whichever path opened it (a
+		-- job, the replay of a failure plan, a batch that lost a timer
+		-- to another instance and ran again): 800 of 1,000 were counted
+		-- when only the first path did
+		timers.count_fired(def, job.fired)
+	end
 	return o
 end
 
