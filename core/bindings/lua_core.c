@@ -256,6 +256,7 @@ static const luaL_Reg core_funcs[] = {
 	{ "log_format", ph_l_log_format },
 	{ "escape", ph_l_escape },
 	{ "connect", ph_l_connect },
+	{ "text_array", ph_l_text_array },
 	{ "monotime", ph_l_monotime },
 	{ "sleep", ph_l_sleep },
 	{ "kill", ph_l_kill },

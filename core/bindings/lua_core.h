@@ -12,6 +12,15 @@ int luaopen_projhost_core(lua_State *L);
 /** ph_l_connect() - core.connect(dsn) -> conn | nil, msg, code */
 int ph_l_connect(lua_State *L);
 
+/**
+ * ph_l_text_array() - core.text_array(list) -> the PostgreSQL text[]
+ * literal of @list (strings; false is NULL): every element quoted, \ and "
+ * escaped. In C: a chunk's 1,024 partitions and their JSON states, with a
+ * Lua pattern per element (or over all of them), were a tenth of the
+ * worker's time.
+ */
+int ph_l_text_array(lua_State *L);
+
 /** ph_l_pg_open() - register the connection metatable. */
 void ph_l_pg_open(lua_State *L);
 

@@ -92,6 +92,51 @@ static int push_error(lua_State *L, PGconn *conn, PGresult *res)
 	return 3;
 }
 
+int ph_l_text_array(lua_State *L)
+{
+	luaL_Buffer b;
+	int n, i;
+
+	luaL_checktype(L, 1, LUA_TTABLE);
+	n = (int)lua_objlen(L, 1);
+	luaL_buffinit(L, &b);
+	luaL_addchar(&b, '{');
+	for (i = 1; i <= n; i++) {
+		const char *s, *from;
+		size_t len, j;
+
+		if (i > 1)
+			luaL_addchar(&b, ',');
+		lua_rawgeti(L, 1, i);
+		if (lua_type(L, -1) == LUA_TBOOLEAN && !lua_toboolean(L, -1)) {
+			lua_pop(L, 1);
+			luaL_addstring(&b, "NULL");
+			continue;
+		}
+		if (lua_type(L, -1) != LUA_TSTRING)
+			return luaL_error(L, "core.text_array: element %d is a %s, not a string or false", i,
+					  luaL_typename(L, -1));
+		/* the list still holds the string: it lives on once popped (the
+		 * buffer wants the stack as it found it) */
+		s = lua_tolstring(L, -1, &len);
+		lua_pop(L, 1);
+		luaL_addchar(&b, '"');
+		from = s;
+		for (j = 0; j < len; j++) {
+			if (s[j] != '\\' && s[j] != '"')
+				continue;
+			luaL_addlstring(&b, from, (size_t)(s + j - from));
+			luaL_addchar(&b, '\\');
+			from = s + j;
+		}
+		luaL_addlstring(&b, from, (size_t)(s + len - from));
+		luaL_addchar(&b, '"');
+	}
+	luaL_addchar(&b, '}');
+	luaL_pushresult(&b);
+	return 1;
+}
+
 int ph_l_connect(lua_State *L)
 {
 	const char *dsn = luaL_optstring(L, 1, "");

@@ -39,6 +39,8 @@
 -- `partition = ANY(...)` walked every checkpoint row. Custom and generic
 -- plans alike: the settings hold while a statement is planned, whichever
 -- plan it gets.
+local core = require "projhost.core"
+
 local M = {}
 
 -- created_at comes as the server prints it (UTC, see the worker's session)
@@ -91,19 +93,7 @@ end
 M.PLANNER_SQL, M.RESTORE_SQL, M.SESSION_SQL = planner_sql()
 
 --- A PostgreSQL text[] literal of a Lua list (false = NULL).
-function M.pg_text_array(list)
-	local plain = true
-	for _, s in ipairs(list) do
-		if s == false or s:find('[\\"]') then plain = false; break end
-	end
-	-- nothing to escape (nearly always): no string per element
-	if plain then return #list == 0 and "{}" or '{"' .. table.concat(list, '","') .. '"}' end
-	local out = {}
-	for i, s in ipairs(list) do
-		out[i] = s == false and "NULL" or ('"' .. s:gsub('[\\"]', '\\%0') .. '"')
-	end
-	return "{" .. table.concat(out, ",") .. "}"
-end
+M.pg_text_array = core.text_array
 
 --- A stream's category: the part before its first '-', all of it without
 --- one - what split_part(stream_id, '-', 1) computes on the server.
@@ -277,7 +267,8 @@ end
 
 --- A page of the walk over def's streams in key order: $1 projection, $2
 --- the stream after which to go on, $3 streams per page. Rows: the streams
---- behind (in no particular order), with their version and `fresh` (true:
+--- behind in key order (the database's collation: a run of them is a key
+--- range, see worker/catchup.lua), with their version and `fresh` (true:
 --- no checkpoint row, see worker/catchup.lua), then one row without a
 --- stream: `last`, the last stream walked, and `n`, how many were. A page
 --- costs the streams it walks and the checkpoints of the same key range:
@@ -307,9 +298,11 @@ function M.walk_sql(def)
 		SELECT c.partition, ]] .. checkpoint_value("c") .. [[ AS cp
 		FROM projhost.checkpoints c
 		WHERE c.projection = $1 AND c.partition > $2 AND c.partition <= (SELECT max(stream_id) FROM w))
-	SELECT w.stream_id, w.version, c.cp IS NULL AS fresh, NULL AS last, NULL::bigint AS n
-	FROM w LEFT JOIN c ON c.partition = w.stream_id
-	WHERE ]] .. behind_of("w.version", "c.cp") .. [[
+	SELECT * FROM (
+		SELECT w.stream_id, w.version, c.cp IS NULL AS fresh, NULL AS last, NULL::bigint AS n
+		FROM w LEFT JOIN c ON c.partition = w.stream_id
+		WHERE ]] .. behind_of("w.version", "c.cp") .. [[
+		ORDER BY w.stream_id) behind
 	UNION ALL
 	SELECT NULL, NULL, NULL, max(stream_id), count(*) FROM w]], params
 end

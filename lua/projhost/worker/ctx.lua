@@ -43,7 +43,7 @@ end
 -- page read ahead: ahead (its statement number while pending: its result
 -- is found by position at the sync, and a sync in between - ctx:query,
 -- ctx:emit - reads and drops it), ahead_size (the size asked for),
--- ahead_page ({ page, events? } once taken; see take_ahead in page.lua).
+-- ahead_page ({ page, events? } once taken; see take_ahead below).
 -- The table is S.pipe (state.lua).
 
 local function pipe_begin()
@@ -68,7 +68,7 @@ local function pipe_end()
 	if not pipe.on then return pipe.first end
 	local ok, err, code, tag, results
 	if pipe.ahead then
-		-- not taken (see page.lua's take_ahead): the page is among the results
+		-- not taken (see take_ahead below): the page is among the results
 		ok, err, code, tag, results = conn:sync(true)
 		if ok then results = err end
 		local page = results and results[pipe.ahead]
@@ -83,12 +83,28 @@ local function pipe_end()
 	return pipe.first
 end
 
+-- The page read ahead comes back in one of two ways. A batch that wrote
+-- (ctx:exec, ctx:upsert) takes it before its sync and makes its events
+-- while the server still runs those writes, the checkpoint and the COMMIT
+-- queued after it. A batch that did not (state only: the server has little
+-- to do after the read) takes it raw at the sync, and the next batch makes
+-- its events after sending its own read-ahead, while the server reads.
+-- Measured on make bench: each way is ~40% slower on the other's rows.
+local function take_ahead()
+	if not pipe.ahead or pipe.writes == 0 then return end
+	pipe.ahead = nil
+	-- the server gets on with what is queued while the events are made
+	S.conn:flush()
+	local page = S.conn:take()
+	if type(page) == "userdata" then pipe.ahead_page = { page = page, events = page:events() } end
+end
+
 -- The tags of the statements queued and not read yet, in order (nil when
 -- not in pipeline mode).
 local function pipe_pending()
 	return pipe.on and S.conn:pending() or nil
 end
-M.pipe_end, M.pipe_pending = pipe_end, pipe_pending
+M.pipe_end, M.pipe_pending, M.take_ahead = pipe_end, pipe_pending, take_ahead
 
 local function backend_for(def)
 	local rt = of(def)

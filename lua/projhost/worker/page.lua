@@ -17,7 +17,7 @@ local timers = require "projhost.worker.timers"
 local log, first_line = session.log, session.first_line
 local rollback, ensure_conn, backoff, dberror =
 	session.rollback, session.ensure_conn, session.backoff, session.dberror
-local pipe_begin, pipe_end = ctxm.pipe_begin, ctxm.pipe_end
+local pipe_begin, pipe_end, take_ahead = ctxm.pipe_begin, ctxm.pipe_end, ctxm.take_ahead
 local to_event = events_m.to_event
 local serial, settle = failure.serial, failure.settle
 local transact, state_tag, same_events = transact_m.transact, transact_m.state_tag, transact_m.same_events
@@ -40,22 +40,6 @@ local BATCH_GROWTH = 16
 -- ...but a page (two are in memory while reading ahead) stays below this
 -- many bytes of event data, however large the state
 local PAGE_BYTES = 16 * 1024 * 1024
-
--- The page read ahead comes back in one of two ways. A batch that wrote
--- (ctx:exec, ctx:upsert) takes it before its sync and makes its events
--- while the server still runs those writes, the checkpoint and the COMMIT
--- queued after it. A batch that did not (state only: the server has little
--- to do after the read) takes it raw at the sync, and the next batch makes
--- its events after sending its own read-ahead, while the server reads.
--- Measured on make bench: each way is ~40% slower on the other's rows.
-local function take_ahead()
-	if not pipe.ahead or pipe.writes == 0 then return end
-	pipe.ahead = nil
-	-- the server gets on with what is queued while the events are made
-	S.conn:flush()
-	local page = S.conn:take()
-	if type(page) == "userdata" then pipe.ahead_page = { page = page, events = page:events() } end
-end
 
 -- The page read ahead by the batch that just ended, if it came back full
 -- (a short one could miss events that became readable since).

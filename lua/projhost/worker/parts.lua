@@ -252,13 +252,15 @@ local function done_of(job)
 	return ctx and ctx._done
 end
 
-local function store_parts(job, states)
+local function store_parts(job, states, g0, g1)
 	local conn = S.conn
 	local up_p, up_s, up_v = {}, {}, {}
 	local in_p, in_s, in_v = {}, {}, {}
 	local done = done_of(job)
 	local done_p, done_v = {}, {}
-	for i, g in ipairs(job.groups) do
+	local groups = job.groups
+	for i = g0, g1 do
+		local g = groups[i]
 		local dv = done and done[g.part]
 		if dv then
 			g.last, g.status = dv, "done"
@@ -270,7 +272,7 @@ local function store_parts(job, states)
 			up_p[#up_p + 1], up_s[#up_s + 1], up_v[#up_v + 1] = g.part, states[i], g.last
 		end
 	end
-	job.inserted = #in_p
+	job.inserted = (job.inserted or 0) + #in_p
 	-- the checkpoints and COMMIT ride the same sync as the handlers'
 	-- statements; after an error PostgreSQL skips them
 	if #up_p > 0 then
