@@ -152,4 +152,35 @@ describe("new partitions caught up by discovery", function()
 		assert.equal(0, host:wait(15), host:output())
 		assert_matches_truth(conn)
 	end)
+
+	it("stores a batch's states a slice at a time, yet a failure in a late slice costs only its event", function()
+		-- chunks and jobs of more than 256 partitions store their states a
+		-- slice (transact.lua's SLICE_GROUPS) at a time while the handlers
+		-- go on: a handler's error, and a state PostgreSQL refuses, in a
+		-- late slice must still roll the whole batch back and cost only
+		-- their own event (skip), nothing applied twice or lost
+		local src = PBAL:gsub("SLOW", [[
+			if e.stream == "pacct-700" or (e.stream == "pacct-long-250" and e.version == 6) then
+				error("boom")
+			end
+			if e.stream == "pacct-900" then s.bad = "\255" end]]):gsub('return "fail"', 'return "skip"')
+		h.write_file(dir .. "/pbal.lua", src)
+		-- 1,000 new streams of one event (a chunk of the walk, which fails
+		-- and runs as one job), 300 of six (jobs of the master)
+		h.insert_events(conn, "pacct", 1000, 1000)
+		h.insert_events(conn, "pacct-long", 1800, 300)
+		local code, out, err = h.run({ "run", "--once", "--workers", "1", "--db", dsn, dir },
+			{ env = { PROJHOST_DEBUG = "1" } })
+		assert.equal(0, code, out .. err)
+		-- every event once, but the three skipped ones
+		assert.equal(2797, applied(conn))
+		assert.equal("0", scalar(conn, [[SELECT count(*) FROM (SELECT 1 FROM papplied
+			GROUP BY stream, version HAVING count(*) > 1) twice]]))
+		assert.equal("0", scalar(conn, [[SELECT count(*) FROM papplied
+			WHERE stream IN ('pacct-700', 'pacct-900') OR (stream = 'pacct-long-250' AND version = 6)]]))
+		-- and every checkpoint at its stream's end, running
+		assert.equal("1300", scalar(conn, [[SELECT count(*) FROM projhost.checkpoints c
+			JOIN projhost.streams s ON s.stream_id = c.partition
+			WHERE c.projection = 'pbal' AND c.last_pos = s.version AND c.status = 'running']]))
+	end)
 end)
