@@ -183,4 +183,25 @@ describe("new partitions caught up by discovery", function()
 			JOIN projhost.streams s ON s.stream_id = c.partition
 			WHERE c.projection = 'pbal' AND c.last_pos = s.version AND c.status = 'running']]))
 	end)
+
+	it("misses nothing appended while a walk of several pages reads each next page ahead", function()
+		h.write_file(dir .. "/pbal.lua", (PBAL:gsub("SLOW", "")))
+		-- 11,000 new streams: three walk pages (discovery.lua's FIND_WALK),
+		-- each read ahead by the last chunk of the one before
+		h.insert_events(conn, "pacct", 11000, 11000)
+		local host = h.spawn({ "run", "--workers", "1", "--db", dsn, dir }, { env = { PROJHOST_DEBUG = "1" } })
+		-- meanwhile: events for streams behind and ahead of the walk, and
+		-- new streams, while it runs
+		local appender = h.connect(dsn)
+		for i = 1, 300 do
+			local stream = i % 3 == 0 and ("pacct-x" .. i) or ("pacct-" .. (i * 37) % 11000)
+			assert(appender:query([[SELECT projhost.append($1, NULL, '[{"type":"Inc"}]')]], stream))
+		end
+		appender:close()
+		h.wait_until(function() return applied(conn) == 11300 end, 60, "every event applied")
+		host:kill(15)
+		assert.equal(0, host:wait(15), host:output())
+		assert_matches_truth(conn)
+		assert.is_true(caught_by_walk(host:output()) > 5000, host:output())
+	end)
 end)

@@ -66,9 +66,11 @@ local JOB_EVENTS = parts.JOB_EVENTS
 local BATCH = transact_m.BATCH
 
 -- Queue the read of a chunk's events: `c` = { list, range } (see chunk);
--- as events, or as a page when read ahead. -> its statement number
+-- as events, or as a page when read ahead; or c = { walk = { sql, params } },
+-- the walk's next page (rows). -> its statement number
 local function send_read(def, c, ahead)
 	local conn = S.conn
+	if c.walk then return conn:send_query_as(false, c.walk.sql, unpack(c.walk.params)) end
 	local sql = reads.catchup_sql(c.range) .. " LIMIT " .. JOB_EVENTS
 	local send = ahead and conn.send_page_as or conn.send_events_as
 	if c.range then
@@ -82,11 +84,12 @@ end
 -- events, read ahead by the chunk before ({ page, events? }, see
 -- ctx.take_ahead). nxt: the chunk after it, read ahead now (so the server
 -- reads it while this one is handled here: 1,000,000 streams x 1.3 events,
--- the worker and the server took turns). The events are the same as if
+-- the worker and the server took turns), or after the last chunk the
+-- walk's next page (see M.walked). The events are the same as if
 -- read later: no checkpoint row of their streams is read, and the one
 -- this chunk's INSERT makes fails if another worker made it meanwhile
 -- (below). -> results { [stream] = { status } }, events applied; nil: not
--- committed. Either way pipe.ahead_page is nxt's page, if it was read.
+-- committed. Either way pipe.ahead_page is what nxt read, if it was.
 local function chunk(def, c, nxt)
 	local rt = of(def)
 	local conn = S.conn
@@ -166,8 +169,14 @@ end
 --- A walk's page: rows as reads.walk_sql gives them (the streams behind,
 --- then the tail row), n = how many streams the page walked. Catches up
 --- the new short streams among them; -> the streams for the master (in
---- the page's order), the events applied here.
-function M.walked(def, rows, n)
+--- the page's order), the events applied here, and the rows of the walk's
+--- next page if `walk_next` ({ sql, params }) asked for them: the last
+--- chunk reads it ahead (a walk over 1,000,000 new streams waited ~2 s for
+--- its pages). Like any walk page it says which streams were behind when
+--- it was read - a moment before it is used: discovery is a hint that the
+--- job path checks, and what commits after the walk began is in the
+--- window after it (see discovery.lua).
+function M.walked(def, rows, n, walk_next)
 	local out, fresh = {}, {}
 	for i = 1, #rows - 1 do
 		local r = rows[i]
@@ -178,7 +187,7 @@ function M.walked(def, rows, n)
 			out[#out + 1] = r.stream_id
 		end
 	end
-	if #fresh == 0 then return out, 0 end
+	if #fresh == 0 then return out, 0, nil end
 	-- every stream the page walked is in `fresh`: any run of it is a
 	-- range of the key with nothing else in it
 	local range = #fresh == n
@@ -188,14 +197,20 @@ function M.walked(def, rows, n)
 		for i = at, math.min(#fresh, at + CHUNK - 1) do list[#list + 1] = fresh[i] end
 		chunks[#chunks + 1] = { list = list, range = range }
 	end
-	local applied, back, nback = 0, {}, 0
+	local applied, back, nback, walk_rows = 0, {}, 0, nil
 	for ci, c in ipairs(chunks) do
 		local list = c.list
-		local results, total = chunk(def, c, chunks[ci + 1])
-		-- the next chunk's events, if this one read them (whether or not
-		-- it committed: they are the same either way)
-		if chunks[ci + 1] then chunks[ci + 1].ahead = pipe.ahead_page end
+		local nxt = chunks[ci + 1] or (walk_next and { walk = walk_next })
+		local results, total = chunk(def, c, nxt)
+		-- what this one read ahead (whether or not it committed: the
+		-- events are the same either way)
+		local a = pipe.ahead_page
 		pipe.ahead_page = nil
+		if chunks[ci + 1] then
+			chunks[ci + 1].ahead = a and a.page and a
+		elseif a then
+			walk_rows = a.rows
+		end
 		if not results then
 			-- not committed: the chunk runs as a job, here and now (the
 			-- job path's rules for what failed; and an overrun the
@@ -231,7 +246,7 @@ function M.walked(def, rows, n)
 		end
 		out = all
 	end
-	return out, applied
+	return out, applied, walk_rows
 end
 
 return M

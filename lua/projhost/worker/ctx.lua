@@ -43,7 +43,8 @@ end
 -- page read ahead: ahead (its statement number while pending: its result
 -- is found by position at the sync, and a sync in between - ctx:query,
 -- ctx:emit - reads and drops it), ahead_size (the size asked for),
--- ahead_page ({ page, events? } once taken; see take_ahead below).
+-- ahead_page ({ page, events? } once taken, or { rows } for a query read
+-- ahead: discovery's next walk page; see take_ahead below).
 -- The table is S.pipe (state.lua).
 
 local function pipe_begin()
@@ -61,6 +62,14 @@ local function pipe_note(tag, err, code)
 end
 M.pipe_begin, M.pipe_note = pipe_begin, pipe_note
 
+-- A result read ahead as pipe.ahead_page keeps it (false: it failed or
+-- was skipped).
+local function ahead_of(r)
+	if type(r) == "userdata" then return { page = r } end
+	if type(r) == "table" then return { rows = r } end
+	return nil
+end
+
 -- Sync what is queued and leave pipeline mode. Returns the first error of
 -- the batch as { tag, err, code }, or nil.
 local function pipe_end()
@@ -71,8 +80,7 @@ local function pipe_end()
 		-- not taken (see take_ahead below): the page is among the results
 		ok, err, code, tag, results = conn:sync(true)
 		if ok then results = err end
-		local page = results and results[pipe.ahead]
-		if type(page) == "userdata" then pipe.ahead_page = { page = page } end
+		pipe.ahead_page = ahead_of(results and results[pipe.ahead])
 		pipe.ahead = nil
 	else
 		ok, err, code, tag = conn:sync()
@@ -95,8 +103,9 @@ local function take_ahead()
 	pipe.ahead = nil
 	-- the server gets on with what is queued while the events are made
 	S.conn:flush()
-	local page = S.conn:take()
-	if type(page) == "userdata" then pipe.ahead_page = { page = page, events = page:events() } end
+	local a = ahead_of(S.conn:take())
+	if a and a.page then a.events = a.page:events() end
+	pipe.ahead_page = a
 end
 
 -- The tags of the statements queued and not read yet, in order (nil when

@@ -92,6 +92,9 @@ end
 -- and for a walk's page the walk (xmin, t, stream: where the page began).
 local function find_partitions(def, token)
 	local rt = of(def)
+	-- a walk page read ahead is for the very next find only
+	local ahead = S.walk_ahead
+	S.walk_ahead = nil
 	local ready, why = prepare(def)
 	if ready ~= true then return ready, {}, token end
 	local t = why ~= "reset" and parse_token(token) or nil
@@ -104,15 +107,23 @@ local function find_partitions(def, token)
 			t = { kind = "w", xmin = rows[1].xmin, found = false, t = os.time(), stream = "" }
 		end
 		local sql, params = reads.walk_sql(def)
-		local rows, err, code = planned(sql, rt.cp, t.stream, FIND_WALK, unpack(params))
-		if not rows then dberror(def, err, code); return "dberror", {}, token end
+		-- the page the last one read ahead (catchup.walked), if it is this one
+		local rows = ahead and ahead.cp == rt.cp and ahead.after == t.stream and ahead.rows
+		if not rows then
+			local err, code
+			rows, err, code = planned(sql, rt.cp, t.stream, FIND_WALK, unpack(params))
+			if not rows then dberror(def, err, code); return "dberror", {}, token end
+		end
 		local tail = rows[#rows]
+		local more = tonumber(tail.n) == FIND_WALK
 		-- new short streams are caught up on the way (worker/catchup.lua);
 		-- the others are the master's, and "found"
-		local applied
-		out, applied = catchup.walked(def, rows, tonumber(tail.n))
+		local applied, next_rows
+		out, applied, next_rows = catchup.walked(def, rows, tonumber(tail.n),
+			more and { sql = sql, params = { rt.cp, tail.last, FIND_WALK, unpack(params) } } or nil)
+		if next_rows then S.walk_ahead = { cp = rt.cp, after = tail.last, rows = next_rows } end
 		local found = t.found or #out > 0
-		if tonumber(tail.n) == FIND_WALK then
+		if more then
 			return "more", out, walk_token(t.xmin, found, t.t, tail.last), found, t, applied
 		end
 		-- the walk is over: a clean one hands over to windows from its

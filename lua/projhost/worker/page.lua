@@ -46,7 +46,7 @@ local PAGE_BYTES = 16 * 1024 * 1024
 local function ahead_page()
 	local a = pipe.ahead_page
 	pipe.ahead_page = nil
-	if a and a.page:count() == pipe.ahead_size then return a end
+	if a and a.page and a.page:count() == pipe.ahead_size then return a end
 	return nil
 end
 
