@@ -346,6 +346,41 @@ return {
 		assert.same({ "Start", "Hang" }, log_of("pm-8"))
 	end)
 
+	it("counts on /metrics the timers a discovery round fired itself", function()
+		-- another host wins new stream pm-f1 while this one's walk chunk
+		-- waits on its row: the chunk fails (23505) and runs as a job
+		-- inside the round, which fires the winner's due timer - and no
+		-- job's answer follows to say so
+		run_once()
+		ins(conn, "pm-f1", "Many", { k = 0 })
+		local other = h.connect(dsn)
+		assert(other:exec("BEGIN"))
+		assert(other:exec([[INSERT INTO projhost.checkpoints (projection, partition, state, last_pos)
+			VALUES ('pm', 'pm-f1', '{}', 1)]]))
+		assert(other:exec([[INSERT INTO projhost.timers (projection, partition, due, timer_type, data)
+			VALUES ('pm', 'pm-f1', now() - interval '1 second', 'Deadline', '{"n": 1}')]]))
+		local host = h.spawn({ "run", "--workers", "1", "--db", dsn, "--http", "127.0.0.1:0", dir }, NO_POLL)
+		local addr = h.wait_until(function()
+			return host:output():match("serving HTTP on http://(127%.0%.0%.1:%d+)/")
+		end, 10, "the HTTP address")
+		h.wait_until(function()
+			return count([[SELECT count(*) FROM pg_stat_activity
+				WHERE application_name = 'projhost worker' AND wait_event_type = 'Lock']]) == 1
+		end, 20, "the chunk to wait on the other host's row")
+		assert(other:exec("COMMIT"))
+		other:close()
+		h.wait_until(function()
+			return count("SELECT count(*) FROM pm_log WHERE what = 'Deadline' AND stream = 'pm-f1'") == 1
+		end, 20, "the timer fired")
+		local fired
+		pcall(h.wait_until, function()
+			local m = h.read_all("curl -s http://" .. addr .. "/metrics")
+			fired = tonumber(m:match('projhost_timers_fired_total{projection="pm"} (%d+)') or 0)
+			return fired >= 1
+		end, 5, "1 fired on /metrics")
+		assert.equal(1, fired, host:output())
+	end)
+
 	it("two hosts fire 1,000 timers across 100 partitions exactly once each", function()
 		assert(conn:exec([[SELECT projhost.append('pm-m' || s, NULL, '[{"type":"Many","data":{"k":10}}]')
 			FROM generate_series(1, 100) s]]))
