@@ -107,8 +107,9 @@ local function find_partitions(def, token)
 			t = { kind = "w", xmin = rows[1].xmin, found = false, t = os.time(), stream = "" }
 		end
 		local sql, params = reads.walk_sql(def)
-		-- the page the last one read ahead (catchup.walked), if it is this one
-		local rows = ahead and ahead.cp == rt.cp and ahead.after == t.stream and ahead.rows
+		-- the page the last one read ahead (catchup.walked), if it is this
+		-- one: the same definition (a reload may change the source) and place
+		local rows = ahead and ahead.def == def and ahead.after == t.stream and ahead.rows
 		if not rows then
 			local err, code
 			rows, err, code = planned(sql, rt.cp, t.stream, FIND_WALK, unpack(params))
@@ -121,7 +122,7 @@ local function find_partitions(def, token)
 		local applied, next_rows
 		out, applied, next_rows = catchup.walked(def, rows, tonumber(tail.n),
 			more and { sql = sql, params = { rt.cp, tail.last, FIND_WALK, unpack(params) } } or nil)
-		if next_rows then S.walk_ahead = { cp = rt.cp, after = tail.last, rows = next_rows } end
+		if next_rows then S.walk_ahead = { def = def, after = tail.last, rows = next_rows } end
 		local found = t.found or #out > 0
 		if more then
 			return "more", out, walk_token(t.xmin, found, t.t, tail.last), found, t, applied

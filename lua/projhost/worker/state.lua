@@ -41,7 +41,7 @@ S.fired_log, S.fired = {}, {}
 -- checkpoint rows this worker created, and when it analyzes (see parts.lua)
 S.new_checkpoints, S.analyze_at = 0, 1000
 -- the discovery walk's next page, read ahead by the last one (discovery.lua):
--- { cp, after = the stream it goes on after, rows }
+-- { def, after = the stream it goes on after, rows }
 S.walk_ahead = nil
 
 -- Per definition (weak keys: a definition replaced by a reload goes with
