@@ -39,9 +39,9 @@ end
 -- by hand might write: no NOTIFY at all.
 local function quietly(conn, fn)
 	assert(conn:exec("BEGIN"))
-	assert(conn:exec("ALTER TABLE projhost.streams DISABLE TRIGGER wake"))
+	assert(conn:exec("ALTER TABLE projhost.streams DISABLE TRIGGER USER"))
 	fn()
-	assert(conn:exec("ALTER TABLE projhost.streams ENABLE TRIGGER wake"))
+	assert(conn:exec("ALTER TABLE projhost.streams ENABLE TRIGGER USER"))
 	assert(conn:exec("COMMIT"))
 end
 

@@ -112,6 +112,31 @@ describe("NOTIFY of appends", function()
 			VALUES (E'nt-tab\there \\ "q"', 1, 1001)]]))
 		assert.same({ '1001 nt-tab\there \\ "q"' }, payloads())
 
+		-- append_many to many streams: one notification, the highest position
+		assert(conn:query([[SELECT projhost.append_many('[{"stream":"nt-m1","type":"A"},{"stream":"nt-m2","type":"A"},{"stream":"nt-m1","type":"A"}]')]]))
+		assert.same({ top() .. " *" }, payloads())
+
+		-- an append and a row other SQL writes, in one transaction: the
+		-- append's note covers its own stream, and the other row is
+		-- announced as well
+		assert(conn:exec("BEGIN"))
+		append(conn, "nt-mixed")
+		local mixed = top()
+		assert(conn:exec([[INSERT INTO projhost.streams (stream_id, version, last_position)
+			VALUES ('nt-hand', 1, 5000)]]))
+		assert(conn:exec("COMMIT"))
+		assert.same({ mixed .. " nt-mixed", "5000 *" }, payloads())
+		-- an import of many rows in one statement: its first stream, then
+		-- '*' once (at most two notifications)
+		assert(conn:exec([[INSERT INTO projhost.streams (stream_id, version, last_position)
+			VALUES ('nt-i1', 1, 6001), ('nt-i2', 1, 6002), ('nt-i3', 1, 6003)]]))
+		assert.same({ "6001 nt-i1", "6002 *" }, payloads())
+		-- an UPDATE that sets positions is announced, one of other columns is not
+		assert(conn:exec("UPDATE projhost.streams SET last_position = 7000 WHERE stream_id = 'nt-i1'"))
+		assert.same({ "7000 nt-i1" }, payloads())
+		assert(conn:exec("UPDATE projhost.streams SET updated_at = now() WHERE stream_id = 'nt-i1'"))
+		assert.same({}, payloads())
+
 		-- rolled back: nothing
 		assert(conn:exec("BEGIN"))
 		append(conn, "nt-never")
