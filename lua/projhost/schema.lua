@@ -657,8 +657,10 @@ local APPEND_STAGED_V4 = without_notify(APPEND_STAGED, [[
 --   INSERT of a row with a position (append's placeholder for a new
 --   stream has none): both at commit, once per row.
 -- * The first firing with a note pending announces it (as before: notify
---   or skip); the note then becomes " <stream>" (or " *"): announced, and
---   the firings of the rows it covered return at once. A row no note
+--   or skip; with "*" for the stream if the firing's row is not the
+--   note's: a row of other SQL queued first); the note then becomes
+--   " <stream>" (or " *"): announced, and the firings of the rows it
+--   covered return at once. A row no note
 --   covers - written by other SQL, an import by hand - is announced by its
 --   own firing: "<position> <stream>" if nothing was announced before it,
 --   else "<position> *", which covers every later row; so other SQL adds
@@ -706,6 +708,10 @@ BEGIN
 			RETURN NULL;
 		END IF;
 		v_state := NEW.last_position || ' ' || CASE WHEN v_state = '' THEN v_name ELSE '*' END;
+	ELSIF substr(v_state, strpos(v_state, ' ') + 1) NOT IN ('*', NEW.stream_id) AND NEW.last_position > 0 THEN
+		-- a note pending that does not name this row's stream: a row of
+		-- other SQL queued before the noted ones, announced with them
+		v_state := greatest(NEW.last_position, split_part(v_state, ' ', 1)::bigint) || ' *';
 	END IF;
 	v_void := set_config('projhost.wake', substr(v_state, strpos(v_state, ' ')), true) IS NULL;
 	v_epoch := coalesce(pg_sequence_last_value('projhost.wake_epoch'), 1);

@@ -126,6 +126,13 @@ describe("NOTIFY of appends", function()
 			VALUES ('nt-hand', 1, 5000)]]))
 		assert(conn:exec("COMMIT"))
 		assert.same({ mixed .. " nt-mixed", "5000 *" }, payloads())
+		-- the other row first: one notification for both
+		assert(conn:exec("BEGIN"))
+		assert(conn:exec([[INSERT INTO projhost.streams (stream_id, version, last_position)
+			VALUES ('nt-hand-first', 1, 5500)]]))
+		append(conn, "nt-after")
+		assert(conn:exec("COMMIT"))
+		assert.same({ "5500 *" }, payloads())
 		-- an import of many rows in one statement: its first stream, then
 		-- '*' once (at most two notifications)
 		assert(conn:exec([[INSERT INTO projhost.streams (stream_id, version, last_position)
