@@ -552,24 +552,11 @@ BEGIN
 END
 $fn$]]
 
--- SECURITY DEFINER: it runs in the appender's commit, and an application
--- role that may append (INSERT on events, INSERT/UPDATE on streams) must
--- not also need the wake sequences; every name in it is qualified.
+-- The commit's half both versions of wake_at_commit share: the epoch's
+-- "in flight" lock, then notify or skip (v_state: the payload).
 -- (pg_sequence_last_value is NULL before a sequence's first nextval, when
 -- last_value reads 1: coalesced to it.)
-local WAKE_AT_COMMIT = ([[
-CREATE OR REPLACE FUNCTION projhost.wake_at_commit()
-RETURNS trigger LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $fn$
-DECLARE
-	v_payload text := current_setting('projhost.wake', true);
-	v_epoch bigint;
-	v_now bigint;
-	v_void boolean;
-BEGIN
-	IF coalesce(v_payload, '') = '' THEN
-		RETURN NULL;
-	END IF;
-	v_void := set_config('projhost.wake', '', true) IS NULL;
+local WAKE_LOCKS_AND_NOTIFY = [[
 	v_epoch := coalesce(pg_sequence_last_value('projhost.wake_epoch'), 1);
 	v_void := pg_advisory_xact_lock_shared(@CLASS@, (v_epoch % @EPOCHS@)::int) IS NULL;
 	v_now := coalesce(pg_sequence_last_value('projhost.wake_epoch'), 1);
@@ -577,13 +564,32 @@ BEGIN
 		v_void := pg_advisory_xact_lock_shared(@CLASS@, (v_now % @EPOCHS@)::int) IS NULL;
 	END IF;
 	IF pg_try_advisory_xact_lock(@CLASS@, @EPOCHS@) THEN
-		v_void := pg_notify('projhost', v_payload) IS NULL;
+		v_void := pg_notify('projhost', v_state) IS NULL;
 	ELSE
 		v_now := nextval('projhost.wake_skips');
 	END IF;
 	RETURN NULL;
 END
-$fn$]]):gsub("@(%u+)@", { CLASS = M.WAKE_LOCK_CLASS, EPOCHS = M.WAKE_EPOCHS })
+$fn$]]
+
+-- Steps 4 and 9's. SECURITY DEFINER: it runs in the appender's commit, and an
+-- application role that may append (INSERT on events, INSERT/UPDATE on
+-- streams) must not also need the wake sequences; every name in it is
+-- qualified. (Step 10's runs as the appender.)
+local WAKE_AT_COMMIT = ([[
+CREATE OR REPLACE FUNCTION projhost.wake_at_commit()
+RETURNS trigger LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $fn$
+DECLARE
+	v_state text := current_setting('projhost.wake', true);
+	v_epoch bigint;
+	v_now bigint;
+	v_void boolean;
+BEGIN
+	IF coalesce(v_state, '') = '' THEN
+		RETURN NULL;
+	END IF;
+	v_void := set_config('projhost.wake', '', true) IS NULL;
+]] .. WAKE_LOCKS_AND_NOTIFY):gsub("@(%u+)@", { CLASS = M.WAKE_LOCK_CLASS, EPOCHS = M.WAKE_EPOCHS })
 
 -- The host's side: p_to NULL starts a new epoch and checks the ones from
 -- p_from (the epoch this host started last time; NULL: all) to the one it
@@ -714,20 +720,7 @@ BEGIN
 		v_state := greatest(NEW.last_position, split_part(v_state, ' ', 1)::bigint) || ' *';
 	END IF;
 	v_void := set_config('projhost.wake', substr(v_state, strpos(v_state, ' ')), true) IS NULL;
-	v_epoch := coalesce(pg_sequence_last_value('projhost.wake_epoch'), 1);
-	v_void := pg_advisory_xact_lock_shared(@CLASS@, (v_epoch % @EPOCHS@)::int) IS NULL;
-	v_now := coalesce(pg_sequence_last_value('projhost.wake_epoch'), 1);
-	IF v_now <> v_epoch THEN
-		v_void := pg_advisory_xact_lock_shared(@CLASS@, (v_now % @EPOCHS@)::int) IS NULL;
-	END IF;
-	IF pg_try_advisory_xact_lock(@CLASS@, @EPOCHS@) THEN
-		v_void := pg_notify('projhost', v_state) IS NULL;
-	ELSE
-		v_now := nextval('projhost.wake_skips');
-	END IF;
-	RETURN NULL;
-END
-$fn$]]):gsub("@(%u+)@", { CLASS = M.WAKE_LOCK_CLASS, EPOCHS = M.WAKE_EPOCHS })
+]] .. WAKE_LOCKS_AND_NOTIFY):gsub("@(%u+)@", { CLASS = M.WAKE_LOCK_CLASS, EPOCHS = M.WAKE_EPOCHS })
 
 -- The step 4 bodies with their note, derived from those texts.
 local APPEND_V10 = replace_once(replace_once(APPEND_V4,
