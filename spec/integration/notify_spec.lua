@@ -144,6 +144,30 @@ describe("NOTIFY of appends", function()
 		assert(conn:exec("UPDATE projhost.streams SET updated_at = now() WHERE stream_id = 'nt-i1'"))
 		assert.same({}, payloads())
 
+		-- a name with spaces and quotes, appended twice: still named (the
+		-- note is split at its first space only)
+		assert(conn:exec("BEGIN"))
+		append(conn, 'nt-sp ace "q"')
+		append(conn, 'nt-sp ace "q"')
+		assert(conn:exec("COMMIT"))
+		assert.same({ top() .. ' nt-sp ace "q"' }, payloads())
+		-- append_staged (append --file): one notification for the load
+		assert(conn:exec("BEGIN"))
+		assert(conn:query([[SELECT projhost.stage_events('[{"stream":"nt-s1","type":"A"},{"stream":"nt-s2","type":"A"}]', ARRAY[1, 2])]]))
+		assert(conn:query("SELECT projhost.append_staged()"))
+		assert(conn:exec("COMMIT"))
+		assert.same({ top() .. " *" }, payloads())
+		-- append_many under SET CONSTRAINTS ALL IMMEDIATE: its rows fire
+		-- before its note; both streams are announced all the same
+		assert(conn:exec("BEGIN"))
+		assert(conn:exec("SET CONSTRAINTS ALL IMMEDIATE"))
+		assert(conn:query([[SELECT projhost.append_many('[{"stream":"nt-im1","type":"A"},{"stream":"nt-im2","type":"A"}]')]]))
+		assert(conn:exec("COMMIT"))
+		local got = payloads()
+		assert.equal(2, #got)
+		assert.matches(" nt%-im[12]$", got[1])
+		assert.matches(" %*$", got[2])
+
 		-- rolled back: nothing
 		assert(conn:exec("BEGIN"))
 		append(conn, "nt-never")
