@@ -103,20 +103,46 @@ end
 
 -- The index terms of def's source (table alias `a`, parameters from
 -- `first`): SQL text joined with AND, and their parameters.
+--
+-- A category is `= ANY(ARRAY[$n])`, not `= $n`, and its reads are ordered
+-- by the category index's whole key (see order_of): an equality with a
+-- value makes the planner drop the category from the ORDER BY, and then
+-- the store's (transaction_id, global_position) index gives the same
+-- order - a walk of every category, filtered - and it took that whenever
+-- its estimate was as low: always on a store imported in one transaction
+-- (a row comparison's selectivity is its first column's, and no event is
+-- past the import's transaction). Measured on 3,000,000 events, a page of
+-- a 1% category walked 100,000 events; with a types filter matching none
+-- of them, the whole store. An array term is no equivalence, so the key
+-- stays in the ORDER BY, only the category index gives that order without
+-- a sort, and a sort is priced out (PLANNER_SQL): the category's own
+-- range, whatever the estimates, custom or generic plan. (A btree walks an
+-- array's values in order, one range each: one value, one range.)
 local function source_terms(def, a, first, sql, params)
 	local n = first
 	if def.from.stream then
 		-- the category term lets the category index serve the range
-		sql[#sql + 1] = ("split_part(%sstream_id, '-', 1) = $%d AND %sstream_id = $%d"):format(a, n, a, n + 1)
+		sql[#sql + 1] = ("split_part(%sstream_id, '-', 1) = ANY(ARRAY[$%d]) AND %sstream_id = $%d"):format(
+			a, n, a, n + 1)
 		params[#params + 1] = M.category(def.from.stream)
 		params[#params + 1] = def.from.stream
 		n = n + 2
 	elseif def.from.category then
-		sql[#sql + 1] = ("split_part(%sstream_id, '-', 1) = $%d"):format(a, n)
+		sql[#sql + 1] = ("split_part(%sstream_id, '-', 1) = ANY(ARRAY[$%d])"):format(a, n)
 		params[#params + 1] = def.from.category
 		n = n + 1
 	end
 	return n
+end
+
+-- The ORDER BY of a read of def's source along (transaction_id[,
+-- global_position]) (alias `a`): the key of the index it walks, see
+-- source_terms.
+local function order_of(def, a, cols)
+	local key = {}
+	if def.from.stream or def.from.category then key[1] = ("split_part(%sstream_id, '-', 1)"):format(a) end
+	for _, c in ipairs(cols) do key[#key + 1] = a .. c end
+	return "ORDER BY " .. table.concat(key, ", ")
 end
 
 -- def's whole filter for pages and the probe: source, event types and its
@@ -149,7 +175,7 @@ function M.page_sql(def)
 	FROM projhost.events
 	WHERE transaction_id < pg_snapshot_xmin(pg_current_snapshot())
 	  AND (transaction_id, global_position) > ($1::xid8, $2::bigint)]] .. f .. [[
-	ORDER BY transaction_id, global_position
+	]] .. order_of(def, "", { "transaction_id", "global_position" }) .. [[
 	LIMIT $3]], fp
 end
 
@@ -162,7 +188,7 @@ function M.held_sql(def)
 	local f, fp = page_filter(def, 1)
 	return [[SELECT 1 AS held FROM projhost.events
 	WHERE transaction_id >= pg_snapshot_xmin(pg_current_snapshot())]] .. f .. [[
-	ORDER BY transaction_id LIMIT 1]], fp
+	]] .. order_of(def, "", { "transaction_id" }) .. [[ LIMIT 1]], fp
 end
 
 --- A job's partitions in one statement: each one's checkpoint row locked
@@ -326,7 +352,7 @@ function M.window_sql(def)
 		FROM projhost.events e
 		WHERE e.transaction_id < pg_snapshot_xmin(pg_current_snapshot())
 		  AND (e.transaction_id, e.global_position) > ($2::xid8, $3::bigint)]] .. f .. [[
-		ORDER BY e.transaction_id, e.global_position LIMIT $4),
+		]] .. order_of(def, "e.", { "transaction_id", "global_position" }) .. [[ LIMIT $4),
 	f AS (SELECT DISTINCT ON (stream_id) stream_id, tx, pos,
 			max(version) OVER (PARTITION BY stream_id) AS version
 		FROM w ORDER BY stream_id, tx, pos)
