@@ -372,6 +372,23 @@ describe("the status functions' reads of a category", function()
 		assert.equal("0", h.scalar(c, "SELECT events FROM projhost.unpartitioned_behind('typed')"))
 	end)
 
+	it("look for a source's events before the one waited for in its range", function()
+		-- typed's source has none of them: the whole range up to the
+		-- store's last event is looked at
+		local last = assert(c:query([[SELECT stream_id, stream_version FROM projhost.events
+			ORDER BY global_position DESC LIMIT 1]]))[1]
+		local tx, cat = walked("SELECT projhost.applied('typed', $1, $2)", last.stream_id, last.stream_version)
+		assert.equal(0, tx)
+		assert.is_true(cat <= 200, tostring(cat))
+		assert.equal("applied", h.scalar(c, "SELECT projhost.applied('typed', $1, $2)",
+			last.stream_id, last.stream_version))
+		-- and flat has all of its category's still to do
+		assert.equal("pending", h.scalar(c, "SELECT projhost.applied('flat', $1, $2)",
+			last.stream_id, last.stream_version))
+		assert.equal("pending", h.scalar(c, [[SELECT projhost.applied('flat', stream_id, stream_version)
+			FROM projhost.events WHERE stream_id LIKE 'one-%' ORDER BY global_position DESC LIMIT 1]]))
+	end)
+
 	it("find a source's last event in its range", function()
 		assert(c:exec([[UPDATE projhost.checkpoints SET (last_tx, last_pos) = (SELECT transaction_id, global_position
 			FROM projhost.events ORDER BY global_position DESC LIMIT 1) WHERE projection = 'flat']]))
