@@ -24,11 +24,13 @@
 --              the page's own range over the events since the last pass
 --              (see window_sql)
 --
--- Index conditions alone give the planner no cheaper-looking plan. Filters
--- do: `event_type = ANY(...)`, and a category without statistics, make it
--- expect fewer rows than a page, and then a bitmap or sequential scan
--- plus a sort of everything after the checkpoint looks cheaper than
--- walking the index - for every page, which makes a catch-up quadratic
+-- Which index: a category's reads are ordered by the category index's
+-- whole key, which only that index gives without a sort (see
+-- source_terms). Which plan: filters - `event_type = ANY(...)`, and a
+-- category without statistics - make it expect fewer rows than a page, and
+-- then a bitmap or sequential scan plus a sort of everything after the
+-- checkpoint looks cheaper than walking the index - for every page, which
+-- makes a catch-up quadratic
 -- (measured: a category of 100,000 events in a store of 1,000,000 just
 -- loaded, one upsert per event: 39 s; walking the index: 2.1 s). So every
 -- read here runs with the alternatives priced out: PLANNER_SQL sets
