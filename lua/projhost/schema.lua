@@ -775,6 +775,8 @@ M.LAG_WINDOW = 2000
 -- reads.source_terms), visible_sql = its types and not its own emitted
 -- events (as in reads.page_filter). Values are quoted literals, so the
 -- planner sees them (a category's statistics) and nothing is spliced in.
+-- (range_sql is an equality, as projhost.streams' reads need it; the
+-- events' reads take projhost.events_range's, step 11.)
 local SOURCE_FILTER = [[
 CREATE OR REPLACE FUNCTION projhost.source_filter(p_kind text, p_value text, p_types text[], p_name text,
 	p_own boolean, OUT range_sql text, OUT visible_sql text)
@@ -1205,12 +1207,6 @@ BEGIN
 END
 $fn$]]
 
--- applied() until it is not 'pending' (true) or p_timeout_ms passed
--- (false). Each look is a statement of its own, so it sees what committed
--- since (READ COMMITTED; REPEATABLE READ would never see the batch: 25000).
--- Raises 25000 too when the event is the caller's own uncommitted write.
--- While it waits its snapshot holds VACUUM's horizon (not the projections',
--- which only transactions with an xid hold back).
 -- Step 11: the source's events between the checkpoint and the event in
 -- its range (see "Step 11:"; a scalar subquery, as an EXISTS would drop the
 -- ORDER BY that keeps the planner on it)
@@ -1230,6 +1226,12 @@ local APPLIED_V11 = replace_once(replace_once(APPLIED, "\tf record;\n", "\tf rec
 			INTO v_pending USING c.last_tx, c.last_pos, e.transaction_id, e.global_position;
 ]])
 
+-- applied() until it is not 'pending' (true) or p_timeout_ms passed
+-- (false). Each look is a statement of its own, so it sees what committed
+-- since (READ COMMITTED; REPEATABLE READ would never see the batch: 25000).
+-- Raises 25000 too when the event is the caller's own uncommitted write.
+-- While it waits its snapshot holds VACUUM's horizon (not the projections',
+-- which only transactions with an xid hold back).
 local WAIT_FOR = [[
 CREATE OR REPLACE FUNCTION projhost.wait_for(p_projection text, p_stream text, p_version bigint, p_timeout_ms int)
 RETURNS boolean LANGUAGE plpgsql VOLATILE AS $fn$
