@@ -2,7 +2,10 @@
 -- consumed, whatever the statistics say (issue 11): on a store loaded in
 -- bulk and never analyzed, and again after ANALYZE, with the source 100%,
 -- 10% and 0.1% of the store, with and without a types filter - for pages,
--- the "held back" probe, discovery (walks and windows) and partition reads.
+-- the "held back" probe, discovery (walks and windows) and partition reads,
+-- each along the index its source names (a category's own, not the store's
+-- (transaction_id, global_position) past every other category); and the
+-- status functions' reads of a category's events.
 -- The statements and the settings are projhost.reads', the ones the worker
 -- runs, under the same planner settings; plans are checked custom (values
 -- known) and generic.
