@@ -392,6 +392,29 @@ describe("the status functions' reads of a category", function()
 			FROM projhost.events WHERE stream_id LIKE 'one-%' ORDER BY global_position DESC LIMIT 1]]))
 	end)
 
+	it("take any category name: quotes, backslashes, a tab, braces, commas", function()
+		-- the worker's reads pass it as a parameter inside ARRAY[...], the
+		-- status functions quote it into their SQL (events_range)
+		local cat = "q'\"\\\t{a,b}ü"
+		assert(c:exec([[INSERT INTO projhost.events (stream_id, stream_version, event_type, data)
+			SELECT $1 || '-' || s, v, 'Inc', '{}' FROM generate_series(1, 2) s, generate_series(1, 3) v]], cat))
+		assert(c:exec([[INSERT INTO projhost.sources (projection, name, kind, value, partitioned, version)
+			VALUES ('odd', 'odd', 'category', $1, false, 1), ('odd1', 'odd1', 'stream', $1 || '-1', false, 1)]], cat))
+		assert(c:exec([[INSERT INTO projhost.checkpoints (projection, partition) VALUES ('odd', ''), ('odd1', '')]]))
+		assert.equal("6", h.scalar(c, "SELECT events FROM projhost.unpartitioned_behind('odd')"))
+		assert.equal("3", h.scalar(c, "SELECT events FROM projhost.unpartitioned_behind('odd1')"))
+		assert.equal("pending", h.scalar(c, "SELECT projhost.applied('odd1', $1, 3)", cat .. "-1"))
+		for _, from in ipairs({ { category = cat }, { stream = cat .. "-2" } }) do
+			local sql, fp = reads.page_sql(def(from))
+			assert(c:exec("BEGIN"))
+			assert(c:exec(reads.PLANNER_SQL))
+			local rows = assert(c:query(sql, "0", 0, 100, unpack(fp)))
+			assert(c:exec("ROLLBACK"))
+			assert.equal(from.category and 6 or 3, #rows)
+			for _, r in ipairs(rows) do assert.equal(cat, (r.stream_id:match("^(.*)%-%d$"))) end
+		end
+	end)
+
 	it("find a source's last event in its range", function()
 		assert(c:exec([[UPDATE projhost.checkpoints SET (last_tx, last_pos) = (SELECT transaction_id, global_position
 			FROM projhost.events ORDER BY global_position DESC LIMIT 1) WHERE projection = 'flat']]))
